@@ -1,0 +1,256 @@
+"""The command line: parses options and calls into the package; a user's mistake ends in one line and status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def _run(args) -> int:
+    from .pipeline import RunConfig, run
+
+    fields = RunConfig.__dataclass_fields__
+    cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    report = run(cfg)
+    out = Path(cfg.out)
+    counts = report["counts"]["objects_per_class"]
+    print(f"wrote {out} ({report['counts']['objects']} objects: "
+          + ", ".join(f"{n} {c}" for c, n in counts.items()) + f") in {report['time_s']['total']:.1f} s")  # fmt: skip
+    print(f"  labels   {out}/labels/<class>/0 (OME-Zarr)")
+    print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
+    print(f"  report   {out}/cellseg/report.json")
+    print(f"  preview  {out}/cellseg/preview.png")
+    return 0
+
+
+def _synth(args) -> int:
+    from .synth import write_synthetic
+
+    paths = write_synthetic(args.out, tuple(args.shape), seed=args.seed, fmt=args.format, dtype=args.dtype,
+                            scale=args.scale, overwrite=args.overwrite)  # fmt: skip
+    for name, p in paths.items():
+        print(f"  {name:8s} {p}")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from .evaluate import evaluate_paths, format_table
+
+    result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    out = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(f"wrote model directory {out} (use it with: cellseg-batch run VOLUME --model {out} --out OUT.zarr)")
+    return 0
+
+
+def _convert(args) -> int:
+    from .coco import labels_to_coco
+    from .read import ngff_label_layers, open_label_layers, open_volume
+
+    if args.direction == "labels-to-coco":
+        volume = open_volume(args.volume)
+        layers = open_label_layers(([args.labels] if args.labels else []) + args.more_labels, args.classes)
+        polygons = args.polygons
+    else:  # output-to-coco: a run's labels over its own image copy
+        layers = ngff_label_layers(args.output)
+        if layers is None:
+            raise UserError(f"{args.output} is not a cellseg-batch output (no labels/ group)")
+        volume = open_volume(args.volume or args.output)
+        polygons = not args.rle
+    for layer in layers:
+        if layer.volume.shape != volume.shape:
+            raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
+    z0, z1 = (int(v) for v in args.slices.split(":")) if args.slices else (0, volume.shape[0])
+    paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
+                           val_fraction=args.val_fraction, polygons=polygons)  # fmt: skip
+    for name, p in paths.items():
+        print(f"  {name:7s} {p}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import demo
+
+    demo(args.out, iterations=args.iterations)
+    return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import report
+
+    print(report())
+    return 0
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give Z,Y,X (e.g. 24,512,512)")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellseg-batch", description=__doc__.split(";")[0])
+    p.add_argument("--version", action="version", version=f"cellseg-batch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="segment a volume into 3D instances (OME-Zarr labels, object table, report)")
+    r.add_argument("volume", help="TIFF/BigTIFF, zarr array, OME-Zarr image, or synth:ZxYxX[,seed=N]")
+    r.add_argument("--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
+    r.add_argument("--predictor", default="detectron2", help="detectron2 (default) or labels")
+    r.add_argument("--model", help="model directory (from `cellseg-batch train`)")
+    r.add_argument("--labels", action="append", default=[], help="labels predictor: a 2D instance label stack "
+                   "(TIFF/zarr), or an OME-Zarr with a labels/ group; repeat for classes that nest")  # fmt: skip
+    r.add_argument("--classes", action="append", default=[], help="after each plain --labels stack: a class "
+                   "name, or a JSON file mapping its ids to class names")  # fmt: skip
+    g = r.add_argument_group("tiles and model")
+    g.add_argument("--tile", type=int, help="tile size in pixels (default: the model's; labels: 1024)")
+    g.add_argument("--overlap", type=int, help="tile overlap in pixels, even (default: the model's; labels: 32)")
+    g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--score-threshold", type=float, help="minimum detection score (default: the model config's)")
+    g.add_argument("--amp", action="store_true", help="mixed precision on GPUs")
+    g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
+    g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
+    g = r.add_argument_group("merging")
+    g.add_argument("--stitch-iou", type=float, default=0.5, help="IoU in the shared window to merge tile instances")
+    g.add_argument("--link", default="overlap", choices=["overlap", "none"], help="link slices into 3D (default)")
+    g.add_argument("--link-iou", type=float, default=0.25, help="IoU to link instances of adjacent slices")
+    g.add_argument("--link-ioa", type=float, default=0.5, help="overlap/own area for an unpaired instance to join")
+    g = r.add_argument_group("input and output")
+    g.add_argument("--slices", help="START:STOP, a range of slices")
+    g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
+    g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class (small volumes)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--work-dir", help="work store (default OUT.work); keep it on a filesystem all nodes see")
+    g.add_argument("--keep-tiles", action="store_true", help="keep predicted tiles, to re-merge with --overwrite")
+    g = r.add_argument_group("Ray")
+    g.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    g.add_argument("--actors", type=int, help="predictor actors (default: one per GPU, else one)")
+    g.add_argument("--cpus-per-actor", type=int, help="CPU cores per actor")
+    g.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    g.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: all)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="log more, show worker output")
+    r.set_defaults(func=_run)
+
+    s = sub.add_parser("synth", help="write a synthetic EM volume with ground truth (demo, tests, benchmarks)")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--shape", type=_shape, default=[24, 512, 512], help="Z,Y,X (default 24,512,512)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=["tif", "zarr"], default="tif")
+    s.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8")
+    s.add_argument("--scale", type=float, default=1.0, help="object size factor")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_synth)
+
+    e = sub.add_parser("eval", help="score predicted labels against ground truth")
+    e.add_argument("pred", help="a cellseg-batch output (OME-Zarr with labels/)")
+    e.add_argument("gt", help="ground truth: an OME-Zarr with labels/, or a label stack with --gt-classes")
+    e.add_argument("--gt-classes", help="class name, or JSON mapping ids to class names, for a plain GT stack")
+    e.add_argument("--slices", help="START:STOP, evaluate a range of slices")
+    e.add_argument("--mode", choices=["3d", "2d"], default="3d", help="2d: every slice on its own")
+    e.add_argument("--json", help="also write the result as JSON here")
+    e.set_defaults(func=_eval)
+
+    t = sub.add_parser("train", help="fine-tune Mask R-CNN on COCO annotations (detectron2 launch, GPUs or CPUs)")
+    t.add_argument("--train", required=True, help="COCO JSON of the training annotations")
+    t.add_argument("--images", required=True, help="folder of the images the COCO file names")
+    t.add_argument("--val", help="COCO JSON for periodic evaluation (best checkpoint kept)")
+    t.add_argument("--val-images", help="images folder for --val (default: --images)")
+    t.add_argument("--config", required=True, help="detectron2 config, e.g. configs/em_mask_rcnn_R_50_FPN.yaml")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--weights", help="starting weights: a file, or a detectron2:// or https:// URL")
+    t.add_argument("--num-gpus", type=int, default=0, help="GPU processes per machine")
+    t.add_argument("--cpu-procs", type=int, default=1, help="without GPUs: CPU processes per machine (gloo)")
+    t.add_argument("--num-machines", type=int, default=1)
+    t.add_argument("--machine-rank", type=int, default=0)
+    t.add_argument("--dist-url", default="auto", help="tcp://HEAD:PORT for several machines")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/train")
+    t.add_argument("--max-iter", type=int, help="override SOLVER.MAX_ITER")
+    t.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    t.add_argument("--eval-period", type=int, help="iterations between evaluations (default MAX_ITER/4)")
+    t.add_argument("--batch-size", type=int, help="override SOLVER.IMS_PER_BATCH (all processes together)")
+    t.add_argument("--lr", type=float, help="override SOLVER.BASE_LR")
+    t.add_argument("--tile", type=int, help="tile size run should use (default: the training image size)")
+    t.add_argument("--overlap", type=int, help="tile overlap run should use (default: tile/8)")
+    t.add_argument("--pixel-size", help="Z,Y,X in nm of the training data (recorded in the model)")
+    t.add_argument("opts", nargs="*", default=[], help="more config overrides: KEY VALUE ...")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("convert", help="label volumes or run outputs to COCO (training data, annotation tools)")
+    csub = c.add_subparsers(dest="direction", required=True)
+    lc = csub.add_parser("labels-to-coco", help="a label volume and its image volume to COCO with image tiles")
+    lc.add_argument("labels", nargs="?", help="label stack (or OME-Zarr with labels/); or use --labels")
+    lc.add_argument("volume", help="the image volume the labels belong to")
+    lc.add_argument("--labels", dest="more_labels", action="append", default=[], help="another label stack")
+    lc.add_argument("--classes", action="append", default=[], help="class name or JSON map, per plain label stack")
+    lc.add_argument("--polygons", action="store_true", help="polygons instead of RLE (for annotation tools)")
+    oc = csub.add_parser("output-to-coco", help="a run's output to COCO polygons, for correction in a tool")
+    oc.add_argument("output", help="a cellseg-batch output (OME-Zarr)")
+    oc.add_argument("--volume", help="image volume (default: the image copy inside the output)")
+    oc.add_argument("--rle", action="store_true", help="RLE masks instead of polygons")
+    for sp in (lc, oc):
+        sp.add_argument("--out", required=True, help="folder for images/ and train.json (val.json)")
+        sp.add_argument("--tile", type=int, default=512, help="image tile size (0: whole slices)")
+        sp.add_argument("--slices", help="START:STOP")
+        sp.add_argument("--every", type=int, default=1, help="use every Nth slice")
+        sp.add_argument("--val-fraction", type=float, default=0.0, help="share of slices written to val.json")
+        sp.set_defaults(func=_convert)
+
+    m = sub.add_parser("demo", help="synthesize, train, run and evaluate on synthetic EM (CPU, minutes)")
+    m.add_argument("out", nargs="?", default="demo", help="folder for everything the demo makes (default demo/)")
+    m.add_argument("--iterations", type=int, default=800, help="training iterations (default 800)")
+    m.set_defaults(func=_demo)
+
+    d = sub.add_parser("doctor", help="versions, devices, Ray, detectron2 compiled ops")
+    d.set_defaults(func=_doctor)
+    return p
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (scancel, kubectl delete) stops like Ctrl-C: cleanly, resumable
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(message)s")  # fmt: skip
+    logging.getLogger("cellseg_batch").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"cellseg-batch: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cellseg-batch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(141)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

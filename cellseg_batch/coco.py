@@ -1,0 +1,250 @@
+"""COCO: read annotation files as annotation tools export them, and turn label volumes into COCO (and back).
+
+Reading accepts what makesense.ai, CVAT and labelme converters write: polygons and RLE (compressed or not),
+category ids that are not 1..N, images named by file name under an images folder, 8- and 16-bit greyscale (RGB
+files of grey pixels too). What cannot be used is skipped and counted by reason; a file that cannot be read at
+all is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass
+class CocoSet:
+    """A COCO file resolved against its images: detectron2 dataset dicts, class names, what was skipped."""
+
+    path: Path
+    classes: list[str]
+    records: list[dict]
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        n = sum(len(r["annotations"]) for r in self.records)
+        text = f"{self.path.name}: {len(self.records)} images, {n} instances, classes {', '.join(self.classes)}"
+        if self.skipped:
+            text += "; skipped " + ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+        return text
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """An image file as a 2D array in its own dtype (8/16-bit, float); RGB(A) of equal channels becomes grey."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            image = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                image = np.asarray(im)
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({e})") from e
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        rgb = image[..., :3]
+        image = rgb[..., 0] if (rgb == rgb[..., :1]).all() else (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
+    if image.ndim != 2:
+        raise UserError(f"{path} has shape {image.shape}; training images must be single greyscale slices")
+    return image
+
+
+def _load_json(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a COCO file: its top level must be an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{path} is not a COCO file: it has no '{key}' list")
+    if not data["categories"]:
+        raise UserError(f"{path} defines no categories")
+    return data
+
+
+def _segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]:
+    """A usable segmentation (polygons or compressed RLE) and None, or None and why it was skipped."""
+    if isinstance(segm, list):
+        polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:
+            return None, "degenerate polygons"
+        flat = np.concatenate([np.asarray(p, dtype=np.float64) for p in polys])
+        if not np.isfinite(flat).all():
+            return None, "degenerate polygons"
+        rle = mask_util.merge(mask_util.frPyObjects(polys, h, w))
+        if mask_util.area(rle) == 0:
+            return None, "degenerate polygons"
+        return polys, None
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if list(segm["size"]) != [h, w]:
+            return None, "RLE of another image size"
+        rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
+        if isinstance(rle.get("counts"), str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode()}
+        if mask_util.area(rle) == 0:
+            return None, "empty masks"
+        return rle, None
+    return None, "annotations without segmentation"
+
+
+def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | None = None) -> CocoSet:
+    """Resolve a COCO file against its images folder into detectron2 dataset dicts.
+
+    ``classes`` fixes the class order (e.g. the training set's, for its validation set); by default classes are
+    the categories sorted by id. Category ids need not be 1..N: they map to class indices by name.
+    """
+    json_path, images = Path(json_path), Path(images)
+    if not images.is_dir():
+        raise UserError(f"images folder {images} does not exist")
+    data = _load_json(json_path)
+    cats = {}
+    for c in data["categories"]:
+        if not isinstance(c, dict) or "id" not in c or not c.get("name"):
+            raise UserError(f"{json_path}: every category needs an id and a name, got {c!r}")
+        cats[c["id"]] = str(c["name"])
+    names = classes or [cats[i] for i in sorted(cats, key=lambda k: (str(type(k)), k))]
+    index = {name: i for i, name in enumerate(names)}
+    skipped: Counter = Counter()
+    by_image: dict = {}
+    for a in data["annotations"]:
+        if not isinstance(a, dict) or "image_id" not in a:
+            skipped["malformed annotations"] += 1
+            continue
+        by_image.setdefault(a["image_id"], []).append(a)
+    records = []
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            skipped["malformed images"] += 1
+            continue
+        path = _find_image(images, str(img["file_name"]))
+        if path is None:
+            skipped["missing image files"] += 1
+            skipped["annotations of missing images"] += len(by_image.get(img["id"], []))
+            continue
+        h, w = img.get("height"), img.get("width")
+        if not h or not w:
+            h, w = read_grey(path).shape
+        annotations = []
+        for a in by_image.get(img["id"], []):
+            name = cats.get(a.get("category_id"))
+            if name is None or name not in index:
+                skipped["unknown categories"] += 1
+                continue
+            segm, why = _segmentation(a.get("segmentation"), int(h), int(w))
+            if why:
+                skipped[why] += 1
+                continue
+            box = mask_util.toBbox(segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w)))
+            x0, y0, bw, bh = (float(v) for v in box)
+            if bw <= 0 or bh <= 0 or x0 >= w or y0 >= h or x0 + bw <= 0 or y0 + bh <= 0:
+                skipped["annotations outside the image"] += 1
+                continue
+            annotations.append({"bbox": [x0, y0, bw, bh], "bbox_mode": 1, "segmentation": segm,
+                                "category_id": index[name], "iscrowd": int(a.get("iscrowd", 0))})  # fmt: skip
+        records.append({"file_name": str(path), "height": int(h), "width": int(w), "image_id": img["id"],
+                        "annotations": annotations})  # fmt: skip
+    if not records:
+        raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images}")
+    return CocoSet(json_path, names, records, skipped)
+
+
+def _find_image(folder: Path, file_name: str) -> Path | None:
+    """Tools write bare names, relative paths or absolute paths of the annotator's machine: try them in turn."""
+    for candidate in (folder / file_name, folder / Path(file_name).name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# -- label volumes -> COCO ----------------------------------------------------------------------------------------
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outer contours of a binary mask as COCO polygons (for annotation tools that edit polygons)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+
+
+def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: range | None = None,
+                   val_fraction: float = 0.0, polygons: bool = False, min_area: int = 1) -> dict[str, Path]:  # fmt: skip
+    """Cut a volume and its label layers into image tiles plus COCO files (train.json, and val.json when
+    ``val_fraction`` > 0: whole slices, evenly spaced, go to validation).
+
+    One annotation per instance id per tile, of the class its layer gives it; masks as RLE, or polygons for
+    tools that edit them. Tiles are written in the volume's own dtype (PNG for 8/16-bit, TIFF otherwise), so
+    training normalizes them exactly as ``run`` normalizes the volume."""
+    from PIL import Image
+
+    out = Path(out)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for layer in layers for n in layer.class_names]
+    lookups = [layer.lookup(names) for layer in layers]
+    nz, ny, nx = volume.shape
+    zs = list(slices or range(nz))
+    n_val = int(round(len(zs) * val_fraction))
+    val_z = set(zs[len(zs) // (2 * n_val)::max(1, len(zs) // n_val)][:n_val]) if n_val else set()
+    categories = [{"id": i + 1, "name": n, "supercategory": "em"} for i, n in enumerate(names)]
+    sets = {"train": {"images": [], "annotations": [], "categories": categories},
+            "val": {"images": [], "annotations": [], "categories": categories}}  # fmt: skip
+    tile = tile or max(ny, nx)
+    suffix = ".png" if volume.dtype in (np.uint8, np.uint16) else ".tif"
+    ann_id = 0
+    for z in zs:
+        split = sets["val" if z in val_z else "train"]
+        for y0 in range(0, ny, tile):
+            for x0 in range(0, nx, tile):
+                y1, x1 = min(y0 + tile, ny), min(x0 + tile, nx)
+                name = f"z{z:05d}_y{y0:05d}_x{x0:05d}{suffix}"
+                image = volume.read(z, y0, y1, x0, x1)
+                if suffix == ".png":
+                    Image.fromarray(image).save(img_dir / name)
+                else:
+                    import tifffile
+
+                    tifffile.imwrite(img_dir / name, image)
+                image_id = len(sets["train"]["images"]) + len(sets["val"]["images"]) + 1
+                split["images"].append({"id": image_id, "file_name": name, "height": y1 - y0, "width": x1 - x0})
+                for layer, lookup in zip(layers, lookups):
+                    ids = layer.volume.read(z, y0, y1, x0, x1)
+                    for i in np.unique(ids[ids > 0]):
+                        mask = ids == i
+                        if mask.sum() < min_area:
+                            continue
+                        cls = names.index(layer.classes) if lookup is None else int(lookup[i]) if i < len(lookup) else -1
+                        if cls < 0:
+                            continue
+                        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                        segm = mask_polygons(mask) if polygons else {"size": rle["size"], "counts": rle["counts"].decode()}
+                        if polygons and not segm:
+                            continue
+                        ann_id += 1
+                        split["annotations"].append({
+                            "id": ann_id, "image_id": image_id, "category_id": cls + 1, "iscrowd": 0,
+                            "area": int(mask.sum()), "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                            "segmentation": segm,
+                        })  # fmt: skip
+    paths = {"images": img_dir}
+    for split, data in sets.items():
+        if data["images"]:
+            paths[split] = out / f"{split}.json"
+            paths[split].write_text(json.dumps(data))
+    return paths

@@ -1,0 +1,134 @@
+"""Import detectron2 v0.6 on a modern stack: the one place that knows what torch 2, numpy 2 and Pillow 10+ break.
+
+Every module of this project imports detectron2 through :func:`detectron2_ready` (or imports this module first).
+An official detectron2 build with compiled ops is used unchanged; the PyPI-sourced Python-only install
+(``cellseg_batch.setup_detectron2``) gets a placeholder ``detectron2._C`` whose attributes raise a clear error,
+which is what upstream main itself does when its ops are missing. What still needs the ops (deformable
+convolution, rotated boxes, the C++ COCO evaluation) fails with that error; Mask R-CNN does not need them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+import types
+from pathlib import Path
+
+_READY = False
+
+
+class MissingCompiledOps(RuntimeError):
+    pass
+
+
+class _MissingC(types.ModuleType):
+    """Stands in for ``detectron2._C`` where detectron2 was installed without its compiled extension."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingCompiledOps(
+            f"detectron2._C.{name} is a compiled op, and this detectron2 was installed without them; use a config "
+            "without deformable convolution or rotated boxes, or install detectron2 from its official source"
+        )
+
+    @staticmethod
+    def get_compiler_version() -> str:
+        return "not built (detectron2 installed without compiled ops)"
+
+    @staticmethod
+    def get_cuda_version() -> str:
+        return "not built"
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
+
+
+def _package_dir() -> Path | None:
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def has_compiled_ops() -> bool:
+    """Whether the installed detectron2 ships its compiled extension (``_C``)."""
+    pkg = _package_dir()
+    return pkg is not None and any(pkg.glob("_C*.so")) or (pkg is not None and any(pkg.glob("_C*.pyd")))
+
+
+def _patch_stack() -> None:
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    # v0.6 scripts a few helpers at import; torch >= 2.10 warns about torch.jit.script on every import
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+    # Pillow >= 10 removed Image.LINEAR, which detectron2 v0.6 uses as a default argument.
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+    # numpy >= 1.24 removed the aliases some v0.6 evaluators use.
+    for alias, real in (("int", int), ("float", float), ("bool", bool)):
+        if alias not in np.__dict__:
+            setattr(np, alias, real)
+    # setuptools >= 81 no longer ships pkg_resources; model_zoo only needs resource_filename.
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+
+        def resource_filename(package: str, resource: str) -> str:
+            return str(Path(importlib.util.find_spec(package).submodule_search_locations[0]) / resource)
+
+        shim.resource_filename = resource_filename
+        sys.modules["pkg_resources"] = shim
+
+
+def _patch_detectron2() -> None:
+    from detectron2.data import common
+
+    # Python >= 3.11 refuses random.sample(set); v0.6's MapDataset retry path does that when an item fails.
+    original_init = common.MapDataset.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._rng = _SetSamplingRandom(42)
+
+    common.MapDataset.__init__ = init
+
+
+class _SetSamplingRandom(random.Random):
+    """random.Random whose sample() takes a set (sorted first, so retries stay deterministic)."""
+
+    def sample(self, population, k, **kwargs):
+        if isinstance(population, (set, frozenset)):
+            population = sorted(population)
+        return super().sample(population, k, **kwargs)
+
+
+def detectron2_ready() -> types.ModuleType:
+    """Import detectron2 with the compatibility fixes applied once; returns the detectron2 module."""
+    global _READY
+    if _READY:
+        import detectron2
+
+        return detectron2
+    if _package_dir() is None:
+        raise ImportError(
+            "detectron2 is not installed; run `python -m cellseg_batch.setup_detectron2` (or `make setup`), "
+            "or install it from https://github.com/facebookresearch/detectron2"
+        )
+    _patch_stack()
+    if not has_compiled_ops() and "detectron2._C" not in sys.modules:
+        sys.modules["detectron2._C"] = _MissingC("detectron2._C")
+    import detectron2
+
+    if "detectron2._C" in sys.modules and isinstance(sys.modules["detectron2._C"], _MissingC):
+        detectron2._C = sys.modules["detectron2._C"]
+    _patch_detectron2()
+    _READY = True
+    return detectron2

@@ -1,0 +1,210 @@
+"""Ray: start or join a cluster, the predictor actor pool, the CPU tasks, bounded work in flight, failures.
+
+Workers get coordinates, never pixels: an actor reads its own tile windows from the volume, writes its tile
+labels to the work store and returns only fragment tables. Ray's own fault tolerance replaces a dead actor
+process (``max_restarts``) and re-runs its unfinished calls (``max_task_retries``); every call is idempotent (it
+rewrites the same chunks with the same values), so a retry does not change the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("cellseg_batch")
+
+ACTOR_RESTARTS = 4
+TASK_RETRIES = 3
+
+
+def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> bool:
+    """Start a local Ray (``address`` None) or join a cluster. Returns whether this process started it."""
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs = dict(
+        include_dashboard=False,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        log_to_driver=verbose,
+        configure_logging=True,
+    )
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot join the Ray cluster at {address!r} ({e}); start it with `ray start --head`") from e
+        return False
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    return True
+
+
+def stop(started: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    res = ray.cluster_resources()
+    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)), "nodes": len(ray.nodes())}
+
+
+class PredictorWorker:
+    """Holds one predictor (on one GPU, or CPU threads) and predicts batches of tiles of one slice."""
+
+    def __init__(self, job: TileJob):
+        from .predict import build_predictor
+
+        self.job = job
+        self.predictor = build_predictor(job.predictor)
+        self.predictor.set_threads(job.threads)
+        self.store_tiles = None
+        self.lock = threading.Lock()  # two calls overlap: one reads its windows while the other computes
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def predict(self, z: int, positions: list[tuple[int, int]]) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+        from .stitch import fragment_table
+        from .store import WorkStore
+        from .tiles import TileKey
+
+        job = self.job
+        windows = [job.grid.window(iy, ix) for iy, ix in positions]
+        images = None
+        if self.predictor.needs_image:
+            images = [job.normalization.apply(job.volume.read(job.z_offset + z, *w)) for w in windows]
+        with self.lock:
+            tiles = self.predictor.predict(job.z_offset + z, windows, images)
+        if self.store_tiles is None:
+            self.store_tiles = WorkStore(job.work_dir).tiles()
+        out = []
+        t = job.grid.tile
+        for (iy, ix), window, tile in zip(positions, windows, tiles):
+            h, w = window.shape
+            padded = np.zeros((tile.labels.shape[0], t, t), dtype=tile.labels.dtype)
+            padded[:, :h, :w] = tile.labels
+            self.store_tiles[z, iy, ix] = padded
+            key = TileKey(z, iy, ix)
+            out.append((tuple(key), fragment_table(key, tile, job.grid)))
+        return out
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a predictor worker needs, sent once when the actor starts."""
+
+    predictor: object  # PredictorSpec
+    volume: object  # read.Volume
+    normalization: object  # normalize.Normalization | None
+    grid: object  # tiles.TileGrid
+    work_dir: str
+    z_offset: int
+    threads: int
+
+
+def make_actors(job: TileJob, count: int, cpus: float, gpus: float) -> list:
+    import ray
+
+    cls = ray.remote(PredictorWorker).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2
+    )
+    return [cls.remote(job) for _ in range(count)]
+
+
+def remote_task(fn: Callable, cpus: float = 1):
+    import ray
+
+    return ray.remote(fn).options(num_cpus=cpus, max_retries=TASK_RETRIES)
+
+
+def unwrap(error: Exception) -> Exception:
+    """The user-facing cause of a Ray failure (a UserError raised in a worker comes back as itself)."""
+    cause = getattr(error, "cause", None)
+    while cause is not None and getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return cause if isinstance(cause, Exception) else error
+
+
+class Scheduler:
+    """Calls in flight, each with the callback that takes its result; callers bound how many they submit."""
+
+    def __init__(self):
+        self.pending: dict = {}
+
+    def submit(self, ref, on_done: Callable) -> None:
+        self.pending[ref] = on_done
+
+    def wait(self, timeout: float = 1.0) -> int:
+        """Hand finished results to their callbacks (in completion order); a worker's error is raised here."""
+        import ray
+
+        if not self.pending:
+            return 0
+        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        for ref in done:
+            callback = self.pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # a worker's exception, or an actor that died too often
+                raise unwrap(e) from None
+            callback(result)
+        return len(done)
+
+
+class TaskQueue:
+    """Items waiting to be submitted, at most ``limit`` in flight at once (backpressure)."""
+
+    def __init__(self, sched: Scheduler, submit: Callable, limit: int):
+        self.sched, self.submit_fn, self.limit = sched, submit, limit
+        self.items: deque = deque()
+        self.in_flight = 0
+
+    def put(self, item, on_done: Callable) -> None:
+        self.items.append((item, on_done))
+
+    def pump(self) -> None:
+        while self.items and self.in_flight < self.limit:
+            item, on_done = self.items.popleft()
+            self.in_flight += 1
+
+            def done(result, on_done=on_done):
+                self.in_flight -= 1
+                on_done(result)
+
+            self.sched.submit(self.submit_fn(item), done)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.items) or self.in_flight > 0
+
+
+class Timer:
+    """Wall time per stage, for the run report."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Stage()

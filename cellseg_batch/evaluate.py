@@ -1,0 +1,420 @@
+"""Evaluate: score predicted instance labels against ground truth: 2D mask AP (pycocotools), instance P/R/F1,
+VI and adapted Rand error (scikit-image), per class, reading one slice at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
+
+from .errors import UserError
+from .read import Volume
+
+MODES = ("3d", "2d")
+THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # IoU 0.5:0.05:0.95
+COUNTS = ("n_pred", "n_gt", "exact", "n_pred_masks", "n_gt_masks", "n_unscored")  # summed, not averaged, in "mean"
+_NO_CAP = 2**31 - 1  # COCOeval maxDets: keep every detection of a slice (EM slices hold hundreds of instances)
+_ALL_AREAS = [[0.0, float("inf")]]
+
+
+def load_scores(table_path: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """class -> {instance id -> score} from a run's object table (Parquet; CSV with the same columns)."""
+    import pyarrow as pa
+
+    path = Path(table_path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give the run's object table (.parquet, or .csv)")
+    try:
+        if path.suffix.lower() == ".csv":
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(path)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"cannot read the object table {path} ({e}); give a .parquet or .csv file") from e
+    missing = [c for c in ("id", "class", "score") if c not in table.column_names]
+    if missing:
+        raise UserError(f"the object table {path} lacks column(s) {missing}; it needs id, class and score")
+    out: dict[str, dict[int, float]] = {}
+    for i, name, score in zip(*(table[c].to_pylist() for c in ("id", "class", "score"))):
+        if i is not None and name is not None and score is not None:
+            out.setdefault(str(name), {})[int(i)] = float(score)
+    return out
+
+
+def evaluate(
+    pred: dict[str, Volume],
+    gt: dict[str, Volume],
+    scores: dict[str, dict[int, float]] | None = None,
+    slices: range | None = None,
+    mode: str = "3d",
+) -> dict:
+    """Score each class both label sets hold; JSON-ready (floats, ints, lists, None where a metric is undefined).
+
+    ``scores`` ranks predictions for AP (an id without a score, or no scores at all: 1.0). ``slices`` limits the
+    evaluation to those z slices. ``mode="2d"``: every slice stands alone, an object is a (slice, id) pair.
+    "mean" averages each metric over the scored classes (skipping None) and sums the counts.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown evaluation mode {mode!r}; use one of {list(MODES)}")
+    shared = sorted(set(pred) & set(gt))
+    if not shared:
+        raise UserError(
+            f"prediction and ground truth share no class: the prediction has {sorted(pred)}, the ground truth "
+            f"has {sorted(gt)}; name the classes alike (label image names or --classes)"
+        )
+    for name in shared:
+        if tuple(pred[name].shape) != tuple(gt[name].shape):
+            raise UserError(
+                f"class {name!r}: the prediction has shape {tuple(pred[name].shape)} but the ground truth has "
+                f"{tuple(gt[name].shape)} (Z, Y, X); evaluate labels of the same volume"
+            )
+        for vol in (pred[name], gt[name]):
+            if np.dtype(vol.dtype).kind not in "ui":
+                raise UserError(f"{vol.path} holds {vol.dtype} values; label images must hold integer ids")
+    zs = _slice_range(slices, gt[shared[0]].shape[0])
+    classes = {name: _score_class(pred[name], gt[name], zs, (scores or {}).get(name), mode) for name in shared}
+    return {
+        "mode": mode,
+        "slices": [zs.start, zs.stop, zs.step],
+        "n_slices": len(zs),
+        "thresholds": list(THRESHOLDS),
+        "classes": classes,
+        "mean": _mean(list(classes.values())),
+        "unmatched": {"pred_only": sorted(set(pred) - set(gt)), "gt_only": sorted(set(gt) - set(pred))},
+    }
+
+
+def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,
+                   mode: str = "3d") -> dict:  # fmt: skip
+    """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present); GT an
+    OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
+    from .read import class_volumes, ngff_label_layers, open_label_layers
+
+    if ngff_label_layers(pred) is None:
+        raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output")
+    pred_sets = class_volumes(open_label_layers([pred], []))
+    gt_sets = class_volumes(open_label_layers([gt], [gt_classes] if gt_classes else []))
+    table = Path(pred) / "cellseg" / "objects.parquet"
+    scores = load_scores(table) if table.exists() else None
+    zs = None
+    if slices:
+        try:
+            a, b = slices.split(":")
+            zs = range(int(a or 0), int(b) if b else next(iter(gt_sets.values())).shape[0])
+        except ValueError:
+            raise UserError(f"--slices {slices!r}: give START:STOP") from None
+    return evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
+
+
+def _slice_range(slices: range | None, depth: int) -> range:
+    if slices is None:
+        return range(depth)
+    if not isinstance(slices, range) or len(slices) == 0:
+        raise UserError(f"slices {slices!r}: give a non-empty range of z slices")
+    lo, hi = sorted((slices[0], slices[-1]))
+    if lo < 0 or hi >= depth:
+        raise UserError(f"slices {lo}..{hi} are out of range: the volumes have {depth} slices (0..{depth - 1})")
+    return slices
+
+
+def _score_class(pv: Volume, gv: Volume, zs: range, scores: dict[int, float] | None, mode: str) -> dict:
+    """Every metric of one class, from one pass over its slices (two 2D reads per slice)."""
+    _, h, w = gv.shape
+    ap = _MaskAP(scores)
+    parts = []
+    for z in zs:
+        p = np.asarray(pv.read(z, 0, h, 0, w)).astype(np.uint64, copy=False)
+        g = np.asarray(gv.read(z, 0, h, 0, w)).astype(np.uint64, copy=False)
+        ap.add(z, p, g)
+        pid, gid, n = _pair_counts(p.ravel(), g.ravel())
+        parts.append((np.full(len(n), z, np.uint64), pid, gid, n))
+    z, pid, gid, n = (np.concatenate(a) for a in zip(*parts))
+    return {**ap.result(), **_instance_scores(z, pid, gid, n, mode)}
+
+
+def _pair_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pred id, gt id, voxel count) of every id pair that meets in a slice, background (0) included."""
+    base = int(g.max()) + 1
+    if (int(p.max()) + 1) * base <= 2**64:  # one sort over packed uint64 keys
+        keys, n = np.unique(p * np.uint64(base) + g, return_counts=True)
+        return keys // np.uint64(base), keys % np.uint64(base), n
+    # ids too large to pack: pack their ranks instead
+    pu, pi = np.unique(p, return_inverse=True)
+    gu, gi = np.unique(g, return_inverse=True)
+    keys, n = np.unique(pi.astype(np.uint64) * np.uint64(len(gu)) + gi.astype(np.uint64), return_counts=True)
+    return pu[keys // np.uint64(len(gu))], gu[keys % np.uint64(len(gu))], n
+
+
+# -- instance matching, VI, adapted Rand: all from one contingency table --------------------------------------------
+
+
+def _instance_scores(z, pid, gid, n, mode: str) -> dict:
+    """P/R/F1 of one-to-one IoU matching, VI and adapted Rand error from the slice-wise pair counts."""
+    if mode == "2d":  # an object is (slice, id): the same id in another slice is another object
+        pu, pi = np.unique(np.stack([z, pid], 1), axis=0, return_inverse=True)
+        gu, gi = np.unique(np.stack([z, gid], 1), axis=0, return_inverse=True)
+        p_bg, g_bg = pu[:, 1] == 0, gu[:, 1] == 0
+    else:
+        pu, pi = np.unique(pid, return_inverse=True)
+        gu, gi = np.unique(gid, return_inverse=True)
+        p_bg, g_bg = pu == 0, gu == 0
+    # rows: gt segments, columns: predicted ones; tocsr() sums a pair's counts over slices
+    table = sp.coo_array((n.astype(np.float64), (gi.ravel(), pi.ravel())), shape=(len(gu), len(pu))).tocsr()
+    g_size, p_size = table.sum(axis=1), table.sum(axis=0)
+    cells = table.tocoo()
+    obj = ~g_bg[cells.row] & ~p_bg[cells.col]
+    gg, pp, inter = cells.row[obj], cells.col[obj], cells.data[obj]
+    iou = inter / (p_size[pp] + g_size[gg] - inter)
+    n_pred, n_gt = int((~p_bg).sum()), int((~g_bg).sum())
+    tp = [_n_matched(pp, gg, iou, t) for t in THRESHOLDS]
+    prf = [_prf(k, n_pred, n_gt) for k in tp]
+    out = {
+        "n_pred": n_pred,
+        "n_gt": n_gt,
+        "exact": int(((inter == p_size[pp]) & (inter == g_size[gg])).sum()),  # IoU == 1.0, counted without floats
+        "tp": tp,
+    }
+    for i, key in enumerate(("precision", "recall", "f1")):
+        out[f"{key}@0.5"] = prf[0][i]
+        out[f"{key}@0.5:0.95"] = None if prf[0][i] is None else float(np.mean([m[i] for m in prf]))
+    return {**out, **_vi_are(table, g_bg)}
+
+
+def _prf(tp: int, n_pred: int, n_gt: int) -> tuple:
+    if n_pred == 0 and n_gt == 0:
+        return (None, None, None)  # nothing to find and nothing found: undefined, left out of the mean
+    return (tp / n_pred if n_pred else 0.0, tp / n_gt if n_gt else 0.0, 2 * tp / (n_pred + n_gt))
+
+
+def _n_matched(pp: np.ndarray, gg: np.ndarray, iou: np.ndarray, t: float) -> int:
+    """Size of the best one-to-one matching of predicted to gt objects among pairs with IoU >= t.
+
+    The candidate pairs form a bipartite graph; each connected component is assigned on its own
+    (linear_sum_assignment on a small dense matrix), so this scales to any number of objects. At t >= 0.5 almost
+    every component is one pair (two objects can share a partner at IoU >= 0.5 only in exact ties at 0.5).
+    """
+    keep = iou >= t
+    pp, gg, w = pp[keep], gg[keep], iou[keep]
+    if not len(w):
+        return 0
+    _, pr = np.unique(pp, return_inverse=True)
+    _, gr = np.unique(gg, return_inverse=True)
+    n_p = int(pr.max()) + 1
+    nodes = n_p + int(gr.max()) + 1
+    graph = sp.coo_array((np.ones(len(w)), (pr, n_p + gr)), shape=(nodes, nodes))
+    comp = connected_components(graph, directed=False)[1][pr]
+    size = np.bincount(comp)
+    matched = int((size[comp] == 1).sum())
+    multi = np.flatnonzero(size[comp] > 1)
+    multi = multi[np.argsort(comp[multi], kind="stable")]
+    groups = np.split(multi, np.flatnonzero(np.diff(comp[multi])) + 1) if len(multi) else []
+    for idx in groups:
+        _, r = np.unique(pr[idx], return_inverse=True)
+        _, c = np.unique(gr[idx], return_inverse=True)
+        gain = np.zeros((r.max() + 1, c.max() + 1))
+        # a candidate is worth 1 plus a share of its IoU that sums to < 1 over any matching: the assignment first
+        # maximizes the number of matches (the TP count), then their IoU. Plain IoU-sum maximization could give
+        # up one pair at IoU 0.5 for two pairs at 0.33 and lose a true positive.
+        gain[r, c] = 1 + w[idx] / (2 * min(gain.shape))
+        rows, cols = linear_sum_assignment(gain, maximize=True)
+        matched += int((gain[rows, cols] > 0).sum())
+    return matched
+
+
+def _vi_are(table: sp.csr_array, g_bg: np.ndarray) -> dict:
+    """VI (background is a segment, as in skimage's default) and adapted Rand error (gt background ignored)."""
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    # skimage reads the table and ignores the images, but still checks that two images of one shape were passed
+    stand_in = np.zeros(1, np.uint8)
+    split, merge = variation_of_information(stand_in, stand_in, table=table / table.sum())  # rows: gt (image0)
+    out = {"vi_split": float(split), "vi_merge": float(merge), "vi": float(split + merge)}
+    # skimage divides its "precision" by the pairs of its table's rows and its "recall" by the columns' pairs:
+    # swapped against its own docstring (scikit-image issue #6485). Rows = prediction gives the documented meaning
+    # (precision: share of same-prediction voxel pairs that share a gt object), gt background dropped as skimage's
+    # default ignore_labels=(0,) does.
+    objects = table[~g_bg].T.tocsr()
+    pairs = [float(s @ s - s.sum()) for s in (np.ravel(objects.sum(axis=1)), np.ravel(objects.sum(axis=0)))]
+    if min(pairs) <= 0:  # no two voxels share a predicted or a gt segment: ARE is 0/0
+        return {**out, "are": None, "are_precision": None, "are_recall": None}
+    are, precision, recall = adapted_rand_error(table=objects)
+    return {**out, "are": float(are), "are_precision": float(precision), "are_recall": float(recall)}
+
+
+# -- 2D mask AP --------------------------------------------------------------------------------------------------
+
+
+class _MaskAP:
+    """COCO mask AP where each slice is one COCO image and each instance's cross-section one mask.
+
+    COCOeval.evaluate() runs slice by slice and only its small per-image match records are kept, so memory stays
+    per slice; accumulate() then ranks the detections of all slices together, as one COCO evaluation would.
+    """
+
+    def __init__(self, scores: dict[int, float] | None):
+        self.scores = scores
+        self.records: list = []
+        self.img_ids: list[int] = []
+        self.unscored: set[int] = set()
+        self.n_pred = self.n_gt = 0
+
+    def params(self, img_ids: list[int]):
+        from pycocotools.cocoeval import Params
+
+        p = Params(iouType="segm")
+        p.imgIds, p.catIds = img_ids, [1]
+        p.maxDets, p.areaRng, p.areaRngLbl = [_NO_CAP], _ALL_AREAS, ["all"]
+        return p
+
+    def add(self, z: int, p: np.ndarray, g: np.ndarray) -> None:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        gts, dts = _slice_rles(g), _slice_rles(p)
+        if not gts and not dts:
+            return  # COCOeval leaves empty images out of AP anyway
+        self.n_gt, self.n_pred = self.n_gt + len(gts), self.n_pred + len(dts)
+        if self.scores is not None:
+            self.unscored.update(i for i in dts if i not in self.scores)
+        scores = self.scores or {}
+        image = {"id": z, "height": p.shape[0], "width": p.shape[1]}
+
+        def coco(rles: dict, scored: bool) -> COCO:
+            anns = [
+                {"id": k + 1, "image_id": z, "category_id": 1, "segmentation": rle, "area": area, "iscrowd": 0}
+                | ({"score": scores.get(i, 1.0)} if scored else {})
+                for k, (i, (rle, area)) in enumerate(rles.items())
+            ]
+            c = COCO()
+            c.dataset = {"images": [image], "categories": [{"id": 1}], "annotations": anns}
+            c.createIndex()
+            return c
+
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            e = COCOeval(coco(gts, False), coco(dts, True), "segm")
+            e.params = self.params([z])
+            e.evaluate()
+        self.img_ids.append(z)
+        self.records.extend(e.evalImgs)
+
+    def result(self) -> dict:
+        from pycocotools.cocoeval import COCOeval
+
+        out = {"ap": None, "ap50": None, "ap75": None}
+        if self.records:
+            e = COCOeval(iouType="segm")
+            e.params = self.params(self.img_ids)
+            e._paramsEval = copy.deepcopy(e.params)
+            e.evalImgs = self.records
+            with contextlib.redirect_stdout(io.StringIO()):
+                e.accumulate()
+            precision = e.eval["precision"][:, :, 0, 0, -1]  # (IoU thresholds, recall points); -1: no gt at all
+            thr = e.params.iouThrs
+            for key, rows in (
+                ("ap", precision),
+                ("ap50", precision[np.isclose(thr, 0.5)]),
+                ("ap75", precision[np.isclose(thr, 0.75)]),
+            ):
+                valid = rows[rows > -1]
+                out[key] = float(valid.mean()) if valid.size else None
+        out.update(n_pred_masks=self.n_pred, n_gt_masks=self.n_gt, n_unscored=len(self.unscored))
+        return out
+
+
+def _slice_rles(lab: np.ndarray) -> dict[int, tuple[dict, int]]:
+    """id -> (compressed COCO RLE, area) of every instance in a 2D label image, from one pass over its runs
+    (rather than one full-slice mask per instance)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = lab.shape
+    flat = lab.ravel(order="F")  # COCO RLE runs go down the columns
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+    ends = np.r_[starts[1:], flat.size]
+    ids = flat[starts]
+    keep = np.flatnonzero(ids != 0)
+    keep = keep[np.argsort(ids[keep], kind="stable")]  # runs grouped by id, in image order within an id
+    if not len(keep):
+        return {}
+    starts, ends, ids = starts[keep], ends[keep], ids[keep]
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    uncompressed, out = [], {}
+    for i, s, e in zip(ids[first], np.split(starts, first[1:]), np.split(ends, first[1:])):
+        edges = np.column_stack([s, e]).ravel()  # counts alternate background, foreground, ..., from pixel 0
+        counts = np.diff(edges, prepend=0)
+        if edges[-1] < flat.size:
+            counts = np.r_[counts, flat.size - edges[-1]]
+        uncompressed.append({"size": [h, w], "counts": counts})
+        out[int(i)] = int((e - s).sum())
+    rles = mask_utils.frPyObjects(uncompressed, h, w)
+    return {i: (rle, area) for (i, area), rle in zip(out.items(), rles)}
+
+
+# -- summary ------------------------------------------------------------------------------------------------------
+
+
+def _mean(classes: list[dict]) -> dict:
+    out: dict = {}
+    for key, value in classes[0].items():
+        if isinstance(value, list):
+            continue
+        values = [c[key] for c in classes if c[key] is not None]
+        if key in COUNTS:
+            out[key] = int(sum(values))
+        else:
+            out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+COLUMNS = (
+    ("AP", "ap"),
+    ("AP50", "ap50"),
+    ("AP75", "ap75"),
+    ("P@.5", "precision@0.5"),
+    ("R@.5", "recall@0.5"),
+    ("F1@.5", "f1@0.5"),
+    ("F1@.5:.95", "f1@0.5:0.95"),
+    ("VI split", "vi_split"),
+    ("VI merge", "vi_merge"),
+    ("ARE", "are"),
+    ("n_pred", "n_pred"),
+    ("n_gt", "n_gt"),
+)
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width table of an ``evaluate`` result: one row per class, then the mean."""
+    rows = [*result["classes"].items(), ("mean", result["mean"])]
+    name_w = max(5, *(len(name) for name, _ in rows))
+    widths = [max(7, len(title)) for title, _ in COLUMNS]
+
+    def cell(value, width):
+        text = "-" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+        return text.rjust(width)
+
+    lines = ["class".ljust(name_w) + "".join("  " + t.rjust(wd) for (t, _), wd in zip(COLUMNS, widths))]
+    lines.append("-" * len(lines[0]))
+    for name, r in rows:
+        if name == "mean":
+            lines.append("-" * len(lines[0]))
+        lines.append(name.ljust(name_w) + "".join("  " + cell(r.get(k), wd) for (_, k), wd in zip(COLUMNS, widths)))
+    start, stop, step = result["slices"]
+    objects = "3D objects" if result["mode"] == "3d" else "2D objects (slice, id)"
+    lines.append(
+        f"{result['n_slices']} slices (range({start}, {stop}, {step})); P/R/F1 match {objects}; AP over 2D masks; "
+        "mean row: metrics averaged over classes, counts summed"
+    )
+    for side, label in (("pred_only", "prediction"), ("gt_only", "ground truth")):
+        if result["unmatched"][side]:
+            lines.append(f"not scored, only in the {label}: {', '.join(result['unmatched'][side])}")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The one intensity normalization that run and train share: volume percentiles mapped to [0, 255].
+
+Intensity p_low (default the 1st percentile) maps to 0 and p_high (99.5th) to 255, clipped. For ``run`` the
+percentiles come from a deterministic sample of the volume being segmented (evenly spaced slices, fixed windows), so
+8-bit, 16-bit and float acquisitions reach the model on the same scale; ``train`` computes them the same way over
+its training images. Models therefore see contrast-stretched greyscale, replicated to 3 channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .read import Volume
+
+
+@dataclass(frozen=True)
+class Normalization:
+    low: float
+    high: float
+    percentiles: tuple[float, float] = (1.0, 99.5)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """float32 in [0, 255]."""
+        scale = 255.0 / max(self.high - self.low, 1e-12)
+        out = (image.astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+        return np.clip(out, 0.0, 255.0, out=out)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:
+    values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return Normalization(0.0, 1.0, tuple(percentiles))
+    low, high = np.percentile(finite, percentiles)
+    if high <= low:  # a constant image: keep it constant instead of dividing by zero
+        high = low + 1.0
+    return Normalization(float(low), float(high), tuple(float(p) for p in percentiles))
+
+
+def sample_volume(volume: Volume, max_slices: int = 16, window: int = 512, per_slice: int = 4) -> list[np.ndarray]:
+    """Deterministic sample: up to ``max_slices`` evenly spaced slices, ``per_slice`` windows spread over each."""
+    nz, ny, nx = volume.shape
+    zs = np.unique(np.linspace(0, nz - 1, min(nz, max_slices)).round().astype(int))
+    wy, wx = min(window, ny), min(window, nx)
+    rng = np.random.default_rng(0)
+    out = []
+    for z in zs:
+        for _ in range(per_slice if (ny > wy or nx > wx) else 1):
+            y0 = int(rng.integers(0, ny - wy + 1))
+            x0 = int(rng.integers(0, nx - wx + 1))
+            out.append(volume.read(int(z), y0, y0 + wy, x0, x0 + wx))
+    return out
+
+
+def estimate(volume: Volume, percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:
+    return from_samples(sample_volume(volume), percentiles)

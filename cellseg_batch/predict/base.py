@@ -1,0 +1,156 @@
+"""The predictor contract: what a predictor returns for a tile, the registry, and painting overlapping masks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UserError
+from ..tiles import Box
+
+# Local instance ids of a tile are uint16: a tile holds far fewer than 65535 instances (Mask R-CNN keeps 100-1000).
+LOCAL_ID = np.uint16
+MAX_LOCAL = np.iinfo(LOCAL_ID).max
+
+
+@dataclass
+class TileLabels:
+    """A tile's instances: one label image per class (classes nest, so each has its own layer).
+
+    ``labels[c]`` holds local ids 1..n of class c's instances (0 = none); ids are unique across layers, and
+    ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's.
+    """
+
+    labels: np.ndarray  # (n_classes, h, w) uint16
+    classes: np.ndarray  # (n,) int16
+    scores: np.ndarray  # (n,) float32
+
+    @property
+    def count(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What the driver sends to each worker to build the same predictor there: a registry name and options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What the driver settles before any worker starts: how to build the predictor, and what it implies."""
+
+    spec: PredictorSpec
+    classes: list[str]
+    needs_image: bool
+    tile: int
+    overlap: int
+    percentiles: tuple[float, float] = (1.0, 99.5)
+    pixel_size_nm: tuple[float, float, float] | None = None
+    identity: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged (files, sizes)
+
+
+class Predictor(ABC):
+    """Turns tile windows into TileLabels. Subclasses register with ``@register("name")``.
+
+    ``needs_image``: whether ``predict`` gets the normalized image windows (the labels predictor reads its own).
+    ``plan`` validates the run's options in the driver, cheaply (no model is loaded there).
+    """
+
+    name: ClassVar[str]
+    needs_image: ClassVar[bool] = True
+    classes: list[str]
+
+    @classmethod
+    @abstractmethod
+    def plan(cls, options, volume) -> Plan:
+        """Check ``options`` (the run configuration) against ``volume`` and say how to build this predictor."""
+
+    @abstractmethod
+    def predict(self, z: int, windows: list[Box], images: list[np.ndarray] | None) -> list[TileLabels]:
+        """Instances of the windows of slice z; ``images`` are float32 (h, w) in [0, 255] after normalization."""
+
+    def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
+        """How many CPU threads this predictor may use (its actor reserved that many cores)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the run report records about this predictor."""
+        return {"name": self.name, "classes": self.classes}
+
+
+PREDICTORS: dict[str, type[Predictor]] = {}
+
+
+def register(name: str):
+    def add(cls: type[Predictor]) -> type[Predictor]:
+        cls.name = name
+        PREDICTORS[name] = cls
+        return cls
+
+    return add
+
+
+def build_predictor(spec: PredictorSpec) -> Predictor:
+    if spec.name not in PREDICTORS:
+        raise UserError(f"unknown predictor {spec.name!r}; choose one of {', '.join(sorted(PREDICTORS))}")
+    return PREDICTORS[spec.name](**spec.options)
+
+
+def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileLabels:
+    """Overlapping instance masks -> per-class label layers where, per pixel, the highest-scoring instance wins.
+
+    ``masks`` is an (n, h, w) bool numpy array or torch tensor (a CUDA tensor is painted on its device).
+    ``boxes`` (n, 4) x0, y0, x1, y1, where given, bound where each mask can be nonzero (saves work on the CPU).
+    Instances left with no visible pixel are dropped and ids renumbered so local ids stay dense. Equal scores are
+    broken by input order, so the result is deterministic.
+    """
+    n = len(classes)
+    h, w = masks.shape[-2:]
+    if n > MAX_LOCAL:
+        raise UserError(f"a tile produced {n} instances (at most {MAX_LOCAL}); use smaller tiles")
+    classes = np.asarray(classes, dtype=np.int16)
+    scores = np.asarray(scores, dtype=np.float32)
+    order = np.lexsort((-np.arange(n), scores))  # ascending score: later (higher rank) wins the pixel
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    if n and type(masks).__module__.startswith("torch") and masks.device.type != "cpu":
+        layers = _paint_torch(masks, classes, rank, n_classes)
+    else:
+        masks = masks.cpu().numpy() if type(masks).__module__.startswith("torch") else np.asarray(masks)
+        layers = np.zeros((n_classes, h, w), dtype=LOCAL_ID)
+        for i in order:
+            y0, y1, x0, x1 = 0, h, 0, w
+            if boxes is not None:
+                bx0, by0, bx1, by1 = np.asarray(boxes[i], dtype=np.float64)
+                y0, y1 = max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h)
+                x0, x1 = max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
+            layers[classes[i], y0:y1, x0:x1][masks[i, y0:y1, x0:x1]] = rank[i]
+    # ranks -> dense local ids, in rank order, for the instances that kept at least one pixel
+    present = np.zeros(n + 1, dtype=bool)
+    present[np.unique(layers)] = True
+    present[0] = False
+    kept = np.flatnonzero(present)
+    remap = np.zeros(n + 1, dtype=LOCAL_ID)
+    remap[kept] = np.arange(1, len(kept) + 1)
+    instance = order[kept - 1]
+    return TileLabels(remap[layers], classes[instance], scores[instance])
+
+
+def _paint_torch(masks, classes: np.ndarray, rank: np.ndarray, n_classes: int) -> np.ndarray:
+    import torch
+
+    h, w = masks.shape[-2:]
+    layers = torch.zeros((n_classes, h, w), dtype=torch.int32, device=masks.device)
+    ranks = torch.as_tensor(rank, dtype=torch.int32, device=masks.device)
+    cls = torch.as_tensor(classes, dtype=torch.int64, device=masks.device)
+    for start in range(0, len(rank), 32):  # bounded memory: 32 masks at a time
+        m = masks[start : start + 32].to(torch.int32) * ranks[start : start + 32, None, None]
+        for c in torch.unique(cls[start : start + 32]).tolist():
+            sel = cls[start : start + 32] == c
+            layers[c] = torch.maximum(layers[c], m[sel].amax(0))
+    return layers.cpu().numpy().astype(LOCAL_ID)

@@ -1,0 +1,121 @@
+"""The ``detectron2`` predictor: a trained Mask R-CNN from a model directory, several tiles per forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..d2compat import detectron2_ready
+from ..errors import UserError
+from ..model_dir import ModelDir
+from ..tiles import Box
+from .base import Plan, Predictor, PredictorSpec, TileLabels, paint_instances, register
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    return device
+
+
+def load_config(model: ModelDir, device: str = "cpu", score_threshold: float | None = None):
+    """The model directory's detectron2 config, set up for tiled inference on ``device`` (no test-time resize)."""
+    detectron2_ready()
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    try:
+        cfg.merge_from_file(str(model.config_path))
+    except Exception as e:
+        raise UserError(f"{model.config_path} is not a detectron2 config this version can read ({e})") from e
+    cfg.MODEL.WEIGHTS = str(model.weights_path)
+    cfg.MODEL.DEVICE = device
+    if score_threshold is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
+    if len(model.classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise UserError(
+            f"{model.path}: cellseg.json lists {len(model.classes)} classes but the config has "
+            f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+        )
+    return cfg
+
+
+@register("detectron2")
+class Detectron2Predictor(Predictor):
+    def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False):
+        import torch
+
+        detectron2_ready()
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+
+        self.model_dir = ModelDir.load(model_dir)
+        self.classes = list(self.model_dir.classes)
+        self.device = pick_device(device)
+        self.cfg = load_config(self.model_dir, self.device, score_threshold)
+        self.amp = amp and self.device.startswith("cuda")
+        self.model = build_model(self.cfg).eval()
+        DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        self._torch = torch
+
+    @classmethod
+    def plan(cls, options, volume) -> Plan:
+        if not options.model:
+            raise UserError("--model DIR is required (a model directory written by `cellseg-batch train`)")
+        model = ModelDir.load(options.model)
+        norm = model.normalization
+        stat = model.weights_path.stat()
+        return Plan(
+            spec=PredictorSpec(
+                "detectron2",
+                {"model_dir": str(model.path.resolve()), "device": options.device,
+                 "score_threshold": options.score_threshold, "amp": options.amp},
+            ),  # fmt: skip
+            classes=list(model.classes),
+            needs_image=True,
+            tile=options.tile or model.tile,
+            overlap=options.overlap if options.overlap is not None else model.overlap,
+            percentiles=(float(norm.get("low", 1.0)), float(norm.get("high", 99.5))),
+            pixel_size_nm=tuple(model.pixel_size_nm) if model.pixel_size_nm else None,
+            identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
+                      "config": model.config_path.read_text()},
+        )
+
+    def describe(self):
+        return {
+            **super().describe(),
+            "model_dir": str(self.model_dir.path),
+            "device": self.device,
+            "amp": self.amp,
+            "score_threshold": self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+            "architecture": self.cfg.MODEL.META_ARCHITECTURE,
+        }
+
+    def set_threads(self, threads: int) -> None:
+        self._torch.set_num_threads(max(1, threads))
+
+    def predict(self, z: int, windows: list[Box], images: list[np.ndarray] | None) -> list[TileLabels]:
+        torch = self._torch
+        inputs = []
+        for image in images:
+            # greyscale -> the 3 channels the backbone was built for; the tile is used at its own size (no resize)
+            t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+            inputs.append({"image": t.expand(3, *t.shape), "height": t.shape[0], "width": t.shape[1]})
+        with torch.inference_mode(), torch.autocast("cuda", enabled=self.amp):
+            outputs = self.model(inputs)
+        result = []
+        for out in outputs:
+            inst = out["instances"]
+            result.append(
+                paint_instances(
+                    inst.pred_masks,
+                    inst.pred_classes.cpu().numpy(),
+                    inst.scores.float().cpu().numpy(),
+                    len(self.classes),
+                    boxes=inst.pred_boxes.tensor.float().cpu().numpy(),
+                )
+            )
+        return result

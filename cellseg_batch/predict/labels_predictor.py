@@ -1,0 +1,87 @@
+"""The ``labels`` predictor: serves existing 2D instance label stacks tile by tile, one layer per class.
+
+With it, segmentations made by any other tool are stitched and linked into 3D by the same pipeline, and the
+stitching is checked against ground truth with no model involved.
+"""
+
+from __future__ import annotations
+
+import fastremap
+import numpy as np
+
+from ..errors import UserError
+from ..read import LabelLayer, open_label_layers
+from ..tiles import Box
+from .base import LOCAL_ID, MAX_LOCAL, Plan, Predictor, PredictorSpec, TileLabels, register
+
+DEFAULT_TILE, DEFAULT_OVERLAP = 1024, 32  # exact labels need only a few shared pixels to match
+
+
+@register("labels")
+class LabelsPredictor(Predictor):
+    needs_image = False
+
+    def __init__(self, layers: list[LabelLayer]):
+        self.layers = layers
+        self.classes = [name for layer in layers for name in layer.class_names]
+        self._lookups = [layer.lookup(self.classes) for layer in layers]
+
+    @classmethod
+    def plan(cls, options, volume) -> Plan:
+        if not options.labels:
+            raise UserError("--predictor labels needs --labels PATH (and --classes after each plain label stack)")
+        layers = open_label_layers(options.labels, options.classes)
+        for layer in layers:
+            if layer.volume.shape != volume.shape:
+                raise UserError(
+                    f"label stack {layer.volume.path} has shape {layer.volume.shape} but the volume has {volume.shape}"
+                )
+        return Plan(
+            spec=PredictorSpec("labels", {"layers": layers}),
+            classes=[n for layer in layers for n in layer.class_names],
+            needs_image=False,
+            tile=options.tile or DEFAULT_TILE,
+            overlap=options.overlap if options.overlap is not None else DEFAULT_OVERLAP,
+            identity={"stacks": [[layer.volume.path, layer.classes] for layer in layers]},
+        )
+
+    def describe(self):
+        return {**super().describe(), "stacks": [layer.volume.path for layer in self.layers]}
+
+    def predict(self, z: int, windows: list[Box], images=None) -> list[TileLabels]:
+        return [self._tile(z, w) for w in windows]
+
+    def _tile(self, z: int, window: Box) -> TileLabels:
+        layers = np.zeros((len(self.classes), *window.shape), dtype=LOCAL_ID)
+        classes: list[np.ndarray] = []
+        offset = 0
+        for layer, lookup in zip(self.layers, self._lookups):
+            ids = layer.volume.read(z, *window)
+            local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
+            n = len(mapping) - (0 in mapping)
+            if offset + n > MAX_LOCAL:
+                raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} label ids; use a smaller --tile")
+            if lookup is None:
+                cls = np.full(n, self.classes.index(layer.classes), dtype=np.int16)
+                target = layers[cls[0]] if n else None
+                if n:
+                    target[local > 0] = local[local > 0] + offset
+            else:
+                original = np.zeros(n + 1, dtype=np.int64)
+                for orig, new in mapping.items():
+                    original[new] = orig
+                original = original[1:]
+                unknown = original[(original >= len(lookup)) | (lookup[np.minimum(original, len(lookup) - 1)] < 0)]
+                if len(unknown):
+                    raise UserError(
+                        f"label id {int(unknown[0])} in slice {z} of {layer.volume.path} has no class in its class map"
+                    )
+                cls = lookup[original].astype(np.int16)
+                pixel_class = np.concatenate([[-1], cls])[local]
+                for c in np.unique(cls):
+                    sel = pixel_class == c
+                    layers[c][sel] = local[sel] + offset
+            classes.append(cls)
+            offset += n
+        cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
+        return TileLabels(layers, cls_all, np.ones(len(cls_all), dtype=np.float32))

@@ -1,0 +1,426 @@
+"""Read: open EM volumes and label stacks lazily (TIFF/BigTIFF, zarr v2/v3, OME-Zarr, synthetic) as 2D windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+SPATIAL = "ZYX"
+
+
+class Volume:
+    """A (Z, Y, X) greyscale volume read one 2D window at a time; picklable (workers reopen it by path)."""
+
+    kind = "volume"
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+        self.shape, self.dtype, self.pixel_size_nm = self._inspect()
+
+    def __getstate__(self):
+        # open file handles stay behind (thread-local); the receiving process reopens by path
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read(self, z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The window [y0:y1, x0:x1] of slice z, as a 2D array of the volume's dtype."""
+        raise NotImplementedError
+
+    def _inspect(self) -> tuple[tuple[int, int, int], np.dtype, tuple[float, float, float] | None]:
+        raise NotImplementedError
+
+
+def _check_dtype(dtype: np.dtype, path: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif" or dtype.itemsize > 8:
+        raise UserError(f"{path} has pixel type {dtype}; convert it to uint8, uint16 or float32")
+    return dtype
+
+
+def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], tuple]:
+    """Map an array's axes to (Z, Y, X): singleton extra axes are dropped, a missing Z becomes one slice."""
+    axes = axes.upper()
+    if len(axes) != len(shape):
+        raise UserError(f"{path}: {len(shape)}D data with axes {axes!r}; {hint}")
+    if "S" in axes and shape[axes.index("S")] > 1:
+        raise UserError(f"{path} is RGB/multi-sample ({shape}); convert it to a greyscale stack")
+    if not axes.endswith("YX"):
+        raise UserError(f"{path} has axes {axes!r}; the last two axes must be Y and X ({hint})")
+    index: list = []
+    z_axis = None
+    for i, a in enumerate(axes[:-2]):
+        if shape[i] == 1:
+            index.append(0)
+        elif z_axis is None and a in "ZQIT":
+            z_axis = i
+            index.append(slice(None))
+        else:
+            raise UserError(
+                f"{path} has shape {shape} with axes {axes!r}: more than one non-singleton axis besides Y and X; "
+                f"{hint}"
+            )
+    if 0 in shape:
+        raise UserError(f"{path} is empty (shape {shape})")
+    zyx = (shape[z_axis] if z_axis is not None else 1, shape[-2], shape[-1])
+    if z_axis is None:
+        index.append(None)  # adds the one-slice Z axis back
+    return zyx, tuple(index)
+
+
+class TiffVolume(Volume):
+    """Multi-page TIFF, BigTIFF, ImageJ hyperstacks, 2D TIFF (one slice); memory-mapped where the layout allows."""
+
+    def _inspect(self):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.path) as tf:
+                if not tf.series:
+                    raise UserError(f"{self.path} holds no image data")
+                series = tf.series[0]
+                axes = series.axes
+                if tf.is_imagej and axes.startswith("C") and (tf.imagej_metadata or {}).get("channels", 1) > 1:
+                    raise UserError(f"{self.path} is a {series.shape[0]}-channel ImageJ stack; save one channel")
+                if axes[0] == "C" and len(axes) == 3:
+                    axes = "Z" + axes[1:]  # an ImageJ stack saved without hyperstack axes reads as channels
+                zyx, self._index = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
+                dtype = _check_dtype(series.dtype, self.path)
+                self._check_complete(tf, series)
+                pixel = _tiff_pixel_size(tf)
+        except UserError:
+            raise
+        except (OSError, ValueError, tifffile.TiffFileError, IndexError, KeyError) as e:
+            raise UserError(f"cannot read {self.path} as TIFF ({e}); check that it is a complete TIFF file") from e
+        return zyx, dtype, pixel
+
+    def _check_complete(self, tf, series) -> None:
+        size = os.path.getsize(self.path)
+        pages = series.pages if len(series.pages) <= 4096 else [series.pages[0], series.pages[-1]]
+        for page in pages:
+            if page is None:
+                raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
+            offsets = getattr(page, "dataoffsets", ()) or ()
+            counts = getattr(page, "databytecounts", ()) or ()
+            if any(o + c > size for o, c in zip(offsets, counts)):
+                raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
+
+    def _array(self):
+        arr = getattr(self._local, "arr", None)
+        if arr is None:
+            import tifffile
+            import zarr
+
+            try:
+                arr = tifffile.memmap(self.path, mode="r")
+            except (ValueError, OSError):
+                store = tifffile.imread(self.path, aszarr=True)
+                arr = zarr.open(store, mode="r")
+            self._local.arr = arr
+        return arr
+
+    def read(self, z, y0, y1, x0, x1):
+        arr = self._array()
+        index = [z if isinstance(i, slice) else i for i in self._index if i is not None]
+        if self.shape[0] == 1 and None in self._index:
+            index = [i for i in self._index if i is not None]
+        try:
+            return np.asarray(arr[tuple(index) + (slice(y0, y1), slice(x0, x1))])
+        except Exception as e:  # tifffile/zarr raise many types for damaged data
+            raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
+
+
+def _tiff_pixel_size(tf) -> tuple[float, float, float] | None:
+    """(z, y, x) in nm from ImageJ 'spacing'/unit and the X/YResolution tags, where the file says so."""
+    page = tf.pages[0]
+    tags = page.tags
+    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+        return None
+    num, den = tags["XResolution"].value
+    unit = int(tags["ResolutionUnit"].value)
+    ij = tf.imagej_metadata or {}
+    per_unit = {2: 2.54e7, 3: 1e7}.get(unit)  # nm per inch, per cm
+    if ij.get("unit") in ("micron", "um", "\\u00B5m", "µm"):
+        per_unit = 1000.0
+    elif ij.get("unit") == "nm":
+        per_unit = 1.0
+    if not per_unit or not num:
+        return None
+    xy = per_unit * den / num
+    z = float(ij.get("spacing", xy)) * (per_unit if ij.get("unit") else 1.0) if "spacing" in ij else xy
+    return (z, xy, xy)
+
+
+class ZarrVolume(Volume):
+    """A zarr v2/v3 array, or the level-0 array of an OME-Zarr (NGFF 0.4/0.5) multiscale image."""
+
+    def _inspect(self):
+        import zarr
+
+        try:
+            node = zarr.open(self.path, mode="r")
+        except Exception as e:
+            raise UserError(f"cannot open {self.path} as zarr ({e})") from e
+        axes, pixel = None, None
+        self._array_path = self.path
+        if isinstance(node, zarr.Group):
+            ms = _multiscales(node.attrs)
+            if ms is None:
+                arrays = sorted(name for name, _ in node.arrays())
+                hint = f"; pass one of its arrays, e.g. {self.path}/{arrays[0]}" if arrays else ""
+                raise UserError(f"{self.path} is a zarr group without OME-Zarr multiscales{hint}")
+            level0 = ms["datasets"][0]
+            self._array_path = f"{self.path.rstrip('/')}/{level0['path']}"
+            node = zarr.open(self._array_path, mode="r")
+            axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
+            pixel = _ngff_pixel_size(ms, level0)
+        if axes is None or len(axes) != node.ndim:
+            axes = {2: "YX", 3: "ZYX"}.get(node.ndim, "?" * node.ndim)
+        zyx, self._index = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
+        return zyx, _check_dtype(node.dtype, self.path), pixel
+
+    def _array(self):
+        arr = getattr(self._local, "arr", None)
+        if arr is None:
+            import zarr
+
+            arr = self._local.arr = zarr.open(self._array_path, mode="r")
+        return arr
+
+    def read(self, z, y0, y1, x0, x1):
+        index = [z if isinstance(i, slice) else i for i in self._index if i is not None]
+        try:
+            return np.asarray(self._array()[tuple(index) + (slice(y0, y1), slice(x0, x1))])
+        except Exception as e:
+            raise UserError(f"cannot read slice {z} of {self.path} ({e}); a chunk may be missing or corrupt") from e
+
+
+def _multiscales(attrs) -> dict | None:
+    attrs = dict(attrs)
+    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    return ms[0] if ms else None
+
+
+def _ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None:
+    axes = ms.get("axes", [])
+    scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+    if not scale or len(scale) != len(axes):
+        return None
+    to_nm = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "angstrom": 0.1}
+    out = {}
+    for a, s in zip(axes, scale):
+        if isinstance(a, dict) and a.get("name", "").lower() in "zyx":
+            out[a["name"].lower()] = s * to_nm.get(a.get("unit", "nanometer"), 1.0)
+    if "y" not in out or "x" not in out:
+        return None
+    return (out.get("z", out["y"]), out["y"], out["x"])
+
+
+class ArrayVolume(Volume):
+    """An in-memory array as a Volume (tests, small label sets built on the fly)."""
+
+    def __init__(self, array: np.ndarray, name: str = "<array>"):
+        self._data = array if array.ndim == 3 else array[None]
+        super().__init__(name)
+
+    def _inspect(self):
+        return self._data.shape, _check_dtype(self._data.dtype, self.path), None
+
+    def read(self, z, y0, y1, x0, x1):
+        return self._data[z, y0:y1, x0:x1]
+
+
+VOLUME_OPENERS: dict[str, Callable[[str], Volume]] = {}
+
+
+def register_opener(match: str, opener: Callable[[str], Volume]) -> None:
+    """Add a reader: ``match`` is a path suffix (".tif") or a URI scheme ("synth:")."""
+    VOLUME_OPENERS[match] = opener
+
+
+register_opener(".tif", TiffVolume)
+register_opener(".tiff", TiffVolume)
+register_opener(".btf", TiffVolume)
+register_opener(".zarr", ZarrVolume)
+
+
+def open_volume(path: str | os.PathLike) -> Volume:
+    """Open a volume for window reads, choosing the reader by URI scheme, suffix or zarr metadata."""
+    path = str(path)
+    for match, opener in VOLUME_OPENERS.items():
+        if match.endswith(":") and path.startswith(match):
+            return opener(path)
+    if path.startswith("synth:"):
+        from . import synth  # registers the synth: reader
+
+        return synth.open_synthetic(path)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} does not exist")
+    for match, opener in VOLUME_OPENERS.items():
+        if not match.endswith(":") and p.name.lower().endswith(match):
+            return opener(path)
+    if p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
+        return ZarrVolume(path)
+    if p.is_dir() and any(part.lower().endswith(".zarr") for part in p.parts):
+        return ZarrVolume(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise UserError(f"{path} is an empty file")
+    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF) or a .zarr")
+
+
+# -- label stacks ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelLayer:
+    """A label stack whose nonzero ids carry classes: one class for every id, or a map from id to class name."""
+
+    volume: Volume
+    classes: str | dict[int, str]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.classes] if isinstance(self.classes, str) else sorted(set(self.classes.values()))
+
+    def lookup(self, names: list[str]) -> np.ndarray | None:
+        """id -> class index (in ``names``) table, or None where every id has the same class."""
+        if isinstance(self.classes, str):
+            return None
+        table = np.full(max(self.classes) + 1, -1, dtype=np.int16)
+        for i, name in self.classes.items():
+            table[i] = names.index(name)
+        return table
+
+
+def read_class_map(spec: str) -> str | dict[int, str]:
+    """A ``--classes`` value: a JSON file mapping label ids to class names, or one class name for every id."""
+    p = Path(spec)
+    if not p.suffix.lower() == ".json":
+        if not spec or "/" in spec:
+            raise UserError(f"--classes {spec!r}: give a class name or a .json file mapping ids to class names")
+        return spec
+    if not p.exists():
+        raise UserError(f"{spec} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{spec} is not valid JSON ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
+        data = data["instance_class"]
+    example = '{"1": "mitochondrion", "2": "alpha_granule"}'
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{spec} must map label ids to class names, e.g. {example}")
+    out: dict[int, str] = {}
+    for k, v in data.items():
+        try:
+            i = int(k)
+        except ValueError:
+            raise UserError(
+                f"{spec}: key {k!r} is not a label id; it must map ids to class names, e.g. {example}"
+            ) from None
+        if i <= 0 or not isinstance(v, str) or not v:
+            raise UserError(f"{spec}: entry {k!r}: {v!r} must map a positive label id to a class name")
+        out[i] = v
+    return out
+
+
+def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLayer]:
+    """Label stacks with their classes: ``--labels A --classes a.json --labels B --classes cell``.
+
+    An OME-Zarr holding a ``labels/`` group (this tool's output, or ``synth`` truth) gives one layer per label
+    image, named by it; there ``--classes`` is not needed.
+    """
+    layers: list[LabelLayer] = []
+    groups = [ngff_label_layers(path) for path in paths]
+    plain = [path for path, group in zip(paths, groups) if group is None]
+    if len(class_specs) != len(plain):
+        raise UserError(
+            f"{len(plain)} label stack(s) need classes but {len(class_specs)} --classes were given; put one "
+            "--classes (a class name, or a JSON map of ids to class names) after each --labels stack"
+        )
+    specs = iter(class_specs)
+    for path, group in zip(paths, groups):
+        if group is not None:
+            layers.extend(group)
+            continue
+        volume = open_volume(path)
+        if volume.dtype.kind not in "ui":
+            raise UserError(f"{path} holds {volume.dtype} values; a label stack must hold integer ids")
+        layers.append(LabelLayer(volume, read_class_map(next(specs))))
+    names = [n for layer in layers for n in layer.class_names]
+    if not layers:
+        raise UserError("no label stacks given; pass --labels PATH --classes CLASSES")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UserError(f"class {dup[0]!r} comes from more than one label stack; give each class one stack")
+    shapes = {layer.volume.shape for layer in layers}
+    if len(shapes) > 1:
+        raise UserError(f"the label stacks differ in shape: {sorted(shapes)}")
+    return layers
+
+
+def ngff_label_layers(path: str) -> list[LabelLayer] | None:
+    """The label images of an OME-Zarr's ``labels/`` group, one layer each (class = label name); else None."""
+    if path.startswith("synth:"):
+        from . import synth
+
+        return synth.open_synthetic_labels(path)
+    p = Path(path)
+    labels = p / "labels"
+    if not p.is_dir() or not labels.is_dir():
+        return None
+    import zarr
+
+    try:
+        names = dict(zarr.open_group(str(labels), mode="r").attrs).get("labels")
+        if names is None:
+            names = dict(zarr.open_group(str(labels), mode="r").attrs).get("ome", {}).get("labels")
+    except Exception as e:
+        raise UserError(f"cannot open {labels} as an OME-Zarr labels group ({e})") from e
+    if not names:
+        raise UserError(f"{labels} lists no label images; is {path} complete?")
+    return [LabelLayer(ZarrVolume(str(labels / name)), name) for name in names]
+
+
+class ClassView(Volume):
+    """One class of a label layer as its own volume: ids of other classes read as 0."""
+
+    def __init__(self, layer: LabelLayer, name: str):
+        self.layer, self.name = layer, name
+        self._ids = None if isinstance(layer.classes, str) else np.array(
+            sorted(i for i, n in layer.classes.items() if n == name), dtype=np.int64
+        )
+        super().__init__(f"{layer.volume.path}[{name}]")
+
+    def _inspect(self):
+        return self.layer.volume.shape, self.layer.volume.dtype, self.layer.volume.pixel_size_nm
+
+    def read(self, z, y0, y1, x0, x1):
+        ids = self.layer.volume.read(z, y0, y1, x0, x1)
+        if self._ids is None:
+            return ids
+        return np.where(np.isin(ids, self._ids), ids, 0).astype(ids.dtype, copy=False)
+
+
+def class_volumes(layers: list[LabelLayer]) -> dict[str, Volume]:
+    """class name -> a volume of that class's instance ids, over all layers."""
+    return {name: ClassView(layer, name) for layer in layers for name in layer.class_names}

@@ -1,0 +1,446 @@
+"""Train: fine-tune Mask R-CNN on COCO annotations with detectron2's DefaultTrainer under ``launch``, on GPUs
+(NCCL, several machines) or on CPU processes (gloo), and write the model directory that ``run`` reads.
+
+    OUT/                   the model directory (config.yaml, model_final.pth, cellseg.json)
+    OUT/train/             checkpoints (``--resume`` continues from the last), metrics.json, TensorBoard events,
+                           COCO evaluation results, log.txt
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from .coco import CocoSet, load_coco, read_grey
+from .d2compat import detectron2_ready, has_compiled_ops
+from .errors import UserError
+from .model_dir import ModelDir
+from .normalize import Normalization, from_samples
+
+log = logging.getLogger("cellseg_batch")
+TRAIN_SET, VAL_SET = "cellseg_train", "cellseg_val"
+MODEL_ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
+CACHE = Path(os.environ.get("CELLSEG_CACHE", Path.home() / ".cache" / "cellseg-batch"))
+
+
+@dataclass
+class TrainConfig:
+    train: str
+    images: str
+    out: str
+    config: str
+    val: str | None = None
+    val_images: str | None = None
+    weights: str | None = None
+    num_gpus: int = 0
+    cpu_procs: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    dist_url: str = "auto"
+    resume: bool = False
+    max_iter: int | None = None
+    max_minutes: float | None = None
+    eval_period: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    tile: int | None = None
+    overlap: int | None = None
+    pixel_size: str | None = None
+    percentiles: tuple[float, float] = (1.0, 99.5)
+    opts: list[str] = field(default_factory=list)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def training_normalization(records: list[dict], percentiles, max_images: int = 64) -> Normalization:
+    """The normalization ``run`` applies to volumes, computed the same way over (a spread of) training images."""
+    step = max(1, len(records) // max_images)
+    return from_samples([read_grey(r["file_name"]) for r in records[::step]], percentiles)
+
+
+def _transpose_augmentation():
+    from detectron2.data import transforms as T
+    from fvcore.transforms.transform import Transform
+
+    class TransposeTransform(Transform):
+        """Swap y and x: with the two flips it gives all eight 90-degree rotations and mirrors of a tile."""
+
+        def apply_image(self, img):
+            return np.ascontiguousarray(np.swapaxes(img, 0, 1))
+
+        def apply_coords(self, coords):
+            return coords[:, ::-1].copy()
+
+        def apply_segmentation(self, segmentation):
+            return self.apply_image(segmentation)
+
+        def inverse(self):
+            return self
+
+    class RandomTranspose(T.Augmentation):
+        def get_transform(self, image):
+            return TransposeTransform() if self._rand_range() < 0.5 else T.NoOpTransform()
+
+    return RandomTranspose()
+
+
+class EMDatasetMapper:
+    """Reads a greyscale slice in its own dtype, normalizes it like ``run`` does, augments (flips, transposes,
+    brightness, contrast) for training, and never resizes: tiles keep their pixel scale."""
+
+    def __init__(self, is_train: bool, normalization: Normalization):
+        from detectron2.data import transforms as T
+
+        self.is_train = is_train
+        self.normalization = normalization
+        self.augmentations = T.AugmentationList(
+            [
+                T.RandomFlip(0.5, horizontal=True, vertical=False),
+                T.RandomFlip(0.5, horizontal=False, vertical=True),
+                _transpose_augmentation(),
+                T.RandomBrightness(0.8, 1.2),
+                T.RandomContrast(0.8, 1.2),
+            ]
+            if is_train
+            else []
+        )
+
+    def __call__(self, record: dict) -> dict:
+        import torch
+        from detectron2.data import detection_utils as utils
+        from detectron2.data import transforms as T
+
+        image = self.normalization.apply(read_grey(record["file_name"]))
+        image = np.repeat(image[:, :, None], 3, axis=2)
+        aug = T.AugInput(image)
+        transforms = self.augmentations(aug)
+        image = np.clip(aug.image, 0, 255)
+        out = {k: record[k] for k in ("file_name", "image_id", "height", "width")}
+        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+        if self.is_train:
+            annos = [utils.transform_instance_annotations(dict(a), transforms, image.shape[:2])
+                     for a in record["annotations"] if not a.get("iscrowd", 0)]  # fmt: skip
+            instances = utils.annotations_to_instances(annos, image.shape[:2], mask_format="bitmask")
+            out["instances"] = utils.filter_empty_instances(instances)
+        return out
+
+
+def register(name: str, dataset: CocoSet) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dataset.records)
+    MetadataCatalog.get(name).set(thing_classes=list(dataset.classes), evaluator_type="coco")
+
+
+# -- weights ------------------------------------------------------------------------------------------------------
+
+
+def resolve_weights(weights: str | None, timeout: float = 30) -> str:
+    """A local path for ``weights``: a file, or a model-zoo/HTTP URL fetched once into the cache (with a timeout;
+    where it cannot be reached, a one-line error says to download it by hand)."""
+    if not weights:
+        return ""
+    if weights.startswith("detectron2://"):
+        weights = MODEL_ZOO_URL + weights[len("detectron2://") :]
+    if not weights.startswith(("http://", "https://")):
+        if not Path(weights).is_file():
+            raise UserError(f"--weights {weights} does not exist")
+        return weights
+    cached = CACHE / "weights" / Path(weights).name
+    if cached.exists():
+        return str(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(weights, timeout=timeout) as r, open(cached.with_suffix(".part"), "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise UserError(
+            f"cannot download {weights} ({e}); download it on a machine that can reach it and pass --weights PATH"
+        ) from e
+    cached.with_suffix(".part").replace(cached)
+    return str(cached)
+
+
+# -- detectron2 config and trainer ----------------------------------------------------------------------------------
+
+
+def build_cfg(tc: TrainConfig, classes: list[str], device: str):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    if not Path(tc.config).is_file():
+        raise UserError(f"--config {tc.config} does not exist (see configs/)")
+    try:
+        cfg.merge_from_file(tc.config)
+        cfg.merge_from_list(list(tc.opts))
+    except Exception as e:
+        raise UserError(f"{tc.config}: {e}") from e
+    cfg.DATASETS.TRAIN = (TRAIN_SET,)
+    cfg.DATASETS.TEST = (VAL_SET,) if tc.val else ()
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = resolve_weights(tc.weights) if tc.weights is not None else resolve_weights(cfg.MODEL.WEIGHTS)
+    cfg.OUTPUT_DIR = str(Path(tc.out) / "train")
+    if tc.max_iter:
+        steps = [s for s in cfg.SOLVER.STEPS if s < tc.max_iter]
+        cfg.SOLVER.STEPS = tuple(steps) if len(steps) == len(cfg.SOLVER.STEPS) else (int(tc.max_iter * 0.75), int(tc.max_iter * 0.9))
+        cfg.SOLVER.MAX_ITER = tc.max_iter
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, tc.max_iter // 5))
+    if tc.batch_size:
+        cfg.SOLVER.IMS_PER_BATCH = tc.batch_size
+    if tc.lr:
+        cfg.SOLVER.BASE_LR = tc.lr
+    world = tc.num_machines * (tc.num_gpus or tc.cpu_procs)
+    if cfg.SOLVER.IMS_PER_BATCH % world:
+        raise UserError(f"the batch size {cfg.SOLVER.IMS_PER_BATCH} must be divisible by the {world} processes")
+    cfg.TEST.EVAL_PERIOD = tc.eval_period if tc.eval_period is not None else (max(1, cfg.SOLVER.MAX_ITER // 4) if tc.val else 0)
+    cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER)
+    return cfg
+
+
+class _TimeUp(Exception):
+    """Raised by the time-limit hook; every rank stops at the same iteration."""
+
+
+def make_trainer(cfg, normalization: Normalization, max_minutes: float | None, has_val: bool):
+    import torch
+    import torch.distributed as dist
+    from detectron2.data import build_detection_test_loader, build_detection_train_loader
+    from detectron2.engine import DefaultTrainer, HookBase, hooks
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.utils import comm
+
+    class TimeLimit(HookBase):
+        def __init__(self, minutes: float):
+            self.deadline = time.monotonic() + 60 * minutes
+
+        def after_step(self):
+            if self.trainer.iter % 5:
+                return
+            flag = torch.tensor([float(time.monotonic() > self.deadline)])
+            if comm.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the same decision on every rank
+            if flag.item():
+                raise _TimeUp
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, cfg):
+            return build_detection_train_loader(cfg, mapper=EMDatasetMapper(True, normalization))
+
+        @classmethod
+        def build_test_loader(cls, cfg, dataset_name):
+            return build_detection_test_loader(cfg, dataset_name, mapper=EMDatasetMapper(False, normalization))
+
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name):
+            # without compiled ops, COCO evaluation runs in pycocotools (same numbers, slower)
+            return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "eval"),
+                                 use_fast_impl=has_compiled_ops(), max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)  # fmt: skip
+
+        def build_hooks(self):
+            ret = super().build_hooks()
+            if has_val and comm.is_main_process():
+                ret.append(hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, "segm/AP", "max"))
+            if max_minutes:
+                ret.append(TimeLimit(max_minutes))
+            return ret
+
+    return Trainer(cfg)
+
+
+def _quiet_time_up(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and record.exc_info[0] is _TimeUp)
+
+
+def train_main(tc: TrainConfig, classes: list[str], device: str) -> None:
+    """Runs in every training process."""
+    detectron2_ready()
+    from detectron2.engine import default_setup
+    from detectron2.utils import comm
+
+    train_set = load_coco(tc.train, tc.images)
+    register(TRAIN_SET, train_set)
+    if tc.val:
+        register(VAL_SET, load_coco(tc.val, tc.val_images or tc.images, classes=classes))
+    normalization = training_normalization(train_set.records, tc.percentiles)
+    cfg = build_cfg(tc, classes, device)
+    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    default_setup(cfg, _Args(tc))
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_time_up)
+    trainer = make_trainer(cfg, normalization, tc.max_minutes, bool(tc.val))
+    trainer.resume_or_load(resume=tc.resume)
+    start_iter, t0 = trainer.start_iter, time.perf_counter()
+    stopped_early = False
+    try:
+        trainer.train()
+    except _TimeUp:
+        stopped_early = True
+        if tc.val:
+            trainer.test(cfg, trainer.model)
+        if comm.is_main_process():
+            trainer.checkpointer.save("model_final")
+    elapsed = time.perf_counter() - t0
+    if comm.is_main_process():
+        last = trainer.iter + 1 if stopped_early else trainer.iter  # iterations completed
+        write_model_dir(tc, cfg, classes, normalization, train_set, last - start_iter, elapsed, stopped_early, last)
+    comm.synchronize()
+
+
+class _Args:
+    """What detectron2's default_setup reads from argparse args."""
+
+    def __init__(self, tc: TrainConfig):
+        self.config_file, self.eval_only, self.resume = tc.config, False, tc.resume
+
+
+def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, stopped_early, last_iter) -> Path:
+    out = Path(tc.out)
+    work = Path(cfg.OUTPUT_DIR)
+    best = work / "model_best.pth"
+    source = best if best.exists() else work / "model_final.pth"
+    shutil.copyfile(source, out / "model_final.pth")
+    final = cfg.clone()
+    final.defrost()
+    final.MODEL.WEIGHTS = ""
+    final.DATASETS.TRAIN, final.DATASETS.TEST = (), ()
+    (out / "config.yaml").write_text(final.dump())
+    sizes = sorted({max(r["height"], r["width"]) for r in train_set.records})
+    tile = tc.tile or int(sizes[len(sizes) // 2])
+    metrics = _last_eval(work)
+    model = ModelDir(
+        path=out, classes=list(classes), tile=tile,
+        overlap=tc.overlap if tc.overlap is not None else max(16, (tile // 8) // 2 * 2),
+        pixel_size_nm=[float(v) for v in tc.pixel_size.split(",")] if tc.pixel_size else None,
+        normalization={"method": "percentile", "low": normalization.percentiles[0],
+                       "high": normalization.percentiles[1],
+                       "training_intensities": [normalization.low, normalization.high]},
+        training={
+            "config": str(tc.config), "weights": source.name, "iterations": int(iters), "last_iter": int(last_iter),
+            "seconds": round(elapsed, 1), "iters_per_s": round(iters / elapsed, 4) if elapsed else None,
+            "images_per_s": round(iters * cfg.SOLVER.IMS_PER_BATCH / elapsed, 3) if elapsed else None,
+            "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
+            "skipped": dict(train_set.skipped), "validation": metrics,
+        },
+    )  # fmt: skip
+    model.save()
+    return out
+
+
+def _last_eval(work: Path) -> dict | None:
+    """The last COCO evaluation detectron2 logged to metrics.json (segm/... and bbox/... scalars)."""
+    import json
+
+    path = work / "metrics.json"
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if any(k.startswith("segm/") for k in row):
+            last = {k: (None if isinstance(v, float) and v != v else v)  # NaN (no such objects) is not JSON
+                    for k, v in row.items() if k.startswith(("segm/", "bbox/")) or k == "iteration"}  # fmt: skip
+    return last
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+
+
+def _cpu_worker(local_rank, main_func, world, procs, machine_rank, dist_url, args):
+    import torch
+    import torch.distributed as dist
+
+    detectron2_ready()
+    from detectron2.engine import defaults
+    from detectron2.utils import comm
+
+    rank = machine_rank * procs + local_rank
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world, rank=rank, timeout=timedelta(minutes=30))
+    for machine in range(world // procs):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(machine * procs, (machine + 1) * procs)))
+        if machine == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
+    # DefaultTrainer wraps the model with device_ids=[local_rank]; a CPU model takes none
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = lambda model, **kw: original(model, **{**kw, "device_ids": None})
+    comm.synchronize()
+    main_func(*args)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def launch(main_func, args: tuple, tc: TrainConfig) -> None:
+    """detectron2's ``launch`` on GPUs; on CPUs the same process layout with gloo (v0.6's launch needs CUDA)."""
+    detectron2_ready()
+    if tc.num_gpus:
+        from detectron2.engine import launch as d2_launch
+
+        d2_launch(main_func, tc.num_gpus, tc.num_machines, tc.machine_rank,
+                  dist_url=_dist_url(tc), args=args)  # fmt: skip
+        return
+    world = tc.cpu_procs * tc.num_machines
+    if world == 1:
+        main_func(*args)
+        return
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_cpu_worker, nprocs=tc.cpu_procs, start_method="spawn",
+                       args=(main_func, world, tc.cpu_procs, tc.machine_rank, _dist_url(tc), args))  # fmt: skip
+
+
+def _dist_url(tc: TrainConfig) -> str:
+    if tc.dist_url != "auto":
+        return tc.dist_url
+    if tc.num_machines > 1:
+        raise UserError("with --num-machines > 1, pass --dist-url tcp://HEAD_HOST:PORT (the same on every machine)")
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
+def train(tc: TrainConfig) -> Path:
+    """Validate everything a user can get wrong here, in this process, then launch the training processes."""
+    import torch
+
+    if tc.num_gpus and not torch.cuda.is_available():
+        raise UserError(f"--num-gpus {tc.num_gpus}: no CUDA GPU is visible; use --cpu-procs N to train on CPUs")
+    if tc.num_gpus and tc.num_gpus > torch.cuda.device_count():
+        raise UserError(f"--num-gpus {tc.num_gpus}: only {torch.cuda.device_count()} GPUs are visible")
+    if tc.num_machines > 1 and not 0 <= tc.machine_rank < tc.num_machines:
+        raise UserError(f"--machine-rank {tc.machine_rank} must be in 0..{tc.num_machines - 1}")
+    detectron2_ready()
+    train_set = load_coco(tc.train, tc.images)
+    print(train_set.summary())
+    if tc.val:
+        print(load_coco(tc.val, tc.val_images or tc.images, classes=train_set.classes).summary())
+    if not any(r["annotations"] for r in train_set.records):
+        raise UserError(f"{tc.train} has no usable annotation (see the summary above)")
+    out = Path(tc.out)
+    if out.exists() and (out / "cellseg.json").exists() and not tc.resume:
+        raise UserError(f"{out} already holds a model; pass --resume to continue its training or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if tc.num_gpus else "cpu"
+    build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
+    launch(train_main, (tc, train_set.classes, device), tc)
+    return out
+

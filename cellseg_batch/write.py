@@ -1,0 +1,232 @@
+"""Write: the OME-Zarr output, chunk by chunk from workers, then its NGFF metadata, object table and preview.
+
+    OUT.zarr/                   NGFF 0.4 (zarr v2) image group: the input image as a pyramid 0, 1, ... (optional)
+      labels/<class>/0, 1, ...  one multiscale label image per class, uint64 ids (never overflow at any level)
+      cellseg/objects.parquet   the object table (also objects.csv)
+      cellseg/report.json       configuration, versions, counts, time per stage
+      cellseg/preview.png       the middle slice with the instances drawn over it
+
+The NGFF metadata (``multiscales`` and the ``labels`` list) is written last: until a run completes, no NGFF
+reader sees an image or a label layer, and ``cellseg_batch.status`` in the root attributes says ``incomplete``.
+Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+LABEL_DTYPE = np.uint64
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NGFF_VERSION = "0.4"
+
+
+def check_class_names(classes: list[str]) -> None:
+    for name in classes:
+        if not CLASS_NAME.match(name):
+            raise UserError(
+                f"class name {name!r} cannot name a label layer; use letters, digits, '_', '-' and '.' only"
+            )
+
+
+def n_levels(height: int, width: int, chunk: int, max_levels: int = 8) -> int:
+    """Levels until the whole slice fits one chunk (at least one)."""
+    levels = 1
+    while max(height, width) > chunk and levels < max_levels:
+        height, width = -(-height // 2), -(-width // 2)
+        levels += 1
+    return levels
+
+
+def level_shape(shape: tuple[int, int, int], level: int) -> tuple[int, int, int]:
+    z, y, x = shape
+    for _ in range(level):
+        y, x = -(-y // 2), -(-x // 2)
+    return z, y, x
+
+
+def _codec(dtype):
+    import numcodecs
+
+    shuffle = numcodecs.Blosc.BITSHUFFLE if np.dtype(dtype).itemsize > 1 else numcodecs.Blosc.SHUFFLE
+    return numcodecs.Blosc("zstd", 3, shuffle=shuffle)
+
+
+class Output:
+    """An OME-Zarr output directory being written (or complete)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta_dir = self.path / "cellseg"
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def _root_attrs(self) -> dict:
+        p = self.path / ".zattrs"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    @property
+    def status(self) -> str | None:
+        return self._root_attrs().get("cellseg_batch", {}).get("status")
+
+    @property
+    def info(self) -> dict:
+        return self._root_attrs().get("cellseg_batch", {})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path)
+
+    # -- creation (driver) --------------------------------------------------------------------------------------
+    def create(self, shape, chunk: int, classes: list[str], image_dtype, pixel_size_nm, info: dict) -> None:
+        import zarr
+
+        check_class_names(classes)
+        levels = n_levels(shape[1], shape[2], chunk)
+        root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        root.attrs["cellseg_batch"] = {
+            **info, "status": "incomplete", "shape": list(shape), "chunk": chunk, "levels": levels,
+            "classes": classes, "image": image_dtype is not None, "pixel_size_nm": pixel_size_nm,
+        }  # fmt: skip
+        labels = root.require_group("labels")
+        for level in range(levels):
+            lshape = level_shape(shape, level)
+            if image_dtype is not None:
+                self._array(root, str(level), lshape, chunk, image_dtype)
+            for name in classes:
+                self._array(labels.require_group(name), str(level), lshape, chunk, LABEL_DTYPE)
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _array(group, name, shape, chunk, dtype):
+        group.create_array(
+            name, shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0, compressors=_codec(dtype),
+            chunk_key_encoding={"name": "v2", "separator": "/"}, overwrite=True,
+        )  # fmt: skip
+
+    # -- arrays (workers) ---------------------------------------------------------------------------------------
+    def image(self, level: int = 0):
+        import zarr
+
+        return zarr.open_array(str(self.path / str(level)), mode="r+")
+
+    def labels(self, name: str, level: int = 0):
+        import zarr
+
+        return zarr.open_array(str(self.path / "labels" / name / str(level)), mode="r+")
+
+    def build_pyramid(self, z: int) -> None:
+        """Levels 1.. of slice z for every layer, each from the level below, one chunk at a time."""
+        info = self.info
+        chunk, levels = info["chunk"], info["levels"]
+        layers = [(self.labels, name, True) for name in info["classes"]]
+        if info["image"]:
+            layers.append((lambda _name, level: self.image(level), None, False))
+        for get, name, is_label in layers:
+            for level in range(1, levels):
+                src, dst = get(name, level - 1), get(name, level)
+                _, h, w = dst.shape
+                for y0 in range(0, h, chunk):
+                    for x0 in range(0, w, chunk):
+                        y1, x1 = min(y0 + chunk, h), min(x0 + chunk, w)
+                        block = np.asarray(src[z, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+                        dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
+
+    # -- completion (driver) ------------------------------------------------------------------------------------
+    def finalize(self, pixel_size_nm, z_offset: int = 0) -> None:
+        """Write the NGFF metadata and mark the output complete: the last write of a successful run."""
+        import zarr
+
+        root = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        info = dict(root.attrs["cellseg_batch"])
+        classes, levels = info["classes"], info["levels"]
+        unit = "nanometer" if pixel_size_nm else None
+        pz, py, px = pixel_size_nm or (1.0, 1.0, 1.0)
+
+        def multiscales(name: str, kind: str) -> list:
+            axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in "zyx"]
+            datasets = [
+                {"path": str(k), "coordinateTransformations": [
+                    {"type": "scale", "scale": [pz, py * 2**k, px * 2**k]},
+                    {"type": "translation", "translation": [z_offset * pz, (2**k - 1) * py / 2, (2**k - 1) * px / 2]},
+                ]}
+                for k in range(levels)
+            ]  # fmt: skip
+            return [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets, "type": kind}]
+
+        for name in classes:
+            g = zarr.open_group(str(self.path / "labels" / name), mode="r+", zarr_format=2)
+            g.attrs["multiscales"] = multiscales(name, "nearest")
+            g.attrs["image-label"] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
+        zarr.open_group(str(self.path / "labels"), mode="r+", zarr_format=2).attrs["labels"] = classes
+        if info["image"]:
+            root.attrs["multiscales"] = multiscales("image", "mean")
+        info["status"] = "complete"
+        root.attrs["cellseg_batch"] = info
+
+    def write_table(self, table: np.ndarray, classes: list[str]) -> Path:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        columns = {
+            "id": table["id"], "class": np.array(classes, dtype=object)[table["cls"]] if len(table) else [],
+            "score": table["score"], "voxels": table["voxels"],
+            "z0": table["z0"], "y0": table["y0"], "x0": table["x0"], "z1": table["z1"], "y1": table["y1"],
+            "x1": table["x1"], "centroid_z": table["cz"], "centroid_y": table["cy"], "centroid_x": table["cx"],
+            "first_slice": table["z0"], "last_slice": table["z1"] - 1,
+        }  # fmt: skip
+        t = pa.table({k: pa.array(v, type=pa.string() if k == "class" else None) for k, v in columns.items()})
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, self.meta_dir / "objects.parquet")
+        pacsv.write_csv(t, self.meta_dir / "objects.csv")
+        return self.meta_dir / "objects.parquet"
+
+    def write_report(self, report: dict) -> Path:
+        p = self.meta_dir / "report.json"
+        p.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        return p
+
+    def export_tiff(self, max_bytes: float = 4e9) -> list[Path]:
+        """One BigTIFF per class (full resolution), slice by slice; refused for large volumes."""
+        import tifffile
+
+        info = self.info
+        z, y, x = info["shape"]
+        size = z * y * x * 4 * len(info["classes"])
+        if size > max_bytes:
+            raise UserError(f"--export-tiff would write {size / 1e9:.1f} GB; read the OME-Zarr labels instead")
+        paths = []
+        for name in info["classes"]:
+            arr = self.labels(name, 0)
+            ids = int(max((np.asarray(arr[k]).max() for k in range(z)), default=0))
+            dtype = np.uint32 if ids < 2**32 else np.uint64
+            path = self.meta_dir / f"labels_{name}.tif"
+            with tifffile.TiffWriter(path, bigtiff=True) as tw:
+                for k in range(z):
+                    tw.write(np.asarray(arr[k]).astype(dtype), compression="zlib", contiguous=False)
+            paths.append(path)
+        return paths
+
+
+def _mean2x2(block: np.ndarray) -> np.ndarray:
+    h, w = block.shape
+    pad = np.pad(block.astype(np.float64), ((0, h % 2), (0, w % 2)), mode="edge")
+    mean = pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).mean(axis=(1, 3))
+    return np.round(mean).astype(block.dtype) if block.dtype.kind in "ui" else mean.astype(block.dtype)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple, set)):
+        return list(o)
+    return str(o)

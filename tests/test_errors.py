@@ -1,0 +1,116 @@
+"""A user's mistake ends in one line on stderr, exit status 2, and no output that looks like a result."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from conftest import cli
+
+
+def _volume(tmp_path):
+    path = tmp_path / "vol.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    return path
+
+
+def _expect_error(tmp_path, *args, match: str):
+    out = tmp_path / "out.zarr"
+    proc = cli(*args, "--out", out, "--no-progress", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cellseg-batch: error:")]
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "out.zarr.work").exists()
+
+
+def _labels_args(tmp_path):
+    labels = tmp_path / "lab.tif"
+    tifffile.imwrite(labels, np.zeros((3, 64, 64), np.uint32))
+    return ["--predictor", "labels", "--labels", labels, "--classes", "cell"]
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path, "run", tmp_path / "nope.tif", *_labels_args(tmp_path), match="does not exist")
+
+
+def test_rgb_tiff(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    _expect_error(tmp_path, "run", tmp_path / "rgb.tif", *_labels_args(tmp_path), match="RGB")
+
+
+def test_4d_without_axes(tmp_path):
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 64, 64), np.uint8))
+    _expect_error(tmp_path, "run", tmp_path / "4d.tif", *_labels_args(tmp_path), match="axes")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.tif").write_bytes(b"")
+    _expect_error(tmp_path, "run", tmp_path / "empty.tif", *_labels_args(tmp_path), match="empty.tif")
+
+
+def test_truncated_tiff(tmp_path):
+    path = _volume(tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) * 2 // 3])
+    _expect_error(tmp_path, "run", tmp_path / "cut.tif", *_labels_args(tmp_path), match="truncated")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    _expect_error(tmp_path, "run", tmp_path / "notes.txt", *_labels_args(tmp_path), match="unknown volume format")
+
+
+def test_zarr_group_without_image(tmp_path):
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_array("raw", shape=(2, 32, 32), dtype="uint8")
+    _expect_error(tmp_path, "run", tmp_path / "g.zarr", *_labels_args(tmp_path), match="g.zarr/raw")
+
+
+def test_label_stack_of_another_shape(tmp_path):
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((3, 32, 32), np.uint32))
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "small.tif",
+                  "--classes", "cell", match="shape")
+
+
+def test_class_map_without_an_id_found_in_the_stack(tmp_path):
+    labels = np.zeros((3, 64, 64), np.uint32)
+    labels[1, 10:20, 10:20] = 7
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    (tmp_path / "map.json").write_text(json.dumps({"1": "mitochondrion"}))
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "lab.tif",
+                  "--classes", tmp_path / "map.json", match="label id 7")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--tile", "8"], "--tile"), (["--overlap", "7"], "--overlap"), (["--slices", "5:9"], "--slices"),
+    (["--stitch-iou", "0"], "--stitch-iou"), (["--predictor", "magic"], "unknown predictor"),
+])  # fmt: skip
+def test_bad_options(tmp_path, args, match):
+    base = [] if "--predictor" in args else _labels_args(tmp_path)
+    _expect_error(tmp_path, "run", _volume(tmp_path), *base, *args, match=match)
+
+
+def test_missing_model_directory(tmp_path):
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--model", tmp_path / "no-model", match="does not exist")
+
+
+def test_complete_output_is_not_overwritten_without_overwrite(tmp_path):
+    volume, out = _volume(tmp_path), tmp_path / "out.zarr"
+    cli("run", volume, *_labels_args(tmp_path), "--out", out, "--no-progress")
+    before = (out / "cellseg" / "report.json").read_text()
+    proc = cli("run", volume, *_labels_args(tmp_path), "--out", out, "--no-progress", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "cellseg" / "report.json").read_text() == before
+    cli("run", volume, *_labels_args(tmp_path), "--out", out, "--no-progress", "--overwrite")
+
+
+def test_a_foreign_directory_is_never_replaced(tmp_path):
+    (tmp_path / "out.zarr").mkdir()
+    (tmp_path / "out.zarr" / "precious.txt").write_text("keep me")
+    proc = cli("run", _volume(tmp_path), *_labels_args(tmp_path), "--out", tmp_path / "out.zarr", "--overwrite",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "not a cellseg-batch output" in proc.stderr
+    assert (tmp_path / "out.zarr" / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,279 @@
+"""Tests for cellseg_batch.evaluate on small synthetic label stacks."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from skimage.metrics import adapted_rand_error, variation_of_information
+
+from cellseg_batch.errors import UserError
+from cellseg_batch.evaluate import _n_matched, _slice_rles, evaluate, format_table, load_scores
+from cellseg_batch.read import ArrayVolume
+
+SHAPE = (10, 64, 64)
+
+
+def blobs() -> np.ndarray:
+    """Four ellipsoids, ids 1..4, on a (10, 64, 64) stack."""
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    lab = np.zeros(SHAPE, np.uint32)
+    for i, (cz, cy, cx, r) in enumerate([(5, 14, 14, 8), (4, 42, 18, 9), (5, 18, 46, 9), (6, 47, 47, 7)], 1):
+        lab[((zz - cz) / 4) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1] = i
+    return lab
+
+
+def boxes(*specs) -> np.ndarray:
+    """Boxes (id, z0, z1, y0, y1, x0, x1) on a (10, 64, 64) stack."""
+    lab = np.zeros(SHAPE, np.uint64)
+    for i, z0, z1, y0, y1, x0, x1 in specs:
+        lab[z0:z1, y0:y1, x0:x1] = i
+    return lab
+
+
+def run(pred, gt, **kw) -> dict:
+    res = evaluate({"mito": ArrayVolume(pred)}, {"mito": ArrayVolume(gt)}, **kw)
+    json.dumps(res, allow_nan=False)  # JSON-ready: no numpy types, no NaN
+    return res
+
+
+def test_identical_is_perfect():
+    gt = blobs()
+    r = run(gt.copy(), gt)["classes"]["mito"]
+    assert r["ap"] == r["ap50"] == r["ap75"] == 1.0
+    assert r["n_pred"] == r["n_gt"] == r["exact"] == 4
+    assert r["tp"] == [4] * 10
+    for key in ("precision", "recall", "f1"):
+        assert r[f"{key}@0.5"] == r[f"{key}@0.5:0.95"] == 1.0
+    assert r["vi_split"] == pytest.approx(0, abs=1e-12) and r["vi_merge"] == pytest.approx(0, abs=1e-12)
+    assert r["are"] == pytest.approx(0, abs=1e-12)
+
+
+def test_split_and_miss_counts():
+    # gt: A (4x10x10 = 400 voxels), B, C. The prediction cuts A into 3 columns (120 voxels, IoU 0.3) and 7
+    # (280 voxels, IoU 0.7), misses B and finds C exactly.
+    a, b, c = (1, 0, 4, 0, 10, 0, 10), (2, 0, 4, 20, 30, 0, 10), (3, 5, 9, 40, 50, 40, 50)
+    gt = boxes(a, b, c)
+    pred = boxes((11, 0, 4, 0, 10, 0, 3), (12, 0, 4, 0, 10, 3, 10), (13, 5, 9, 40, 50, 40, 50))
+    r = run(pred, gt)["classes"]["mito"]
+    assert (r["n_pred"], r["n_gt"], r["exact"]) == (3, 3, 1)
+    # IoU 0.7 counts at thresholds 0.5..0.7 (5 of them), the exact match at all 10
+    assert r["tp"] == [2] * 5 + [1] * 5
+    assert r["precision@0.5"] == r["recall@0.5"] == r["f1@0.5"] == pytest.approx(2 / 3)
+    assert r["precision@0.5:0.95"] == r["recall@0.5:0.95"] == r["f1@0.5:0.95"] == pytest.approx(0.5)
+    assert r["vi_split"] > 1e-3
+    # a split (and a miss) leave every same-prediction voxel pair inside one gt object: precision stays 1
+    assert r["are_precision"] == pytest.approx(1.0) and r["are_recall"] < 1
+
+
+def test_merge():
+    gt = boxes((1, 0, 4, 0, 10, 0, 10), (2, 0, 4, 0, 10, 10, 16))
+    pred = boxes((7, 0, 4, 0, 10, 0, 16))  # both gt objects in one
+    r = run(pred, gt)["classes"]["mito"]
+    assert r["vi_merge"] > 1e-3 and r["vi_split"] == pytest.approx(0, abs=1e-12)
+    assert r["are_recall"] == pytest.approx(1.0) and r["are_precision"] < 1
+    assert (r["n_pred"], r["n_gt"], r["tp"][0]) == (1, 2, 1)  # IoU 400/640 with the larger object
+
+
+def test_permuted_ids_score_as_identical():
+    gt = blobs()
+    # ids too large to pack two of them into one uint64 key exercise the rank fallback too
+    new_ids = np.array([0, 2**63 + 5, 17, 2**40, 3], np.uint64)
+    pred = new_ids[gt]
+    assert run(pred, gt) == run(gt.copy(), gt)
+
+
+def test_metrics_agree_with_whole_array_references():
+    rng = np.random.default_rng(1)
+    gt = blobs()
+    pred = gt.copy()
+    pred[:, :, 40:][pred[:, :, 40:] == 3] = 9  # a split
+    pred[pred == 4] = 1  # a merge
+    pred[pred == 2] = 0  # a miss
+    pred[2:5, 55:62, 2:9] = 5  # a false positive
+    scores = {int(i): float(rng.random()) for i in np.unique(pred) if i}
+    r = run(pred, gt, scores={"mito": scores})["classes"]["mito"]
+    split, merge = variation_of_information(gt, pred)
+    are, sk_prec, sk_rec = adapted_rand_error(gt, pred)
+    assert (r["vi_split"], r["vi_merge"]) == pytest.approx((split, merge))
+    # skimage returns precision and recall swapped (scikit-image #6485); the result carries the documented ones
+    assert (r["are"], r["are_precision"], r["are_recall"]) == pytest.approx((are, sk_rec, sk_prec))
+    assert r["ap"] == pytest.approx(coco_ap(pred, gt, scores))
+
+
+def coco_ap(pred, gt, scores) -> float:
+    """AP of one standard COCOeval over all slices at once (masks encoded by pycocotools itself; its default
+    maxDets of 100 per slice is plenty here)."""
+    images = [{"id": z, "height": SHAPE[1], "width": SHAPE[2]} for z in range(SHAPE[0])]
+
+    def anns(lab, scored):
+        out = []
+        for z in range(SHAPE[0]):
+            for i in np.unique(lab[z])[1:]:
+                m = np.asfortranarray((lab[z] == i).astype(np.uint8))
+                ann = {
+                    "id": len(out) + 1,
+                    "image_id": z,
+                    "category_id": 1,
+                    "segmentation": mask_utils.encode(m),
+                    "area": int(m.sum()),
+                    "iscrowd": 0,
+                }
+                out.append(ann | ({"score": scores[int(i)]} if scored else {}))
+        c = COCO()
+        c.dataset = {"images": images, "categories": [{"id": 1}], "annotations": out}
+        c.createIndex()
+        return c
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(anns(gt, False), anns(pred, True), "segm")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats[0]
+
+
+def test_ap_counts_every_instance_of_a_crowded_slice():
+    # 256 instances on one slice: COCO's default cap of 100 detections per image would leave AP near 0.4
+    lab = np.zeros((1, 64, 64), np.uint16)
+    lab[0] = (np.arange(64)[:, None] // 4) * 16 + np.arange(64)[None, :] // 4 + 1
+    r = run(lab.copy(), lab)["classes"]["mito"]
+    assert r["n_gt_masks"] == r["n_pred_masks"] == 256
+    assert r["ap"] == 1.0
+
+
+def test_rles_match_pycocotools_encode():
+    lab = np.random.default_rng(2).integers(0, 6, (13, 11)).astype(np.uint64)
+    lab[0, 0], lab[-1, -1] = 3, 5  # runs touching the first and last pixel
+    rles = _slice_rles(lab)
+    assert sorted(rles) == [1, 2, 3, 4, 5]
+    for i, (rle, area) in rles.items():
+        expected = mask_utils.encode(np.asfortranarray((lab == i).astype(np.uint8)))
+        assert rle == expected and area == int((lab == i).sum())
+
+
+def test_scores_rank_false_positives():
+    gt = boxes((1, 0, 1, 0, 10, 0, 10), (2, 0, 1, 20, 30, 0, 10), (3, 0, 1, 40, 50, 40, 50))
+    pred = gt.copy()
+    pred[0, 50:60, 0:10] = 4  # a false positive
+    low = run(pred, gt, scores={"mito": {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.1}})["classes"]["mito"]
+    high = run(pred, gt, scores={"mito": {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.99}})["classes"]["mito"]
+    assert low["ap"] == pytest.approx(1.0)
+    assert high["ap"] < 0.9
+    unscored = run(pred, gt, scores={"mito": {1: 0.9, 2: 0.9}})["classes"]["mito"]
+    assert unscored["n_unscored"] == 2
+
+
+def test_2d_mode_treats_slices_independently():
+    # gt reuses id 1 for a different object in every slice; the prediction gives each its own id
+    gt = np.zeros(SHAPE, np.uint16)
+    pred = np.zeros(SHAPE, np.uint16)
+    for z in range(SHAPE[0]):
+        x0 = 5 * z
+        gt[z, 10:20, x0 : x0 + 8] = 1
+        pred[z, 10:20, x0 : x0 + 8] = 100 + z
+    r2 = run(pred, gt, mode="2d")["classes"]["mito"]
+    assert (r2["n_pred"], r2["n_gt"], r2["exact"]) == (10, 10, 10)
+    assert r2["f1@0.5:0.95"] == 1.0 and r2["ap"] == 1.0
+    assert r2["vi_split"] == pytest.approx(0, abs=1e-12) and r2["are"] == pytest.approx(0, abs=1e-12)
+    # in 3D the gt is one object cut into ten predictions: no match, a large split
+    r3 = run(pred, gt)["classes"]["mito"]
+    assert (r3["n_pred"], r3["n_gt"], r3["tp"][0]) == (10, 1, 0)
+    assert r3["vi_split"] > 1e-3 and r3["ap"] == 1.0  # 2D masks are unaffected
+
+
+def test_assignment_maximizes_matches():
+    # pred 0 fits gt 0 (IoU 0.5) and gt 1 (0.55); pred 1 fits only gt 1. Greedy by IoU would pair pred 0 with
+    # gt 1 and stop at one match; the assignment finds two.
+    pp, gg, iou = np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([0.5, 0.55, 0.5])
+    assert _n_matched(pp, gg, iou, 0.5) == 2
+    assert _n_matched(pp, gg, iou, 0.55) == 1
+    assert _n_matched(pp, gg, iou, 0.6) == 0
+
+
+def test_slices_restrict_evaluation():
+    gt = blobs()
+    pred = gt.copy()
+    pred[6:] = 0
+    assert run(pred, gt, slices=range(0, 6))["classes"]["mito"]["vi"] == pytest.approx(0, abs=1e-12)
+    assert run(pred, gt)["classes"]["mito"]["vi"] > 0
+    with pytest.raises(UserError, match="out of range"):
+        run(pred, gt, slices=range(5, 12))
+
+
+def test_class_matching_and_table():
+    gt, pred = blobs(), blobs()
+    res = evaluate(
+        {"mito": ArrayVolume(pred), "er": ArrayVolume(pred)},
+        {"mito": ArrayVolume(gt), "cell": ArrayVolume(np.zeros(SHAPE, np.uint8))},
+    )
+    assert list(res["classes"]) == ["mito"]
+    assert res["unmatched"] == {"pred_only": ["er"], "gt_only": ["cell"]}
+    assert res["mean"]["f1@0.5"] == 1.0 and res["mean"]["n_gt"] == 4
+    table = format_table(res)
+    assert "mito" in table and "mean" in table and "only in the prediction: er" in table
+    with pytest.raises(UserError, match=r"\['er'\].*\['cell'\]"):
+        evaluate({"er": ArrayVolume(pred)}, {"cell": ArrayVolume(gt)})
+
+
+def test_shape_mismatch():
+    with pytest.raises(UserError, match=r"\(10, 64, 64\).*\(10, 64, 32\)"):
+        evaluate({"mito": ArrayVolume(blobs())}, {"mito": ArrayVolume(blobs()[:, :, :32])})
+
+
+def test_empty_class_metrics_are_none():
+    empty = np.zeros(SHAPE, np.uint8)
+    r = run(empty, empty)["classes"]["mito"]
+    assert r["ap"] is None and r["f1@0.5"] is None and r["are"] is None
+    assert "-" in format_table(run(empty, empty))
+
+
+def test_label_stacks_from_files(tmp_path):
+    import tifffile
+
+    from cellseg_batch.read import class_volumes, open_label_layers
+
+    gt = blobs()
+    tifffile.imwrite(tmp_path / "gt.tif", gt.astype(np.uint16))
+    pred = gt.copy()
+    pred[pred == 4] = 0  # miss one "er" object
+    tifffile.imwrite(tmp_path / "pred.tif", pred.astype(np.uint16))
+    (tmp_path / "classes.json").write_text(json.dumps({"1": "mito", "2": "mito", "3": "er", "4": "er"}))
+    label_set = [
+        class_volumes(open_label_layers([str(tmp_path / f)], [str(tmp_path / "classes.json")]))
+        for f in ("pred.tif", "gt.tif")
+    ]
+    res = evaluate(*label_set)
+    assert sorted(res["classes"]) == ["er", "mito"]
+    assert res["classes"]["mito"]["f1@0.5"] == 1.0
+    assert (res["classes"]["er"]["n_pred"], res["classes"]["er"]["n_gt"]) == (1, 2)
+    assert res["mean"]["recall@0.5"] == pytest.approx(0.75)
+
+
+def test_load_scores(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": pa.array([1, 2, 7], pa.uint64()),
+            "class": ["mito", "mito", "er"],
+            "score": [0.5, 0.25, 1.0],
+            "volume": [1, 2, 3],
+        }
+    )
+    pq.write_table(table, tmp_path / "objects.parquet")
+    pcsv.write_csv(table, tmp_path / "objects.csv")
+    expected = {"mito": {1: 0.5, 2: 0.25}, "er": {7: 1.0}}
+    assert load_scores(tmp_path / "objects.parquet") == expected
+    assert load_scores(tmp_path / "objects.csv") == expected
+    pq.write_table(table.drop(["score"]), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match="score"):
+        load_scores(tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match="does not exist"):
+        load_scores(tmp_path / "missing.parquet")

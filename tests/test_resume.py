@@ -1,0 +1,116 @@
+"""Interruptions: kill -9 of the driver, then the same command, gives the uninterrupted run's output; so does
+killing one predictor actor's process mid-run (Ray replaces it and retries its tiles); Ctrl-C stops cleanly."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import zarr
+
+from cellseg_batch.synth import CLASSES
+from conftest import cli, labels_of
+
+VOLUME = "synth:16x768x768,seed=11"
+ARGS = ["--predictor", "labels", "--labels", VOLUME, "--tile", 128, "--overlap", 16, "--batch-size", 1, "--no-progress"]
+
+
+def _start(out: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", VOLUME, *map(str, ARGS), "--out", str(out),
+                             *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for(predicate, proc, timeout=240):
+    t = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() - t < timeout, "timed out waiting for the run to make progress"
+        time.sleep(0.05)
+
+
+def _slices_done(out: Path) -> int:
+    return len(list((Path(f"{out}.work") / "frag").glob("*.npy")))
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    for name in CLASSES:
+        for level in range(len(zarr.open_group(str(a / "labels" / name)).attrs["multiscales"][0]["datasets"])):
+            np.testing.assert_array_equal(labels_of(a, name, level), labels_of(b, name, level))
+    assert (a / "cellseg" / "objects.csv").read_text() == (b / "cellseg" / "objects.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    cli("run", VOLUME, *ARGS, "--out", out)
+    return out
+
+
+def _ray_processes_of(session_pids: set[int]) -> list[psutil.Process]:
+    alive = []
+    for pid in session_pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_kill_9_of_the_driver_then_rerun_gives_the_same_output(reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    proc = _start(out)
+    _wait_for(lambda: _slices_done(out) >= 3, proc)
+    family = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 3 <= _slices_done(out) < 16
+    # what is left must not look complete: no NGFF label list, status incomplete
+    assert zarr.open_group(str(out)).attrs["cellseg_batch"]["status"] == "incomplete"
+    assert "labels" not in zarr.open_group(str(out / "labels")).attrs
+    # the local Ray the driver started goes down with it
+    deadline = time.monotonic() + 60
+    while _ray_processes_of(family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes_of(family), [p.name() for p in _ray_processes_of(family)]
+    done_before = _slices_done(out)
+    cli("run", VOLUME, *ARGS, "--out", out)
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["mode"] == "resume"
+    # slices finished before the kill were not predicted again
+    assert report["counts"]["tiles_predicted_now"] <= report["counts"]["tiles"] * (16 - done_before) / 16
+    _assert_identical(out, reference)
+
+
+def test_killing_an_actor_process_mid_run_does_not_change_the_result(reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    proc = _start(out, "--actors", 2)
+
+    def actors():
+        return [c for c in psutil.Process(proc.pid).children(recursive=True) if "PredictorWorker" in " ".join(c.cmdline())]
+
+    _wait_for(lambda: _slices_done(out) >= 2 and len(actors()) == 2, proc)
+    victim = actors()[0]
+    victim.send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+    _assert_identical(out, reference)
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(reference, tmp_path):
+    out = tmp_path / "out.zarr"
+    proc = _start(out)
+    _wait_for(lambda: _slices_done(out) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    cli("run", VOLUME, *ARGS, "--out", out)
+    _assert_identical(out, reference)

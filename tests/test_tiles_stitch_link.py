@@ -1,0 +1,90 @@
+"""The tile grid, the stitching rule and the linking rule, on small hand-made arrays."""
+
+import numpy as np
+import pytest
+
+from cellseg_batch.errors import UserError
+from cellseg_batch.link import link_pair
+from cellseg_batch.predict.base import paint_instances
+from cellseg_batch.stitch import match_tiles
+from cellseg_batch.tiles import Box, TileGrid
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((512, 512), 256, 32), ((1000, 300), 128, 16), ((100, 1000), 1024, 128),
+                                                ((257, 259), 64, 0), ((70, 70), 64, 32)])
+def test_cores_partition_the_slice_and_windows_hold_their_core(shape, tile, overlap):
+    g = TileGrid(*shape, tile, overlap)
+    owner = np.zeros(shape, int)
+    for iy, ix in g.positions():
+        core, win = g.core(iy, ix), g.window(iy, ix)
+        owner[core.y0 : core.y1, core.x0 : core.x1] += 1
+        assert 0 <= win.y0 and win.y1 <= shape[0] and 0 <= win.x0 and win.x1 <= shape[1]
+        assert win.shape[0] == min(tile, shape[0]) and win.shape[1] == min(tile, shape[1])
+        assert win.intersect(core) == core
+        # an interior core edge is at least overlap/2 from the window edge (context for the predictor)
+        if core.y0 > 0:
+            assert core.y0 - win.y0 >= overlap // 2 or win.y0 == 0
+        if core.x1 < shape[1]:
+            assert win.x1 - core.x1 >= overlap // 2 or win.x1 == shape[1]
+    assert (owner == 1).all()
+
+
+@pytest.mark.parametrize("tile,overlap", [(8, 0), (256, 3), (256, 200)])
+def test_bad_tile_settings_are_user_errors(tile, overlap):
+    with pytest.raises(UserError):
+        TileGrid(512, 512, tile, overlap)
+
+
+def _layers(*masks):
+    return paint_instances(np.stack(masks), np.zeros(len(masks), int), np.linspace(0.5, 0.9, len(masks)), 1).labels
+
+
+def test_match_tiles_joins_the_same_object_and_not_its_neighbour():
+    # two tiles sharing columns 8..11; object A crosses the border, object B is seen only by the right tile
+    wa, wb = Box(0, 10, 0, 12), Box(0, 10, 8, 20)
+    a_obj = np.zeros((10, 20), bool)
+    a_obj[2:6, 5:14] = True
+    b_obj = np.zeros((10, 20), bool)
+    b_obj[7:9, 10:18] = True
+    la = _layers(a_obj[:, 0:12])
+    lb = _layers(a_obj[:, 8:20], b_obj[:, 8:20])
+    matches = match_tiles(la, wa, lb, wb, 0.5)
+    a_id = la[0][3, 6]
+    b_id = lb[0][3, 0]
+    assert matches.tolist() == [[a_id, b_id]]
+
+
+def test_match_tiles_is_one_to_one_below_iou_half():
+    wa = wb = Box(0, 4, 0, 8)
+    big = np.zeros((4, 8), bool)
+    big[:, :] = True
+    left, right = np.zeros((4, 8), bool), np.zeros((4, 8), bool)
+    left[:, :4], right[:, 4:] = True, True
+    m = match_tiles(_layers(big), wa, _layers(left, right), wb, 0.3)
+    assert len(m) == 1  # IoU 0.5 with each half: only one may continue the whole
+
+
+def test_link_pair_hungarian_keeps_two_side_by_side_objects_apart():
+    # slice a: instances 0 and 1; slice b: instance 0 overlaps a0 strongly and a1 weakly, b1 overlaps a1
+    cls = np.zeros(2, np.int16)
+    area_a, area_b = np.array([100, 100]), np.array([100, 100])
+    ia, ib, inter = np.array([0, 1, 1]), np.array([0, 0, 1]), np.array([80, 30, 60])
+    links, healed = link_pair(cls, area_a, cls, area_b, ia, ib, inter, 0.25, 0.5)
+    assert sorted(map(tuple, links.tolist())) == [(0, 0), (1, 1)]
+    assert healed == 0
+
+
+def test_link_pair_heals_a_shrinking_cap_and_a_branch():
+    cls = np.zeros(3, np.int16)
+    # a0 (area 400) continues as b0 (area 300); b1 (area 20) is a small branch inside a0
+    area_a, area_b = np.array([400, 50, 50]), np.array([300, 20, 50])
+    ia, ib, inter = np.array([0, 0]), np.array([0, 1]), np.array([290, 19])
+    links, healed = link_pair(cls, area_a, cls, area_b, ia, ib, inter, 0.25, 0.5)
+    assert sorted(map(tuple, links.tolist())) == [(0, 0), (0, 1)]
+    assert healed == 1
+
+
+def test_link_pair_is_class_aware():
+    links, _ = link_pair(np.array([0], np.int16), np.array([50]), np.array([1], np.int16), np.array([50]),
+                         np.array([0]), np.array([0]), np.array([50]), 0.25, 0.5)
+    assert len(links) == 0
