@@ -131,6 +131,7 @@ class Run:
         self.classes = self.plan.classes
         check_class_names(self.classes)
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
+        self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
         if not cfg.volume.startswith("synth:") and Path(cfg.out).resolve() == Path(cfg.volume).resolve():
@@ -138,12 +139,26 @@ class Run:
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
         self.normalization: Normalization | None = None
         self.counts: dict = {}
-        self.warnings: list[str] = []
 
-    def _pixel_size(self):
+    def _pixel_size(self) -> tuple[float, float, float] | None:
+        """--pixel-size, else what the file records, completed by the model's; checked against the model's."""
+        model = self.plan.pixel_size_nm
         if self.cfg.pixel_size:
-            return _parse_floats(self.cfg.pixel_size, 3, "--pixel-size")
-        return self.volume.pixel_size_nm or self.plan.pixel_size_nm
+            size = _parse_floats(self.cfg.pixel_size, 3, "--pixel-size")
+        else:
+            recorded = self.volume.pixel_size_nm or (None, None, None)
+            size = tuple(v if v is not None else m for v, m in zip(recorded, model or (None, None, None)))
+            if all(v is None for v in size):
+                return None
+            if size[0] is None:
+                self.warnings.append("the volume does not record its z spacing; pass --pixel-size Z,Y,X")
+                size = (size[1], size[1], size[2])
+        if model and abs(size[2] - model[2]) > 0.1 * model[2]:
+            self.warnings.append(
+                f"the volume's pixel size ({size[2]:g} nm) differs from the model's ({model[2]:g} nm); tiles are not "
+                "resized, so resample the volume to the model's pixel size for reliable results"
+            )
+        return size
 
     # -- resume / overwrite -------------------------------------------------------------------------------------
     def _prepare(self) -> str:

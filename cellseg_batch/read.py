@@ -148,24 +148,21 @@ class TiffVolume(Volume):
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
-def _tiff_pixel_size(tf) -> tuple[float, float, float] | None:
-    """(z, y, x) in nm from ImageJ 'spacing'/unit and the X/YResolution tags, where the file says so."""
-    page = tf.pages[0]
-    tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:
+    """(z, y, x) in nm from the X/YResolution tags and ImageJ's unit and spacing; z is None where not recorded."""
+    tags = tf.pages[0].tags
+    if "XResolution" not in tags:
         return None
     num, den = tags["XResolution"].value
-    unit = int(tags["ResolutionUnit"].value)
     ij = tf.imagej_metadata or {}
-    per_unit = {2: 2.54e7, 3: 1e7}.get(unit)  # nm per inch, per cm
-    if ij.get("unit") in ("micron", "um", "\\u00B5m", "µm"):
-        per_unit = 1000.0
-    elif ij.get("unit") == "nm":
-        per_unit = 1.0
-    if not per_unit or not num:
+    unit = str(ij.get("unit", "")).replace("\\u00B5", "u").replace("µ", "u")
+    nm_per_unit = {"um": 1000.0, "micron": 1000.0, "nm": 1.0, "mm": 1e6}.get(unit)
+    if nm_per_unit is None and "ResolutionUnit" in tags:
+        nm_per_unit = {2: 2.54e7, 3: 1e7}.get(int(tags["ResolutionUnit"].value))  # per inch, per cm
+    if not nm_per_unit or not num:
         return None
-    xy = per_unit * den / num
-    z = float(ij.get("spacing", xy)) * (per_unit if ij.get("unit") else 1.0) if "spacing" in ij else xy
+    xy = nm_per_unit * den / num
+    z = float(ij["spacing"]) * nm_per_unit if "spacing" in ij and ij.get("unit") else None
     return (z, xy, xy)
 
 

@@ -719,11 +719,8 @@ def write_synthetic(out: str | Path, shape: tuple[int, int, int], seed: int = 0,
     truth.create(gen.shape, chunk, list(CLASSES), gen.dtype, gen.pixel_size_nm, {"synthetic": gen.uri})
     layers = {cls: truth.labels(cls, 0) for cls in CLASSES}
     image_out = truth.image(0)
-    if fmt == "zarr":
-        volume = zarr.create_array(str(paths["volume"]), shape=gen.shape, chunks=(1, chunk, chunk), dtype=gen.dtype)
-    else:
-        volume = tifffile.TiffWriter(paths["volume"], bigtiff=gen.dtype.itemsize * nz * ny * nx > 2**31)
-    try:
+
+    def slices():
         for z in range(nz):
             image = np.zeros((ny, nx), gen.dtype)
             for y0 in range(0, ny, chunk):  # a band of rows at a time: labels never held for a whole slice
@@ -733,13 +730,20 @@ def write_synthetic(out: str | Path, shape: tuple[int, int, int], seed: int = 0,
                 for cls, arr in layers.items():
                     arr[z, y0:y1] = gen.labels(cls, z, y0, y1, 0, nx)
             truth.build_pyramid(z)
-            if fmt == "zarr":
-                volume[z] = image
-            else:
-                volume.write(image, contiguous=True, resolution=(1e7 / gen.pixel_size_nm[2],) * 2,
-                             resolutionunit="CENTIMETER", metadata=None)  # fmt: skip
-    finally:
-        if fmt != "zarr":
-            volume.close()
+            yield image
+
+    pz, py, _ = gen.pixel_size_nm
+    if fmt == "zarr":
+        volume = zarr.create_array(str(paths["volume"]), shape=gen.shape, chunks=(1, chunk, chunk), dtype=gen.dtype)
+        for z, image in enumerate(slices()):
+            volume[z] = image
+    else:
+        # ImageJ metadata records the pixel size, z spacing included, where ImageJ's 4 GB limit allows it
+        if gen.dtype.itemsize * nz * ny * nx < 2**32 - 2**25:
+            where = {"imagej": True, "resolution": (1e3 / py, 1e3 / py),
+                     "metadata": {"spacing": pz / 1e3, "unit": "um", "axes": "ZYX"}}  # fmt: skip
+        else:
+            where = {"bigtiff": True, "resolution": (1e7 / py, 1e7 / py), "resolutionunit": "CENTIMETER"}
+        tifffile.imwrite(paths["volume"], slices(), shape=gen.shape, dtype=gen.dtype, **where)
     truth.finalize(gen.pixel_size_nm)
     return paths

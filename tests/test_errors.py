@@ -12,7 +12,7 @@ from conftest import cli
 
 def _volume(tmp_path):
     path = tmp_path / "vol.tif"
-    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8), photometric="minisblack")
     return path
 
 
@@ -28,7 +28,7 @@ def _expect_error(tmp_path, *args, match: str):
 
 def _labels_args(tmp_path):
     labels = tmp_path / "lab.tif"
-    tifffile.imwrite(labels, np.zeros((3, 64, 64), np.uint32))
+    tifffile.imwrite(labels, np.zeros((3, 64, 64), np.uint32), photometric="minisblack")
     return ["--predictor", "labels", "--labels", labels, "--classes", "cell"]
 
 
@@ -42,7 +42,7 @@ def test_rgb_tiff(tmp_path):
 
 
 def test_4d_without_axes(tmp_path):
-    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 64, 64), np.uint8), photometric="minisblack")
     _expect_error(tmp_path, "run", tmp_path / "4d.tif", *_labels_args(tmp_path), match="axes")
 
 
@@ -70,7 +70,7 @@ def test_zarr_group_without_image(tmp_path):
 
 
 def test_label_stack_of_another_shape(tmp_path):
-    tifffile.imwrite(tmp_path / "small.tif", np.zeros((3, 32, 32), np.uint32))
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((3, 32, 32), np.uint32), photometric="minisblack")
     _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "small.tif",
                   "--classes", "cell", match="shape")
 
@@ -78,7 +78,7 @@ def test_label_stack_of_another_shape(tmp_path):
 def test_class_map_without_an_id_found_in_the_stack(tmp_path):
     labels = np.zeros((3, 64, 64), np.uint32)
     labels[1, 10:20, 10:20] = 7
-    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
     (tmp_path / "map.json").write_text(json.dumps({"1": "mitochondrion"}))
     _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "lab.tif",
                   "--classes", tmp_path / "map.json", match="label id 7")

@@ -9,7 +9,7 @@ from cellseg_batch.errors import UserError
 from cellseg_batch.normalize import Normalization, estimate
 from cellseg_batch.read import open_volume, read_class_map
 
-DATA = np.random.default_rng(1).integers(0, 4000, (4, 130, 150)).astype(np.uint16)
+DATA = np.random.default_rng(1).integers(0, 4000, (5, 130, 150)).astype(np.uint16)
 
 
 def _check(path, data=DATA):
@@ -20,7 +20,7 @@ def _check(path, data=DATA):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"bigtiff": True}, {"compression": "zlib"},
-                                    {"compression": "zlib", "tile": (64, 64)}, {"imagej": True}])  # fmt: skip
+                                    {"compression": "zlib", "tile": (64, 64)}, {"imagej": True, "metadata": {"axes": "ZYX"}}])  # fmt: skip
 def test_tiff_variants(tmp_path, kwargs):
     tifffile.imwrite(tmp_path / "v.tif", DATA, **kwargs)
     _check(tmp_path / "v.tif")
@@ -55,7 +55,7 @@ def test_ome_zarr_level_0_with_pixel_size(tmp_path):
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_dtypes(tmp_path, dtype):
     data = (DATA / 16).astype(dtype)
-    tifffile.imwrite(tmp_path / "v.tif", data)
+    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
     _check(tmp_path / "v.tif", data)
 
 
@@ -67,8 +67,8 @@ def test_bool_volume_is_refused(tmp_path):
 
 def test_normalization_is_the_same_for_8_and_16_bit_versions_of_a_volume(tmp_path):
     base = np.random.default_rng(2).integers(20, 230, (3, 200, 200)).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "a.tif", base)
-    tifffile.imwrite(tmp_path / "b.tif", base.astype(np.uint16) * 257)
+    tifffile.imwrite(tmp_path / "a.tif", base, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "b.tif", base.astype(np.uint16) * 257, photometric="minisblack")
     na, nb = estimate(open_volume(tmp_path / "a.tif")), estimate(open_volume(tmp_path / "b.tif"))
     np.testing.assert_allclose(na.apply(base[0]), nb.apply(base[0].astype(np.uint16) * 257), atol=1e-3)
     n = Normalization(10, 110)

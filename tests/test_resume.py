@@ -74,11 +74,7 @@ def test_kill_9_of_the_driver_then_rerun_gives_the_same_output(reference, tmp_pa
     # what is left must not look complete: no NGFF label list, status incomplete
     assert zarr.open_group(str(out)).attrs["cellseg_batch"]["status"] == "incomplete"
     assert "labels" not in zarr.open_group(str(out / "labels")).attrs
-    # the local Ray the driver started goes down with it
-    deadline = time.monotonic() + 60
-    while _ray_processes_of(family) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes_of(family), [p.name() for p in _ray_processes_of(family)]
+    killed_at = time.monotonic()
     done_before = _slices_done(out)
     cli("run", VOLUME, *ARGS, "--out", out)
     report = json.loads((out / "cellseg" / "report.json").read_text())
@@ -86,6 +82,10 @@ def test_kill_9_of_the_driver_then_rerun_gives_the_same_output(reference, tmp_pa
     # slices finished before the kill were not predicted again
     assert report["counts"]["tiles_predicted_now"] <= report["counts"]["tiles"] * (16 - done_before) / 16
     _assert_identical(out, reference)
+    # the local Ray the killed driver started goes down too (its node agents notice within about a minute)
+    while _ray_processes_of(family) and time.monotonic() < killed_at + 150:
+        time.sleep(1)
+    assert not _ray_processes_of(family), [p.name() for p in _ray_processes_of(family)]
 
 
 def test_killing_an_actor_process_mid_run_does_not_change_the_result(reference, tmp_path):
