@@ -93,10 +93,13 @@ class PredictorWorker:
         out = []
         t = job.grid.tile
         for (iy, ix), window, tile in zip(positions, windows, tiles):
-            h, w = window.shape
-            padded = np.zeros((tile.labels.shape[0], t, t), dtype=tile.labels.dtype)
-            padded[:, :h, :w] = tile.labels
-            self.store_tiles[z, iy, ix] = padded
+            if tile.count:  # a tile without instances stays unwritten and reads as zeros
+                h, w = window.shape
+                padded = tile.labels
+                if (h, w) != (t, t):
+                    padded = np.zeros((tile.labels.shape[0], t, t), dtype=tile.labels.dtype)
+                    padded[:, :h, :w] = tile.labels
+                self.store_tiles[z, iy, ix] = padded
             key = TileKey(z, iy, ix)
             out.append((tuple(key), fragment_table(key, tile, job.grid)))
         return out

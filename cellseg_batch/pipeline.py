@@ -233,8 +233,7 @@ class Run:
 
     def _stages(self, mode: str, t_start: float) -> dict:
         self.resources = distribute.cluster_resources()
-        with self.timer("predict"):
-            self._predict_and_stitch()
+        self._predict_and_stitch()
         with self.timer("link"):
             table, stats = self._link()
         with self.timer("write"):
@@ -326,14 +325,32 @@ class Run:
         for z in range(nz):
             if stitch_ready(z):
                 queue_stitch(z)
-        if batches:
-            count, cpus, gpus, threads = self._actor_layout()
-            job = distribute.TileJob(self.plan.spec, self.volume, self.normalization, grid, str(store.root),
-                                     self.z0, threads)  # fmt: skip
-            actors = distribute.make_actors(job, count, cpus, gpus)
-            self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
-            load = [0] * count  # calls in flight per actor: two, so one reads while the other computes
-            queue = list(reversed(batches))
+        with self.timer("predict"):
+            if batches:
+                self._run_actors(batches, on_predicted, stitch, sched)
+        with self.timer("stitch_after_predict"):
+            while stitch.busy:
+                stitch.pump()
+                sched.wait()
+        bar.close()
+        stitch_bar.close()
+        missing = [z for z in range(nz) if not store.post(f"edges/z{z:06d}.npz").exists()]
+        if missing:
+            raise RuntimeError(f"slices {missing[:5]} were not stitched")
+
+    def _run_actors(self, batches: list, on_predicted, stitch, sched) -> None:
+        """Predict the batches on a pool of actors, two calls in flight per actor (one reads while the other
+        computes), stitching finished slices on the side; the actors are killed at the end to free their cores."""
+        import ray
+
+        count, cpus, gpus, threads = self._actor_layout()
+        job = distribute.TileJob(self.plan.spec, self.volume, self.normalization, self.grid, str(self.store.root),
+                                 self.z0, threads)  # fmt: skip
+        actors = distribute.make_actors(job, count, cpus, gpus)
+        self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
+        load = [0] * count
+        queue = list(reversed(batches))
+        try:
             while queue or any(load):
                 while queue and min(load) < 2:
                     a = load.index(min(load))
@@ -347,18 +364,9 @@ class Run:
                     sched.submit(actors[a].predict.remote(z, positions), done)
                 stitch.pump()
                 sched.wait()
-            import ray
-
-            for actor in actors:  # frees their CPUs/GPUs for the stitch and write tasks
+        finally:
+            for actor in actors:
                 ray.kill(actor)
-        while stitch.busy:
-            stitch.pump()
-            sched.wait()
-        bar.close()
-        stitch_bar.close()
-        missing = [z for z in range(nz) if not store.post(f"edges/z{z:06d}.npz").exists()]
-        if missing:
-            raise RuntimeError(f"slices {missing[:5]} were not stitched")
 
     def _link(self):
         objects_path = self.store.post("objects.npy")
@@ -502,7 +510,8 @@ def _write_row_task(work_dir, out_path, grid: TileGrid, z, iy, luts, classes, vo
         labels = np.asarray(tiles[z, iy, ix])[:, ys.start : ys.stop, xs.start : xs.stop]
         lut = luts[ix]
         for c, arr in enumerate(arrays):
-            arr[z, core.y0 : core.y1, core.x0 : core.x1] = lut[labels[c]]
+            if labels[c].any():  # an empty chunk stays unwritten (reads as 0)
+                arr[z, core.y0 : core.y1, core.x0 : core.x1] = lut[labels[c]]
         if image is not None:
             image[z, core.y0 : core.y1, core.x0 : core.x1] = volume.read(z_offset + z, *core)
 

@@ -39,15 +39,17 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
     rows["cls"], rows["score"] = tile.classes, tile.scores
     if n == 0:
         return rows
-    yy = np.arange(core.y0, core.y1, dtype=np.float64)[:, None]
-    xx = np.arange(core.x0, core.x1, dtype=np.float64)[None, :]
+    width = core.x1 - core.x0
     for layer in tile.labels:
         ids = layer[ys, xs]
-        if not ids.any():
+        flat = ids.ravel()
+        where = np.flatnonzero(flat)  # work on foreground pixels only: organelle layers are mostly empty
+        if len(where) == 0:
             continue
-        area = np.bincount(ids.ravel(), minlength=n + 1)[1:]
-        sy = np.bincount(ids.ravel(), weights=np.broadcast_to(yy, ids.shape).ravel(), minlength=n + 1)[1:]
-        sx = np.bincount(ids.ravel(), weights=np.broadcast_to(xx, ids.shape).ravel(), minlength=n + 1)[1:]
+        v = flat[where]
+        area = np.bincount(v, minlength=n + 1)[1:]
+        sy = np.bincount(v, weights=where // width + core.y0, minlength=n + 1)[1:]
+        sx = np.bincount(v, weights=where % width + core.x0, minlength=n + 1)[1:]
         here = area > 0  # ids are unique across layers: each id's pixels are all in one layer
         rows["area"][here], rows["sy"][here], rows["sx"][here] = area[here], sy[here], sx[here]
         for i, sl in enumerate(ndimage.find_objects(ids, max_label=n)):

@@ -51,6 +51,15 @@ def level_shape(shape: tuple[int, int, int], level: int) -> tuple[int, int, int]
     return z, y, x
 
 
+def open_array(path: str | Path, mode: str = "r+"):
+    """A zarr array for whole-chunk writes. Callers skip all-zero chunks themselves: zarr's own emptiness check
+    (write_empty_chunks=False) costs several times the compression of a chunk."""
+    import zarr
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return zarr.open_array(str(path), mode=mode)
+
+
 def _codec(dtype):
     import numcodecs
 
@@ -114,14 +123,10 @@ class Output:
 
     # -- arrays (workers) ---------------------------------------------------------------------------------------
     def image(self, level: int = 0):
-        import zarr
-
-        return zarr.open_array(str(self.path / str(level)), mode="r+")
+        return open_array(self.path / str(level))
 
     def labels(self, name: str, level: int = 0):
-        import zarr
-
-        return zarr.open_array(str(self.path / "labels" / name / str(level)), mode="r+")
+        return open_array(self.path / "labels" / name / str(level))
 
     def build_pyramid(self, z: int) -> None:
         """Levels 1.. of slice z for every layer, each from the level below, one chunk at a time."""
@@ -138,7 +143,8 @@ class Output:
                     for x0 in range(0, w, chunk):
                         y1, x1 = min(y0 + chunk, h), min(x0 + chunk, w)
                         block = np.asarray(src[z, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
-                        dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
+                        if block.any() or not is_label:
+                            dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
 
     # -- completion (driver) ------------------------------------------------------------------------------------
     def finalize(self, pixel_size_nm, z_offset: int = 0) -> None:
@@ -218,10 +224,13 @@ class Output:
 
 
 def _mean2x2(block: np.ndarray) -> np.ndarray:
+    """2x2 block means (rounded for integers); an odd last row/column is averaged with itself."""
     h, w = block.shape
-    pad = np.pad(block.astype(np.float64), ((0, h % 2), (0, w % 2)), mode="edge")
-    mean = pad.reshape(pad.shape[0] // 2, 2, pad.shape[1] // 2, 2).mean(axis=(1, 3))
-    return np.round(mean).astype(block.dtype) if block.dtype.kind in "ui" else mean.astype(block.dtype)
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
+    wide = np.float64 if block.dtype.kind == "f" or block.dtype.itemsize > 2 else np.uint32
+    total = (block[0::2, 0::2].astype(wide) + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2])
+    return (total / 4).astype(block.dtype) if wide is np.float64 else ((total + 2) // 4).astype(block.dtype)
 
 
 def _json_default(o):

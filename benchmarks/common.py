@@ -1,0 +1,100 @@
+"""Shared by the benchmarks: inputs made once (synthetic, deterministic), peak-memory sampling, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = Path(os.environ.get("CELLSEG_BENCH_DATA", "/tmp/cellseg-bench"))
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_avg_at_start": [round(v, 2) for v in os.getloadavg()]}  # fmt: skip
+
+
+def label_stacks(shape: tuple[int, int, int], seed: int = 7) -> dict[str, Path]:
+    """A synthetic volume as it comes from other tools: image (uint8 zarr), a cell stack and an organelle stack
+    (uint32 zarr, organelle classes in a JSON map). Made once per shape and reused."""
+    import zarr
+
+    from cellseg_batch.synth import CLASSES, SyntheticEM
+
+    root = CACHE / "stacks_{}x{}x{}_s{}".format(*shape, seed)
+    paths = {"volume": root / "volume.zarr", "cells": root / "cells.zarr", "organelles": root / "organelles.zarr",
+             "classes": root / "organelles.json"}  # fmt: skip
+    if (root / "done").exists():
+        return paths
+    gen = SyntheticEM(shape, seed)
+    chunks = (1, 1024, 1024)
+    image = zarr.create_array(str(paths["volume"]), shape=shape, chunks=chunks, dtype="uint8", overwrite=True)
+    cells = zarr.create_array(str(paths["cells"]), shape=shape, chunks=chunks, dtype="uint32", overwrite=True)
+    orgs = zarr.create_array(str(paths["organelles"]), shape=shape, chunks=chunks, dtype="uint32", overwrite=True)
+    # organelle ids are unique per class in the generator: give each class its own id range in the joint stack
+    offset = {name: i << 28 for i, name in enumerate(CLASSES)}
+    class_map: dict[str, str] = {}
+    for z in range(shape[0]):
+        for y0 in range(0, shape[1], 1024):
+            y1 = min(y0 + 1024, shape[1])
+            image[z, y0:y1] = gen.image(z, y0, y1, 0, shape[2])
+            cells[z, y0:y1] = gen.labels("cell", z, y0, y1, 0, shape[2])
+            joint = np.zeros((y1 - y0, shape[2]), np.uint32)
+            for name in CLASSES[1:]:
+                ids = gen.labels(name, z, y0, y1, 0, shape[2])
+                joint[ids > 0] = (ids[ids > 0] & 0x0FFFFFFF) + offset[name]
+                for i in np.unique(ids[ids > 0]):
+                    class_map[str(int((i & 0x0FFFFFFF) + offset[name]))] = name
+            orgs[z, y0:y1] = joint
+    paths["classes"].write_text(json.dumps(class_map))
+    (root / "done").touch()
+    return paths
+
+
+def run_measured(args: list[str], sample_s: float = 0.1) -> dict:
+    """Run ``cellseg-batch ARGS``; wall time and the peak resident memory of the driver and of every process."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    peak = {"driver": 0, "any_worker": 0}
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak["driver"] = max(peak["driver"], root.memory_info().rss)
+                for c in root.children(recursive=True):
+                    peak["any_worker"] = max(peak["any_worker"], c.memory_info().rss)
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(sample_s)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    out, err = proc.communicate()
+    t.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"cellseg-batch {' '.join(map(str, args))} failed:\n{err[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0, "driver_peak_rss_mb": peak["driver"] / 2**20,
+            "worker_peak_rss_mb": peak["any_worker"] / 2**20}  # fmt: skip
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
