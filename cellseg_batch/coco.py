@@ -87,6 +87,9 @@ def _segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]:
         flat = np.concatenate([np.asarray(p, dtype=np.float64) for p in polys])
         if not np.isfinite(flat).all():
             return None, "degenerate polygons"
+        xs, ys = flat[0::2], flat[1::2]
+        if xs.max() <= 0 or ys.max() <= 0 or xs.min() >= w or ys.min() >= h:
+            return None, "annotations outside the image"
         rle = mask_util.merge(mask_util.frPyObjects(polys, h, w))
         if mask_util.area(rle) == 0:
             return None, "degenerate polygons"
@@ -135,7 +138,8 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
         path = _find_image(images, str(img["file_name"]))
         if path is None:
             skipped["missing image files"] += 1
-            skipped["annotations of missing images"] += len(by_image.get(img["id"], []))
+            if by_image.get(img["id"]):
+                skipped["annotations of missing images"] += len(by_image[img["id"]])
             continue
         h, w = img.get("height"), img.get("width")
         if not h or not w:

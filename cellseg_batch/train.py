@@ -194,8 +194,11 @@ def build_cfg(tc: TrainConfig, classes: list[str], device: str):
     cfg.MODEL.WEIGHTS = resolve_weights(tc.weights) if tc.weights is not None else resolve_weights(cfg.MODEL.WEIGHTS)
     cfg.OUTPUT_DIR = str(Path(tc.out) / "train")
     if tc.max_iter:
+        # keep the config's schedule where it fits, else decay at 75% and 90% of the new length
         steps = [s for s in cfg.SOLVER.STEPS if s < tc.max_iter]
-        cfg.SOLVER.STEPS = tuple(steps) if len(steps) == len(cfg.SOLVER.STEPS) else (int(tc.max_iter * 0.75), int(tc.max_iter * 0.9))
+        if len(steps) != len(cfg.SOLVER.STEPS):
+            steps = sorted({s for s in (int(tc.max_iter * 0.75), int(tc.max_iter * 0.9)) if 0 < s < tc.max_iter})
+        cfg.SOLVER.STEPS = tuple(steps)
         cfg.SOLVER.MAX_ITER = tc.max_iter
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, tc.max_iter // 5))
     if tc.batch_size:
@@ -206,7 +209,6 @@ def build_cfg(tc: TrainConfig, classes: list[str], device: str):
     if cfg.SOLVER.IMS_PER_BATCH % world:
         raise UserError(f"the batch size {cfg.SOLVER.IMS_PER_BATCH} must be divisible by the {world} processes")
     cfg.TEST.EVAL_PERIOD = tc.eval_period if tc.eval_period is not None else (max(1, cfg.SOLVER.MAX_ITER // 4) if tc.val else 0)
-    cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER)
     return cfg
 
 

@@ -1,0 +1,141 @@
+"""Training through detectron2: COCO files as annotation tools write them, CPU multi-process (gloo) launch in
+step, resume, the model directory `run` uses, and the round trip labels -> COCO -> train -> run -> eval."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from cellseg_batch.coco import load_coco
+from cellseg_batch.errors import UserError
+from cellseg_batch.model_dir import ModelDir
+from conftest import REPO, cli
+
+CONFIG = REPO / "configs" / "demo_cpu.yaml"
+
+
+def _makesense_like(root: Path, n_images: int = 4, size: int = 128) -> Path:
+    """A COCO export like makesense.ai/CVAT write: polygons, category ids 3/7/12, file names only, RGB PNGs."""
+    rng = np.random.default_rng(0)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 12, "name": "mitochondrion"},
+                                                            {"id": 3, "name": "cell"}, {"id": 7, "name": "granule"}]}  # fmt: skip
+    for i in range(n_images):
+        img = np.full((size, size), 200, np.uint8)
+        for k in range(6):
+            cy, cx, r = (int(v) for v in (rng.integers(20, size - 20), rng.integers(20, size - 20), rng.integers(6, 14)))
+            yy, xx = np.ogrid[:size, :size]
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img[disk] = 60 + 40 * (k % 3)
+            poly = [v for a in np.linspace(0, 2 * np.pi, 12, endpoint=False)
+                    for v in (float(cx + r * np.cos(a)), float(cy + r * np.sin(a)))]  # fmt: skip
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "iscrowd": 0,
+                                        "category_id": [3, 7, 12][k % 3], "segmentation": [poly],
+                                        "bbox": [cx - r, cy - r, 2 * r, 2 * r], "area": float(disk.sum())})  # fmt: skip
+        Image.fromarray(np.repeat(img[:, :, None], 3, axis=2)).save(images_dir / f"slice_{i:03d}.png")
+        coco["images"].append({"id": i + 1, "file_name": f"slice_{i:03d}.png", "width": size, "height": size})
+    (root / "ann.json").write_text(json.dumps(coco))
+    return root / "ann.json"
+
+
+def test_makesense_style_coco_loads_with_classes_by_category_id(tmp_path):
+    ann = _makesense_like(tmp_path)
+    data = json.loads(ann.read_text())
+    # problems an annotation tool export can hold: each is skipped and counted
+    data["images"].append({"id": 99, "file_name": "gone.png", "width": 128, "height": 128})
+    data["annotations"] += [
+        {"id": 900, "image_id": 1, "category_id": 3, "segmentation": [[1, 1, 2, 2]]},  # degenerate polygon
+        {"id": 901, "image_id": 1, "category_id": 5, "segmentation": [[1, 1, 20, 1, 20, 20]]},  # unknown category
+        {"id": 902, "image_id": 1, "category_id": 3, "segmentation": [[300, 300, 320, 300, 320, 320]]},  # outside
+    ]  # fmt: skip
+    ann.write_text(json.dumps(data))
+    s = load_coco(ann, tmp_path / "images")
+    assert s.classes == ["cell", "granule", "mitochondrion"]  # ordered by category id 3, 7, 12
+    assert len(s.records) == 4 and sum(len(r["annotations"]) for r in s.records) == 24
+    assert s.skipped == {"missing image files": 1, "degenerate polygons": 1, "unknown categories": 1,
+                         "annotations outside the image": 1}  # fmt: skip
+    assert "skipped 1 annotations outside the image" in s.summary()
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"), ('{"images": []}', "no 'annotations' list"),
+    ('{"images": [], "annotations": [], "categories": []}', "defines no categories"),
+    ('{"images": [{"id": 1, "file_name": "x.png"}], "annotations": [], "categories": [{"id": 1}]}', "id and a name"),
+    ('{"images": [{"id": 1, "file_name": "x.png"}], "annotations": [], "categories": [{"id": 1, "name": "c"}]}',
+     "none of its 1 images"),
+])  # fmt: skip
+def test_broken_coco_files_give_one_line_errors(tmp_path, content, match):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(UserError, match=match):
+        load_coco(tmp_path / "bad.json", tmp_path / "images")
+    proc = cli("train", "--train", tmp_path / "bad.json", "--images", tmp_path / "images", "--config", CONFIG,
+               "--out", tmp_path / "m", check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and match.split()[0] in proc.stderr
+
+
+def test_unreachable_weights_url_fails_fast_with_advice(tmp_path):
+    ann = _makesense_like(tmp_path)
+    proc = cli("train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", tmp_path / "m",
+               "--weights", "http://127.0.0.1:9/model_final.pkl", check=False, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "download it on a machine that can reach it and pass --weights PATH" in proc.stderr
+
+
+def test_two_gloo_processes_train_in_step_and_resume_continues(tmp_path):
+    ann = _makesense_like(tmp_path)
+    out = tmp_path / "model"
+    common = ["train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", out,
+              "--cpu-procs", 2, "--batch-size", 2]  # fmt: skip
+    cli(*common, "--max-iter", 4, "SOLVER.CHECKPOINT_PERIOD", 100)
+    work = out / "train"
+    logs = [work / "log.txt", work / "log.txt.rank1"]
+    for log in logs:  # both ranks ran the same iterations of one DDP job
+        assert "Starting training from iteration 0" in log.read_text()
+    assert (work / "metrics.json").exists()
+    assert sorted(p.name for p in work.glob("model_*.pth")) == ["model_final.pth"]  # one checkpoint
+    assert json.loads((out / "cellseg.json").read_text())["training"]["iterations"] == 4
+    cli(*common, "--max-iter", 6, "--resume")
+    for log in logs:
+        assert "Starting training from iteration 4" in log.read_text()
+    model = ModelDir.load(out)
+    assert model.training["last_iter"] == 6 and model.classes == ["cell", "granule", "mitochondrion"]
+
+
+def test_labels_to_coco_train_run_eval_round_trip(tmp_path):
+    cli("synth", tmp_path / "s", "--shape", "6,256,256", "--seed", 9)
+    cli("convert", "labels-to-coco", tmp_path / "s" / "truth.zarr", tmp_path / "s" / "volume.tif", "--out",
+        tmp_path / "coco", "--tile", 128, "--val-fraction", 0.34)  # fmt: skip
+    train = json.loads((tmp_path / "coco" / "train.json").read_text())
+    # every annotation's RLE decodes to exactly its instance's pixels in the tile
+    import zarr
+
+    truth = zarr.open_array(str(tmp_path / "s" / "truth.zarr" / "labels" / "cell" / "0"))[:]
+    a = next(a for a in train["annotations"] if a["category_id"] == 1)
+    img = next(i for i in train["images"] if i["id"] == a["image_id"])
+    z, y, x = (int(v) for v in re.match(r"z(\d+)_y(\d+)_x(\d+)", img["file_name"]).groups())
+    tile = truth[z, y : y + 128, x : x + 128]
+    decoded = mask_util.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
+    ids = np.unique(tile[decoded > 0])
+    assert len(ids) == 1 and ((tile == ids[0]) == (decoded > 0)).all()
+    out = tmp_path / "model"
+    cli("train", "--train", tmp_path / "coco" / "train.json", "--images", tmp_path / "coco" / "images",
+        "--val", tmp_path / "coco" / "val.json", "--config", CONFIG, "--out", out, "--max-iter", 10,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)  # ten iterations: keep every detection, so evaluation has some  # fmt: skip
+    model = ModelDir.load(out)
+    assert model.tile == 128 and model.classes == ["cell", "mitochondrion", "alpha_granule", "canalicular_vessel"]
+    assert model.training["validation"] is not None and "segm/AP" in model.training["validation"]
+    cli("run", tmp_path / "s" / "volume.tif", "--model", out, "--out", tmp_path / "seg.zarr", "--score-threshold",
+        0.05, "--no-progress")  # fmt: skip
+    cli("eval", tmp_path / "seg.zarr", tmp_path / "s" / "truth.zarr", "--json", tmp_path / "eval.json")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["classes"]) == set(model.classes) and result["n_slices"] == 6
+    # and back: the run's output as COCO polygons for correction in an annotation tool
+    cli("convert", "output-to-coco", tmp_path / "seg.zarr", "--out", tmp_path / "fix", "--tile", 0)
+    fix = json.loads((tmp_path / "fix" / "train.json").read_text())
+    assert len(fix["images"]) == 6 and all(isinstance(a["segmentation"], list) for a in fix["annotations"])
