@@ -201,7 +201,6 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     names = [n for layer in layers for n in layer.class_names]
-    lookups = [layer.lookup(names) for layer in layers]
     nz, ny, nx = volume.shape
     zs = list(slices or range(nz))
     n_val = int(round(len(zs) * val_fraction))
@@ -227,14 +226,12 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
                     tifffile.imwrite(img_dir / name, image)
                 image_id = len(sets["train"]["images"]) + len(sets["val"]["images"]) + 1
                 split["images"].append({"id": image_id, "file_name": name, "height": y1 - y0, "width": x1 - x0})
-                for layer, lookup in zip(layers, lookups):
+                for layer in layers:
                     ids = layer.volume.read(z, y0, y1, x0, x1)
-                    for i in np.unique(ids[ids > 0]):
+                    present = np.unique(ids[ids > 0])
+                    for i, cls in zip(present, layer.classify(present, names)):
                         mask = ids == i
-                        if mask.sum() < min_area:
-                            continue
-                        cls = names.index(layer.classes) if lookup is None else int(lookup[i]) if i < len(lookup) else -1
-                        if cls < 0:
+                        if cls < 0 or mask.sum() < min_area:  # ids the class map leaves out are not annotated
                             continue
                         rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
                         segm = mask_polygons(mask) if polygons else {"size": rle["size"], "counts": rle["counts"].decode()}

@@ -298,14 +298,18 @@ class LabelLayer:
     def class_names(self) -> list[str]:
         return [self.classes] if isinstance(self.classes, str) else sorted(set(self.classes.values()))
 
-    def lookup(self, names: list[str]) -> np.ndarray | None:
-        """id -> class index (in ``names``) table, or None where every id has the same class."""
+    def classify(self, ids: np.ndarray, names: list[str]) -> np.ndarray:
+        """Class index (in ``names``) of each id, -1 for an id the class map does not list. Ids can be large and
+        sparse (a map of a few ids up to 2**40 costs a few entries, not a table that long)."""
+        ids = np.asarray(ids)
         if isinstance(self.classes, str):
-            return None
-        table = np.full(max(self.classes) + 1, -1, dtype=np.int16)
-        for i, name in self.classes.items():
-            table[i] = names.index(name)
-        return table
+            return np.full(ids.shape, names.index(self.classes), dtype=np.int16)
+        if getattr(self, "_keys", None) is None or self._names != names:
+            keys = np.array(sorted(self.classes), dtype=np.int64)
+            self._keys, self._names = keys, list(names)
+            self._values = np.array([names.index(self.classes[int(k)]) for k in keys], dtype=np.int16)
+        pos = np.clip(np.searchsorted(self._keys, ids), 0, len(self._keys) - 1)
+        return np.where(self._keys[pos] == ids, self._values[pos], np.int16(-1)).astype(np.int16)
 
 
 def read_class_map(spec: str) -> str | dict[int, str]:

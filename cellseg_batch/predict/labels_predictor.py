@@ -24,7 +24,6 @@ class LabelsPredictor(Predictor):
     def __init__(self, layers: list[LabelLayer]):
         self.layers = layers
         self.classes = [name for layer in layers for name in layer.class_names]
-        self._lookups = [layer.lookup(self.classes) for layer in layers]
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
@@ -55,28 +54,25 @@ class LabelsPredictor(Predictor):
         layers = np.zeros((len(self.classes), *window.shape), dtype=LOCAL_ID)
         classes: list[np.ndarray] = []
         offset = 0
-        for layer, lookup in zip(self.layers, self._lookups):
+        for layer in self.layers:
             ids = layer.volume.read(z, *window)
             local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
             n = len(mapping) - (0 in mapping)
             if offset + n > MAX_LOCAL:
                 raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} label ids; use a smaller --tile")
-            if lookup is None:
-                cls = np.full(n, self.classes.index(layer.classes), dtype=np.int16)
-                target = layers[cls[0]] if n else None
+            original = np.zeros(n + 1, dtype=np.int64)  # local id -> the stack's id
+            for orig, new in mapping.items():
+                original[new] = orig
+            cls = layer.classify(original[1:], self.classes)
+            if (cls < 0).any():
+                raise UserError(
+                    f"label id {int(original[1:][cls < 0][0])} in slice {z} of {layer.volume.path} has no class in "
+                    "its class map"
+                )
+            if isinstance(layer.classes, str):
                 if n:
-                    target[local > 0] = local[local > 0] + offset
+                    layers[cls[0]][local > 0] = local[local > 0] + offset
             else:
-                original = np.zeros(n + 1, dtype=np.int64)
-                for orig, new in mapping.items():
-                    original[new] = orig
-                original = original[1:]
-                unknown = original[(original >= len(lookup)) | (lookup[np.minimum(original, len(lookup) - 1)] < 0)]
-                if len(unknown):
-                    raise UserError(
-                        f"label id {int(unknown[0])} in slice {z} of {layer.volume.path} has no class in its class map"
-                    )
-                cls = lookup[original].astype(np.int16)
                 pixel_class = np.concatenate([[-1], cls])[local]
                 for c in np.unique(cls):
                     sel = pixel_class == c
