@@ -61,6 +61,7 @@ def cellseg_run(volume_path: str, model_dir: str, batch_size: int, out: Path) ->
     t = r["time_s"]
     return {"batch_size": batch_size, "tiles": r["counts"]["tiles"], "time_s": t,
             "predict_tiles_per_s": r["counts"]["tiles"] / t["predict"],
+            "predict_steady_tiles_per_s": r["throughput"]["tiles_per_s_steady"],
             "predict_mvoxel_per_s": voxels / 1e6 / t["predict"],
             "end_to_end_s": m["wall_s"], "end_to_end_tiles_per_s": r["counts"]["tiles"] / m["wall_s"],
             "end_to_end_mvoxel_per_s": voxels / 1e6 / m["wall_s"], "objects": r["counts"]["objects"],

@@ -71,7 +71,7 @@ class PredictorWorker:
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
         self.store_tiles = None
-        self.lock = threading.Lock()  # two calls overlap: one reads its windows while the other computes
+        self.lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
 
     def pid(self) -> int:
         return os.getpid()
@@ -119,11 +119,15 @@ class TileJob:
 
 
 def make_actors(job: TileJob, count: int, cpus: float, gpus: float) -> list:
+    """With a GPU, two calls run at once in an actor: one reads and post-processes on the CPU while the other
+    computes on the GPU. On CPUs alone the two would fight over the same cores (measured: 16 vs 20 tiles/s on 2
+    cores), so calls run one at a time."""
     import ray
 
     cls = ray.remote(PredictorWorker).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2
-    )
+        num_cpus=cpus, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
+        max_concurrency=2 if gpus else 1,
+    )  # fmt: skip
     return [cls.remote(job) for _ in range(count)]
 
 

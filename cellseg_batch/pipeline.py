@@ -251,13 +251,15 @@ class Run:
     def _actor_layout(self) -> tuple[int, float, float, int]:
         """(actors, cpus each, gpus each, torch threads each)."""
         res = self.resources
-        gpus = res["gpus"] if self.plan.spec.name == "detectron2" and self.cfg.device != "cpu" else 0
+        if self.cfg.device.startswith("cuda") and not res["gpus"]:
+            raise UserError(f"--device {self.cfg.device}: the Ray cluster has no GPU; use --device cpu or auto")
+        gpus = res["gpus"] if self.plan.uses_gpu and self.cfg.device != "cpu" else 0
         if gpus:
             count = self.cfg.actors or gpus
             cpus = self.cfg.cpus_per_actor or max(1, min(4, res["cpus"] // count))
             return count, cpus, 1, cpus
-        if self.plan.needs_image:  # CPU inference: one actor using the cores (torch threads) beats several
-            cpus = self.cfg.cpus_per_actor or max(1, res["cpus"])
+        if self.plan.needs_image:  # CPU inference: few actors with several torch threads each (up to 8)
+            cpus = self.cfg.cpus_per_actor or max(1, min(8, res["cpus"]))
             count = self.cfg.actors or max(1, res["cpus"] // cpus)
             return count, cpus, 0, cpus
         count = self.cfg.actors or max(1, res["cpus"])
@@ -311,6 +313,7 @@ class Run:
                 stitch.put((z, iy, z + 1 < nz), lambda result, z=z: on_stitched(z, result))
 
         def on_predicted(z: int, results) -> None:
+            self._arrivals.append((time.perf_counter(), len(results)))
             store.append_records(z, results)
             for key, table in results:
                 records[z][TileKey(*key)] = table
@@ -325,6 +328,7 @@ class Run:
         for z in range(nz):
             if stitch_ready(z):
                 queue_stitch(z)
+        self._arrivals: list[tuple[float, int]] = []
         with self.timer("predict"):
             if batches:
                 self._run_actors(batches, on_predicted, stitch, sched)
@@ -348,7 +352,7 @@ class Run:
                                  self.z0, threads)  # fmt: skip
         actors = distribute.make_actors(job, count, cpus, gpus)
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
-        load = [0] * count
+        load = [0] * count  # calls in flight per actor: two keep it busy (one queued behind the running one)
         queue = list(reversed(batches))
         try:
             while queue or any(load):
@@ -465,6 +469,7 @@ class Run:
             "time_s": {**{k: round(v, 3) for k, v in self.timer.stages.items()}, "total": round(elapsed, 3)},
             "throughput": {
                 "tiles_per_s": round(self.counts["tiles_predicted_now"] / predict_s, 3) if predict_s else None,
+                "tiles_per_s_steady": self._steady_rate(),
                 "mvoxel_per_s_predict": round(voxels / 1e6 / predict_s, 3) if predict_s and mode == "fresh" else None,
                 "mvoxel_per_s_total": round(voxels / 1e6 / elapsed, 3) if mode == "fresh" else None,
             },
@@ -473,10 +478,18 @@ class Run:
         }  # fmt: skip
         render_output(out, out.meta_dir / "preview.png")
         if cfg.export_tiff:
-            report["tiff"] = [str(p) for p in out.export_tiff()]
+            report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)
         out.finalize(self.pixel_size, self.z0)
         return report
+
+
+    def _steady_rate(self) -> float | None:
+        """Tiles per second from the first batch's result to the last: prediction without actor start-up."""
+        a = getattr(self, "_arrivals", [])
+        if len(a) < 3:
+            return None
+        return round(sum(n for _, n in a[1:]) / (a[-1][0] - a[0][0]), 3)
 
 
 def _versions() -> dict:

@@ -201,8 +201,9 @@ class Output:
         p.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return p
 
-    def export_tiff(self, max_bytes: float = 4e9) -> list[Path]:
-        """One BigTIFF per class (full resolution), slice by slice; refused for large volumes."""
+    def export_tiff(self, max_id: int, max_bytes: float = 4e9) -> list[Path]:
+        """One BigTIFF per class (full resolution), slice by slice; refused for large volumes. uint32 where the
+        ids (1..max_id) fit, which most TIFF readers prefer to uint64."""
         import tifffile
 
         info = self.info
@@ -213,12 +214,11 @@ class Output:
         paths = []
         for name in info["classes"]:
             arr = self.labels(name, 0)
-            ids = int(max((np.asarray(arr[k]).max() for k in range(z)), default=0))
-            dtype = np.uint32 if ids < 2**32 else np.uint64
+            dtype = np.uint32 if max_id < 2**32 else np.uint64
             path = self.meta_dir / f"labels_{name}.tif"
-            with tifffile.TiffWriter(path, bigtiff=True) as tw:
-                for k in range(z):
-                    tw.write(np.asarray(arr[k]).astype(dtype), compression="zlib", contiguous=False)
+            slices = (np.asarray(arr[k]).astype(dtype) for k in range(z))  # one slice in memory at a time
+            tifffile.imwrite(path, slices, shape=(z, y, x), dtype=dtype, bigtiff=True, compression="zlib",
+                             photometric="minisblack")  # fmt: skip
             paths.append(path)
         return paths
 

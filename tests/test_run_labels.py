@@ -65,3 +65,23 @@ def test_isbi2012_regions_are_reproduced_per_slice(tmp_path):
     pred = labels_of(out, "neurite_cross_section")
     for z in range(6):
         assert_same_instances(pred[z], truth[z])
+
+
+def test_tiff_export_and_object_table_match_the_labels(synth_small, tmp_path):
+    out = tmp_path / "out.zarr"
+    cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--slices", "1:4",
+        "--export-tiff", "--out", out, "--no-progress")  # fmt: skip
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "cellseg" / "objects.parquet").to_pylist()
+    for name in CLASSES:
+        ids = labels_of(out, name)
+        np.testing.assert_array_equal(tifffile.imread(out / "cellseg" / f"labels_{name}.tif").reshape(ids.shape), ids)
+        rows = [row for row in table if row["class"] == name]
+        assert sorted(row["id"] for row in rows) == sorted(np.unique(ids[ids > 0]))
+        for row in rows[:3]:
+            zz, yy, xx = np.nonzero(ids == row["id"])
+            assert row["voxels"] == len(zz)
+            bbox = (zz.min(), yy.min(), xx.min(), zz.max() + 1, yy.max() + 1, xx.max() + 1)
+            assert tuple(row[k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")) == bbox
+            assert abs(row["centroid_y"] - yy.mean()) < 1e-6 and row["first_slice"] == zz.min()

@@ -53,6 +53,7 @@ class Plan:
     percentiles: tuple[float, float] = (1.0, 99.5)
     pixel_size_nm: tuple[float, float, float] | None = None
     identity: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged (files, sizes)
+    uses_gpu: bool = False  # actors get one GPU each where the cluster has GPUs
 
 
 class Predictor(ABC):

@@ -82,6 +82,7 @@ class Detectron2Predictor(Predictor):
             pixel_size_nm=tuple(model.pixel_size_nm) if model.pixel_size_nm else None,
             identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
                       "config": model.config_path.read_text()},
+            uses_gpu=True,
         )
 
     def describe(self):
