@@ -17,6 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from .errors import UserError
+from .read import load_json
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -61,13 +62,8 @@ def read_grey(path: str | Path) -> np.ndarray:
     return image
 
 
-def _load_json(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from e
+def _load_coco_json(path: Path) -> dict:
+    data = load_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a COCO file: its top level must be an object")
     for key in ("images", "annotations", "categories"):
@@ -115,7 +111,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     json_path, images = Path(json_path), Path(images)
     if not images.is_dir():
         raise UserError(f"images folder {images} does not exist")
-    data = _load_json(json_path)
+    data = _load_coco_json(json_path)
     cats = {}
     for c in data["categories"]:
         if not isinstance(c, dict) or "id" not in c or not c.get("name"):
@@ -239,7 +235,7 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
                             continue
                         ann_id += 1
                         split["annotations"].append({
-                            "id": ann_id, "image_id": image_id, "category_id": cls + 1, "iscrowd": 0,
+                            "id": ann_id, "image_id": image_id, "category_id": int(cls) + 1, "iscrowd": 0,
                             "area": int(mask.sum()), "bbox": [float(v) for v in mask_util.toBbox(rle)],
                             "segmentation": segm,
                         })  # fmt: skip

@@ -312,6 +312,17 @@ class LabelLayer:
         return np.where(self._keys[pos] == ids, self._values[pos], np.int16(-1)).astype(np.int16)
 
 
+def load_json(path: str | Path):
+    """A user's JSON file, or a one-line error saying why it cannot be read."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
 def read_class_map(spec: str) -> str | dict[int, str]:
     """A ``--classes`` value: a JSON file mapping label ids to class names, or one class name for every id."""
     p = Path(spec)
@@ -319,12 +330,7 @@ def read_class_map(spec: str) -> str | dict[int, str]:
         if not spec or "/" in spec:
             raise UserError(f"--classes {spec!r}: give a class name or a .json file mapping ids to class names")
         return spec
-    if not p.exists():
-        raise UserError(f"{spec} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{spec} is not valid JSON ({e})") from e
+    data = load_json(p)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
         data = data["instance_class"]
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'
