@@ -14,8 +14,13 @@ fi
 if ! command -v sbatch >/dev/null || ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    apt_log=$(mktemp)
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge; } >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        echo "slurm-setup: installing slurm-wlm and munge failed" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
 fi
 
 host=$(hostname -s)

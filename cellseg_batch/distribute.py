@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,10 @@ TASK_RETRIES = 3
 
 def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> bool:
     """Start a local Ray (``address`` None) or join a cluster. Returns whether this process started it."""
+    import signal
+
+    if address:
+        _check_reachable(address)  # before importing ray: it reads RAY_AUTH_MODE once
     import ray
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -37,14 +42,41 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
         log_to_driver=verbose,
         configure_logging=True,
     )
-    if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot join the Ray cluster at {address!r} ({e}); start it with `ray start --head`") from e
-        return False
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-    return True
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(
+                    f"cannot join the Ray cluster at {address!r} ({e}); start it with `ray start --head`, and where it "
+                    "uses token authentication, set RAY_AUTH_TOKEN"
+                ) from e
+            return False
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        return True
+    finally:
+        # ray.init installs its own SIGTERM handler (exit 15): keep ours, so that scancel stops the run cleanly
+        if callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast where a HOST:PORT cannot be reached (ray.init would retry for minutes), and send this machine's
+    Ray token where one exists: Ray 2.5x clusters started by `ray start` require it, and a driver given an
+    explicit address does not look for it by itself."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"no Ray cluster answers at {address} ({e}); check the head's address and port") from e
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token.exists()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def stop(started: bool) -> None:

@@ -104,11 +104,12 @@ def test_killing_an_actor_process_mid_run_does_not_change_the_result(reference, 
     _assert_identical(out, reference)
 
 
-def test_ctrl_c_stops_cleanly_and_the_run_resumes(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(reference, tmp_path, sig):
     out = tmp_path / "out.zarr"
     proc = _start(out)
     _wait_for(lambda: _slices_done(out) >= 2, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
