@@ -87,10 +87,32 @@ def stop(started: bool) -> None:
 
 
 def cluster_resources() -> dict:
+    """Totals, and what the smallest node offers per GPU and the largest node in CPUs: an actor must fit on one
+    node, so its size comes from those, not from the totals."""
     import ray
 
     res = ray.cluster_resources()
-    return {"cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)), "nodes": len(ray.nodes())}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+    return {
+        "cpus": int(res.get("CPU", 0)), "gpus": int(res.get("GPU", 0)), "nodes": len(nodes),
+        "max_node_cpus": int(max((n.get("CPU", 0) for n in nodes), default=0)),
+        "cpus_per_gpu": int(min((n.get("CPU", 0) // n["GPU"] for n in gpu_nodes), default=0)),
+    }  # fmt: skip
+
+
+def wait_started(actors: list, timeout: float) -> None:
+    """Actors that cannot be placed would leave the run waiting forever: give up with the reason instead."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        ray.get([a.pid.remote() for a in actors], timeout=timeout)
+    except GetTimeoutError:
+        raise UserError(
+            f"the predictor actors did not start within {timeout:.0f} s: no node offers the CPUs/GPUs each asks "
+            "for (see `ray status`); lower --cpus-per-actor or --actors, or add nodes"
+        ) from None
 
 
 class PredictorWorker:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -256,10 +257,10 @@ class Run:
         gpus = res["gpus"] if self.plan.uses_gpu and self.cfg.device != "cpu" else 0
         if gpus:
             count = self.cfg.actors or gpus
-            cpus = self.cfg.cpus_per_actor or max(1, min(4, res["cpus"] // count))
+            cpus = self.cfg.cpus_per_actor or max(1, min(4, res["cpus_per_gpu"]))
             return count, cpus, 1, cpus
         if self.plan.needs_image:  # CPU inference: few actors with several torch threads each (up to 8)
-            cpus = self.cfg.cpus_per_actor or max(1, min(8, res["cpus"]))
+            cpus = self.cfg.cpus_per_actor or max(1, min(8, res["max_node_cpus"]))
             count = self.cfg.actors or max(1, res["cpus"] // cpus)
             return count, cpus, 0, cpus
         count = self.cfg.actors or max(1, res["cpus"])
@@ -355,6 +356,7 @@ class Run:
         load = [0] * count  # calls in flight per actor: two keep it busy (one queued behind the running one)
         queue = list(reversed(batches))
         try:
+            distribute.wait_started(actors, float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))
             while queue or any(load):
                 while queue and min(load) < 2:
                     a = load.index(min(load))

@@ -467,7 +467,8 @@ def test_two_ray_nodes_run_one_job_across_both(tmp_path):
             1, "--actors", 2, "--cpus-per-actor", 1, "--address", address, "--out", out, "--no-progress", env=env)  # fmt: skip
         report = json.loads((out / "cellseg" / "report.json").read_text())
         assert report["status"] == "complete" and _status(out) == "complete"
-        assert report["cluster"] == {"cpus": 2, "gpus": 0, "nodes": 2}
+        assert {k: report["cluster"][k] for k in ("cpus", "gpus", "nodes", "max_node_cpus")} == {
+            "cpus": 2, "gpus": 0, "nodes": 2, "max_node_cpus": 1}  # fmt: skip
         assert report["counts"]["actors"] == {"count": 2, "cpus_each": 1, "gpus_each": 0}
         # where the predictor actors ran, from the cluster's own records (GCS keeps dead actors)
         probe = subprocess.run([sys.executable, "-c", (

@@ -114,3 +114,9 @@ def test_a_foreign_directory_is_never_replaced(tmp_path):
                check=False)  # fmt: skip
     assert proc.returncode == 2 and "not a cellseg-batch output" in proc.stderr
     assert (tmp_path / "out.zarr" / "precious.txt").read_text() == "keep me"
+
+
+def test_actors_that_no_node_can_hold_fail_instead_of_waiting_forever(tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLSEG_ACTOR_START_TIMEOUT", "10")
+    _expect_error(tmp_path, "run", _volume(tmp_path), *_labels_args(tmp_path), "--cpus-per-actor", "64",
+                  match="did not start within 10 s")  # fmt: skip
