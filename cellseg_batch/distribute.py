@@ -27,15 +27,14 @@ ACTOR_RESTARTS = 4
 TASK_RETRIES = 3
 
 
-def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> bool:
-    """Start a local Ray (``address`` None) or join a cluster. Returns whether this process started it."""
+def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> None:
+    """Start a local Ray (``address`` None) or join a cluster; ``stop`` ends the one or leaves the other."""
     import signal
 
     if address:
         _check_reachable(address)  # before importing ray: it reads RAY_AUTH_MODE once
     import ray
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs = dict(
         include_dashboard=False,
         logging_level=logging.INFO if verbose else logging.WARNING,
@@ -52,9 +51,8 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
                     f"cannot join the Ray cluster at {address!r} ({e}); start it with `ray start --head`, and where it "
                     "uses token authentication, set RAY_AUTH_TOKEN"
                 ) from e
-            return False
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-        return True
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     finally:
         # ray.init installs its own SIGTERM handler (exit 15): keep ours, so that scancel stops the run cleanly
         if callable(sigterm):
@@ -79,7 +77,8 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def stop(started: bool) -> None:
+def stop() -> None:
+    """Disconnect; a local Ray started by ``start`` shuts down with it, a joined cluster keeps running."""
     import ray
 
     if ray.is_initialized():

@@ -218,8 +218,8 @@ class Run:
         mode = self._prepare()
         log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
                  cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap, ", ".join(self.classes))  # fmt: skip
-        started = distribute.start(cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
         try:
+            distribute.start(cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
             report = self._stages(mode, t_start)
         except UserError:
             if mode == "fresh":  # bad input found mid-run: leave nothing that could pass for a result
@@ -227,7 +227,7 @@ class Run:
                 self.store.reset(keep_predictions=False)
             raise
         finally:
-            distribute.stop(started)
+            distribute.stop()
         if not cfg.keep_tiles:
             self.store.reset(keep_predictions=False)
         return report
