@@ -25,7 +25,10 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	test -f demo/model/cellseg.json || $(BIN)/cellseg-batch demo demo/
+	$(BIN)/python benchmarks/bench_detectron2.py --model demo/model
+	$(BIN)/python benchmarks/bench_labels.py
+	$(BIN)/python benchmarks/plot.py
 
 lint: setup
 	$(BIN)/ruff check cellseg_batch tests benchmarks
