@@ -21,8 +21,6 @@ import numpy as np
 
 from .errors import UserError
 
-log = logging.getLogger("cellseg_batch")
-
 ACTOR_RESTARTS = 4
 TASK_RETRIES = 3
 

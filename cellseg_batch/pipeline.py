@@ -29,7 +29,7 @@ from .link import build_objects
 from .normalize import Normalization, estimate
 from .predict import PREDICTORS, Plan
 from .read import Volume, open_volume
-from .stitch import stitch_row
+from .stitch import stitch_row, tile_starts
 from .store import WorkStore, save_npy, save_npz
 from .tiles import TileGrid, TileKey
 from .write import Output, check_class_names
@@ -421,8 +421,7 @@ class Run:
                 continue
             frag = store.fragments(z)
             lut = np.load(store.post(f"lut/z{z:06d}.npy"))
-            counts = np.bincount(frag["iy"].astype(np.int64) * grid.nx + frag["ix"], minlength=len(grid))
-            start = np.concatenate([[0], np.cumsum(counts)])
+            start = tile_starts(frag, grid)
             rows_left[z] = grid.ny
             for iy in range(grid.ny):
                 luts = [np.concatenate([[0], lut[start[i] : start[i + 1]]]).astype(np.uint64)

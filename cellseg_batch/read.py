@@ -37,10 +37,6 @@ class Volume:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
-
     def read(self, z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The window [y0:y1, x0:x1] of slice z, as a 2D array of the volume's dtype."""
         raise NotImplementedError

@@ -160,10 +160,16 @@ def stitch_row(tiles, grid: TileGrid, z: int, iy: int, next_slice: bool, iou_min
     }
 
 
-def fragment_rows(frag: np.ndarray, grid: TileGrid):
-    """A function (iy, ix, local) -> row of the slice's fragment table (rows are in raster order, locals dense)."""
+def tile_starts(frag: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Where each tile's rows begin in a slice's fragment table (rows are in raster order); one more entry at
+    the end, so tile i's rows are ``starts[i]:starts[i + 1]``."""
     counts = np.bincount(frag["iy"].astype(np.int64) * grid.nx + frag["ix"], minlength=len(grid))
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+def fragment_rows(frag: np.ndarray, grid: TileGrid):
+    """A function (iy, ix, local) -> row of the slice's fragment table (locals are dense per tile)."""
+    start = tile_starts(frag, grid)
 
     def row(iy, ix, local):
         return start[np.asarray(iy, np.int64) * grid.nx + ix] + np.asarray(local, np.int64) - 1

@@ -100,6 +100,3 @@ class TileGrid:
             jy, jx = iy + dy, ix + dx
             if 0 <= jy < self.ny and 0 <= jx < self.nx:
                 yield jy, jx
-
-    def index(self, iy: int, ix: int) -> int:
-        return iy * self.nx + ix

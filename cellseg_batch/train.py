@@ -25,7 +25,6 @@ from .errors import UserError
 from .model_dir import ModelDir
 from .normalize import Normalization, from_samples
 
-log = logging.getLogger("cellseg_batch")
 TRAIN_SET, VAL_SET = "cellseg_train", "cellseg_val"
 MODEL_ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 CACHE = Path(os.environ.get("CELLSEG_CACHE", Path.home() / ".cache" / "cellseg-batch"))

@@ -79,9 +79,6 @@ class Predictor(ABC):
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""
 
-    def describe(self) -> dict[str, Any]:
-        """What the run report records about this predictor."""
-        return {"name": self.name, "classes": self.classes}
 
 
 PREDICTORS: dict[str, type[Predictor]] = {}

@@ -85,16 +85,6 @@ class Detectron2Predictor(Predictor):
             uses_gpu=True,
         )
 
-    def describe(self):
-        return {
-            **super().describe(),
-            "model_dir": str(self.model_dir.path),
-            "device": self.device,
-            "amp": self.amp,
-            "score_threshold": self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
-            "architecture": self.cfg.MODEL.META_ARCHITECTURE,
-        }
-
     def set_threads(self, threads: int) -> None:
         self._torch.set_num_threads(max(1, threads))
 

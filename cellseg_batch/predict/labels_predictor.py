@@ -44,8 +44,6 @@ class LabelsPredictor(Predictor):
             identity={"stacks": [[layer.volume.path, layer.classes] for layer in layers]},
         )
 
-    def describe(self):
-        return {**super().describe(), "stacks": [layer.volume.path for layer in self.layers]}
 
     def predict(self, z: int, windows: list[Box], images=None) -> list[TileLabels]:
         return [self._tile(z, w) for w in windows]
