@@ -7,17 +7,26 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 from . import __version__
+from .config import RunConfig, check_run_config, parse_slices
 from .errors import UserError
 
 
-def _run(args) -> int:
-    from .pipeline import RunConfig, run
+def default(name: str):
+    """RunConfig's default for field ``name``: the ``run`` options take theirs from there, where they are held."""
+    f = RunConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
 
+
+def _run(args) -> int:
     fields = RunConfig.__dataclass_fields__
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    check_run_config(cfg)
+    from .run import run
+
     report = run(cfg)
     out = Path(cfg.out)
     counts = report["counts"]["objects_per_class"]
@@ -66,6 +75,12 @@ def _convert(args) -> int:
     from .coco import labels_to_coco
     from .read import ngff_label_layers, open_label_layers, open_volume
 
+    if args.every < 1:
+        raise UserError(f"--every {args.every}: give 1 (every slice) or more")
+    if args.tile < 0:
+        raise UserError(f"--tile {args.tile}: give a tile size in pixels, or 0 for whole slices")
+    if not 0.0 <= args.val_fraction <= 1.0:
+        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1]")
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
         layers = open_label_layers(([args.labels] if args.labels else []) + args.more_labels, args.classes)
@@ -79,7 +94,7 @@ def _convert(args) -> int:
     for layer in layers:
         if layer.volume.shape != volume.shape:
             raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
-    z0, z1 = (int(v) for v in args.slices.split(":")) if args.slices else (0, volume.shape[0])
+    z0, z1 = parse_slices(args.slices, volume.shape[0])
     paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
                            val_fraction=args.val_fraction, polygons=polygons)  # fmt: skip
     for name, p in paths.items():
@@ -119,26 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="segment a volume into 3D instances (OME-Zarr labels, object table, report)")
     r.add_argument("volume", help="TIFF/BigTIFF, zarr array, OME-Zarr image, or synth:ZxYxX[,seed=N]")
     r.add_argument("--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
-    r.add_argument("--predictor", default="detectron2", help="detectron2 (default) or labels")
+    r.add_argument("--predictor", help="detectron2 or labels (default %(default)s)")
     r.add_argument("--model", help="model directory (from `cellseg-batch train`)")
-    r.add_argument("--labels", action="append", default=[], help="labels predictor: a 2D instance label stack "
+    r.add_argument("--labels", action="append", help="labels predictor: a 2D instance label stack "
                    "(TIFF/zarr), or an OME-Zarr with a labels/ group; repeat for classes that nest")  # fmt: skip
-    r.add_argument("--classes", action="append", default=[], help="after each plain --labels stack: a class "
+    r.add_argument("--classes", action="append", help="after each plain --labels stack: a class "
                    "name, or a JSON file mapping its ids to class names")  # fmt: skip
     g = r.add_argument_group("tiles and model")
     g.add_argument("--tile", type=int, help="tile size in pixels (default: the model's; labels: 1024)")
     g.add_argument("--overlap", type=int, help="tile overlap in pixels, even (default: the model's; labels: 32)")
-    g.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--batch-size", type=int, help="tiles per forward pass (default %(default)s)")
+    g.add_argument("--device", help="auto, cpu or cuda (default %(default)s)")
     g.add_argument("--score-threshold", type=float, help="minimum detection score (default: the model config's)")
     g.add_argument("--amp", action="store_true", help="mixed precision on GPUs")
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
     g = r.add_argument_group("merging")
-    g.add_argument("--stitch-iou", type=float, default=0.5, help="IoU in the shared window to merge tile instances")
-    g.add_argument("--link", default="overlap", choices=["overlap", "none"], help="link slices into 3D (default)")
-    g.add_argument("--link-iou", type=float, default=0.25, help="IoU to link instances of adjacent slices")
-    g.add_argument("--link-ioa", type=float, default=0.5, help="overlap/own area for an unpaired instance to join")
+    g.add_argument("--stitch-iou", type=float, help="IoU in the shared window to merge tile instances "
+                   "(default %(default)s)")  # fmt: skip
+    g.add_argument("--link", choices=["overlap", "none"], help="link slices into 3D, or not (default %(default)s)")
+    g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
+    g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "
+                   "(default %(default)s)")  # fmt: skip
     g = r.add_argument_group("input and output")
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
@@ -154,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: all)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log more, show worker output")
-    r.set_defaults(func=_run)
+    r.set_defaults(func=_run, **{k: default(k) for k in RunConfig.__dataclass_fields__ if k not in ("volume", "out")})
 
     s = sub.add_parser("synth", help="write a synthetic EM volume with ground truth (demo, tests, benchmarks)")
     s.add_argument("out", help="output folder")

@@ -19,9 +19,10 @@ TILE = 256
 
 def demo(out: str | Path, iterations: int = 800, overwrite: bool = True) -> dict:
     from .coco import labels_to_coco
+    from .config import RunConfig
     from .evaluate import evaluate_paths, format_table
-    from .pipeline import RunConfig, run
     from .read import ngff_label_layers, open_volume
+    from .run import run
     from .synth import write_synthetic
     from .train import TrainConfig, train
 

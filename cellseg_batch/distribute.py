@@ -1,23 +1,15 @@
-"""Ray: start or join a cluster, the predictor actor pool, the CPU tasks, bounded work in flight, failures.
+"""Ray plumbing, free of this tool's data: start or join a cluster, its resources, task options, failures.
 
-Workers get coordinates, never pixels: an actor reads its own tile windows from the volume, writes its tile
-labels to the work store and returns only fragment tables. Ray's own fault tolerance replaces a dead actor
-process (``max_restarts``) and re-runs its unfinished calls (``max_task_retries``); every call is idempotent (it
-rewrites the same chunks with the same values), so a retry does not change the result.
+Ray's own fault tolerance replaces a dead actor process (``ACTOR_RESTARTS``) and re-runs unfinished calls and
+tasks (``TASK_RETRIES``); the run's workers make every call idempotent, so a retry does not change the result.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from .errors import UserError
 
@@ -112,76 +104,6 @@ def wait_started(actors: list, timeout: float) -> None:
         ) from None
 
 
-class PredictorWorker:
-    """Holds one predictor (on one GPU, or CPU threads) and predicts batches of tiles of one slice."""
-
-    def __init__(self, job: TileJob):
-        from .predict import build_predictor
-
-        self.job = job
-        self.predictor = build_predictor(job.predictor)
-        self.predictor.set_threads(job.threads)
-        self.store_tiles = None
-        self.lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def predict(self, z: int, positions: list[tuple[int, int]]) -> list[tuple[tuple[int, int, int], np.ndarray]]:
-        from .stitch import fragment_table
-        from .store import WorkStore
-        from .tiles import TileKey
-
-        job = self.job
-        windows = [job.grid.window(iy, ix) for iy, ix in positions]
-        images = None
-        if self.predictor.needs_image:
-            images = [job.normalization.apply(job.volume.read(job.z_offset + z, *w)) for w in windows]
-        with self.lock:
-            tiles = self.predictor.predict(job.z_offset + z, windows, images)
-        if self.store_tiles is None:
-            self.store_tiles = WorkStore(job.work_dir).tiles()
-        out = []
-        t = job.grid.tile
-        for (iy, ix), window, tile in zip(positions, windows, tiles):
-            if tile.count:  # a tile without instances stays unwritten and reads as zeros
-                h, w = window.shape
-                padded = tile.labels
-                if (h, w) != (t, t):
-                    padded = np.zeros((tile.labels.shape[0], t, t), dtype=tile.labels.dtype)
-                    padded[:, :h, :w] = tile.labels
-                self.store_tiles[z, iy, ix] = padded
-            key = TileKey(z, iy, ix)
-            out.append((tuple(key), fragment_table(key, tile, job.grid)))
-        return out
-
-
-@dataclass(frozen=True)
-class TileJob:
-    """Everything a predictor worker needs, sent once when the actor starts."""
-
-    predictor: object  # PredictorSpec
-    volume: object  # read.Volume
-    normalization: object  # normalize.Normalization | None
-    grid: object  # tiles.TileGrid
-    work_dir: str
-    z_offset: int
-    threads: int
-
-
-def make_actors(job: TileJob, count: int, cpus: float, gpus: float) -> list:
-    """With a GPU, two calls run at once in an actor: one reads and post-processes on the CPU while the other
-    computes on the GPU. On CPUs alone the two would fight over the same cores (measured: 16 vs 20 tiles/s on 2
-    cores), so calls run one at a time."""
-    import ray
-
-    cls = ray.remote(PredictorWorker).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-        max_concurrency=2 if gpus else 1,
-    )  # fmt: skip
-    return [cls.remote(job) for _ in range(count)]
-
-
 def remote_task(fn: Callable, cpus: float = 1):
     import ray
 
@@ -194,75 +116,3 @@ def unwrap(error: Exception) -> Exception:
     while cause is not None and getattr(cause, "cause", None) is not None:
         cause = cause.cause
     return cause if isinstance(cause, Exception) else error
-
-
-class Scheduler:
-    """Calls in flight, each with the callback that takes its result; callers bound how many they submit."""
-
-    def __init__(self):
-        self.pending: dict = {}
-
-    def submit(self, ref, on_done: Callable) -> None:
-        self.pending[ref] = on_done
-
-    def wait(self, timeout: float = 1.0) -> int:
-        """Hand finished results to their callbacks (in completion order); a worker's error is raised here."""
-        import ray
-
-        if not self.pending:
-            return 0
-        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
-        for ref in done:
-            callback = self.pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as e:  # a worker's exception, or an actor that died too often
-                raise unwrap(e) from None
-            callback(result)
-        return len(done)
-
-
-class TaskQueue:
-    """Items waiting to be submitted, at most ``limit`` in flight at once (backpressure)."""
-
-    def __init__(self, sched: Scheduler, submit: Callable, limit: int):
-        self.sched, self.submit_fn, self.limit = sched, submit, limit
-        self.items: deque = deque()
-        self.in_flight = 0
-
-    def put(self, item, on_done: Callable) -> None:
-        self.items.append((item, on_done))
-
-    def pump(self) -> None:
-        while self.items and self.in_flight < self.limit:
-            item, on_done = self.items.popleft()
-            self.in_flight += 1
-
-            def done(result, on_done=on_done):
-                self.in_flight -= 1
-                on_done(result)
-
-            self.sched.submit(self.submit_fn(item), done)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.items) or self.in_flight > 0
-
-
-class Timer:
-    """Wall time per stage, for the run report."""
-
-    def __init__(self):
-        self.stages: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Stage()

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
+from .config import parse_slices
 from .errors import UserError
 from .read import Volume
 
@@ -107,13 +108,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     gt_sets = class_volumes(open_label_layers([gt], [gt_classes] if gt_classes else []))
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() else None
-    zs = None
-    if slices:
-        try:
-            a, b = slices.split(":")
-            zs = range(int(a or 0), int(b) if b else next(iter(gt_sets.values())).shape[0])
-        except ValueError:
-            raise UserError(f"--slices {slices!r}: give START:STOP") from None
+    zs = range(*parse_slices(slices, next(iter(gt_sets.values())).shape[0])) if slices else None
     return evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
 
 

@@ -28,7 +28,6 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .stitch import fragment_rows, slice_instances
-from .store import WorkStore, save_npy
 from .tiles import TileGrid
 
 OBJECT = np.dtype(
@@ -124,16 +123,17 @@ def _aggregate(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
     return uniq[:, 0], uniq[:, 1], np.bincount(inverse.ravel(), weights=counts).astype(np.int64)
 
 
-def build_objects(store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str,
+def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str,
                   iou_min: float, ioa_min: float, progress=None) -> tuple[np.ndarray, LinkStats]:  # fmt: skip
-    """Stream the slices: 2D instances, links, 3D components; write each slice's fragment -> object id table
-    (``post/lut/zNNNNNN.npy``) and return the object table."""
+    """Stream the slices of the work store (``run.store.WorkStore``): 2D instances, links, 3D components; write
+    each slice's fragment -> object id table (``lut_path``) and return the object table."""
+
     stats = LinkStats()
     bases, areas, classes, link_edges = [0], [], [], []
     prev = None
     for z in range(n_slices):
         frag = store.fragments(z)
-        edges = np.load(store.post(f"edges/z{z:06d}.npz"))
+        edges = store.edges(z)
         inst, n = slice_instances(frag, edges["pairs"], grid)
         area = np.bincount(inst, weights=frag["area"], minlength=n).astype(np.int64)
         cls = np.zeros(n, dtype=np.int16)
@@ -144,7 +144,7 @@ def build_objects(store: WorkStore, grid: TileGrid, n_slices: int, n_classes: in
         stats.stitch_matches += len(edges["pairs"])
         stats.max_tiles_per_instance = max(stats.max_tiles_per_instance, int(tiles_per.max(initial=0)))
         stats.instances_over_4_tiles += int((tiles_per > 4).sum())
-        save_npy(store.post(f"inst/z{z:06d}.npy"), inst)
+        store.write_instances(z, inst)
         if prev is not None and link != "none":
             p_frag, p_inst, p_edges = prev
             ov = p_edges["overlaps"]
@@ -179,6 +179,7 @@ def build_objects(store: WorkStore, grid: TileGrid, n_slices: int, n_classes: in
 
 
 def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> np.ndarray:
+
     n_obj = int(object_id.max(initial=0))
     t = np.zeros(n_obj + 1, dtype=OBJECT)
     big = np.iinfo(np.int64).max
@@ -188,9 +189,9 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> n
     sz = np.zeros(n_obj + 1)
     for z in range(n_slices):
         frag = store.fragments(z)
-        inst = np.load(store.post(f"inst/z{z:06d}.npy"))
+        inst = store.instances(z)
         obj = object_id[comp[bases[z] + inst]] if len(inst) else np.zeros(0, np.uint64)
-        save_npy(store.post(f"lut/z{z:06d}.npy"), obj)
+        store.write_lut(z, obj)
         own = (frag["area"] > 0) & (obj > 0)
         o, f = obj[own].astype(np.int64), frag[own]
         a = f["area"].astype(np.float64)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .registry import Registry
 
 SPATIAL = "ZYX"
 
@@ -241,36 +242,40 @@ class ArrayVolume(Volume):
         return self._data[z, y0:y1, x0:x1]
 
 
-VOLUME_OPENERS: dict[str, Callable[[str], Volume]] = {}
+VOLUME_OPENERS = Registry("volume opener")  # path suffix (".tif") or URI scheme ("synth:") -> path -> Volume
+LABEL_OPENERS = Registry("label opener")  # URI scheme -> URI -> the label layers it carries (synthetic truth)
 
 
 def register_opener(match: str, opener: Callable[[str], Volume]) -> None:
-    """Add a reader: ``match`` is a path suffix (".tif") or a URI scheme ("synth:")."""
-    VOLUME_OPENERS[match] = opener
+    """Add a reader: ``match`` is a path suffix (".tif") or a URI scheme ("synth:"); each can be added once."""
+    VOLUME_OPENERS.register(match, opener)
 
 
 register_opener(".tif", TiffVolume)
 register_opener(".tiff", TiffVolume)
 register_opener(".btf", TiffVolume)
 register_opener(".zarr", ZarrVolume)
+# synth imports this module, so its entries are imported only when a synth: URI is opened
+VOLUME_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic")
+LABEL_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic_labels")
+
+
+def _scheme(path: str, registry: Registry) -> str | None:
+    return next((m for m in registry if m.endswith(":") and path.startswith(m)), None)
 
 
 def open_volume(path: str | os.PathLike) -> Volume:
     """Open a volume for window reads, choosing the reader by URI scheme, suffix or zarr metadata."""
     path = str(path)
-    for match, opener in VOLUME_OPENERS.items():
-        if match.endswith(":") and path.startswith(match):
-            return opener(path)
-    if path.startswith("synth:"):
-        from . import synth  # registers the synth: reader
-
-        return synth.open_synthetic(path)
+    scheme = _scheme(path, VOLUME_OPENERS)
+    if scheme:
+        return VOLUME_OPENERS[scheme](path)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path} does not exist")
-    for match, opener in VOLUME_OPENERS.items():
-        if not match.endswith(":") and p.name.lower().endswith(match):
-            return opener(path)
+    suffixes = [m for m in VOLUME_OPENERS if not m.endswith(":") and p.name.lower().endswith(m)]
+    if suffixes:
+        return VOLUME_OPENERS[max(suffixes, key=len)](path)  # the longest: ".ome.tif" before ".tif"
     if p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup")):
         return ZarrVolume(path)
     if p.is_dir() and any(part.lower().endswith(".zarr") for part in p.parts):
@@ -383,10 +388,9 @@ def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLay
 
 def ngff_label_layers(path: str) -> list[LabelLayer] | None:
     """The label images of an OME-Zarr's ``labels/`` group, one layer each (class = label name); else None."""
-    if path.startswith("synth:"):
-        from . import synth
-
-        return synth.open_synthetic_labels(path)
+    scheme = _scheme(path, LABEL_OPENERS)
+    if scheme:
+        return LABEL_OPENERS[scheme](path)
     p = Path(path)
     labels = p / "labels"
     if not p.is_dir() or not labels.is_dir():

@@ -1,15 +1,18 @@
-"""Stitch: within a slice, merge the instances of overlapping tiles into 2D instances.
+"""Stitch: within a slice, merge the instances of overlapping tiles into 2D instances; between slices, count overlaps.
 
 The rule, deterministic and class-aware:
 1. Ownership: each pixel takes its label from the tile whose core holds it (see ``tiles``); a tile's instance
    restricted to that tile's core is a *fragment*.
 2. Matching: two instances of the same class from neighbouring tiles (8-neighbourhood) are the same object when,
-   inside the region both windows saw, their masks have IoU >= ``stitch_iou`` (default 0.5); each instance matches
-   at most one instance of each neighbour (Hungarian on IoU, needed only below 0.5, where it stays one-to-one).
+   inside the band of ``overlap`` pixels centred on the border between their cores (both windows saw all of it),
+   their masks have IoU >= ``stitch_iou`` (default 0.5); each instance matches at most one instance of each
+   neighbour (Hungarian on IoU, needed only below 0.5, where it stays one-to-one).
 3. Union: fragments joined by matches form one 2D instance (connected components), so an object cut by tile
    borders, or seen whole by several tiles, or larger than a tile, comes out once.
 
-Only fragment tables (per-instance numbers) and match lists travel to the driver; pixels stay on the workers.
+What runs where: the actor that predicts a tile computes its fragment table, cuts its *bands* (the labels within
+the band of each core border, ``tile_bands``) and, from the previous slice's core still in its memory, the z-overlaps.
+Stitching a slice then reads only bands (``stitch_slice``); only fragment tables and match lists reach the driver.
 """
 
 from __future__ import annotations
@@ -21,10 +24,19 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .predict.base import TileLabels
-from .store import FRAGMENT
-from .tiles import Box, TileGrid, TileKey
+from .tiles import EAST, NORTH, SOUTH, WEST, Box, TileGrid, TileKey
 
+# One row per fragment: a tile's instance, with what the merge and the object table need from its core pixels.
+FRAGMENT = np.dtype(
+    [
+        ("iy", "<u4"), ("ix", "<u4"), ("local", "<u2"), ("cls", "<i2"), ("score", "<f4"),
+        ("area", "<i8"), ("y0", "<i4"), ("x0", "<i4"), ("y1", "<i4"), ("x1", "<i4"),
+        ("sy", "<f8"), ("sx", "<f8"),
+    ]
+)  # fmt: skip
+# A match between fragments of neighbouring tiles of one slice.
 PAIR = np.dtype([("iy_a", "<u4"), ("ix_a", "<u4"), ("a", "<u2"), ("iy_b", "<u4"), ("ix_b", "<u4"), ("b", "<u2")])
+# Shared pixels of fragment a (slice z) and fragment b (slice z+1) at the same tile position.
 ZOVERLAP = np.dtype([("iy", "<u4"), ("ix", "<u4"), ("a", "<u2"), ("b", "<u2"), ("count", "<i8")])
 
 
@@ -59,24 +71,29 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
     return rows
 
 
-def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs of nonzero uint16 ids that share pixels, and how many."""
+def contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of nonzero uint16 ids at the same pixels of ``a`` and ``b``, and how many pixels each pair shares.
+    Pairs come sorted by (a, b)."""
     both = (a > 0) & (b > 0)
-    key = (a[both].astype(np.uint32) << 16) | b[both].astype(np.uint32)
-    pairs, counts = np.unique(key, return_counts=True)
-    return (pairs >> 16).astype(np.uint16), (pairs & 0xFFFF).astype(np.uint16), counts
+    av, bv = a[both].astype(np.int64), b[both].astype(np.int64)
+    if len(av) == 0:
+        return np.zeros(0, np.uint16), np.zeros(0, np.uint16), np.zeros(0, np.int64)
+    nb = int(bv.max()) + 1
+    key = av * nb + bv
+    if (int(av.max()) + 1) * nb <= 4 * len(key) + 65536:  # a dense count is cheaper than sorting the pixels
+        counts = np.bincount(key)
+        pairs = np.flatnonzero(counts)
+        counts = counts[pairs]
+    else:
+        pairs, counts = np.unique(key, return_counts=True)
+    return (pairs // nb).astype(np.uint16), (pairs % nb).astype(np.uint16), counts.astype(np.int64)
 
 
-def match_tiles(la: np.ndarray, wa: Box, lb: np.ndarray, wb: Box, iou_min: float) -> np.ndarray:
-    """Matches (a, b) of local ids between two neighbouring tiles' label layers, per the stitching rule."""
-    shared = wa.intersect(wb)
-    if shared is None:
-        return np.zeros((0, 2), dtype=np.uint16)
-    sa, sb = shared.relative_to(wa), shared.relative_to(wb)
+def match_labels(la: np.ndarray, lb: np.ndarray, iou_min: float) -> np.ndarray:
+    """Matches (a, b) of local ids between two tiles' label layers over the same pixels, per the stitching rule."""
     matches = []
-    for layer_a, layer_b in zip(la, lb):
-        a, b = layer_a[sa], layer_b[sb]
-        ia, ib, inter = _contingency(a, b)
+    for a, b in zip(la, lb):
+        ia, ib, inter = contingency(a, b)
         if len(inter) == 0:
             continue
         area_a = np.bincount(a.ravel())
@@ -99,65 +116,106 @@ def match_tiles(la: np.ndarray, wa: Box, lb: np.ndarray, wb: Box, iou_min: float
     return np.concatenate(matches) if matches else np.zeros((0, 2), dtype=np.uint16)
 
 
-def touching_unmatched(la: np.ndarray, ca: Box, wa: Box, lb: np.ndarray, cb: Box, wb: Box, matched: set) -> int:
-    """Same-class fragment pairs that touch across the core border of two edge neighbours without matching:
-    candidates for an object split at a tile border (reported in the run report, never merged)."""
-    if ca.x1 == cb.x0:  # b east of a
-        y0, y1 = max(ca.y0, cb.y0), min(ca.y1, cb.y1)
-        edge_a, edge_b = Box(y0, y1, ca.x1 - 1, ca.x1), Box(y0, y1, cb.x0, cb.x0 + 1)
-    else:  # b south of a
-        x0, x1 = max(ca.x0, cb.x0), min(ca.x1, cb.x1)
-        edge_a, edge_b = Box(ca.y1 - 1, ca.y1, x0, x1), Box(cb.y0, cb.y0 + 1, x0, x1)
-    count = 0
-    for layer_a, layer_b in zip(la, lb):
-        ia, ib, _ = _contingency(layer_a[edge_a.relative_to(wa)].ravel(), layer_b[edge_b.relative_to(wb)].ravel())
-        count += sum((int(x), int(y)) not in matched for x, y in zip(ia, ib))
-    return count
+def match_tiles(la: np.ndarray, wa: Box, lb: np.ndarray, wb: Box, iou_min: float) -> np.ndarray:
+    """Matches between two tiles' label layers (window coordinates ``wa``, ``wb``) over all pixels both saw."""
+    shared = wa.intersect(wb)
+    if shared is None:
+        return np.zeros((0, 2), dtype=np.uint16)
+    sa, sb = shared.relative_to(wa), shared.relative_to(wb)
+    return match_labels(la[(slice(None), *sa)], lb[(slice(None), *sb)], iou_min)
 
 
-def stitch_row(tiles, grid: TileGrid, z: int, iy: int, next_slice: bool, iou_min: float) -> dict:
-    """Matches between tile row ``iy`` of slice z and its later neighbours, and the fragment overlaps between
-    that row's cores in slices z and z+1 (when ``next_slice``). Runs on a worker; reads tiles as it goes."""
-    cache: dict[tuple[int, int, int], np.ndarray] = {}
+# -- bands: what stitching needs of a tile ----------------------------------------------------------------------
 
-    def get(zz: int, jy: int, jx: int) -> np.ndarray:
-        k = (zz, jy, jx)
-        if k not in cache:
-            w = grid.window(jy, jx)
-            cache[k] = np.asarray(tiles[zz, jy, jx])[:, : w.y1 - w.y0, : w.x1 - w.x0]
-        return cache[k]
 
-    pairs, overlaps, touching = [], [], 0
-    for ix in range(grid.nx):
-        wa, ca = grid.window(iy, ix), grid.core(iy, ix)
-        la = get(z, iy, ix)
-        for jy, jx in grid.neighbours_after(iy, ix):
-            wb = grid.window(jy, jx)
-            lb = get(z, jy, jx)
-            m = match_tiles(la, wa, lb, wb, iou_min)
-            if len(m):
-                rows = np.zeros(len(m), dtype=PAIR)
-                rows["iy_a"], rows["ix_a"], rows["a"] = iy, ix, m[:, 0]
-                rows["iy_b"], rows["ix_b"], rows["b"] = jy, jx, m[:, 1]
-                pairs.append(rows)
-            if jy == iy or jx == ix:
-                touching += touching_unmatched(la, ca, wa, lb, grid.core(jy, jx), wb, {tuple(p) for p in m.tolist()})
-        if next_slice:
-            ys, xs = ca.relative_to(wa)
-            lz = get(z + 1, iy, ix)
-            for layer_a, layer_b in zip(la, lz):
-                a_ids, b_ids, counts = _contingency(layer_a[ys, xs], layer_b[ys, xs])
-                if len(counts):
-                    rows = np.zeros(len(counts), dtype=ZOVERLAP)
-                    rows["iy"], rows["ix"], rows["a"], rows["b"], rows["count"] = iy, ix, a_ids, b_ids, counts
-                    overlaps.append(rows)
-        for k in [k for k in cache if k[2] < ix]:  # columns left behind are never needed again
-            del cache[k]
-    return {
-        "pairs": np.concatenate(pairs) if pairs else np.zeros(0, PAIR),
-        "overlaps": np.concatenate(overlaps) if overlaps else np.zeros(0, ZOVERLAP),
-        "touching_unmatched": touching,
-    }
+def tile_bands(labels: np.ndarray, grid: TileGrid, iy: int, ix: int) -> np.ndarray:
+    """(4, classes, 2h, tile) uint16: the tile's labels in the band along each core border (``tiles.SIDES``);
+    west and east bands are stored transposed, so that all four share one shape. Pixels outside the window are 0."""
+    window, h = grid.window(iy, ix), grid.band
+    out = np.zeros((4, labels.shape[0], 2 * h, grid.tile), dtype=labels.dtype)
+    for side in (NORTH, SOUTH, WEST, EAST):
+        box = grid.band_box(iy, ix, side)
+        held = box.intersect(window)
+        if held is None:
+            continue
+        data = labels[(slice(None), *held.relative_to(window))]
+        ys, xs = held.relative_to(box)
+        if side in (NORTH, SOUTH):
+            out[side, :, ys, xs] = data
+        else:
+            out[side, :, xs, ys] = data.transpose(0, 2, 1)
+    return out
+
+
+def _band_pixels(bands: np.ndarray, grid: TileGrid, iy: int, ix: int, side: int, region: Box) -> np.ndarray:
+    """(classes, h, w) labels of ``region`` (inside the band's part of the window) from a tile's stored bands."""
+    ys, xs = region.relative_to(grid.band_box(iy, ix, side))
+    if side in (NORTH, SOUTH):
+        return bands[side, :, ys, xs]
+    return bands[side, :, xs, ys].transpose(0, 2, 1)
+
+
+def _held(grid: TileGrid, iy: int, ix: int, side: int) -> Box | None:
+    return grid.band_box(iy, ix, side).intersect(grid.window(iy, ix))
+
+
+def stitch_slice(bands, grid: TileGrid, z: int, iou_min: float) -> tuple[np.ndarray, int]:
+    """Matches (PAIR rows) between all neighbouring tiles of slice z, and the count of same-class fragment pairs
+    that touch across a core border without matching (possible splits; reported, never merged). Reads the slice's
+    bands (a zarr array of the work store) one tile row at a time."""
+    pairs, touching = [], 0
+    row = np.asarray(bands[z, 0])
+    for iy in range(grid.ny):
+        below = np.asarray(bands[z, iy + 1]) if iy + 1 < grid.ny else None
+        for ix in range(grid.nx):
+            ca = grid.core(iy, ix)
+            for jy, jx in grid.neighbours_after(iy, ix):
+                east = jy == iy
+                side_a, side_b = (EAST, WEST) if east else (SOUTH, NORTH)
+                bands_b = row[jx] if east else below[jx]
+                box_a, box_b = _held(grid, iy, ix, side_a), _held(grid, jy, jx, side_b)
+                shared = box_a.intersect(box_b)
+                m = np.zeros((0, 2), dtype=np.uint16)
+                if shared is not None:
+                    la = _band_pixels(row[ix], grid, iy, ix, side_a, shared)
+                    lb = _band_pixels(bands_b, grid, jy, jx, side_b, shared)
+                    m = match_labels(la, lb, iou_min)
+                if len(m):
+                    rows = np.zeros(len(m), dtype=PAIR)
+                    rows["iy_a"], rows["ix_a"], rows["a"] = iy, ix, m[:, 0]
+                    rows["iy_b"], rows["ix_b"], rows["b"] = jy, jx, m[:, 1]
+                    pairs.append(rows)
+                if jy == iy or jx == ix:  # edge neighbours share a border line
+                    cb = grid.core(jy, jx)
+                    if east:
+                        y0, y1 = max(ca.y0, cb.y0), min(ca.y1, cb.y1)
+                        edge_a, edge_b = Box(y0, y1, ca.x1 - 1, ca.x1), Box(y0, y1, cb.x0, cb.x0 + 1)
+                    else:
+                        x0, x1 = max(ca.x0, cb.x0), min(ca.x1, cb.x1)
+                        edge_a, edge_b = Box(ca.y1 - 1, ca.y1, x0, x1), Box(cb.y0, cb.y0 + 1, x0, x1)
+                    ea = _band_pixels(row[ix], grid, iy, ix, side_a, edge_a)
+                    eb = _band_pixels(bands_b, grid, jy, jx, side_b, edge_b)
+                    matched = {(int(a), int(b)) for a, b in m}
+                    for layer_a, layer_b in zip(ea, eb):
+                        ia, ib, _ = contingency(layer_a.ravel(), layer_b.ravel())
+                        touching += sum((int(a), int(b)) not in matched for a, b in zip(ia, ib))
+        row = below
+    return (np.concatenate(pairs) if pairs else np.zeros(0, PAIR)), touching
+
+
+def zoverlaps(core_a: np.ndarray, core_b: np.ndarray, iy: int, ix: int) -> np.ndarray:
+    """ZOVERLAP rows between the cores of one tile position in slices z (``core_a``) and z+1 (``core_b``)."""
+    out = []
+    for layer_a, layer_b in zip(core_a, core_b):
+        a, b, counts = contingency(layer_a, layer_b)
+        if len(counts):
+            rows = np.zeros(len(counts), dtype=ZOVERLAP)
+            rows["iy"], rows["ix"], rows["a"], rows["b"], rows["count"] = iy, ix, a, b, counts
+            out.append(rows)
+    return np.concatenate(out) if out else np.zeros(0, ZOVERLAP)
+
+
+# -- fragment tables ---------------------------------------------------------------------------------------------
 
 
 def tile_starts(frag: np.ndarray, grid: TileGrid) -> np.ndarray:

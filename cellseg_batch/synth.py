@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import UserError
-from .read import LabelLayer, Volume, register_opener
+from .read import LabelLayer, Volume
 
 CLASSES = ("cell", "mitochondrion", "alpha_granule", "canalicular_vessel")
 DTYPES = ("uint8", "uint16")
@@ -691,9 +691,6 @@ def open_synthetic_labels(uri: str) -> list[LabelLayer]:
     return [LabelLayer(SyntheticVolume(uri, cls), cls) for cls in CLASSES]
 
 
-register_opener("synth:", open_synthetic)
-
-
 def write_synthetic(out: str | Path, shape: tuple[int, int, int], seed: int = 0, fmt: str = "tif",
                     dtype: str = "uint8", scale: float = 1.0, overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
     """``cellseg-batch synth``: the image as ``volume.tif`` (BigTIFF when large) or ``volume.zarr``, and the
@@ -716,7 +713,7 @@ def write_synthetic(out: str | Path, shape: tuple[int, int, int], seed: int = 0,
     nz, ny, nx = gen.shape
     chunk = min(512, max(ny, nx))
     truth = Output(paths["truth"])
-    truth.create(gen.shape, chunk, list(CLASSES), gen.dtype, gen.pixel_size_nm, {"synthetic": gen.uri})
+    truth.create(gen.shape, chunk, list(CLASSES), gen.dtype, gen.pixel_size_nm, {"synthetic": gen.uri}, np.uint32)
     layers = {cls: truth.labels(cls, 0) for cls in CLASSES}
     image_out = truth.image(0)
 

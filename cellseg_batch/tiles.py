@@ -39,6 +39,10 @@ class Box(NamedTuple):
         return self.y1 - self.y0, self.x1 - self.x0
 
 
+# The four borders of a tile's core, in the order their bands are stored.
+NORTH, SOUTH, WEST, EAST = SIDES = (0, 1, 2, 3)
+
+
 class TileKey(NamedTuple):
     z: int
     iy: int
@@ -88,6 +92,25 @@ class TileGrid:
             return 0, size
         lo = min(max(start - self.overlap // 2, 0), size - self.tile)
         return lo, lo + self.tile
+
+    @property
+    def band(self) -> int:
+        """Half-width of the band around each core border that stitching compares: the overlap's half (each
+        side of the border is then at least that far from one of the two windows' edges), and at least one pixel,
+        so that fragments touching across a border are seen even without overlap."""
+        return max(self.overlap // 2, 1)
+
+    def band_box(self, iy: int, ix: int, side: int) -> Box:
+        """The band along one border of a tile's core (``SIDES``), as long as its window is wide or high: the
+        slot that tile's band occupies in the work store. Intersect with the window for the pixels it holds."""
+        core, window, h = self.core(iy, ix), self.window(iy, ix), self.band
+        if side == NORTH:
+            return Box(core.y0 - h, core.y0 + h, window.x0, window.x1)
+        if side == SOUTH:
+            return Box(core.y1 - h, core.y1 + h, window.x0, window.x1)
+        if side == WEST:
+            return Box(window.y0, window.y1, core.x0 - h, core.x0 + h)
+        return Box(window.y0, window.y1, core.x1 - h, core.x1 + h)
 
     def positions(self) -> Iterator[tuple[int, int]]:
         for iy in range(self.ny):

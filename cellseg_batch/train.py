@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .coco import CocoSet, load_coco, read_grey
+from .config import parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
 from .model_dir import ModelDir
@@ -324,7 +325,7 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
     model = ModelDir(
         path=out, classes=list(classes), tile=tile,
         overlap=tc.overlap if tc.overlap is not None else max(16, (tile // 8) // 2 * 2),
-        pixel_size_nm=[float(v) for v in tc.pixel_size.split(",")] if tc.pixel_size else None,
+        pixel_size_nm=list(parse_pixel_size(tc.pixel_size)) if tc.pixel_size else None,
         normalization={"method": "percentile", "low": normalization.percentiles[0],
                        "high": normalization.percentiles[1],
                        "training_intensities": [normalization.low, normalization.high]},
@@ -421,6 +422,8 @@ def _dist_url(tc: TrainConfig) -> str:
 
 def train(tc: TrainConfig) -> Path:
     """Validate everything a user can get wrong here, in this process, then launch the training processes."""
+    if tc.pixel_size is not None:
+        parse_pixel_size(tc.pixel_size)
     import torch
 
     if tc.num_gpus and not torch.cuda.is_available():

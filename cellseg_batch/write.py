@@ -1,7 +1,8 @@
 """Write: the OME-Zarr output, chunk by chunk from workers, then its NGFF metadata, object table and preview.
 
     OUT.zarr/                   NGFF 0.4 (zarr v2) image group: the input image as a pyramid 0, 1, ... (optional)
-      labels/<class>/0, 1, ...  one multiscale label image per class, uint64 ids (never overflow at any level)
+      labels/<class>/0, 1, ...  one multiscale label image per class: object ids as uint32, or uint64 where the
+                                number of objects needs it (chosen after linking, so ids never overflow)
       cellseg/objects.parquet   the object table (also objects.csv)
       cellseg/report.json       configuration, versions, counts, time per stage
       cellseg/preview.png       the middle slice with the instances drawn over it
@@ -9,6 +10,8 @@
 The NGFF metadata (``multiscales`` and the ``labels`` list) is written last: until a run completes, no NGFF
 reader sees an image or a label layer, and ``cellseg_batch.status`` in the root attributes says ``incomplete``.
 Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged.
+Workers write a block of level-0 chunks and the levels above it from the block in memory (``write_levels``); only
+levels above what a block spans are built from the level below (``build_pyramid``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import numpy as np
 
 from .errors import UserError
 
-LABEL_DTYPE = np.uint64
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NGFF_VERSION = "0.4"
 
@@ -42,6 +44,11 @@ def n_levels(height: int, width: int, chunk: int, max_levels: int = 8) -> int:
         height, width = -(-height // 2), -(-width // 2)
         levels += 1
     return levels
+
+
+def label_dtype(max_id: int) -> np.dtype:
+    """The smallest unsigned type that holds object ids 1..max_id (uint32 for all but the largest volumes)."""
+    return np.dtype(np.uint32 if max_id < 2**32 else np.uint64)
 
 
 def level_shape(shape: tuple[int, int, int], level: int) -> tuple[int, int, int]:
@@ -95,7 +102,10 @@ class Output:
         shutil.rmtree(self.path)
 
     # -- creation (driver) --------------------------------------------------------------------------------------
-    def create(self, shape, chunk: int, classes: list[str], image_dtype, pixel_size_nm, info: dict) -> None:
+    def create(self, shape, chunk: int, classes: list[str], image_dtype, pixel_size_nm, info: dict,
+               labels_dtype=None) -> None:  # fmt: skip
+        """The group, its attributes and the image arrays; the label arrays too where ``labels_dtype`` is known
+        already (else ``create_labels`` once it is)."""
         import zarr
 
         check_class_names(classes)
@@ -105,14 +115,26 @@ class Output:
             **info, "status": "incomplete", "shape": list(shape), "chunk": chunk, "levels": levels,
             "classes": classes, "image": image_dtype is not None, "pixel_size_nm": pixel_size_nm,
         }  # fmt: skip
-        labels = root.require_group("labels")
-        for level in range(levels):
-            lshape = level_shape(shape, level)
-            if image_dtype is not None:
-                self._array(root, str(level), lshape, chunk, image_dtype)
-            for name in classes:
-                self._array(labels.require_group(name), str(level), lshape, chunk, LABEL_DTYPE)
+        root.require_group("labels")
+        if image_dtype is not None:
+            for level in range(levels):
+                self._array(root, str(level), level_shape(shape, level), chunk, image_dtype)
+        if labels_dtype is not None:
+            self.create_labels(labels_dtype)
         self.meta_dir.mkdir(parents=True, exist_ok=True)
+
+    def create_labels(self, dtype) -> None:
+        """One multiscale label array per class, of ``dtype``; kept where they exist with that dtype already."""
+        import zarr
+
+        info = self.info
+        labels = zarr.open_group(str(self.path / "labels"), mode="r+", zarr_format=2)
+        for name in info["classes"]:
+            group = labels.require_group(name)
+            for level in range(info["levels"]):
+                if str(level) in group and group[str(level)].dtype == dtype:
+                    continue
+                self._array(group, str(level), level_shape(tuple(info["shape"]), level), info["chunk"], dtype)
 
     @staticmethod
     def _array(group, name, shape, chunk, dtype):
@@ -128,15 +150,36 @@ class Output:
     def labels(self, name: str, level: int = 0):
         return open_array(self.path / "labels" / name / str(level))
 
-    def build_pyramid(self, z: int) -> None:
-        """Levels 1.. of slice z for every layer, each from the level below, one chunk at a time."""
+    def layer(self, name: str | None, level: int):
+        """A class's label array (``name``), or the image copy (``None``), at ``level``."""
+        return self.image(level) if name is None else self.labels(name, level)
+
+    def write_levels(self, name: str | None, z: int, y0: int, x0: int, block: np.ndarray, levels: int) -> None:
+        """Write ``block`` (level-0 pixels of slice z from (y0, x0), aligned to the chunks of every level written)
+        to levels 0 .. levels-1 of a layer, each level made from the one below in memory. All-zero label chunks
+        stay unwritten (they read as 0)."""
+        chunk = self.info["chunk"]
+        for level in range(levels):
+            arr = self.layer(name, level)
+            h, w = block.shape
+            for by in range(0, h, chunk):
+                for bx in range(0, w, chunk):
+                    part = block[by : by + chunk, bx : bx + chunk]
+                    if name is None or part.any():
+                        arr[z, y0 + by : y0 + by + part.shape[0], x0 + bx : x0 + bx + part.shape[1]] = part
+            if level + 1 < levels:
+                block = block[::2, ::2] if name is not None else _mean2x2(block)
+                y0, x0 = y0 // 2, x0 // 2
+
+    def build_pyramid(self, z: int, from_level: int = 0) -> None:
+        """Levels above ``from_level`` of slice z for every layer, each from the level below, one chunk at a time."""
         info = self.info
         chunk, levels = info["chunk"], info["levels"]
         layers = [(self.labels, name, True) for name in info["classes"]]
         if info["image"]:
             layers.append((lambda _name, level: self.image(level), None, False))
         for get, name, is_label in layers:
-            for level in range(1, levels):
+            for level in range(from_level + 1, levels):
                 src, dst = get(name, level - 1), get(name, level)
                 _, h, w = dst.shape
                 for y0 in range(0, h, chunk):

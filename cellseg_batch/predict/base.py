@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import UserError
+from ..registry import Registry
 from ..tiles import Box
 
 # Local instance ids of a tile are uint16: a tile holds far fewer than 65535 instances (Mask R-CNN keeps 100-1000).
@@ -80,15 +81,15 @@ class Predictor(ABC):
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""
 
 
-
-PREDICTORS: dict[str, type[Predictor]] = {}
+PREDICTORS = Registry("predictor")  # name -> Predictor subclass
 
 
 def register(name: str):
+    """Class decorator: ``@register("name")`` names a Predictor subclass and adds it to PREDICTORS."""
+
     def add(cls: type[Predictor]) -> type[Predictor]:
         cls.name = name
-        PREDICTORS[name] = cls
-        return cls
+        return PREDICTORS.register(name, cls)
 
     return add
 

@@ -1,0 +1,103 @@
+"""Run options: the one home of `run`'s defaults, and the parsers of values that several sub-commands share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass
+class RunConfig:
+    volume: str
+    out: str
+    predictor: str = "detectron2"
+    model: str | None = None
+    labels: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    tile: int | None = None
+    overlap: int | None = None
+    batch_size: int = 4
+    actors: int | None = None
+    cpus_per_actor: int | None = None
+    device: str = "auto"
+    score_threshold: float | None = None
+    amp: bool = False
+    stitch_iou: float = 0.5
+    link: str = "overlap"
+    link_iou: float = 0.25
+    link_ioa: float = 0.5
+    slices: str | None = None
+    pixel_size: str | None = None
+    normalization: str | None = None
+    write_image: bool = True
+    export_tiff: bool = False
+    overwrite: bool = False
+    work_dir: str | None = None
+    keep_tiles: bool = False
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    progress: bool = True
+    verbose: bool = False
+
+
+def parse_floats(text: str, n: int, option: str) -> tuple[float, ...]:
+    """``"40,10,10"`` -> (40.0, 10.0, 10.0): exactly ``n`` finite numbers, else a UserError naming ``option``."""
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise UserError(f"{option} {text!r}: give {n} comma-separated numbers")
+    return values
+
+
+def parse_pixel_size(text: str, option: str = "--pixel-size") -> tuple[float, float, float]:
+    """``"Z,Y,X"`` in nm: three positive numbers."""
+    size = parse_floats(text, 3, option)
+    if min(size) <= 0:
+        raise UserError(f"{option} {text!r}: give Z,Y,X in nm, three positive numbers (e.g. 40,10,10)")
+    return size  # type: ignore[return-value]
+
+
+def parse_slices(text: str | None, nz: int, option: str = "--slices") -> tuple[int, int]:
+    """``"START:STOP"`` (an empty part: 0, or ``nz``) -> (start, stop) within a volume of ``nz`` slices; None: all."""
+    if not text:
+        return 0, nz
+    try:
+        a, b = text.split(":")
+        z0, z1 = int(a or 0), int(b or nz)
+    except ValueError:
+        raise UserError(f"{option} {text!r}: give START:STOP, e.g. 0:100") from None
+    if not 0 <= z0 < z1 <= nz:
+        raise UserError(f"{option} {text!r} is outside the volume's {nz} slices; give START:STOP within 0:{nz}")
+    return z0, z1
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Refuse, before anything is read or written, options no volume can make valid (one UserError line each)."""
+    from .predict import PREDICTORS  # imports the built-in predictors (light: detectron2 loads only when built)
+
+    if cfg.predictor not in PREDICTORS:
+        raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
+    for name in ("stitch_iou", "link_iou", "link_ioa"):
+        value = getattr(cfg, name)
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
+    if cfg.link not in ("overlap", "none"):
+        raise UserError(f"--link {cfg.link!r}: choose overlap or none")
+    minimum = {"batch_size": 1, "tile": 1, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}
+    for name, low in minimum.items():
+        value = getattr(cfg, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} {value}: give at least {low}")
+    if cfg.score_threshold is not None and not 0.0 <= cfg.score_threshold <= 1.0:
+        raise UserError(f"--score-threshold {cfg.score_threshold} must be in [0, 1]")
+    if cfg.normalization is not None:
+        low, high = parse_floats(cfg.normalization, 2, "--normalization")
+        if high <= low:
+            raise UserError(f"--normalization {cfg.normalization!r}: give LOW,HIGH with HIGH above LOW")
+    if cfg.pixel_size is not None:
+        parse_pixel_size(cfg.pixel_size)

@@ -1,0 +1,303 @@
+"""The run job: settle the plan, decide fresh / resume / re-merge, drive the stages, then finish the output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, distribute
+from ..config import RunConfig, check_run_config, parse_floats, parse_pixel_size, parse_slices
+from ..errors import UserError
+from ..normalize import Normalization, estimate
+from ..predict import PREDICTORS, Plan
+from ..read import Volume, open_volume
+from ..tiles import TileGrid
+from ..write import Output, check_class_names
+from .link import LinkStage
+from .predict import PredictStage
+from .remote import TileJob
+from .stage import drive
+from .stitch import StitchStage
+from .store import WorkStore
+from .write import PyramidStage, WriteStage
+
+log = logging.getLogger("cellseg_batch")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a run does with what an earlier run left: its mode, and what of it to throw away first."""
+
+    mode: str  # "fresh", "resume" (same settings: continue), "reuse-predictions" (new merge settings)
+    remove_output: bool
+    forget: str | None  # None: keep the work store; "merge": forget stitch/link/write; "all": forget everything
+
+
+def decide(output_status: str | None, output_exists: bool, previous: dict | None, predict_fp: str, post_fp: str,
+           overwrite: bool, out: str) -> Decision:  # fmt: skip
+    """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours)."""
+    resume = False
+    if output_exists:
+        if output_status is None:
+            raise UserError(f"{out} exists and is not a cellseg-batch output; choose another --out")
+        if output_status == "complete" and not overwrite:
+            raise UserError(f"{out} already holds a complete result; pass --overwrite to replace it")
+        resume = output_status == "incomplete" and bool(previous) and previous.get("post_fp") == post_fp
+        if output_status == "incomplete" and previous and not resume and not overwrite:
+            raise UserError(
+                f"{out} holds an unfinished run with other settings; rerun it with its own settings to resume, or "
+                "pass --overwrite to start over"
+            )
+    keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
+    forget = None if resume or not previous else ("merge" if keep_predictions else "all")
+    mode = "resume" if resume else ("reuse-predictions" if keep_predictions else "fresh")
+    return Decision(mode, output_exists and not resume, forget)
+
+
+def _fingerprint(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _volume_identity(volume: Volume) -> list:
+    p = Path(volume.path)
+    stat = [p.stat().st_size, p.stat().st_mtime_ns] if p.exists() and p.is_file() else []
+    return [str(p.resolve()) if p.exists() else volume.path, list(volume.shape), str(volume.dtype), *stat]
+
+
+class Run:
+    """One invocation of ``cellseg-batch run``: settles the plan, then drives the stages."""
+
+    def __init__(self, cfg: RunConfig):
+        check_run_config(cfg)
+        self.cfg = cfg
+        self.times: dict[str, float] = {}
+        self.volume = open_volume(cfg.volume)
+        self.z0, self.z1 = parse_slices(cfg.slices, self.volume.shape[0])
+        self.shape = (self.z1 - self.z0, *self.volume.shape[1:])
+        self.plan: Plan = PREDICTORS[cfg.predictor].plan(cfg, self.volume)
+        self.classes = self.plan.classes
+        check_class_names(self.classes)
+        self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
+        self.warnings: list[str] = []
+        self.pixel_size = self._pixel_size()
+        self.output = Output(cfg.out)
+        if not cfg.volume.startswith("synth:") and Path(cfg.out).resolve() == Path(cfg.volume).resolve():
+            raise UserError("--out must differ from the input volume")
+        self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
+        self.normalization: Normalization | None = None
+        self.counts: dict = {}
+
+    def _pixel_size(self) -> tuple[float, float, float] | None:
+        """--pixel-size, else what the file records, completed by the model's; checked against the model's."""
+        model = self.plan.pixel_size_nm
+        if self.cfg.pixel_size:
+            size = parse_pixel_size(self.cfg.pixel_size)
+        else:
+            recorded = self.volume.pixel_size_nm or (None, None, None)
+            size = tuple(v if v is not None else m for v, m in zip(recorded, model or (None, None, None)))
+            if all(v is None for v in size):
+                return None
+            if size[0] is None:
+                self.warnings.append("the volume does not record its z spacing; pass --pixel-size Z,Y,X")
+                size = (size[1], size[1], size[2])
+        if model and abs(size[2] - model[2]) > 0.1 * model[2]:
+            self.warnings.append(
+                f"the volume's pixel size ({size[2]:g} nm) differs from the model's ({model[2]:g} nm); tiles are not "
+                "resized, so resample the volume to the model's pixel size for reliable results"
+            )
+        return size
+
+    def _timed(self, name: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
+
+    # -- resume / overwrite -------------------------------------------------------------------------------------
+    def _prepare(self) -> str:
+        cfg = self.cfg
+        if self.plan.needs_image:
+            if cfg.normalization:
+                low, high = parse_floats(cfg.normalization, 2, "--normalization")
+                self.normalization = Normalization(low, high, (float("nan"), float("nan")))
+            else:
+                self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles)
+        predict_key = {
+            "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
+            "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
+            "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 2,
+        }  # fmt: skip
+        predict_fp = _fingerprint(predict_key)
+        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, cfg.link_iou, cfg.link_ioa, cfg.write_image])
+        previous = self.store.read_run()
+        out = self.output
+        decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
+                          cfg.overwrite, cfg.out)  # fmt: skip
+        if decision.remove_output:
+            out.remove()
+        if decision.forget:
+            self.store.reset(keep_predictions=decision.forget == "merge")
+        self.store.create(self.shape[0], self.grid, len(self.classes))
+        self.store.write_run({"predict_fp": predict_fp, "post_fp": post_fp, "config": asdict(cfg),
+                              "grid": asdict(self.grid), "classes": self.classes})  # fmt: skip
+        if not out.exists:
+            out.create(
+                self.shape, self.grid.stride, self.classes, self.volume.dtype if cfg.write_image else None,
+                self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
+            )  # fmt: skip
+        return decision.mode
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        mode = self._prepare()
+        log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
+                 cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap, ", ".join(self.classes))  # fmt: skip
+        try:
+            self._timed("ray_start", distribute.start, cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
+            report = self._stages(mode, t_start)
+        except UserError:
+            if mode == "fresh":  # bad input found mid-run: leave nothing that could pass for a result
+                self.output.remove()
+                self.store.reset(keep_predictions=False)
+            raise
+        finally:
+            distribute.stop()
+        if not cfg.keep_tiles:
+            self.store.reset(keep_predictions=False)
+        return report
+
+    def _stages(self, mode: str, t_start: float) -> dict:
+        cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
+        self.resources = distribute.cluster_resources()
+        count, cpus, gpus, threads = self._actor_layout()
+        job = TileJob(self.plan.spec, self.volume, self.normalization, grid, str(store.root), self.z0, threads)
+        limit = 2 * max(1, self.resources["cpus"])
+        predict = PredictStage(store, grid, nz, cfg.batch_size, job, (count, cpus, gpus),
+                               float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))  # fmt: skip
+        stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
+        link = LinkStage(store, grid, nz, len(self.classes), cfg.link, cfg.link_iou, cfg.link_ioa, stitch)
+        write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
+                           limit)  # fmt: skip
+        pyramid = PyramidStage(store, nz, self.output, write, limit)
+        self.stages = [predict, stitch, link, write, pyramid]
+        self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
+        drive(self.stages, bar=self._bar)
+        self.counts["tiles"] = nz * len(grid)
+        self.counts["tiles_predicted_now"] = predict.remaining
+        self.counts["batches_rebalanced"] = predict.stolen
+        self.counts["tile_positions_read_back_for_z_overlaps"] = stitch.cores_read_back
+        self.times["actor_start"] = predict.actor_start_s
+        for stage in self.stages:
+            self.times[stage.name] = stage.seconds
+        if predict.last_finish and stitch.last_finish:
+            self.times["stitch_after_predict"] = max(0.0, stitch.last_finish - predict.last_finish)
+        self.steady = predict.steady_rate()
+        return self._finish(link.table, link.stats, mode, t_start)
+
+    def _bar(self, total: int, desc: str, initial: int):
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, desc=desc, unit="tile" if desc == "predict" else "unit",
+                    disable=not self.cfg.progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True,
+                    smoothing=0.1)  # fmt: skip
+
+    def _actor_layout(self) -> tuple[int, float, float, int]:
+        """(actors, cpus each, gpus each, torch threads each)."""
+        res = self.resources
+        if self.cfg.device.startswith("cuda") and not res["gpus"]:
+            raise UserError(f"--device {self.cfg.device}: the Ray cluster has no GPU; use --device cpu or auto")
+        gpus = res["gpus"] if self.plan.uses_gpu and self.cfg.device != "cpu" else 0
+        if gpus:
+            count = self.cfg.actors or gpus
+            cpus = self.cfg.cpus_per_actor or max(1, min(4, res["cpus_per_gpu"]))
+            return count, cpus, 1, cpus
+        if self.plan.needs_image:  # CPU inference: few actors with several torch threads each (up to 8)
+            cpus = self.cfg.cpus_per_actor or max(1, min(8, res["max_node_cpus"]))
+            count = self.cfg.actors or max(1, res["cpus"] // cpus)
+            return count, cpus, 0, cpus
+        count = self.cfg.actors or max(1, res["cpus"])
+        return count, self.cfg.cpus_per_actor or 1, 0, 1
+
+    def _finish(self, table, stats, mode: str, t_start: float) -> dict:
+        from ..preview import render_output
+
+        out, cfg = self.output, self.cfg
+        out.write_table(table, self.classes)
+        touching = sum(int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0]))
+        voxels = int(np.prod(self.shape))
+        predict_s = self.times.get("predict", 0.0)
+        elapsed = time.perf_counter() - t_start
+        report = {
+            "cellseg_batch": __version__,
+            "status": "complete",
+            "mode": mode,
+            "input": {"volume": cfg.volume, "shape": list(self.volume.shape), "dtype": str(self.volume.dtype),
+                      "slices": [self.z0, self.z1], "pixel_size_nm": self.pixel_size},
+            "config": asdict(cfg),
+            "plan": {"predictor": cfg.predictor, "classes": self.classes, "tile": self.grid.tile,
+                     "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid),
+                     "normalization": self.normalization.to_dict() if self.normalization else None},
+            "cluster": self.resources,
+            "stages": [{"name": s.name, "reads": list(s.reads), "writes": list(s.writes), "units": s.total,
+                        "seconds": round(s.seconds, 3)} for s in self.stages],
+            "counts": {
+                **self.counts,
+                "objects": stats.objects,
+                "objects_per_class": {self.classes[int(c)]: n for c, n in stats.per_class.items()},
+                "fragments": stats.fragments, "instances_2d": stats.instances_2d,
+                "stitch_matches": stats.stitch_matches, "z_links": stats.links, "z_links_healed": stats.heal_links,
+            },
+            "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
+            "merge_quality": {
+                "touching_unmatched_at_tile_borders": touching,
+                "max_tiles_per_2d_instance": stats.max_tiles_per_instance,
+                "instances_spanning_more_than_4_tiles": stats.instances_over_4_tiles,
+                "note": "touching_unmatched counts same-class fragments that touch across a tile border without "
+                        "matching: possible splits. Raise --overlap if it is large.",
+            },
+            "time_s": {**{k: round(v, 3) for k, v in self.times.items()}, "total": round(elapsed, 3)},
+            "throughput": {
+                "tiles_per_s": round(self.counts["tiles_predicted_now"] / predict_s, 3) if predict_s else None,
+                "tiles_per_s_steady": self.steady,
+                "mvoxel_per_s_predict": round(voxels / 1e6 / predict_s, 3) if predict_s and mode == "fresh" else None,
+                "mvoxel_per_s_total": round(voxels / 1e6 / elapsed, 3) if mode == "fresh" else None,
+            },
+            "versions": _versions(),
+            "warnings": self.warnings,
+        }  # fmt: skip
+        render_output(out, out.meta_dir / "preview.png")
+        if cfg.export_tiff:
+            report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
+        out.write_report(report)
+        out.finalize(self.pixel_size, self.z0)
+        return report
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("numpy", "torch", "torchvision", "detectron2", "ray", "zarr", "tifffile"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run(cfg: RunConfig) -> dict:
+    return Run(cfg).execute()

@@ -1,0 +1,147 @@
+"""Remote code: what runs on Ray workers (the predictor actor, the stitch and write tasks), each from paths and small arrays.
+
+Workers get coordinates, never pixels: an actor reads its own tile windows from the volume and writes its tiles'
+cores and bands to the work store; only fragment tables and z-overlap counts go back to the driver. Every call is
+idempotent (it rewrites the same chunks with the same values), so a retry by Ray does not change the result.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
+from ..tiles import Box, TileGrid, TileKey
+from .store import WorkStore
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a predictor worker needs, sent once when the actor starts."""
+
+    predictor: object  # predict.PredictorSpec
+    volume: object  # read.Volume
+    normalization: object  # normalize.Normalization | None
+    grid: TileGrid
+    work_dir: str
+    z_offset: int
+    threads: int
+    cache_bytes: int = 512 * 2**20  # cores kept for the z-overlaps with the next slice
+
+
+class PredictorWorker:
+    """Holds one predictor (on one GPU, or CPU threads) and predicts batches of tiles of one slice.
+
+    It keeps the cores it predicted last (per tile position, within ``cache_bytes``): when the same position of
+    the next or previous slice comes to it, the z-overlaps between the two are counted from memory, so a core is
+    never read back for linking. The driver sends each position's slices to the same actor in z order."""
+
+    def __init__(self, job: TileJob):
+        from ..predict import build_predictor
+
+        self.job = job
+        self.predictor = build_predictor(job.predictor)
+        self.predictor.set_threads(job.threads)
+        store = WorkStore(job.work_dir)
+        self.cores, self.bands = store.cores(), store.bands()
+        self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
+        self.cache_size = 0
+        self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
+        self.cache_lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def predict(self, z: int, positions: list[tuple[int, int]]) -> dict:
+        """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``(z_low, iy, ix, rows)``
+        between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing)."""
+        job, grid = self.job, self.job.grid
+        windows = [grid.window(iy, ix) for iy, ix in positions]
+        images = None
+        if self.predictor.needs_image:
+            images = [job.normalization.apply(job.volume.read(job.z_offset + z, *w)) for w in windows]
+        with self.predict_lock:
+            tiles = self.predictor.predict(job.z_offset + z, windows, images)
+        fragments, overlaps = [], []
+        for (iy, ix), window, tile in zip(positions, windows, tiles):
+            core_box = grid.core(iy, ix)
+            core = None
+            if tile.count:  # a tile without instances stays unwritten and reads as zeros
+                core = tile.labels[(slice(None), *core_box.relative_to(window))].copy()  # not a view: the window is freed
+                self.cores[z, :, core_box.y0 : core_box.y1, core_box.x0 : core_box.x1] = core
+                self.bands[z, iy, ix] = tile_bands(tile.labels, grid, iy, ix)
+            key = TileKey(z, iy, ix)
+            fragments.append((tuple(key), fragment_table(key, tile, grid)))
+            overlaps += self._zoverlaps(z, iy, ix, core)
+        return {"fragments": fragments, "zoverlaps": overlaps}
+
+    def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None) -> list:
+        """Count the overlaps with the neighbouring slices' cores of this position held in memory, then keep
+        this core (and forget older ones of the position: the pairs they could still make are settled)."""
+        out = []
+        with self.cache_lock:
+            for z_low, other in ((z - 1, (z - 1, iy, ix)), (z, (z + 1, iy, ix))):
+                if other not in self.cache:
+                    continue
+                a, b = (self.cache[other], core) if z_low < z else (core, self.cache[other])
+                rows = zoverlaps(a, b, iy, ix) if a is not None and b is not None else np.zeros(0, ZOVERLAP)
+                out.append(((z_low, iy, ix), rows))
+            for key in [k for k in self.cache if k[1:] == (iy, ix) and k[0] < z]:
+                self._forget(key)
+            self.cache[(z, iy, ix)] = core
+            self.cache_size += core.nbytes if core is not None else 0
+            while self.cache_size > self.job.cache_bytes and self.cache:
+                self._forget(next(iter(self.cache)))
+        return out
+
+    def _forget(self, key) -> None:
+        core = self.cache.pop(key)
+        self.cache_size -= core.nbytes if core is not None else 0
+
+
+def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: list[tuple[int, int]]) -> dict:
+    """Matches within slice z (from its bands), and the z-overlaps with slice z+1 at the positions no actor could
+    count from memory (an actor restart, a resumed run): those read the two cores back."""
+    store = WorkStore(work_dir)
+    pairs, touching = stitch_slice(store.bands(), grid, z, iou_min)
+    counted = []
+    if missing:
+        cores = store.cores()
+        for iy, ix in missing:
+            c = grid.core(iy, ix)
+            a = np.asarray(cores[z, :, c.y0 : c.y1, c.x0 : c.x1])
+            b = np.asarray(cores[z + 1, :, c.y0 : c.y1, c.x0 : c.x1])
+            counted.append(zoverlaps(a, b, iy, ix))
+    return {"pairs": pairs, "touching_unmatched": touching,
+            "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
+
+
+def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
+                     luts: list[np.ndarray], levels: int, volume, z_offset: int) -> None:  # fmt: skip
+    """One block of tile cores of slice z, written once: fragment ids replaced by object ids (``luts``, one per
+    tile), every class layer and the image copy at level 0 and at the ``levels - 1`` levels above it, built from
+    the block in memory. The block is aligned to those levels' chunks, so no other writer shares them."""
+    from ..write import Output
+
+    out = Output(out_path)
+    data = np.asarray(WorkStore(work_dir).cores()[z, :, block.y0 : block.y1, block.x0 : block.x1])
+    lut_dtype = luts[0].dtype if luts else np.uint32
+    ids = np.zeros(data.shape, dtype=lut_dtype)
+    for (iy, ix), lut in zip(tiles, luts):
+        ys, xs = grid.core(iy, ix).relative_to(block)
+        ids[:, ys, xs] = lut[data[:, ys, xs]]
+    for c, name in enumerate(out.info["classes"]):
+        out.write_levels(name, z, block.y0, block.x0, ids[c], levels)
+    if volume is not None:
+        out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
+
+
+def pyramid_task(out_path: str, z: int, from_level: int) -> None:
+    """The levels above ``from_level`` of slice z, from that level (already small) for every layer."""
+    from ..write import Output
+
+    Output(out_path).build_pyramid(z, from_level)

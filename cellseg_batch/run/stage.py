@@ -1,0 +1,150 @@
+"""Stages and the one loop that drives them: each stage names what it reads and writes, and knows when a unit is done.
+
+A stage splits its work into units (a batch of tiles, a slice, a block of a slice). The loop asks each stage, in
+order, for the units it can start now (their inputs are done, and the stage has room for more in flight), starts
+them, and hands every result back to the stage that started it, as it arrives. So stitching starts while tiles are
+still predicted, and no stage waits for another longer than its inputs require. A unit already done (its
+``is_done`` check holds, from the work store) is never started: that is how a run resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Hashable, Iterable
+from typing import Any, ClassVar
+
+from .. import distribute
+
+
+class Stage(ABC):
+    """A step of the run. Subclasses set ``name``, ``reads`` and ``writes`` (work store / output products) and
+    implement ``units``, ``is_done`` and ``start``; ``is_ready`` and ``finish`` where they have inputs or results."""
+
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    limit: int = 1  # units in flight at once
+
+    def __init__(self):
+        self.todo: deque = deque()
+        self.in_flight = 0
+        self.total = 0
+        self.first_start: float | None = None
+        self.last_finish: float | None = None
+        self.bar = None
+
+    # -- what a stage says about itself ------------------------------------------------------------------------
+    @abstractmethod
+    def units(self) -> Iterable[Hashable]:
+        """All of the run's units of this stage, in the order they should start."""
+
+    @abstractmethod
+    def is_done(self, unit) -> bool:
+        """The check function: the unit's products are in the work store (or the output)."""
+
+    def is_ready(self, unit) -> bool:
+        """Whether the unit's inputs are done."""
+        return True
+
+    @abstractmethod
+    def start(self, unit) -> Any:
+        """Start the unit: return a Ray object ref, or do it here and return its result wrapped in ``Local``."""
+
+    def finish(self, unit, result) -> None:  # noqa: B027 - optional: stages without a driver-side result
+        """Take the unit's result on the driver (small: tables and counts) and record it in the work store."""
+
+    def take(self) -> list:
+        """Units to start now: in order, while the head one is ready and there is room."""
+        out = []
+        while self.todo and self.in_flight + len(out) < self.limit and self.is_ready(self.todo[0]):
+            out.append(self.todo.popleft())
+        return out
+
+    def weight(self, unit) -> int:
+        """How much of the stage's progress bar a unit is (tiles for a batch of tiles)."""
+        return 1
+
+    # -- bookkeeping by the loop --------------------------------------------------------------------------------
+    def plan(self) -> None:
+        units = list(self.units())
+        self.total = sum(self.weight(u) for u in units)
+        self.todo = deque(u for u in units if not self.is_done(u))
+        self.remaining = sum(self.weight(u) for u in self.todo)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.todo) or self.in_flight > 0
+
+    @property
+    def seconds(self) -> float:
+        """Wall time from the stage's first start to its last result (stages overlap: these do not add up)."""
+        if self.first_start is None or self.last_finish is None:
+            return 0.0
+        return self.last_finish - self.first_start
+
+    def close(self) -> None:  # noqa: B027 - optional: stages holding workers release them here
+        """Release what the stage holds (actors) once it has nothing left to do."""
+
+
+class Local:
+    """A result computed in the driver by ``Stage.start``."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
+    """Run every stage's units to completion, each as soon as it is ready; a worker's error is raised here."""
+    import ray
+
+    for stage in stages:
+        stage.plan()
+        if bar is not None:
+            stage.bar = bar(stage.total, stage.name, stage.total - stage.remaining)
+    pending: dict = {}
+    try:
+        while any(s.busy for s in stages):
+            started = False
+            for stage in stages:
+                for unit in stage.take():
+                    started = True
+                    stage.first_start = stage.first_start or time.perf_counter()
+                    ref = stage.start(unit)
+                    if isinstance(ref, Local):
+                        _finished(stage, unit, ref.value)
+                    else:
+                        stage.in_flight += 1
+                        pending[ref] = (stage, unit)
+                if not stage.busy:
+                    stage.close()
+            if not pending:
+                if not started and any(s.busy for s in stages):
+                    waiting = [f"{s.name}: {s.todo[0]}" for s in stages if s.todo]
+                    raise RuntimeError(f"no unit can start and none is running ({'; '.join(waiting)})")
+                continue
+            refs = list(pending)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # everything finished so far, at once
+            if not done:
+                done, _ = ray.wait(refs, num_returns=1, timeout=poll_s)
+            for ref in done:
+                stage, unit = pending.pop(ref)
+                stage.in_flight -= 1
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # a worker's exception, or an actor that died too often
+                    raise distribute.unwrap(e) from None
+                _finished(stage, unit, result)
+    finally:
+        for stage in stages:
+            stage.close()
+            if stage.bar is not None:
+                stage.bar.close()
+
+
+def _finished(stage: Stage, unit, result) -> None:
+    stage.finish(unit, result)
+    stage.last_finish = time.perf_counter()
+    if stage.bar is not None:
+        stage.bar.update(stage.weight(unit))

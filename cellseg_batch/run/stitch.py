@@ -1,0 +1,54 @@
+"""The stitch stage: per slice, matches between neighbouring tiles from their bands, and the complete z-overlaps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import distribute
+from ..stitch import ZOVERLAP
+from ..tiles import TileGrid
+from .predict import PredictStage
+from .remote import stitch_task
+from .stage import Stage
+from .store import WorkStore
+
+
+class StitchStage(Stage):
+    """Unit: slice z, ready once z and z+1 are predicted. Its task reads only the slice's bands, plus the two cores
+    of any position whose z-overlaps no actor counted from memory; the driver joins those with the logged ones."""
+
+    name = "stitch"
+    reads = ("bands(z)", "fragments(z)", "zoverlaps(z)")
+    writes = ("edges(z)",)
+
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, iou_min: float, predict: PredictStage,
+                 limit: int):  # fmt: skip
+        super().__init__()
+        self.store, self.grid, self.n_slices, self.iou_min = store, grid, n_slices, iou_min
+        self.predict, self.limit = predict, limit
+        self.task = distribute.remote_task(stitch_task)
+        self.cores_read_back = 0  # tile positions whose z-overlaps had to read their cores again
+
+    def units(self):
+        return range(self.n_slices)
+
+    def is_done(self, z) -> bool:
+        return self.store.stitched(z)
+
+    def is_ready(self, z) -> bool:
+        return self.store.slice_done(z) and (z + 1 == self.n_slices or self.store.slice_done(z + 1))
+
+    def start(self, z):
+        missing = []
+        if z + 1 < self.n_slices:
+            delivered = self.predict.delivered.get(z, set())
+            missing = [p for p in self.grid.positions() if p not in delivered]
+        self.cores_read_back += len(missing)
+        return self.task.remote(str(self.store.root), self.grid, z, self.iou_min, missing)
+
+    def finish(self, z, result) -> None:
+        logged = list(self.store.read_zoverlaps(z).values()) if z + 1 < self.n_slices else []
+        overlaps = np.concatenate([*logged, result["overlaps"]]) if logged else result["overlaps"]
+        self.store.write_edges(z, result["pairs"], overlaps.astype(ZOVERLAP, copy=False),
+                               result["touching_unmatched"])  # fmt: skip
+        self.predict.delivered.pop(z, None)

@@ -1,0 +1,245 @@
+"""The work store: what the stages of a run hand each other on disk, under one path scheme, and how each knows a unit is done.
+
+Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
+
+    run.json                 the run's configuration and fingerprints (a resume must match them)
+    cores.zarr               tile cores as predicted: (Z, classes, Y, X) uint16 tile-local ids, one chunk per tile
+                             core; written once by the actor, read once by the write stage
+    bands.zarr               what stitching needs of each tile: (Z, NY, NX, 4 sides, classes, 2h, tile) uint16, the
+                             window's labels within h = max(overlap/2, 1) pixels of each core border
+    frag/zNNNNNN.part        fragment records of slice z while it is predicted (append-only npy blocks)
+    frag/zNNNNNN.npy         slice z's fragment table (all tiles, raster order), once every tile is predicted
+    zov/zNNNNNN.part         z-overlap blocks between slices z and z+1 that actors computed from memory
+    post/edges/zNNNNNN.npz   slice z's stitch matches, touching count, and its complete z-overlaps with z+1
+    post/objects.npy         the object table; post/link_stats.json its counts
+    post/inst/zNNNNNN.npy    fragment -> 2D instance of slice z (made and used by linking)
+    post/lut/zNNNNNN.npy     fragment -> object id of slice z
+    post/done/<stage>/<unit> markers of finished write units
+
+Only the driver writes frag/, zov/ and post/; actors write tile chunks (one writer per chunk). Files are written
+under a temporary name and renamed, and a tile counts as done only once its record is in the log, so killing any
+process at any moment leaves a state from which the same command continues. Everything is data (npy, npz, JSON,
+zarr): nothing in a work directory is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..stitch import FRAGMENT, ZOVERLAP
+from ..tiles import TileGrid
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _lz4():
+    import numcodecs
+
+    # written once, read once, deleted at the end: speed over ratio (~100x on label tiles all the same)
+    return numcodecs.Blosc("lz4", 5, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+class WorkStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- paths: the one place that names the store's files ----------------------------------------------------
+    @property
+    def cores_path(self) -> Path:
+        return self.root / "cores.zarr"
+
+    @property
+    def bands_path(self) -> Path:
+        return self.root / "bands.zarr"
+
+    def _slice_file(self, folder: str, z: int, suffix: str) -> Path:
+        return self.root / folder / f"z{z:06d}{suffix}"
+
+    def fragments_path(self, z: int) -> Path:
+        return self._slice_file("frag", z, ".npy")
+
+    def fragments_log(self, z: int) -> Path:
+        return self._slice_file("frag", z, ".part")
+
+    def zoverlaps_log(self, z: int) -> Path:
+        return self._slice_file("zov", z, ".part")
+
+    def edges_path(self, z: int) -> Path:
+        return self._slice_file("post/edges", z, ".npz")
+
+    def instances_path(self, z: int) -> Path:
+        return self._slice_file("post/inst", z, ".npy")
+
+    def lut_path(self, z: int) -> Path:
+        return self._slice_file("post/lut", z, ".npy")
+
+    @property
+    def objects_path(self) -> Path:
+        return self.root / "post" / "objects.npy"
+
+    @property
+    def link_stats_path(self) -> Path:
+        return self.root / "post" / "link_stats.json"
+
+    def marker(self, stage: str, unit: tuple[int, ...]) -> Path:
+        return self.root / "post" / "done" / stage / "_".join(str(int(u)) for u in unit)
+
+    # -- run metadata -------------------------------------------------------------------------------------------
+    def read_run(self) -> dict | None:
+        p = self.root / "run.json"
+        try:
+            return json.loads(p.read_text()) if p.exists() else None
+        except (OSError, ValueError):
+            return None  # a damaged run.json matches no fingerprint: the run starts over
+
+    def write_run(self, run: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / "run.json", (json.dumps(run, indent=2, default=str) + "\n").encode())
+
+    def reset(self, keep_predictions: bool) -> None:
+        """Forget stitch/link/write progress; with ``keep_predictions`` False also every prediction."""
+        shutil.rmtree(self.root if not keep_predictions else self.root / "post", ignore_errors=True)
+
+    def create(self, n_slices: int, grid: TileGrid, n_classes: int) -> None:
+        import zarr
+
+        for d in ("frag", "zov", "post"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        s, h = grid.stride, grid.band
+        common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(),
+                      chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
+        if not self.cores_path.exists():
+            zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.height, grid.width),
+                              chunks=(1, n_classes, s, s), **common)  # fmt: skip
+        if not self.bands_path.exists():
+            zarr.create_array(str(self.bands_path), shape=(n_slices, grid.ny, grid.nx, 4, n_classes, 2 * h, grid.tile),
+                              chunks=(1, 1, 1, 4, n_classes, 2 * h, grid.tile), **common)  # fmt: skip
+
+    # -- tile arrays (written by actors) ------------------------------------------------------------------------
+    def cores(self):
+        from ..write import open_array
+
+        return open_array(self.cores_path)
+
+    def bands(self):
+        from ..write import open_array
+
+        return open_array(self.bands_path)
+
+    # -- logs (driver only) -------------------------------------------------------------------------------------
+    @staticmethod
+    def _append(path: Path, blocks: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
+        """Append (key, rows) blocks as npy arrays, flushed and fsynced: a block cut short by a kill is ignored."""
+        buf = io.BytesIO()
+        for key, rows in blocks:
+            np.save(buf, np.asarray(key, dtype=np.int64), allow_pickle=False)
+            np.save(buf, rows, allow_pickle=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _read(path: Path, dtype: np.dtype) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+        out = []
+        if not path.exists():
+            return out
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    key = np.load(f, allow_pickle=False)
+                    rows = np.load(f, allow_pickle=False)
+                except (ValueError, EOFError, OSError):
+                    break  # the end, or a record cut short: its tile is predicted again
+                if key.shape != (3,) or rows.dtype != dtype:
+                    break
+                out.append((tuple(int(v) for v in key), rows))
+        return out
+
+    def append_fragments(self, z: int, records: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
+        self._append(self.fragments_log(z), records)
+
+    def read_fragment_log(self, z: int) -> dict[tuple[int, int, int], np.ndarray]:
+        return dict(self._read(self.fragments_log(z), FRAGMENT))
+
+    def complete_slice(self, z: int, records: dict[tuple[int, int, int], np.ndarray]) -> None:
+        """Every tile of slice z is predicted: write its fragment table (raster order) and drop the log."""
+        keys = sorted(records)
+        table = np.concatenate([records[k] for k in keys]) if keys else np.zeros(0, FRAGMENT)
+        save_npy(self.fragments_path(z), table)
+        self.fragments_log(z).unlink(missing_ok=True)
+
+    def slice_done(self, z: int) -> bool:
+        return self.fragments_path(z).exists()
+
+    def fragments(self, z: int) -> np.ndarray:
+        return np.load(self.fragments_path(z), allow_pickle=False)
+
+    def append_zoverlaps(self, z: int, blocks: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
+        self._append(self.zoverlaps_log(z), blocks)
+
+    def read_zoverlaps(self, z: int) -> dict[tuple[int, int], np.ndarray]:
+        """The z-overlap blocks between slices z and z+1 logged so far, by tile position."""
+        return {(iy, ix): rows for (_, iy, ix), rows in self._read(self.zoverlaps_log(z), ZOVERLAP)}
+
+    # -- stitch and link products (driver only) -----------------------------------------------------------------
+    def write_edges(self, z: int, pairs: np.ndarray, overlaps: np.ndarray, touching_unmatched: int) -> None:
+        save_npz(self.edges_path(z), pairs=pairs, overlaps=overlaps, touching_unmatched=np.array(touching_unmatched))
+        self.zoverlaps_log(z).unlink(missing_ok=True)
+
+    def edges(self, z: int):
+        return np.load(self.edges_path(z), allow_pickle=False)
+
+    def stitched(self, z: int) -> bool:
+        return self.edges_path(z).exists()
+
+    def write_instances(self, z: int, instances: np.ndarray) -> None:
+        save_npy(self.instances_path(z), instances)
+
+    def instances(self, z: int) -> np.ndarray:
+        return np.load(self.instances_path(z), allow_pickle=False)
+
+    def write_lut(self, z: int, object_ids: np.ndarray) -> None:
+        save_npy(self.lut_path(z), object_ids)
+
+    def lut(self, z: int) -> np.ndarray:
+        return np.load(self.lut_path(z), allow_pickle=False)
+
+    def mark(self, stage: str, unit: tuple[int, ...]) -> None:
+        p = self.marker(stage, unit)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+    def marked(self, stage: str, unit: tuple[int, ...]) -> bool:
+        return self.marker(stage, unit).exists()
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())

@@ -1,0 +1,122 @@
+"""The write stage: tile cores -> object ids, every layer and pyramid level written from memory, block by block."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import distribute
+from ..stitch import tile_starts
+from ..tiles import Box, TileGrid
+from ..write import Output, label_dtype
+from .link import LinkStage
+from .remote import pyramid_task, write_block_task
+from .stage import Stage
+from .store import WorkStore
+
+BLOCK_PIXELS = 4096  # a write block's side, at most (or one tile core where those are larger): bounds worker memory
+
+
+def block_levels(grid: TileGrid, levels: int) -> int:
+    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) tile cores spans exactly
+    one chunk of level k-1, so k levels are written with no chunk shared between blocks."""
+    k = 1
+    while k < levels and 2**k * grid.stride <= max(BLOCK_PIXELS, grid.stride):
+        k += 1
+    return k
+
+
+class WriteStage(Stage):
+    """Unit: a block of tile cores of one slice, ready once linking is done. Each core is read once from the work
+    store; the image copy is read from the volume in the same block."""
+
+    name = "write"
+    reads = ("cores(z)", "fragments(z)", "lut(z)", "volume")
+    writes = ("labels/<class>/0..k", "image 0..k")
+
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, volume, z_offset: int,
+                 link: LinkStage, limit: int):  # fmt: skip
+        super().__init__()
+        self.store, self.grid, self.n_slices, self.output = store, grid, n_slices, output
+        self.volume, self.z_offset, self.link, self.limit = volume, z_offset, link, limit
+        self.levels = output.info["levels"]
+        self.block_levels = block_levels(grid, self.levels)
+        side = 2 ** (self.block_levels - 1)
+        self.side = side
+        self.blocks = [(by, bx) for by in range(-(-grid.ny // side)) for bx in range(-(-grid.nx // side))]
+        self.task = distribute.remote_task(write_block_task)
+        self.dtype: np.dtype | None = None
+        self._luts: tuple[int, list] | None = None
+        self.left: dict[int, int] = {}
+
+    def units(self):
+        for z in range(self.n_slices):
+            for by, bx in self.blocks:
+                yield (z, by, bx)
+
+    def is_done(self, unit) -> bool:
+        return self.store.marked("write", unit)
+
+    def plan(self) -> None:
+        super().plan()
+        for z, _, _ in self.todo:
+            self.left[z] = self.left.get(z, 0) + 1
+
+    def is_ready(self, unit) -> bool:
+        return self.link.done
+
+    def start(self, unit):
+        z, by, bx = unit
+        if self.dtype is None:  # ids are known now: the smallest type that holds them
+            self.dtype = label_dtype(len(self.link.table))
+            self.output.create_labels(self.dtype)
+        s, g = self.side, self.grid
+        tiles = [(iy, ix) for iy in range(by * s, min((by + 1) * s, g.ny)) for ix in range(bx * s, min((bx + 1) * s, g.nx))]
+        first, last = g.core(*tiles[0]), g.core(*tiles[-1])
+        block = Box(first.y0, last.y1, first.x0, last.x1)
+        luts = self._slice_luts(z)
+        return self.task.remote(str(self.store.root), str(self.output.path), g, z, block, tiles,
+                                [luts[iy * g.nx + ix] for iy, ix in tiles], self.block_levels, self.volume,
+                                self.z_offset)  # fmt: skip
+
+    def _slice_luts(self, z: int) -> list[np.ndarray]:
+        """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype."""
+        if self._luts is None or self._luts[0] != z:
+            objects = self.store.lut(z)
+            start = tile_starts(self.store.fragments(z), self.grid)
+            luts = [np.concatenate([[0], objects[start[i] : start[i + 1]]]).astype(self.dtype)
+                    for i in range(len(self.grid))]  # fmt: skip
+            self._luts = (z, luts)
+        return self._luts[1]
+
+    def finish(self, unit, result) -> None:
+        self.store.mark("write", unit)
+        self.left[unit[0]] -= 1
+
+
+class PyramidStage(Stage):
+    """Unit: slice z, ready once all its blocks are written; the levels above what blocks span, from the highest
+    level they wrote (1/4^k of the slice). No unit where the blocks span every level."""
+
+    name = "pyramid"
+    reads = ("labels/<class>/k", "image k")
+    writes = ("labels/<class>/k+1..", "image k+1..")
+
+    def __init__(self, store: WorkStore, n_slices: int, output: Output, write: WriteStage, limit: int):
+        super().__init__()
+        self.store, self.n_slices, self.output, self.write, self.limit = store, n_slices, output, write, limit
+        self.task = distribute.remote_task(pyramid_task)
+
+    def units(self):
+        return range(self.n_slices) if self.write.block_levels < self.write.levels else []
+
+    def is_done(self, z) -> bool:
+        return self.store.marked("pyramid", (z,))
+
+    def is_ready(self, z) -> bool:
+        return self.write.left.get(z, 0) == 0
+
+    def start(self, z):
+        return self.task.remote(str(self.output.path), z, self.write.block_levels - 1)
+
+    def finish(self, z, result) -> None:
+        self.store.mark("pyramid", (z,))

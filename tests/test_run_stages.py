@@ -1,0 +1,287 @@
+"""The run's parts one at a time: the work store, the resume rule, the stage loop, bands, z-overlaps from memory,
+the write stage's in-memory pyramid; and the --keep-tiles re-merge end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cellseg_batch.errors import UserError
+from cellseg_batch.predict import PredictorSpec, build_predictor
+from cellseg_batch.read import open_label_layers
+from cellseg_batch.run.job import decide
+from cellseg_batch.run.remote import PredictorWorker, TileJob, stitch_task
+from cellseg_batch.run.stage import Local, Stage, drive
+from cellseg_batch.run.store import WorkStore
+from cellseg_batch.run.write import block_levels
+from cellseg_batch.stitch import FRAGMENT, ZOVERLAP, match_tiles, stitch_slice, tile_bands
+from cellseg_batch.tiles import EAST, NORTH, SOUTH, WEST, TileGrid
+from cellseg_batch.write import Output, label_dtype
+from conftest import cli, labels_of
+
+SYNTH = "synth:4x300x260,seed=2"
+
+
+# -- work store ---------------------------------------------------------------------------------------------------
+
+
+def test_store_logs_round_trip_and_ignore_a_record_cut_short(tmp_path):
+    store = WorkStore(tmp_path / "w")
+    grid = TileGrid(100, 100, 64, 16)
+    store.create(3, grid, 2)
+    rows = np.zeros(3, FRAGMENT)
+    rows["local"] = [1, 2, 3]
+    store.append_fragments(0, [((0, 0, 0), rows), ((0, 0, 1), rows[:0])])
+    store.append_fragments(0, [((0, 1, 0), rows[:1])])
+    log = store.fragments_log(0)
+    good = log.stat().st_size
+    store.append_fragments(0, [((0, 1, 1), rows)])
+    with open(log, "r+b") as f:  # a kill in the middle of the last append
+        f.truncate(good + 40)
+    records = store.read_fragment_log(0)
+    assert sorted(records) == [(0, 0, 0), (0, 0, 1), (0, 1, 0)]
+    assert records[(0, 0, 0)].tolist() == rows.tolist()
+    store.complete_slice(0, records)
+    assert store.slice_done(0) and not log.exists()
+    assert store.fragments(0)["local"].tolist() == [1, 2, 3, 1]
+    # z-overlap blocks are logged per tile position
+    ov = np.zeros(2, ZOVERLAP)
+    store.append_zoverlaps(1, [((1, 0, 1), ov), ((1, 1, 1), ov[:0])])
+    assert sorted(store.read_zoverlaps(1)) == [(0, 1), (1, 1)]
+    store.write_edges(1, np.zeros(0), ov, 3)
+    assert store.stitched(1) and not store.zoverlaps_log(1).exists()
+    assert int(store.edges(1)["touching_unmatched"]) == 3
+
+
+def test_store_log_is_data_only(tmp_path):
+    store = WorkStore(tmp_path / "w")
+    store.create(1, TileGrid(64, 64, 64, 16), 1)
+    # a pickle where an npy record should be is not executed: the log simply ends there
+    store.fragments_log(0).write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n(S'touch /tmp/pwned'\ntR." * 3)
+    assert store.read_fragment_log(0) == {}
+
+
+def test_store_reset_keeps_predictions_only_when_asked(tmp_path):
+    store = WorkStore(tmp_path / "w")
+    store.create(2, TileGrid(64, 64, 64, 16), 1)
+    store.complete_slice(0, {})
+    store.mark("write", (0, 0, 0))
+    store.reset(keep_predictions=True)
+    assert store.slice_done(0) and not store.marked("write", (0, 0, 0))
+    store.reset(keep_predictions=False)
+    assert not store.root.exists()
+
+
+# -- the resume rule ----------------------------------------------------------------------------------------------
+
+
+def test_decide_fresh_resume_and_re_merge():
+    prev = {"predict_fp": "P", "post_fp": "Q"}
+    assert decide(None, False, None, "P", "Q", False, "o").mode == "fresh"
+    d = decide("incomplete", True, prev, "P", "Q", False, "o")
+    assert (d.mode, d.remove_output, d.forget) == ("resume", False, None)
+    d = decide("complete", True, prev, "P", "Q2", True, "o")
+    assert (d.mode, d.remove_output, d.forget) == ("reuse-predictions", True, "merge")
+    d = decide("incomplete", True, prev, "P2", "Q2", True, "o")
+    assert (d.mode, d.remove_output, d.forget) == ("fresh", True, "all")
+    d = decide(None, False, prev, "P", "Q2", False, "o")  # output deleted by hand, predictions kept
+    assert (d.mode, d.forget) == ("reuse-predictions", "merge")
+
+
+@pytest.mark.parametrize("status,prev,overwrite,message", [
+    (None, None, False, "not a cellseg-batch output"),
+    ("complete", {"predict_fp": "P", "post_fp": "Q"}, False, "--overwrite"),
+    ("incomplete", {"predict_fp": "P", "post_fp": "other"}, False, "other settings"),
+])  # fmt: skip
+def test_decide_refuses_what_it_must_not_touch(status, prev, overwrite, message):
+    with pytest.raises(UserError, match=message):
+        decide(status, True, prev, "P", "Q", overwrite, "o")
+
+
+# -- the stage loop -----------------------------------------------------------------------------------------------
+
+
+class _Squares(Stage):
+    name, writes = "squares", ("square(i)",)
+
+    def __init__(self, done: dict, n: int, limit: int):
+        super().__init__()
+        self.done, self.n, self.limit, self.started = done, n, limit, []
+
+    def units(self):
+        return range(self.n)
+
+    def is_done(self, i):
+        return i in self.done
+
+    def start(self, i):
+        import ray
+
+        self.started.append(i)
+        return ray.remote(lambda x: x * x).remote(i)
+
+    def finish(self, i, result):
+        self.done[i] = result
+
+
+class _Sum(Stage):
+    name, reads = "sum", ("square(i)",)
+
+    def __init__(self, upstream: _Squares):
+        super().__init__()
+        self.upstream, self.total = upstream, None
+
+    def units(self):
+        return ["all"]
+
+    def is_done(self, unit):
+        return False
+
+    def is_ready(self, unit):
+        return not self.upstream.busy
+
+    def start(self, unit):
+        self.total = sum(self.upstream.done.values())
+        return Local(None)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_drive_runs_each_unit_once_in_dependency_order_and_skips_done_ones(ray_local):
+    squares = _Squares({0: 0, 3: 9}, 8, limit=3)  # units 0 and 3 done by an earlier run
+    total = _Sum(squares)
+    drive([squares, total])
+    assert sorted(squares.started) == [1, 2, 4, 5, 6, 7]
+    assert total.total == sum(i * i for i in range(8))
+    assert not squares.busy and squares.in_flight == 0
+
+
+def test_drive_raises_a_workers_error_and_a_stall(ray_local):
+    class Failing(_Squares):
+        def start(self, i):
+            import ray
+
+            def boom(_):
+                raise UserError("bad tile")
+
+            return ray.remote(boom).options(max_retries=0).remote(i)
+
+    with pytest.raises(UserError, match="bad tile"):
+        drive([Failing({}, 2, 1)])
+
+    class Never(_Sum):
+        def is_ready(self, unit):
+            return False
+
+    with pytest.raises(RuntimeError, match="no unit can start"):
+        drive([Never(_Squares({}, 0, 1))])
+
+
+# -- bands, z-overlaps, blocks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((300, 260), 96, 16), ((300, 260), 64, 0), ((200, 90), 128, 32)])
+def test_stitching_from_bands_matches_stitching_full_windows_in_the_band(shape, tile, overlap, tmp_path):
+    """Bands hold exactly what matching needs: matches from stored bands are those of the whole windows' labels
+    compared over the band both windows saw."""
+    grid = TileGrid(*shape, tile, overlap)
+    layers = open_label_layers([SYNTH], [])
+    predictor = build_predictor(PredictorSpec("labels", {"layers": layers}))
+    windows = {p: grid.window(*p) for p in grid.positions()}
+    tiles = dict(zip(windows, predictor.predict(1, list(windows.values()))))
+    store = WorkStore(tmp_path / "w")
+    store.create(1, grid, len(predictor.classes))
+    bands = store.bands()
+    for (iy, ix), t in tiles.items():
+        bands[0, iy, ix] = tile_bands(t.labels, grid, iy, ix)
+    pairs, _ = stitch_slice(store.bands(), grid, 0, 0.5)
+    got = {(int(p["iy_a"]), int(p["ix_a"]), int(p["a"]), int(p["iy_b"]), int(p["ix_b"]), int(p["b"])) for p in pairs}
+    want = set()
+    for (iy, ix) in grid.positions():
+        for jy, jx in grid.neighbours_after(iy, ix):
+            sides = (EAST, WEST) if jy == iy else (SOUTH, NORTH)
+            band = grid.band_box(iy, ix, sides[0]).intersect(grid.band_box(jy, jx, sides[1]))
+            wa = band and windows[iy, ix].intersect(band)
+            wb = band and windows[jy, jx].intersect(band)
+            if wa is None or wb is None:
+                continue
+            la = tiles[iy, ix].labels[(slice(None), *wa.relative_to(windows[iy, ix]))]
+            lb = tiles[jy, jx].labels[(slice(None), *wb.relative_to(windows[jy, jx]))]
+            m = match_tiles(la, wa, lb, wb, 0.5)
+            want |= {(iy, ix, int(a), jy, jx, int(b)) for a, b in m}
+    assert got == want and len(got) > 0
+
+
+def test_actor_counts_z_overlaps_from_memory_as_the_store_would(tmp_path):
+    grid = TileGrid(300, 260, 128, 16)
+    layers = open_label_layers([SYNTH], [])
+    store = WorkStore(tmp_path / "w")
+    store.create(3, grid, 4)
+    job = TileJob(PredictorSpec("labels", {"layers": layers}), None, None, grid, str(store.root), 0, 1)
+    worker = PredictorWorker(job)  # the actor's class, here in this process
+    positions = list(grid.positions())
+    first = worker.predict(0, positions)
+    assert first["zoverlaps"] == []  # nothing before slice 0
+    second = worker.predict(1, positions)
+    assert sorted(k[1:] for k, _ in second["zoverlaps"]) == sorted(positions)
+    from_memory = np.concatenate([rows for _, rows in second["zoverlaps"]])
+    read_back = stitch_task(str(store.root), grid, 0, 0.5, positions)["overlaps"]
+    assert from_memory.tolist() == read_back.tolist() and len(read_back) > 0
+    # a slice out of order (an actor stole it) still pairs with what is held, in either direction
+    third = worker.predict(2, positions[:1])
+    assert [k for k, _ in third["zoverlaps"]] == [(1, *positions[0])]
+
+
+def test_write_levels_from_memory_equal_the_pyramid_built_level_by_level(tmp_path):
+    rng = np.random.default_rng(0)
+    shape, chunk = (1, 300, 200), 32
+    labels = rng.integers(0, 5, shape[1:]).astype(np.uint32) * (rng.random(shape[1:]) < 0.3)
+    image = rng.integers(0, 255, shape[1:]).astype(np.uint8)
+    a, b = Output(tmp_path / "a.zarr"), Output(tmp_path / "b.zarr")
+    for out in (a, b):
+        out.create(shape, chunk, ["c"], np.uint8, None, {}, np.uint32)
+    levels = a.info["levels"]
+    assert levels == 5
+    for y0 in range(0, 300, 128):  # blocks of 4 x 4 chunks fill 3 levels each
+        for x0 in range(0, 200, 128):
+            a.write_levels("c", 0, y0, x0, labels[y0 : y0 + 128, x0 : x0 + 128], 3)
+            a.write_levels(None, 0, y0, x0, image[y0 : y0 + 128, x0 : x0 + 128], 3)
+    a.build_pyramid(0, from_level=2)
+    b.write_levels("c", 0, 0, 0, labels, 1)
+    b.write_levels(None, 0, 0, 0, image, 1)
+    b.build_pyramid(0)
+    for level in range(levels):
+        np.testing.assert_array_equal(a.labels("c", level)[:], b.labels("c", level)[:])
+        np.testing.assert_array_equal(a.image(level)[:], b.image(level)[:])
+
+
+def test_block_levels_and_label_dtype():
+    assert block_levels(TileGrid(4096, 4096, 1024, 32), 4) == 3  # 4 x 4 cores of 992 px: levels 0-2 from memory
+    assert block_levels(TileGrid(512, 512, 256, 32), 2) == 2
+    assert block_levels(TileGrid(8192, 8192, 4096, 0), 3) == 1  # a core is already a whole block
+    assert label_dtype(2**32 - 1) == np.uint32 and label_dtype(2**32) == np.uint64
+
+
+# -- re-merge with kept tiles, end to end -----------------------------------------------------------------------------
+
+
+def test_keep_tiles_re_merges_without_predicting_and_equals_a_fresh_run(tmp_path):
+    args = ["--predictor", "labels", "--labels", SYNTH, "--tile", 96, "--overlap", 16, "--no-progress"]
+    out = tmp_path / "out.zarr"
+    cli("run", SYNTH, *args, "--out", out, "--keep-tiles")
+    cli("run", SYNTH, *args, "--out", out, "--keep-tiles", "--overwrite", "--link", "none")
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["mode"] == "reuse-predictions" and report["counts"]["tiles_predicted_now"] == 0
+    assert report["output"]["label_dtype"] == "uint32"
+    fresh = tmp_path / "fresh.zarr"
+    cli("run", SYNTH, *args, "--out", fresh, "--link", "none")
+    for name in ("cell", "mitochondrion"):
+        np.testing.assert_array_equal(labels_of(out, name), labels_of(fresh, name))
+    assert (out / "cellseg" / "objects.csv").read_text() == (fresh / "cellseg" / "objects.csv").read_text()
