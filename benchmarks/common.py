@@ -63,19 +63,22 @@ def label_stacks(shape: tuple[int, int, int], seed: int = 7) -> dict[str, Path]:
     return paths
 
 
-def run_measured(args: list[str], sample_s: float = 0.1) -> dict:
-    """Run ``cellseg-batch ARGS``; wall time and the peak resident memory of the driver and of every process."""
+def run_measured(args: list[str], sample_s: float = 0.1, env: dict | None = None) -> dict:
+    """Run ``cellseg-batch ARGS``; wall time, the peak resident memory of the driver and of every process, and the
+    driver's CPU seconds (sampled, so up to ``sample_s`` short)."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    peak = {"driver": 0, "any_worker": 0}
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    peak = {"driver": 0, "any_worker": 0, "driver_cpu_s": 0.0}
 
     def sample():
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
+                cpu = root.cpu_times()
+                peak["driver_cpu_s"] = cpu.user + cpu.system
                 peak["driver"] = max(peak["driver"], root.memory_info().rss)
                 for c in root.children(recursive=True):
                     peak["any_worker"] = max(peak["any_worker"], c.memory_info().rss)
@@ -89,7 +92,8 @@ def run_measured(args: list[str], sample_s: float = 0.1) -> dict:
     t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"cellseg-batch {' '.join(map(str, args))} failed:\n{err[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "driver_peak_rss_mb": peak["driver"] / 2**20,
+    return {"wall_s": time.perf_counter() - t0, "driver_cpu_s": peak["driver_cpu_s"],
+            "driver_peak_rss_mb": peak["driver"] / 2**20,
             "worker_peak_rss_mb": peak["any_worker"] / 2**20}  # fmt: skip
 
 

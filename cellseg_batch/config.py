@@ -80,7 +80,7 @@ def check_run_config(cfg: RunConfig) -> None:
     """Refuse, before anything is read or written, options no volume can make valid (one UserError line each)."""
     from .predict import PREDICTORS  # imports the built-in predictors (light: detectron2 loads only when built)
 
-    if cfg.predictor not in PREDICTORS:
+    if ":" not in cfg.predictor and cfg.predictor not in PREDICTORS:  # MODULE:NAME is checked when imported
         raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
     for name in ("stitch_iou", "link_iou", "link_ioa"):
         value = getattr(cfg, name)

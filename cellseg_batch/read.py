@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,12 +200,46 @@ class ZarrVolume(Volume):
             arr = self._local.arr = zarr.open(self._array_path, mode="r")
         return arr
 
+    CACHE_BYTES = 128 * 2**20  # decoded chunks kept per thread: a row of tiles reads each chunk once
+
     def read(self, z, y0, y1, x0, x1):
         index = [z if isinstance(i, slice) else i for i in self._index if i is not None]
+        arr = self._array()
         try:
-            return np.asarray(self._array()[tuple(index) + (slice(y0, y1), slice(x0, x1))])
+            if arr.ndim == 3 and arr.chunks[0] == 1 and self._index == (slice(None),):  # Z, Y, X
+                return self._read_chunks(arr, z, y0, y1, x0, x1)
+            return np.asarray(arr[tuple(index) + (slice(y0, y1), slice(x0, x1))])
         except Exception as e:
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); a chunk may be missing or corrupt") from e
+
+    def _read_chunks(self, arr, z, y0, y1, x0, x1) -> np.ndarray:
+        """A window assembled from whole decoded chunks, kept (LRU) for the windows that overlap this one: tile
+        windows overlap and straddle chunk borders, so without this each chunk would be decoded up to 4 times."""
+        _, cy, cx = arr.chunks
+        out = np.empty((y1 - y0, x1 - x0), dtype=arr.dtype)
+        for by in range(y0 // cy, (y1 - 1) // cy + 1):
+            for bx in range(x0 // cx, (x1 - 1) // cx + 1):
+                block = self._chunk(arr, z, by, bx)
+                ya, yb = max(y0, by * cy), min(y1, (by + 1) * cy)
+                xa, xb = max(x0, bx * cx), min(x1, (bx + 1) * cx)
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = block[ya - by * cy : yb - by * cy, xa - bx * cx : xb - bx * cx]
+        return out
+
+    def _chunk(self, arr, z: int, by: int, bx: int) -> np.ndarray:
+        cache = getattr(self._local, "chunks", None)
+        if cache is None:
+            cache = self._local.chunks = OrderedDict()
+            self._local.chunk_bytes = 0
+        key = (z, by, bx)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        _, cy, cx = arr.chunks
+        block = cache[key] = np.asarray(arr[z, by * cy : (by + 1) * cy, bx * cx : (bx + 1) * cx])
+        self._local.chunk_bytes += block.nbytes
+        while self._local.chunk_bytes > self.CACHE_BYTES and len(cache) > 1:
+            self._local.chunk_bytes -= cache.popitem(last=False)[1].nbytes
+        return block
 
 
 def _multiscales(attrs) -> dict | None:

@@ -17,8 +17,8 @@ Stitching a slice then reads only bands (``stitch_slice``); only fragment tables
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -51,23 +51,25 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
     rows["cls"], rows["score"] = tile.classes, tile.scores
     if n == 0:
         return rows
-    width = core.x1 - core.x0
     for layer in tile.labels:
         ids = layer[ys, xs]
-        flat = ids.ravel()
-        where = np.flatnonzero(flat)  # work on foreground pixels only: organelle layers are mostly empty
-        if len(where) == 0:
+        if not ids.any():  # organelle layers are often empty
             continue
-        v = flat[where]
-        area = np.bincount(v, minlength=n + 1)[1:]
-        sy = np.bincount(v, weights=where // width + core.y0, minlength=n + 1)[1:]
-        sx = np.bincount(v, weights=where % width + core.x0, minlength=n + 1)[1:]
-        here = area > 0  # ids are unique across layers: each id's pixels are all in one layer
-        rows["area"][here], rows["sy"][here], rows["sx"][here] = area[here], sy[here], sx[here]
-        for i, sl in enumerate(ndimage.find_objects(ids, max_label=n)):
-            if sl is not None:
-                rows[i]["y0"], rows[i]["y1"] = sl[0].start + core.y0, sl[0].stop + core.y0
-                rows[i]["x0"], rows[i]["x1"] = sl[1].start + core.x0, sl[1].stop + core.x0
+        stats = cc3d.statistics(np.ascontiguousarray(ids))  # counts, boxes and centroids in one pass
+        area = stats["voxel_counts"][1 : n + 1]
+        here = np.flatnonzero(area > 0)  # ids are unique across layers: each id's pixels are all in one layer
+        if len(here) == 0:
+            continue
+        a = area[here]
+        centroids = stats["centroids"][here + 1]
+        boxes = [stats["bounding_boxes"][i + 1] for i in here]
+        rows["area"][here] = a
+        rows["sy"][here] = (centroids[:, 0] + core.y0) * a
+        rows["sx"][here] = (centroids[:, 1] + core.x0) * a
+        rows["y0"][here] = [b[0].start + core.y0 for b in boxes]
+        rows["y1"][here] = [b[0].stop + core.y0 for b in boxes]
+        rows["x0"][here] = [b[1].start + core.x0 for b in boxes]
+        rows["x1"][here] = [b[1].stop + core.x0 for b in boxes]
     return rows
 
 

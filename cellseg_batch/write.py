@@ -67,9 +67,46 @@ def open_array(path: str | Path, mode: str = "r+"):
         return zarr.open_array(str(path), mode=mode)
 
 
-def _codec(dtype):
+class ChunkWriter:
+    """Whole, aligned chunks of a zarr v2 array on a local filesystem: encoded here with the array's own codec and
+    handed to zarr's store in one synchronous call (``LocalStore.set_sync``, which writes atomically). zarr-python's
+    ``array[...] = data`` adds several ms per chunk of asyncio hand-offs (measured in benchmarks/REPORT.md), and
+    every chunk this tool writes is whole. Other arrays and stores take the ordinary path."""
+
+    def __init__(self, array):
+        meta = array.metadata
+        self.array, self.chunks = array, tuple(array.chunks)
+        store = array.store_path.store
+        self.direct = meta.zarr_format == 2 and not meta.filters and meta.order == "C" and hasattr(store, "set_sync")
+        if self.direct:
+            from zarr.core.buffer import default_buffer_prototype
+
+            self.store, self.prefix = store, f"{array.store_path.path}/" if array.store_path.path else ""
+            self.dtype, self.fill = meta.dtype.to_native_dtype(), meta.fill_value or 0
+            self.codec, self.key = meta.compressor, meta.encode_chunk_key
+            self.buffer = default_buffer_prototype().buffer
+
+    def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
+        """Write chunk ``coords`` (chunk grid index); ``data`` is the chunk, cut short at the array's edge."""
+        if not self.direct:
+            self.array[tuple(slice(c * n, c * n + d) for c, n, d in zip(coords, self.chunks, data.shape))] = data
+            return
+        if data.shape != self.chunks:  # an edge chunk is stored whole, padded with the fill value
+            full = np.full(self.chunks, self.fill, dtype=self.dtype)
+            full[tuple(slice(0, d) for d in data.shape)] = data
+            data = full
+        raw = np.ascontiguousarray(data, dtype=self.dtype)
+        blob = self.codec.encode(raw) if self.codec is not None else raw.tobytes()
+        self.store.set_sync(self.prefix + self.key(tuple(coords)), self.buffer.from_bytes(blob))
+
+
+def _codec(dtype, label: bool):
+    """Labels: Blosc lz4 with byte shuffle, zarr's own default, ~3x faster to encode than zstd (which would make
+    label layers ~5x smaller, but an image copy is most of an output's bytes). The image: zstd, for its ratio."""
     import numcodecs
 
+    if label:
+        return numcodecs.Blosc("lz4", 5, shuffle=numcodecs.Blosc.SHUFFLE)
     shuffle = numcodecs.Blosc.BITSHUFFLE if np.dtype(dtype).itemsize > 1 else numcodecs.Blosc.SHUFFLE
     return numcodecs.Blosc("zstd", 3, shuffle=shuffle)
 
@@ -118,7 +155,7 @@ class Output:
         root.require_group("labels")
         if image_dtype is not None:
             for level in range(levels):
-                self._array(root, str(level), level_shape(shape, level), chunk, image_dtype)
+                self._array(root, str(level), level_shape(shape, level), chunk, image_dtype, label=False)
         if labels_dtype is not None:
             self.create_labels(labels_dtype)
         self.meta_dir.mkdir(parents=True, exist_ok=True)
@@ -134,12 +171,12 @@ class Output:
             for level in range(info["levels"]):
                 if str(level) in group and group[str(level)].dtype == dtype:
                     continue
-                self._array(group, str(level), level_shape(tuple(info["shape"]), level), info["chunk"], dtype)
+                self._array(group, str(level), level_shape(tuple(info["shape"]), level), info["chunk"], dtype, label=True)
 
     @staticmethod
-    def _array(group, name, shape, chunk, dtype):
+    def _array(group, name, shape, chunk, dtype, label: bool):
         group.create_array(
-            name, shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0, compressors=_codec(dtype),
+            name, shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0, compressors=_codec(dtype, label),
             chunk_key_encoding={"name": "v2", "separator": "/"}, overwrite=True,
         )  # fmt: skip
 
@@ -160,13 +197,13 @@ class Output:
         stay unwritten (they read as 0)."""
         chunk = self.info["chunk"]
         for level in range(levels):
-            arr = self.layer(name, level)
+            writer = ChunkWriter(self.layer(name, level))
             h, w = block.shape
             for by in range(0, h, chunk):
                 for bx in range(0, w, chunk):
                     part = block[by : by + chunk, bx : bx + chunk]
                     if name is None or part.any():
-                        arr[z, y0 + by : y0 + by + part.shape[0], x0 + bx : x0 + bx + part.shape[1]] = part
+                        writer.write((z, (y0 + by) // chunk, (x0 + bx) // chunk), part[None])
             if level + 1 < levels:
                 block = block[::2, ::2] if name is not None else _mean2x2(block)
                 y0, x0 = y0 // 2, x0 // 2

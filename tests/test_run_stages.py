@@ -285,3 +285,44 @@ def test_keep_tiles_re_merges_without_predicting_and_equals_a_fresh_run(tmp_path
     for name in ("cell", "mitochondrion"):
         np.testing.assert_array_equal(labels_of(out, name), labels_of(fresh, name))
     assert (out / "cellseg" / "objects.csv").read_text() == (fresh / "cellseg" / "objects.csv").read_text()
+
+
+def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
+    """After a run kept its work store: every unit of every stage is done; remove one product and exactly the
+    units that made it are to do again (the check functions a resume relies on)."""
+    from cellseg_batch.config import RunConfig
+    from cellseg_batch.run.job import Run
+
+    out = tmp_path / "out.zarr"
+    cli("run", SYNTH, "--predictor", "labels", "--labels", SYNTH, "--tile", 128, "--overlap", 16, "--out", out,
+        "--keep-tiles", "--no-progress")  # fmt: skip
+    run = Run(RunConfig(SYNTH, str(out), predictor="labels", labels=[SYNTH], tile=128, overlap=16))
+    store, grid, nz = run.store, run.grid, run.shape[0]
+    job = TileJob(run.plan.spec, run.volume, None, grid, str(store.root), 0, 1)
+    from cellseg_batch.run.link import LinkStage
+    from cellseg_batch.run.predict import PredictStage
+    from cellseg_batch.run.stitch import StitchStage
+    from cellseg_batch.run.write import PyramidStage, WriteStage
+
+    def stages():
+        predict = PredictStage(store, grid, nz, 4, job, (2, 1, 0), 60)
+        stitch = StitchStage(store, grid, nz, 0.5, predict, 2)
+        link = LinkStage(store, grid, nz, 4, "overlap", 0.25, 0.5, stitch)
+        write = WriteStage(store, grid, nz, run.output, None, 0, link, 2)
+        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2)]
+
+    for stage in stages():
+        stage.plan()
+        assert not stage.busy, stage.name
+    store.edges_path(2).unlink()
+    store.marker("write", (1, 0, 0)).unlink()
+    predict, stitch, link, write, pyramid = stages()
+    for stage in (predict, stitch, link, write, pyramid):
+        stage.plan()
+    assert not predict.busy and list(stitch.todo) == [2] and list(write.todo) == [(1, 0, 0)]
+    assert not link.busy  # the object table is still there: only a changed merge setting redoes it
+    assert stitch.is_ready(2) and write.is_ready((1, 0, 0))
+    store.fragments_path(3).unlink()  # slice 3 lost its fragment table: its tiles are predicted again
+    predict = stages()[0]
+    predict.plan()
+    assert predict.remaining == len(grid) and not stitch.is_ready(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ class PredictorSpec:
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # imported on the worker first: it registers a predictor from outside this package
 
 
 @dataclass
@@ -94,7 +96,23 @@ def register(name: str):
     return add
 
 
+def resolve_predictor(name: str) -> type[Predictor]:
+    """A registered predictor class; ``MODULE:NAME`` imports MODULE first, for predictors that register
+    themselves from outside this package (``@register("NAME")``), e.g. ``--predictor mylab.models:unet``."""
+    if ":" in name:
+        module, _, name = name.rpartition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"--predictor: cannot import {module!r} ({e}); is it on PYTHONPATH on every node?") from e
+    if name not in PREDICTORS:
+        raise UserError(f"unknown predictor {name!r}; choose one of {', '.join(sorted(PREDICTORS))}")
+    return PREDICTORS[name]
+
+
 def build_predictor(spec: PredictorSpec) -> Predictor:
+    if spec.module:
+        importlib.import_module(spec.module)
     if spec.name not in PREDICTORS:
         raise UserError(f"unknown predictor {spec.name!r}; choose one of {', '.join(sorted(PREDICTORS))}")
     return PREDICTORS[spec.name](**spec.options)

@@ -67,14 +67,14 @@ class LabelsPredictor(Predictor):
                     f"label id {int(original[1:][cls < 0][0])} in slice {z} of {layer.volume.path} has no class in "
                     "its class map"
                 )
-            if isinstance(layer.classes, str):
-                if n:
-                    layers[cls[0]][local > 0] = local[local > 0] + offset
-            else:
-                pixel_class = np.concatenate([[-1], cls])[local]
-                for c in np.unique(cls):
-                    sel = pixel_class == c
-                    layers[c][sel] = local[sel] + offset
+            for c in np.unique(cls):  # each class's ids into its own layer, numbered after the layers before
+                table = np.zeros(n + 1, dtype=LOCAL_ID)
+                mine = np.flatnonzero(cls == c) + 1
+                table[mine] = mine + offset
+                if len(mine) == n and offset == 0:
+                    layers[c] = local
+                else:
+                    layers[c] = fastremap.remap(local, dict(enumerate(table.tolist())))
             classes.append(cls)
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)

@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from .. import __version__, distribute
 from ..config import RunConfig, check_run_config, parse_floats, parse_pixel_size, parse_slices
 from ..errors import UserError
 from ..normalize import Normalization, estimate
-from ..predict import PREDICTORS, Plan
+from ..predict import Plan, resolve_predictor
 from ..read import Volume, open_volume
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
@@ -83,7 +83,9 @@ class Run:
         self.volume = open_volume(cfg.volume)
         self.z0, self.z1 = parse_slices(cfg.slices, self.volume.shape[0])
         self.shape = (self.z1 - self.z0, *self.volume.shape[1:])
-        self.plan: Plan = PREDICTORS[cfg.predictor].plan(cfg, self.volume)
+        predictor = resolve_predictor(cfg.predictor)
+        self.plan: Plan = predictor.plan(cfg, self.volume)
+        self.plan.spec = replace(self.plan.spec, module=predictor.__module__)  # the workers import it too
         self.classes = self.plan.classes
         check_class_names(self.classes)
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
@@ -161,7 +163,7 @@ class Run:
     # -- stages -------------------------------------------------------------------------------------------------
     def execute(self) -> dict:
         cfg = self.cfg
-        t_start = time.perf_counter()
+        t_start, self.cpu_start = time.perf_counter(), time.process_time()
         mode = self._prepare()
         log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
                  cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap, ", ".join(self.classes))  # fmt: skip
@@ -241,6 +243,7 @@ class Run:
         voxels = int(np.prod(self.shape))
         predict_s = self.times.get("predict", 0.0)
         elapsed = time.perf_counter() - t_start
+        cpu_start = self.cpu_start
         report = {
             "cellseg_batch": __version__,
             "status": "complete",
@@ -253,7 +256,13 @@ class Run:
                      "normalization": self.normalization.to_dict() if self.normalization else None},
             "cluster": self.resources,
             "stages": [{"name": s.name, "reads": list(s.reads), "writes": list(s.writes), "units": s.total,
-                        "seconds": round(s.seconds, 3)} for s in self.stages],
+                        "seconds": round(s.seconds, 3), "driver_cpu_s": round(s.driver_cpu_seconds, 3),
+                        # when each stage ran, from the run's start (wall and driver CPU): stages overlap
+                        "span_s": [round(s.first_start - t_start, 3), round(s.last_finish - t_start, 3)]
+                        if s.first_start and s.last_finish else None,
+                        "driver_cpu_span_s": [round(s.cpu_at_start - cpu_start, 3), round(s.cpu_at_finish - cpu_start, 3)]
+                        if s.first_start and s.last_finish else None}
+                       for s in self.stages],
             "counts": {
                 **self.counts,
                 "objects": stats.objects,

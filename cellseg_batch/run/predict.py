@@ -14,8 +14,9 @@ from .store import WorkStore
 
 class PredictStage(Stage):
     """Units are batches ``(z, actor, positions)`` of one slice's tiles. Positions are dealt to actors once
-    (round robin in raster order) and each actor gets its batches in z order, so it holds the previous slice's
-    core of a position when the next one comes and counts z-overlaps from memory. An actor whose queue runs dry
+    (a run of neighbours in raster order each, so an actor's windows share input chunks) and each actor gets its
+    batches in z order, so it holds the previous slice's core of a position when the next one comes and counts
+    z-overlaps from memory. An actor whose queue runs dry
     takes the last batch of the longest queue: idle hardware costs more than the few cores read back for it."""
 
     name = "predict"
@@ -35,6 +36,9 @@ class PredictStage(Stage):
         for z, done in list(self.records.items()):
             if len(done) == len(grid):  # killed between the last record and the table
                 store.complete_slice(z, self.records.pop(z))
+        # results not yet in the logs: written by ``flush``, once per batch of results (a kill loses only those)
+        self.unlogged: dict[int, list] = defaultdict(list)
+        self.unlogged_zov: dict[int, list] = defaultdict(list)
         self.actors: list = []
         self.queues: list[deque] = []
         self.load: list[int] = []
@@ -45,10 +49,11 @@ class PredictStage(Stage):
     def units(self):
         count = self.layout[0]
         positions = list(self.grid.positions())
+        share = -(-len(positions) // count)
         for z in sorted(self.records):
             done = self.records[z]
             for a in range(count):
-                mine = [p for p in positions[a::count] if (z, *p) not in done]
+                mine = [p for p in positions[a * share : (a + 1) * share] if (z, *p) not in done]
                 for i in range(0, len(mine), self.batch_size):
                     yield (z, a, tuple(mine[i : i + self.batch_size]))
 
@@ -119,16 +124,22 @@ class PredictStage(Stage):
         self.load[a] -= 1
         fragments = result["fragments"]
         self.arrivals.append((time.perf_counter(), len(fragments)))
-        self.store.append_fragments(z, fragments)
         self.records[z].update(fragments)
-        by_slice = defaultdict(list)
+        self.unlogged[z] += fragments
         for key, rows in result["zoverlaps"]:
-            by_slice[key[0]].append((key, rows))
-        for z_low, blocks in by_slice.items():
-            self.store.append_zoverlaps(z_low, blocks)
-            self.delivered[z_low].update(key[1:] for key, _ in blocks)
+            self.unlogged_zov[key[0]].append((key, rows))
+            self.delivered[key[0]].add(key[1:])
         if len(self.records[z]) == len(self.grid):
             self.store.complete_slice(z, self.records.pop(z))
+            self.unlogged.pop(z)
+
+    def flush(self) -> None:
+        for z, records in self.unlogged.items():
+            self.store.append_fragments(z, records)
+        for z_low, blocks in self.unlogged_zov.items():
+            self.store.append_zoverlaps(z_low, blocks)
+        self.unlogged.clear()
+        self.unlogged_zov.clear()
 
     def close(self) -> None:
         import ray

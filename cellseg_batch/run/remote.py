@@ -12,10 +12,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import fastremap
 import numpy as np
 
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
+from ..write import ChunkWriter
 from .store import WorkStore
 
 
@@ -47,7 +49,7 @@ class PredictorWorker:
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
         store = WorkStore(job.work_dir)
-        self.cores, self.bands = store.cores(), store.bands()
+        self.cores, self.bands = ChunkWriter(store.cores()), ChunkWriter(store.bands())
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self.cache_size = 0
         self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
@@ -72,8 +74,8 @@ class PredictorWorker:
             core = None
             if tile.count:  # a tile without instances stays unwritten and reads as zeros
                 core = tile.labels[(slice(None), *core_box.relative_to(window))].copy()  # not a view: the window is freed
-                self.cores[z, :, core_box.y0 : core_box.y1, core_box.x0 : core_box.x1] = core
-                self.bands[z, iy, ix] = tile_bands(tile.labels, grid, iy, ix)
+                self.cores.write((z, 0, iy, ix), core[None])  # a core is one chunk of the cores array
+                self.bands.write((z, iy, ix, 0, 0, 0, 0), tile_bands(tile.labels, grid, iy, ix)[None, None, None])
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid)))
             overlaps += self._zoverlaps(z, iy, ix, core)
@@ -129,11 +131,11 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
 
     out = Output(out_path)
     data = np.asarray(WorkStore(work_dir).cores()[z, :, block.y0 : block.y1, block.x0 : block.x1])
-    lut_dtype = luts[0].dtype if luts else np.uint32
-    ids = np.zeros(data.shape, dtype=lut_dtype)
+    ids = np.zeros(data.shape, dtype=luts[0].dtype if luts else np.uint32)
     for (iy, ix), lut in zip(tiles, luts):
         ys, xs = grid.core(iy, ix).relative_to(block)
-        ids[:, ys, xs] = lut[data[:, ys, xs]]
+        # fastremap keeps the last lookup: on labels (long runs of one id) several times numpy's lut[data]
+        ids[:, ys, xs] = fastremap.remap(data[:, ys, xs], dict(enumerate(lut.tolist())))
     for c, name in enumerate(out.info["classes"]):
         out.write_levels(name, z, block.y0, block.x0, ids[c], levels)
     if volume is not None:

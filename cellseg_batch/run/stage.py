@@ -33,6 +33,7 @@ class Stage(ABC):
         self.total = 0
         self.first_start: float | None = None
         self.last_finish: float | None = None
+        self.cpu_at_start = self.cpu_at_finish = 0.0  # the driver process's CPU time at those two moments
         self.bar = None
 
     # -- what a stage says about itself ------------------------------------------------------------------------
@@ -54,6 +55,9 @@ class Stage(ABC):
 
     def finish(self, unit, result) -> None:  # noqa: B027 - optional: stages without a driver-side result
         """Take the unit's result on the driver (small: tables and counts) and record it in the work store."""
+
+    def flush(self) -> None:  # noqa: B027 - optional: stages that buffer their records
+        """Write what ``finish`` buffered (called once per batch of results: one fsync for many units)."""
 
     def take(self) -> list:
         """Units to start now: in order, while the head one is ready and there is room."""
@@ -84,6 +88,11 @@ class Stage(ABC):
             return 0.0
         return self.last_finish - self.first_start
 
+    @property
+    def driver_cpu_seconds(self) -> float:
+        """CPU time of the driver process (all its threads, Ray's included) over ``seconds``."""
+        return max(0.0, self.cpu_at_finish - self.cpu_at_start)
+
     def close(self) -> None:  # noqa: B027 - optional: stages holding workers release them here
         """Release what the stage holds (actors) once it has nothing left to do."""
 
@@ -110,7 +119,8 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
             for stage in stages:
                 for unit in stage.take():
                     started = True
-                    stage.first_start = stage.first_start or time.perf_counter()
+                    if stage.first_start is None:
+                        stage.first_start, stage.cpu_at_start = time.perf_counter(), time.process_time()
                     ref = stage.start(unit)
                     if isinstance(ref, Local):
                         _finished(stage, unit, ref.value)
@@ -136,6 +146,8 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
                 except Exception as e:  # a worker's exception, or an actor that died too often
                     raise distribute.unwrap(e) from None
                 _finished(stage, unit, result)
+            for stage in stages:
+                stage.flush()
     finally:
         for stage in stages:
             stage.close()
@@ -145,6 +157,6 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
 
 def _finished(stage: Stage, unit, result) -> None:
     stage.finish(unit, result)
-    stage.last_finish = time.perf_counter()
+    stage.last_finish, stage.cpu_at_finish = time.perf_counter(), time.process_time()
     if stage.bar is not None:
         stage.bar.update(stage.weight(unit))
