@@ -42,7 +42,7 @@ class PredictStage(Stage):
         self.actors: list = []
         self.queues: list[deque] = []
         self.load: list[int] = []
-        self.arrivals: list[tuple[float, int]] = []
+        self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
         self.stolen = 0
         self.actor_start_s = 0.0
 
@@ -61,8 +61,8 @@ class PredictStage(Stage):
         return len(unit[2])
 
     def is_done(self, unit) -> bool:
-        z, _, positions = unit
-        return self.store.slice_done(z) or all((z, *p) in self.records[z] for p in positions)
+        z, _, positions = unit  # units are made for unfinished slices only
+        return all((z, *p) in self.records[z] for p in positions)
 
     def plan(self) -> None:
         super().plan()
@@ -123,7 +123,9 @@ class PredictStage(Stage):
         z, a, _ = unit
         self.load[a] -= 1
         fragments = result["fragments"]
-        self.arrivals.append((time.perf_counter(), len(fragments)))
+        now, a = time.perf_counter(), self.arrivals
+        a[2] += len(fragments) if a[0] else 0
+        a[0], a[1] = a[0] or now, now
         self.records[z].update(fragments)
         self.unlogged[z] += fragments
         for key, rows in result["zoverlaps"]:
@@ -150,7 +152,5 @@ class PredictStage(Stage):
 
     def steady_rate(self) -> float | None:
         """Tiles per second from the first batch's result to the last: prediction without actor start-up."""
-        a = self.arrivals
-        if len(a) < 3:
-            return None
-        return round(sum(n for _, n in a[1:]) / (a[-1][0] - a[0][0]), 3)
+        first, last, tiles = self.arrivals
+        return round(tiles / (last - first), 3) if last > first else None

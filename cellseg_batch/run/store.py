@@ -108,8 +108,11 @@ class WorkStore:
     def link_stats_path(self) -> Path:
         return self.root / "post" / "link_stats.json"
 
+    def _marks_dir(self, stage: str) -> Path:
+        return self.root / "post" / "done" / stage
+
     def marker(self, stage: str, unit: tuple[int, ...]) -> Path:
-        return self.root / "post" / "done" / stage / "_".join(str(int(u)) for u in unit)
+        return self._marks_dir(stage) / "_".join(str(int(u)) for u in unit)
 
     # -- run metadata -------------------------------------------------------------------------------------------
     def read_run(self) -> dict | None:
@@ -240,6 +243,13 @@ class WorkStore:
 
     def marked(self, stage: str, unit: tuple[int, ...]) -> bool:
         return self.marker(stage, unit).exists()
+
+    def marks(self, stage: str) -> set[tuple[int, ...]]:
+        """Every unit marked done for a stage, from one directory listing (not a file check per unit)."""
+        folder = self._marks_dir(stage)
+        if not folder.is_dir():
+            return set()
+        return {tuple(int(v) for v in p.name.split("_")) for p in folder.iterdir() if p.name[0].isdigit()}
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())

@@ -54,9 +54,10 @@ class WriteStage(Stage):
                 yield (z, by, bx)
 
     def is_done(self, unit) -> bool:
-        return self.store.marked("write", unit)
+        return unit in self.marks
 
     def plan(self) -> None:
+        self.marks = self.store.marks("write")
         super().plan()
         for z, _, _ in self.todo:
             self.left[z] = self.left.get(z, 0) + 1
@@ -110,7 +111,11 @@ class PyramidStage(Stage):
         return range(self.n_slices) if self.write.block_levels < self.write.levels else []
 
     def is_done(self, z) -> bool:
-        return self.store.marked("pyramid", (z,))
+        return (z,) in self.marks
+
+    def plan(self) -> None:
+        self.marks = self.store.marks("pyramid")
+        super().plan()
 
     def is_ready(self, z) -> bool:
         return self.write.left.get(z, 0) == 0
