@@ -67,11 +67,11 @@ def open_array(path: str | Path, mode: str = "r+"):
         return zarr.open_array(str(path), mode=mode)
 
 
-class ChunkWriter:
-    """Whole, aligned chunks of a zarr v2 array on a local filesystem: encoded here with the array's own codec and
-    handed to zarr's store in one synchronous call (``LocalStore.set_sync``, which writes atomically). zarr-python's
-    ``array[...] = data`` adds several ms per chunk of asyncio hand-offs (measured in benchmarks/REPORT.md), and
-    every chunk this tool writes is whole. Other arrays and stores take the ordinary path."""
+class ChunkIO:
+    """Whole, aligned chunks of a zarr v2 array on a local filesystem, coded here with the array's own codec and
+    moved by zarr's store in one synchronous call (``LocalStore.set_sync``, which writes atomically, and
+    ``get_sync``). zarr-python's ``array[...]`` adds several ms per chunk of asyncio hand-offs (measured in
+    benchmarks/REPORT.md), and every chunk this tool moves is whole. Other arrays and stores take the ordinary path."""
 
     def __init__(self, array):
         meta = array.metadata
@@ -98,6 +98,17 @@ class ChunkWriter:
         raw = np.ascontiguousarray(data, dtype=self.dtype)
         blob = self.codec.encode(raw) if self.codec is not None else raw.tobytes()
         self.store.set_sync(self.prefix + self.key(tuple(coords)), self.buffer.from_bytes(blob))
+
+    def read(self, coords: tuple[int, ...]) -> np.ndarray:
+        """Chunk ``coords`` whole (edge chunks include their padding); the fill value where it was never written."""
+        if not self.direct:
+            return np.asarray(self.array[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, self.chunks))])
+        blob = self.store.get_sync(self.prefix + self.key(tuple(coords)))
+        if blob is None:
+            return np.full(self.chunks, self.fill, dtype=self.dtype)
+        raw = blob.to_bytes()
+        data = self.codec.decode(raw) if self.codec is not None else raw
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
 
 def _codec(dtype, label: bool):
@@ -191,20 +202,21 @@ class Output:
         """A class's label array (``name``), or the image copy (``None``), at ``level``."""
         return self.image(level) if name is None else self.labels(name, level)
 
-    def write_levels(self, name: str | None, z: int, y0: int, x0: int, block: np.ndarray, levels: int) -> None:
-        """Write ``block`` (level-0 pixels of slice z from (y0, x0), aligned to the chunks of every level written)
-        to levels 0 .. levels-1 of a layer, each level made from the one below in memory. All-zero label chunks
-        stay unwritten (they read as 0)."""
+    def write_levels(self, name: str | None, z: int, y0: int, x0: int, block: np.ndarray, levels: int,
+                     first_level: int = 0) -> None:  # fmt: skip
+        """Write ``block`` (pixels of slice z at ``first_level`` from (y0, x0), aligned to the chunks of every level
+        written) to ``levels`` levels of a layer from ``first_level`` up, each made from the one below in memory.
+        All-zero label chunks stay unwritten (they read as 0)."""
         chunk = self.info["chunk"]
-        for level in range(levels):
-            writer = ChunkWriter(self.layer(name, level))
+        for level in range(first_level, first_level + levels):
+            writer = ChunkIO(self.layer(name, level))
             h, w = block.shape
             for by in range(0, h, chunk):
                 for bx in range(0, w, chunk):
                     part = block[by : by + chunk, bx : bx + chunk]
                     if name is None or part.any():
                         writer.write((z, (y0 + by) // chunk, (x0 + bx) // chunk), part[None])
-            if level + 1 < levels:
+            if level + 1 < first_level + levels:
                 block = block[::2, ::2] if name is not None else _mean2x2(block)
                 y0, x0 = y0 // 2, x0 // 2
 

@@ -12,12 +12,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import fastremap
 import numpy as np
 
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
-from ..write import ChunkWriter
+from ..write import ChunkIO
 from .store import WorkStore
 
 
@@ -49,7 +48,7 @@ class PredictorWorker:
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
         store = WorkStore(job.work_dir)
-        self.cores, self.bands = ChunkWriter(store.cores()), ChunkWriter(store.bands())
+        self.cores, self.bands = ChunkIO(store.cores()), ChunkIO(store.bands())
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self.cache_size = 0
         self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
@@ -126,20 +125,42 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
                      luts: list[np.ndarray], levels: int, volume, z_offset: int) -> None:  # fmt: skip
     """One block of tile cores of slice z, written once: fragment ids replaced by object ids (``luts``, one per
     tile), every class layer and the image copy at level 0 and at the ``levels - 1`` levels above it, built from
-    the block in memory. The block is aligned to those levels' chunks, so no other writer shares them."""
+    the block in memory. The block is aligned to those levels' chunks, so no other writer shares them. Level 0 is
+    written tile by tile; only level 1 (a quarter of the pixels) is assembled for the block."""
     from ..write import Output
 
     out = Output(out_path)
-    data = np.asarray(WorkStore(work_dir).cores()[z, :, block.y0 : block.y1, block.x0 : block.x1])
-    ids = np.zeros(data.shape, dtype=luts[0].dtype if luts else np.uint32)
-    for (iy, ix), lut in zip(tiles, luts):
-        ys, xs = grid.core(iy, ix).relative_to(block)
-        # fastremap keeps the last lookup: on labels (long runs of one id) several times numpy's lut[data]
-        ids[:, ys, xs] = fastremap.remap(data[:, ys, xs], dict(enumerate(lut.tolist())))
+    store = ChunkIO(WorkStore(work_dir).cores())
+    cores = [store.read((z, 0, iy, ix)) for iy, ix in tiles]  # each core read once, here
     for c, name in enumerate(out.info["classes"]):
-        out.write_levels(name, z, block.y0, block.x0, ids[c], levels)
+        level0 = ChunkIO(out.labels(name, 0))
+        level1 = np.zeros((-(-block.shape[0] // 2), -(-block.shape[1] // 2)), dtype=luts[0].dtype)
+        for (iy, ix), lut, tile in zip(tiles, luts, cores):
+            core = grid.core(iy, ix)
+            ys, xs = core.relative_to(block)
+            ids = relabel(tile[0, c, : core.y1 - core.y0, : core.x1 - core.x0], lut)
+            if ids is None:  # nothing of this class in the tile: the chunk stays unwritten (reads as 0)
+                continue
+            level0.write((z, iy, ix), ids[None])
+            level1[ys.start // 2 : -(-ys.stop // 2), xs.start // 2 : -(-xs.stop // 2)] = ids[::2, ::2]
+        if levels > 1:
+            out.write_levels(name, z, block.y0 // 2, block.x0 // 2, level1, levels - 1, first_level=1)
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
+
+
+def relabel(ids: np.ndarray, lut: np.ndarray) -> np.ndarray | None:
+    """``lut[ids]`` (tile-local ids -> object ids), or None where ``ids`` is all 0. Sparse layers (organelles)
+    look up only their foreground pixels."""
+    count = np.count_nonzero(ids)
+    if count == 0:
+        return None
+    if count > ids.size // 4:
+        return lut[ids]
+    where = np.flatnonzero(ids)
+    out = np.zeros(ids.shape, dtype=lut.dtype)
+    out.ravel()[where] = lut[ids.ravel()[where]]
+    return out
 
 
 def pyramid_task(out_path: str, z: int, from_level: int) -> None:
