@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
 from .store import WorkStore
-from .write import PyramidStage, WriteStage
+from .write import PreviewStage, PyramidStage, WriteStage
 
 log = logging.getLogger("cellseg_batch")
 
@@ -164,11 +165,18 @@ class Run:
     def execute(self) -> dict:
         cfg = self.cfg
         t_start, self.cpu_start = time.perf_counter(), time.process_time()
-        mode = self._prepare()
-        log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
-                 cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap, ", ".join(self.classes))  # fmt: skip
+        mode = None  # known once the earlier run's leftovers are settled
         try:
-            self._timed("ray_start", distribute.start, cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
+            # Ray starts (seconds) while the plan is settled and the normalization sampled, not after
+            with ThreadPoolExecutor(1) as pool:
+                prepared = pool.submit(self._prepare)
+                try:
+                    self._timed("ray_start", distribute.start, cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
+                finally:
+                    mode = prepared.result()  # a problem with the input or output is reported first
+            log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
+                     cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap,
+                     ", ".join(self.classes))  # fmt: skip
             report = self._stages(mode, t_start)
         except UserError:
             if mode == "fresh":  # bad input found mid-run: leave nothing that could pass for a result
@@ -194,9 +202,11 @@ class Run:
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
                            limit)  # fmt: skip
         pyramid = PyramidStage(store, nz, self.output, write, limit)
-        self.stages = [predict, stitch, link, write, pyramid]
+        preview = PreviewStage(nz, self.output, pyramid)
+        self.stages = [predict, stitch, link, write, pyramid, preview]
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
         drive(self.stages, bar=self._bar)
+        self._timed("ray_stop", distribute.stop)  # what is left runs here: free the cluster (or our share of it)
         self.counts["tiles"] = nz * len(grid)
         self.counts["tiles_predicted_now"] = predict.remaining
         self.counts["batches_rebalanced"] = predict.stolen
@@ -235,8 +245,6 @@ class Run:
         return count, self.cfg.cpus_per_actor or 1, 0, 1
 
     def _finish(self, table, stats, mode: str, t_start: float) -> dict:
-        from ..preview import render_output
-
         out, cfg = self.output, self.cfg
         out.write_table(table, self.classes)
         touching = sum(int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0]))
@@ -288,7 +296,6 @@ class Run:
             "versions": _versions(),
             "warnings": self.warnings,
         }  # fmt: skip
-        render_output(out, out.meta_dir / "preview.png")
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)

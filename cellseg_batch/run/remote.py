@@ -168,3 +168,11 @@ def pyramid_task(out_path: str, z: int, from_level: int) -> None:
     from ..write import Output
 
     Output(out_path).build_pyramid(z, from_level)
+
+
+def preview_task(out_path: str, z: int, path: str) -> None:
+    """The preview picture of slice z, once it is written (matplotlib takes a second or two: off the driver)."""
+    from ..preview import render_output
+    from ..write import Output
+
+    render_output(Output(out_path), path, z)

@@ -9,7 +9,7 @@ from ..stitch import tile_starts
 from ..tiles import Box, TileGrid
 from ..write import Output, label_dtype
 from .link import LinkStage
-from .remote import pyramid_task, write_block_task
+from .remote import preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
 
@@ -125,3 +125,34 @@ class PyramidStage(Stage):
 
     def finish(self, z, result) -> None:
         self.store.mark("pyramid", (z,))
+        self.marks.add((z,))
+
+    def slice_done(self, z: int) -> bool:
+        """Every level of every layer of slice z is written."""
+        return self.write.left.get(z, 0) == 0 and (self.write.block_levels == self.write.levels or (z,) in self.marks)
+
+
+class PreviewStage(Stage):
+    """Unit: the middle slice's picture (``cellseg/preview.png``), drawn as soon as that slice is written."""
+
+    name = "preview"
+    reads = ("labels/<class>/k", "image k")
+    writes = ("cellseg/preview.png",)
+
+    def __init__(self, n_slices: int, output: Output, pyramid: PyramidStage):
+        super().__init__()
+        self.z, self.output, self.pyramid = n_slices // 2, output, pyramid
+        self.path = output.meta_dir / "preview.png"
+        self.task = distribute.remote_task(preview_task)
+
+    def units(self):
+        return [self.z]
+
+    def is_done(self, z) -> bool:
+        return self.path.exists()
+
+    def is_ready(self, z) -> bool:
+        return self.pyramid.slice_done(z)
+
+    def start(self, z):
+        return self.task.remote(str(self.output.path), z, str(self.path))
