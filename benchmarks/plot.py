@@ -43,22 +43,35 @@ def labels_figure() -> None:
     if not path.exists():
         return
     r = json.loads(path.read_text())
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for label, key, colour in (("with image copy", "ceiling", "#27a"), ("--no-image", "ceiling_no_image", "#5c9")):
-        t = r[key]["time_s"]
-        stages = [k for k in ("predict", "stitch_after_predict", "link", "write", "finish") if k in t]
-        a.barh([f"{s}" for s in stages], [t[s] for s in stages], alpha=0.7, label=f"{label}: "
-               f"{r[key]['mvoxel_per_s_end_to_end']:.1f} MVoxel/s end to end", color=colour)  # fmt: skip
-    a.set_xlabel("seconds")
-    a.set_title(f"labels predictor, {r['ceiling']['shape']} voxels", fontsize=9)
-    a.legend(fontsize=7)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.4), gridspec_kw={"width_ratios": [2.2, 1.2, 1]})
+    stages = [s for s in r["ceiling"]["stages"] if s["span_s"]]
+    colours = ["#27a", "#a72", "#888", "#2a7", "#5c9", "#c94"]
+    for i, s in enumerate(stages):
+        t0, t1 = s["span_s"]
+        a.barh(s["name"], t1 - t0, left=t0, color=colours[i % len(colours)])
+    fixed = r["ceiling"]["fixed_s"]
+    a.barh("ray start", fixed["ray_start"], left=0, color="#ccc")
+    a.axvline(r["ceiling"]["time_s"]["total"], color="k", lw=0.8, ls=":")
+    a.invert_yaxis()
+    a.set_xlabel("seconds from the run's start (stages overlap)")
+    a.set_title(f"labels predictor, {'x'.join(map(str, r['ceiling']['shape']))}, 2 cores", fontsize=9)
+    names = ["run\n(image copy)", "floor\n(image copy)", "run\n--no-image"]
+    values = [r["ceiling"]["mvoxel_per_s_end_to_end"], r["floor"]["mvoxel_per_s"],
+              r["ceiling_no_image"]["mvoxel_per_s_end_to_end"]]  # fmt: skip
+    b.bar(names, values, color=["#27a", "#888", "#5c9"])
+    for i, v in enumerate(values):
+        b.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    b.set_ylabel("MVoxel / s, end to end")
+    b.set_title(f"run / floor = {r['ceiling_over_floor']:.2f}x (same output codecs)", fontsize=9)
+    b.tick_params(axis="x", labelsize=8)
     mem = r["driver_memory"]
-    b.bar([f"{m['shape'][0]}x{m['shape'][1]}x{m['shape'][2]}\n{m['mvoxel']:.0f} MVoxel" for m in mem],
+    c.bar([f"{m['shape'][0]}x{m['shape'][1]}x{m['shape'][2]}\n{m['mvoxel']:.0f} MVoxel" for m in mem],
           [m["driver_peak_rss_mb"] for m in mem], color="#a72")  # fmt: skip
     for i, m in enumerate(mem):
-        b.text(i, m["driver_peak_rss_mb"], f"{m['driver_peak_rss_mb']:.0f} MB", ha="center", va="bottom", fontsize=8)
-    b.set_ylabel("driver peak RSS (MB)")
-    b.set_title("driver memory, volumes 8x apart", fontsize=9)
+        c.text(i, m["driver_peak_rss_mb"], f"{m['driver_peak_rss_mb']:.0f} MB", ha="center", va="bottom", fontsize=8)
+    c.set_ylabel("driver peak RSS (MB)")
+    c.set_title("driver memory, volumes 8x apart", fontsize=9)
+    c.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "labels_ceiling_memory.png", dpi=110)
 

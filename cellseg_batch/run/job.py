@@ -98,6 +98,10 @@ class Run:
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
         self.normalization: Normalization | None = None
         self.counts: dict = {}
+        self.resources: dict = {}
+        self.stages: list = []
+        self.steady: float | None = None
+        self.cpu_start = 0.0
 
     def _pixel_size(self) -> tuple[float, float, float] | None:
         """--pixel-size, else what the file records, completed by the model's; checked against the model's."""

@@ -42,6 +42,7 @@ class PredictStage(Stage):
         self.actors: list = []
         self.queues: list[deque] = []
         self.load: list[int] = []
+        self.per_actor = 2  # calls in flight per actor: one queued behind the running one keeps it busy
         self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
         self.stolen = 0
         self.actor_start_s = 0.0
@@ -106,7 +107,6 @@ class PredictStage(Stage):
         t = time.perf_counter()
         # with a GPU two calls run at once: one reads and post-processes on the CPU while the other computes on
         # the GPU; on CPUs alone they would fight over the same cores (measured: 16 vs 20 tiles/s on 2 cores)
-        self.per_actor = 2
         cls = ray.remote(PredictorWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=distribute.ACTOR_RESTARTS,
             max_task_retries=distribute.TASK_RETRIES, max_concurrency=2 if gpus else 1,

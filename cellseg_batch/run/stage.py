@@ -31,6 +31,7 @@ class Stage(ABC):
         self.todo: deque = deque()
         self.in_flight = 0
         self.total = 0
+        self.remaining = 0  # of ``total``: what this run does (the rest was done by an earlier one)
         self.first_start: float | None = None
         self.last_finish: float | None = None
         self.cpu_at_start = self.cpu_at_finish = 0.0  # the driver process's CPU time at those two moments

@@ -46,7 +46,8 @@ class WriteStage(Stage):
         self.task = distribute.remote_task(write_block_task)
         self.dtype: np.dtype | None = None
         self._luts: tuple[int, list] | None = None
-        self.left: dict[int, int] = {}
+        self.left: dict[int, int] = {}  # blocks of a slice still to write
+        self.marks: set = set()
 
     def units(self):
         for z in range(self.n_slices):
@@ -106,6 +107,7 @@ class PyramidStage(Stage):
         super().__init__()
         self.store, self.n_slices, self.output, self.write, self.limit = store, n_slices, output, write, limit
         self.task = distribute.remote_task(pyramid_task)
+        self.marks: set = set()
 
     def units(self):
         return range(self.n_slices) if self.write.block_levels < self.write.levels else []
