@@ -28,6 +28,7 @@ bench: setup
 	test -f demo/model/cellseg.json || $(BIN)/cellseg-batch demo demo/
 	$(BIN)/python benchmarks/bench_detectron2.py --model demo/model
 	$(BIN)/python benchmarks/bench_labels.py
+	$(BIN)/python benchmarks/bench_driver.py
 	$(BIN)/python benchmarks/plot.py
 
 lint: setup
