@@ -151,6 +151,7 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
                 stage.flush()
     finally:
         for stage in stages:
+            stage.flush()  # results that arrived before an error or Ctrl-C count on the next run
             stage.close()
             if stage.bar is not None:
                 stage.bar.close()
