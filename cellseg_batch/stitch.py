@@ -52,25 +52,48 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
     if n == 0:
         return rows
     for layer in tile.labels:
-        ids = layer[ys, xs]
-        if not ids.any():  # organelle layers are often empty
+        stats = _layer_statistics(layer[ys, xs], n)
+        if stats is None:
             continue
-        stats = cc3d.statistics(np.ascontiguousarray(ids))  # counts, boxes and centroids in one pass
-        area = stats["voxel_counts"][1 : n + 1]
-        here = np.flatnonzero(area > 0)  # ids are unique across layers: each id's pixels are all in one layer
-        if len(here) == 0:
-            continue
-        a = area[here]
-        centroids = stats["centroids"][here + 1]
-        boxes = [stats["bounding_boxes"][i + 1] for i in here]
-        rows["area"][here] = a
-        rows["sy"][here] = (centroids[:, 0] + core.y0) * a
-        rows["sx"][here] = (centroids[:, 1] + core.x0) * a
-        rows["y0"][here] = [b[0].start + core.y0 for b in boxes]
-        rows["y1"][here] = [b[0].stop + core.y0 for b in boxes]
-        rows["x0"][here] = [b[1].start + core.x0 for b in boxes]
-        rows["x1"][here] = [b[1].stop + core.x0 for b in boxes]
+        here, area, cy, cx, y0, y1, x0, x1 = stats  # ids are unique across layers: each id's pixels are all here
+        rows["area"][here] = area
+        rows["sy"][here], rows["sx"][here] = (cy + core.y0) * area, (cx + core.x0) * area
+        rows["y0"][here], rows["y1"][here] = y0 + core.y0, y1 + core.y0
+        rows["x0"][here], rows["x1"][here] = x0 + core.x0, x1 + core.x0
     return rows
+
+
+def _layer_statistics(ids: np.ndarray, n: int):
+    """For the ids 1..n present in a label image: (row indices id-1, pixel counts, centroid y and x, bounding boxes
+    y0, y1, x0, x1), in the image's coordinates; None where it is empty. Dense layers (cells) in one pass of
+    ``cc3d.statistics``; sparse ones (organelles) from their foreground pixels only, several times faster there."""
+    count = np.count_nonzero(ids)
+    if count == 0:
+        return None
+    if count > ids.size // 8:
+        stats = cc3d.statistics(np.ascontiguousarray(ids))
+        area = stats["voxel_counts"][1 : n + 1]
+        here = np.flatnonzero(area > 0)
+        centroids = stats["centroids"][here + 1]
+        boxes = np.array([[b[0].start, b[0].stop, b[1].start, b[1].stop] for b in
+                          (stats["bounding_boxes"][i + 1] for i in here)], dtype=np.int64).reshape(-1, 4)  # fmt: skip
+        return here, area[here], centroids[:, 0], centroids[:, 1], *boxes.T
+    flat = np.ascontiguousarray(ids).ravel()
+    where = np.flatnonzero(flat)
+    v = flat[where].astype(np.int64)
+    py, px = where // ids.shape[1], where % ids.shape[1]
+    area = np.bincount(v, minlength=n + 1)
+    here = np.flatnonzero(area[1:] > 0)
+    a = area[here + 1]
+    cy = np.bincount(v, weights=py, minlength=n + 1)[here + 1] / a
+    cx = np.bincount(v, weights=px, minlength=n + 1)[here + 1] / a
+    bounds = []
+    for coord, reduce, start, shift in ((py, np.minimum, ids.shape[0], 0), (py, np.maximum, -1, 1),
+                                        (px, np.minimum, ids.shape[1], 0), (px, np.maximum, -1, 1)):  # fmt: skip
+        out = np.full(n + 1, start, dtype=np.int64)
+        reduce.at(out, v, coord)
+        bounds.append(out[here + 1] + shift)
+    return here, a, cy, cx, bounds[0], bounds[1], bounds[2], bounds[3]
 
 
 def contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
