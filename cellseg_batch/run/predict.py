@@ -40,6 +40,8 @@ class PredictStage(Stage):
         self.unlogged: dict[int, list] = defaultdict(list)
         self.unlogged_zov: dict[int, list] = defaultdict(list)
         self.actors: list = []
+        self.shares: list[list[tuple[int, int]]] = []
+        self.slices_left: deque = deque()
         self.queues: list[deque] = []
         self.load: list[int] = []
         self.per_actor = 2  # calls in flight per actor: one queued behind the running one keeps it busy
@@ -47,16 +49,25 @@ class PredictStage(Stage):
         self.stolen = 0
         self.actor_start_s = 0.0
 
-    def units(self):
-        count = self.layout[0]
+    def _shares(self) -> list[list[tuple[int, int]]]:
+        """Each actor's tile positions: a run of neighbours in raster order."""
         positions = list(self.grid.positions())
-        share = -(-len(positions) // count)
+        share = -(-len(positions) // self.layout[0])
+        return [positions[a * share : (a + 1) * share] for a in range(self.layout[0])]
+
+    def _slice_units(self, z: int) -> list[list[tuple]]:
+        """The batches ``(z, actor, positions)`` of slice z's tiles still to predict, per actor."""
+        done = self.records[z]
+        out = []
+        for a, share in enumerate(self.shares):
+            mine = [p for p in share if (z, *p) not in done]
+            out.append([(z, a, tuple(mine[i : i + self.batch_size])) for i in range(0, len(mine), self.batch_size)])
+        return out
+
+    def units(self):
         for z in sorted(self.records):
-            done = self.records[z]
-            for a in range(count):
-                mine = [p for p in positions[a * share : (a + 1) * share] if (z, *p) not in done]
-                for i in range(0, len(mine), self.batch_size):
-                    yield (z, a, tuple(mine[i : i + self.batch_size]))
+            for batches in self._slice_units(z):
+                yield from batches
 
     def weight(self, unit) -> int:
         return len(unit[2])
@@ -66,19 +77,28 @@ class PredictStage(Stage):
         return all((z, *p) in self.records[z] for p in positions)
 
     def plan(self) -> None:
-        super().plan()
-        count = self.layout[0]
-        self.queues = [deque() for _ in range(count)]
-        for unit in self.todo:
-            self.queues[unit[1]].append(unit)
-        self.todo.clear()
-        self.load = [0] * count
+        """Units are made a slice at a time, as the queues need them (a volume of millions of tiles is never listed
+        at once); the counts come from the logs."""
+        self.shares = self._shares()
+        self.slices_left = deque(sorted(self.records))
+        self.total = self.n_slices * len(self.grid)
+        self.remaining = sum(len(self.grid) - len(self.records[z]) for z in self.slices_left)
+        self.queues = [deque() for _ in self.shares]
+        self.load = [0] * len(self.shares)
+
+    def _refill(self) -> None:
+        """Queue the next slices' batches while an actor (with positions) has fewer than two calls' worth queued."""
+        working = [q for q, share in zip(self.queues, self.shares) if share]
+        while self.slices_left and min(len(q) for q in working) < 2 * self.per_actor:
+            for queue, batches in zip(self.queues, self._slice_units(self.slices_left.popleft())):
+                queue.extend(batches)
 
     @property
     def busy(self) -> bool:
-        return any(self.queues) or self.in_flight > 0
+        return any(self.queues) or bool(self.slices_left) or self.in_flight > 0
 
     def take(self) -> list:
+        self._refill()
         if not any(self.queues):
             return []
         if not self.actors:
@@ -88,6 +108,8 @@ class PredictStage(Stage):
             while self.load[a] < self.per_actor:
                 queue = self.queues[a]
                 if not queue:
+                    self._refill()
+                if not queue:  # no slices left to deal: help the actor with the most queued
                     longest = max(self.queues, key=len)
                     if len(longest) < 2:
                         break
@@ -98,6 +120,7 @@ class PredictStage(Stage):
                     unit = queue.popleft()
                 self.load[a] += 1
                 out.append((unit[0], a, unit[2]))
+        self._refill()
         return out
 
     def _start_actors(self) -> None:
