@@ -326,3 +326,22 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     predict = stages()[0]
     predict.plan()
     assert predict.remaining == len(grid) and not stitch.is_ready(2)
+
+
+def test_a_predictor_from_outside_the_package_is_loaded_by_module_name(tmp_path, monkeypatch):
+    """--predictor MODULE:NAME imports MODULE (which registers NAME); the spec tells workers to import it too."""
+    from cellseg_batch.predict import resolve_predictor
+
+    (tmp_path / "lab_predictors.py").write_text(
+        "from cellseg_batch.predict import register\n"
+        "from cellseg_batch.predict.labels_predictor import LabelsPredictor\n\n"
+        "@register('lab_labels')\nclass LabPredictor(LabelsPredictor):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls = resolve_predictor("lab_predictors:lab_labels")
+    assert cls.__name__ == "LabPredictor" and cls.__module__ == "lab_predictors"
+    assert resolve_predictor("lab_labels") is cls  # registered once, found by name from then on
+    with pytest.raises(UserError, match="cannot import 'no_such_module'"):
+        resolve_predictor("no_such_module:x")
+    with pytest.raises(UserError, match="unknown predictor 'nothing'"):
+        resolve_predictor("lab_predictors:nothing")
