@@ -120,7 +120,6 @@ class PredictStage(Stage):
                     unit = queue.popleft()
                 self.load[a] += 1
                 out.append((unit[0], a, unit[2]))
-        self._refill()
         return out
 
     def _start_actors(self) -> None:

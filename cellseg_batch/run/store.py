@@ -241,15 +241,9 @@ class WorkStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.touch()
 
-    def marked(self, stage: str, unit: tuple[int, ...]) -> bool:
-        return self.marker(stage, unit).exists()
-
     def marks(self, stage: str) -> set[tuple[int, ...]]:
         """Every unit marked done for a stage, from one directory listing (not a file check per unit)."""
         folder = self._marks_dir(stage)
         if not folder.is_dir():
             return set()
         return {tuple(int(v) for v in p.name.split("_")) for p in folder.iterdir() if p.name[0].isdigit()}
-
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
