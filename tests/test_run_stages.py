@@ -1,7 +1,9 @@
 """The run's parts one at a time: the work store, the resume rule, the stage loop, bands, z-overlaps from memory,
 the write stage's in-memory pyramid; and the --keep-tiles re-merge end to end."""
 
+import importlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -337,7 +339,9 @@ def test_a_predictor_from_outside_the_package_is_loaded_by_module_name(tmp_path,
         "from cellseg_batch.predict.labels_predictor import LabelsPredictor\n\n"
         "@register('lab_labels')\nclass LabPredictor(LabelsPredictor):\n    pass\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # not monkeypatch.syspath_prepend: it calls into pkg_resources, which an earlier test may have left half-imported
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    importlib.invalidate_caches()
     cls = resolve_predictor("lab_predictors:lab_labels")
     assert cls.__name__ == "LabPredictor" and cls.__module__ == "lab_predictors"
     assert resolve_predictor("lab_labels") is cls  # registered once, found by name from then on
