@@ -32,6 +32,7 @@ class RunConfig:
     pixel_size: str | None = None
     normalization: str | None = None
     write_image: bool = True
+    chunk: int = 512
     export_tiff: bool = False
     overwrite: bool = False
     work_dir: str | None = None
@@ -88,7 +89,7 @@ def check_run_config(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
-    minimum = {"batch_size": 1, "tile": 1, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}
+    minimum = {"batch_size": 1, "tile": 1, "chunk": 16, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}
     for name, low in minimum.items():
         value = getattr(cfg, name)
         if value is not None and value < low:

@@ -1,17 +1,23 @@
-"""Tile: the per-slice grid of overlapping windows whose cores partition the slice and are the output chunks.
+"""Tile: the per-slice grid of overlapping windows whose cores partition the slice.
 
-Tile (iy, ix) owns the core ``[iy*S, (iy+1)*S) x [ix*S, (ix+1)*S)`` (clipped to the slice), where S = tile - overlap
-is also the output chunk size, so each tile writes exactly one chunk per class and no two writers share a chunk.
-Its window (what the predictor sees) is the core grown by overlap/2 on every side, shifted inward at the slice
-edges so that it never leaves the image (no padding, full context at the borders). Every pixel of a core is thus
-at least overlap/2 from the window edge on interior sides: predictions near tile edges, the least reliable ones,
-never decide a pixel.
+The grid uses as few windows as a sliding window of ``tile`` px with ``overlap`` px between neighbours: n =
+ceil((size - overlap) / (tile - overlap)) per axis. Tile (iy, ix) owns a *core*, and the cores partition the slice:
+the cuts between cores are spread evenly, so interior cores are at most S = tile - overlap wide and the first and
+last at most S + overlap/2 (they need no margin on the slice's side). Its window (what the predictor sees) is the
+core grown by overlap/2 on every side, shifted inward at the slice edges so that it never leaves the image (no
+padding, full context at the borders). Every pixel of a core is thus at least overlap/2 from the window edge on
+interior sides: predictions near tile edges, the least reliable ones, never decide a pixel.
+
+The grid does not follow the output's chunks (that would cost a window per row and column wherever the slice is
+not a multiple of S): the write stage cuts cores into chunks (``run/write.py``).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 from .errors import UserError
@@ -66,22 +72,49 @@ class TileGrid:
 
     @property
     def stride(self) -> int:
+        """The widest interior core (a sliding window's step)."""
         return self.tile - self.overlap
+
+    @cached_property
+    def y_cuts(self) -> tuple[int, ...]:
+        """Core boundaries along y: ``ny + 1`` values from 0 to ``height``."""
+        return self._cuts(self.height)
+
+    @cached_property
+    def x_cuts(self) -> tuple[int, ...]:
+        return self._cuts(self.width)
+
+    def _cuts(self, size: int) -> tuple[int, ...]:
+        h = self.overlap // 2
+        n = max(1, -(-(size - self.overlap) // self.stride))
+        # inner cuts spread evenly over [h, size - h]: interior cores <= S, the two outer ones <= S + h
+        return (0, *(h + i * (size - 2 * h) // n for i in range(1, n)), size)
 
     @property
     def ny(self) -> int:
-        return -(-self.height // self.stride)
+        return len(self.y_cuts) - 1
 
     @property
     def nx(self) -> int:
-        return -(-self.width // self.stride)
+        return len(self.x_cuts) - 1
+
+    @property
+    def core_max(self) -> int:
+        """The largest core side: the slot each core has in the work store."""
+        return max(max(b - a for a, b in zip(c, c[1:])) for c in (self.y_cuts, self.x_cuts))
 
     def __len__(self) -> int:
         return self.ny * self.nx
 
     def core(self, iy: int, ix: int) -> Box:
-        s = self.stride
-        return Box(iy * s, min((iy + 1) * s, self.height), ix * s, min((ix + 1) * s, self.width))
+        ys, xs = self.y_cuts, self.x_cuts
+        return Box(ys[iy], ys[iy + 1], xs[ix], xs[ix + 1])
+
+    def cores_in(self, box: Box) -> list[tuple[int, int]]:
+        """Positions (raster order) whose cores meet ``box``."""
+        iy0, iy1 = bisect_right(self.y_cuts, box.y0) - 1, bisect_left(self.y_cuts, box.y1)
+        ix0, ix1 = bisect_right(self.x_cuts, box.x0) - 1, bisect_left(self.x_cuts, box.x1)
+        return [(iy, ix) for iy in range(max(iy0, 0), min(iy1, self.ny)) for ix in range(max(ix0, 0), min(ix1, self.nx))]
 
     def window(self, iy: int, ix: int) -> Box:
         core = self.core(iy, ix)

@@ -265,9 +265,10 @@ def test_write_levels_from_memory_equal_the_pyramid_built_level_by_level(tmp_pat
 
 
 def test_block_levels_and_label_dtype():
-    assert block_levels(TileGrid(4096, 4096, 1024, 32), 4) == 3  # 4 x 4 cores of 992 px: levels 0-2 from memory
-    assert block_levels(TileGrid(512, 512, 256, 32), 2) == 2
-    assert block_levels(TileGrid(8192, 8192, 4096, 0), 3) == 1  # a core is already a whole block
+    assert block_levels(512, 4) == 4  # 8 x 8 chunks of 512 px: a 4096 px block fills levels 0-3 from memory
+    assert block_levels(1024, 4) == 3
+    assert block_levels(256, 2) == 2
+    assert block_levels(8192, 3) == 1  # a chunk is already a whole block
     assert label_dtype(2**32 - 1) == np.uint32 and label_dtype(2**32) == np.uint64
 
 

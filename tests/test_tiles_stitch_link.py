@@ -29,6 +29,23 @@ def test_cores_partition_the_slice_and_windows_hold_their_core(shape, tile, over
     assert (owner == 1).all()
 
 
+@pytest.mark.parametrize("size,tile,overlap", [(2048, 256, 32), (2016, 256, 32), (2017, 256, 32), (4096, 1024, 32),
+                                               (1000, 64, 0), (513, 64, 2), (300, 256, 32), (256, 256, 32), (90, 64, 16)])
+def test_the_grid_needs_no_more_windows_than_a_sliding_window(size, tile, overlap):
+    g = TileGrid(size, size, tile, overlap)
+    step = tile - overlap
+    sliding = len(range(0, max(size - tile, 0) + step, step))  # windows at 0, step, ... until one reaches the end
+    assert g.ny == g.nx == sliding
+    for i in range(g.ny):
+        core, win = g.core(i, i), g.window(i, i)
+        # every interior core border keeps overlap/2 of context, also next to the slice's edges
+        assert core.y0 == 0 or core.y0 - win.y0 >= overlap // 2
+        assert core.y1 == size or win.y1 - core.y1 >= overlap // 2
+        assert core.shape[0] <= g.core_max
+    box = Box(size // 3, size // 3 + 1, 0, size)
+    assert g.cores_in(box) == [p for p in g.positions() if g.core(*p).intersect(box)]
+
+
 @pytest.mark.parametrize("tile,overlap", [(8, 0), (256, 3), (256, 200)])
 def test_bad_tile_settings_are_user_errors(tile, overlap):
     with pytest.raises(UserError):

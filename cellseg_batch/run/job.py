@@ -143,10 +143,11 @@ class Run:
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 2,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 3,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
-        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, cfg.link_iou, cfg.link_ioa, cfg.write_image])
+        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, cfg.link_iou, cfg.link_ioa, cfg.write_image,
+                               cfg.chunk])
         previous = self.store.read_run()
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
@@ -160,7 +161,7 @@ class Run:
                               "grid": asdict(self.grid), "classes": self.classes})  # fmt: skip
         if not out.exists:
             out.create(
-                self.shape, self.grid.stride, self.classes, self.volume.dtype if cfg.write_image else None,
+                self.shape, cfg.chunk, self.classes, self.volume.dtype if cfg.write_image else None,
                 self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
             )  # fmt: skip
         return decision.mode

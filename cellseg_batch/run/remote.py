@@ -111,40 +111,44 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
     pairs, touching = stitch_slice(store.bands(), grid, z, iou_min)
     counted = []
     if missing:
-        cores = store.cores()
+        cores = ChunkIO(store.cores())
         for iy, ix in missing:
-            c = grid.core(iy, ix)
-            a = np.asarray(cores[z, :, c.y0 : c.y1, c.x0 : c.x1])
-            b = np.asarray(cores[z + 1, :, c.y0 : c.y1, c.x0 : c.x1])
+            a, b = (read_core(cores, grid, zz, iy, ix) for zz in (z, z + 1))
             counted.append(zoverlaps(a, b, iy, ix))
     return {"pairs": pairs, "touching_unmatched": touching,
             "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
 
 
+def read_core(cores: ChunkIO, grid: TileGrid, z: int, iy: int, ix: int) -> np.ndarray:
+    """The core of tile (z, iy, ix) from its slot in the work store: (classes, h, w) tile-local ids."""
+    h, w = grid.core(iy, ix).shape
+    return cores.read((z, 0, iy, ix))[0, :, :h, :w]
+
+
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
                      luts: list[np.ndarray], levels: int, volume, z_offset: int) -> None:  # fmt: skip
-    """One block of tile cores of slice z, written once: fragment ids replaced by object ids (``luts``, one per
-    tile), every class layer and the image copy at level 0 and at the ``levels - 1`` levels above it, built from
-    the block in memory. The block is aligned to those levels' chunks, so no other writer shares them. Level 0 is
-    written tile by tile; only level 1 (a quarter of the pixels) is assembled for the block."""
+    """One block of output chunks of slice z, written once: the tile cores it meets with fragment ids replaced by
+    object ids (``luts``, one per tile), every class layer and the image copy at level 0 and at the
+    ``levels - 1`` levels above it, built from the block in memory. The block is aligned to those levels' chunks,
+    so no other writer shares them."""
     from ..write import Output
 
     out = Output(out_path)
     store = ChunkIO(WorkStore(work_dir).cores())
-    cores = [store.read((z, 0, iy, ix)) for iy, ix in tiles]  # each core read once, here
+    parts = []  # (where in the block, the core's part inside it), all classes
+    for iy, ix in tiles:
+        core = grid.core(iy, ix)
+        inside = core.intersect(block)
+        ids = read_core(store, grid, z, iy, ix)[(slice(None), *inside.relative_to(core))]
+        parts.append((inside.relative_to(block), ids))
+    dtype = luts[0].dtype if luts else np.uint32
     for c, name in enumerate(out.info["classes"]):
-        level0 = ChunkIO(out.labels(name, 0))
-        level1 = np.zeros((-(-block.shape[0] // 2), -(-block.shape[1] // 2)), dtype=luts[0].dtype)
-        for (iy, ix), lut, tile in zip(tiles, luts, cores):
-            core = grid.core(iy, ix)
-            ys, xs = core.relative_to(block)
-            ids = relabel(tile[0, c, : core.y1 - core.y0, : core.x1 - core.x0], lut)
-            if ids is None:  # nothing of this class in the tile: the chunk stays unwritten (reads as 0)
-                continue
-            level0.write((z, iy, ix), ids[None])
-            level1[ys.start // 2 : -(-ys.stop // 2), xs.start // 2 : -(-xs.stop // 2)] = ids[::2, ::2]
-        if levels > 1:
-            out.write_levels(name, z, block.y0 // 2, block.x0 // 2, level1, levels - 1, first_level=1)
+        labels = np.zeros(block.shape, dtype=dtype)
+        for (where, ids), lut in zip(parts, luts):
+            mapped = relabel(ids[c], lut)
+            if mapped is not None:  # nothing of this class there: zeros
+                labels[where] = mapped
+        out.write_levels(name, z, block.y0, block.x0, labels, levels)
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
 

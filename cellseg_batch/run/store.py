@@ -3,8 +3,9 @@
 Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
 
     run.json                 the run's configuration and fingerprints (a resume must match them)
-    cores.zarr               tile cores as predicted: (Z, classes, Y, X) uint16 tile-local ids, one chunk per tile
-                             core; written once by the actor, read once by the write stage
+    cores.zarr               tile cores as predicted: (Z, classes, NY*m, NX*m) uint16 tile-local ids, one chunk
+                             (slot) of m = grid.core_max pixels per tile, the core at its top left; written once by
+                             the actor, read by the write blocks it meets (once, where it lies inside one)
     bands.zarr               what stitching needs of each tile: (Z, NY, NX, 4 sides, classes, 2h, tile) uint16, the
                              window's labels within h = max(overlap/2, 1) pixels of each core border
     frag/zNNNNNN.part        fragment records of slice z while it is predicted (append-only npy blocks)
@@ -135,12 +136,12 @@ class WorkStore:
 
         for d in ("frag", "zov", "post"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        s, h = grid.stride, grid.band
+        m, h = grid.core_max, grid.band
         common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(),
                       chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
         if not self.cores_path.exists():
-            zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.height, grid.width),
-                              chunks=(1, n_classes, s, s), **common)  # fmt: skip
+            zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.ny * m, grid.nx * m),
+                              chunks=(1, n_classes, m, m), **common)  # fmt: skip
         if not self.bands_path.exists():
             zarr.create_array(str(self.bands_path), shape=(n_slices, grid.ny, grid.nx, 4, n_classes, 2 * h, grid.tile),
                               chunks=(1, 1, 1, 4, n_classes, 2 * h, grid.tile), **common)  # fmt: skip

@@ -16,18 +16,19 @@ from .store import WorkStore
 BLOCK_PIXELS = 4096  # a write block's side, at most (or one tile core where those are larger): bounds worker memory
 
 
-def block_levels(grid: TileGrid, levels: int) -> int:
-    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) tile cores spans exactly
+def block_levels(chunk: int, levels: int) -> int:
+    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) output chunks spans exactly
     one chunk of level k-1, so k levels are written with no chunk shared between blocks."""
     k = 1
-    while k < levels and 2**k * grid.stride <= max(BLOCK_PIXELS, grid.stride):
+    while k < levels and 2**k * chunk <= max(BLOCK_PIXELS, chunk):
         k += 1
     return k
 
 
 class WriteStage(Stage):
-    """Unit: a block of tile cores of one slice, ready once linking is done. Each core is read once from the work
-    store; the image copy is read from the volume in the same block."""
+    """Unit: a block of output chunks of one slice, ready once linking is done. A block reads the tile cores it
+    meets from the work store (a core inside one block is read once; one across a block border, by each block it
+    meets) and the image copy from the volume."""
 
     name = "write"
     reads = ("cores(z)", "fragments(z)", "lut(z)", "volume")
@@ -39,10 +40,9 @@ class WriteStage(Stage):
         self.store, self.grid, self.n_slices, self.output = store, grid, n_slices, output
         self.volume, self.z_offset, self.link, self.limit = volume, z_offset, link, limit
         self.levels = output.info["levels"]
-        self.block_levels = block_levels(grid, self.levels)
-        side = 2 ** (self.block_levels - 1)
-        self.side = side
-        self.blocks = [(by, bx) for by in range(-(-grid.ny // side)) for bx in range(-(-grid.nx // side))]
+        self.block_levels = block_levels(output.info["chunk"], self.levels)
+        self.side = side = output.info["chunk"] * 2 ** (self.block_levels - 1)  # pixels
+        self.blocks = [(by, bx) for by in range(-(-grid.height // side)) for bx in range(-(-grid.width // side))]
         self.task = distribute.remote_task(write_block_task)
         self.dtype: np.dtype | None = None
         self._luts: tuple[int, list] | None = None
@@ -72,9 +72,8 @@ class WriteStage(Stage):
             self.dtype = label_dtype(len(self.link.table))
             self.output.create_labels(self.dtype)
         s, g = self.side, self.grid
-        tiles = [(iy, ix) for iy in range(by * s, min((by + 1) * s, g.ny)) for ix in range(bx * s, min((bx + 1) * s, g.nx))]
-        first, last = g.core(*tiles[0]), g.core(*tiles[-1])
-        block = Box(first.y0, last.y1, first.x0, last.x1)
+        block = Box(by * s, min((by + 1) * s, g.height), bx * s, min((bx + 1) * s, g.width))
+        tiles = g.cores_in(block)
         luts = self._slice_luts(z)
         return self.task.remote(str(self.store.root), str(self.output.path), g, z, block, tiles,
                                 [luts[iy * g.nx + ix] for iy, ix in tiles], self.block_levels, self.volume,
