@@ -1,13 +1,21 @@
-"""`run` with the detectron2 predictor against a plain loop of detectron2's DefaultPredictor over the same tiles,
-with the same weights, normalization and tile grid, side by side in one process tree on this machine.
+"""`run` against a plain sliding-window loop of detectron2's DefaultPredictor, by volume per second, same weights,
+same torch threads, side by side in one script; and mask AP50 of both on the same windows against the truth.
 
-    python benchmarks/bench_detectron2.py [--model demo/model] [--shape 8,1024,1024]
+    python benchmarks/bench_detectron2.py [--model demo/model] [--shape 16,2048,2048]
+
+The loop is what a user would write: windows of the model's tile size at a step of tile - overlap (the last one
+shifted back to end at the slice's edge), read, normalized, ``DefaultPredictor(image)``. Its time counts the model
+load and the normalization sample, as `run`'s wall time counts Ray, the actors and everything after prediction
+(stitch, link, write). The accuracy check scores, on every loop window, the loop's detections and `run`'s
+output cut to the same window against the truth cut to it (COCO mask AP50, windows as images): the model's
+output before and after this tool's changes (batching, channels-last, bfloat16), not the stitching.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,80 +27,194 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_measured, save  # noqa: E402
 
 
-def default_predictor_loop(volume_path: str, model_dir: str) -> dict:
-    """The baseline a user would write: DefaultPredictor, one tile at a time, read then predict."""
+def sliding_windows(size: int, tile: int, step: int) -> list[int]:
+    """Window starts of a plain sliding window: 0, step, ... and the last one ending at the edge."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, step))
+    return starts + [size - tile]
+
+
+class WindowAP:
+    """Mask AP50 per class over windows (each window one COCO image), for one method."""
+
+    def __init__(self, classes: list[str], scores: dict[str, dict[int, float]] | None = None):
+        from cellseg_batch.evaluate import _MaskAP
+
+        self.ap = {c: _MaskAP(scores.get(c, {}) if scores is not None else {}) for c in classes}
+        self.image = 0
+
+    def add(self, pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> None:
+        for c, ap in self.ap.items():
+            ap.add(self.image, pred[c], truth[c])
+        self.image += 1
+
+    def result(self) -> dict:
+        per = {c: ap.result()["ap50"] for c, ap in self.ap.items()}
+        valid = [v for v in per.values() if v is not None]
+        return {"mask_ap50_mean": float(np.mean(valid)) if valid else None, "mask_ap50": per}
+
+
+def default_predictor_loop(volume_path: str, truth_path: str | None, model_dir: str) -> dict:
+    """The baseline. Scoring (when ``truth_path``) is done outside the timed part."""
     import torch
 
     from cellseg_batch.d2compat import detectron2_ready
     from cellseg_batch.model_dir import ModelDir
     from cellseg_batch.normalize import estimate
+    from cellseg_batch.predict.base import paint_instances
     from cellseg_batch.predict.detectron2_predictor import load_config
     from cellseg_batch.read import open_volume
-    from cellseg_batch.tiles import TileGrid
 
+    t_start = time.perf_counter()
     detectron2_ready()
+    import detectron2.modeling.meta_arch.rcnn as rcnn
     from detectron2.engine import DefaultPredictor
 
     model = ModelDir.load(model_dir)
     volume = open_volume(volume_path)
     norm = estimate(volume, (model.normalization["low"], model.normalization["high"]))
     predictor = DefaultPredictor(load_config(model, "cpu"))
-    grid = TileGrid(volume.shape[1], volume.shape[2], model.tile, model.overlap)
-    n, detections = 0, 0
-    t0 = time.perf_counter()
+    steps = {"read": 0.0, "normalize": 0.0, "forward": 0.0, "paste": 0.0}
+    paste = rcnn.detector_postprocess
+
+    def timed_paste(*a, **k):  # detectron2's mask pasting, inside the predictor call
+        t = time.perf_counter()
+        try:
+            return paste(*a, **k)
+        finally:
+            steps["paste"] += time.perf_counter() - t
+
+    rcnn.detector_postprocess = timed_paste
+    fixed = time.perf_counter() - t_start
+    classes = list(model.classes)
+    scores: dict[str, dict[int, float]] = {c: {} for c in classes}  # filled before each window is scored
+    scorer = WindowAP(classes, scores) if truth_path else None
+    truth = _Truth(truth_path, classes) if truth_path else None
+    nz, ny, nx = volume.shape
+    ys, xs = sliding_windows(ny, model.tile, model.tile - model.overlap), sliding_windows(nx, model.tile, model.tile - model.overlap)
+    n, detections, next_id = 0, 0, 1
+    timed = 0.0
     with torch.inference_mode():
-        for z in range(volume.shape[0]):
-            for iy, ix in grid.positions():
-                image = norm.apply(volume.read(z, *grid.window(iy, ix)))
-                out = predictor(np.repeat(image[:, :, None], 3, axis=2))
-                detections += len(out["instances"])
-                n += 1
-    elapsed = time.perf_counter() - t0
+        for z in range(nz):
+            for y0 in ys:
+                for x0 in xs:
+                    box = (y0, min(y0 + model.tile, ny), x0, min(x0 + model.tile, nx))
+                    t0 = time.perf_counter()
+                    raw = volume.read(z, *box)
+                    t1 = time.perf_counter()
+                    image = norm.apply(raw)
+                    t2 = time.perf_counter()
+                    out = predictor(np.repeat(image[:, :, None], 3, axis=2))["instances"]
+                    t3 = time.perf_counter()
+                    steps["read"] += t1 - t0
+                    steps["normalize"] += t2 - t1
+                    steps["forward"] += t3 - t2
+                    timed += t3 - t0
+                    detections += len(out)
+                    n += 1
+                    if scorer is not None:
+                        scorer.add(_loop_window(out, classes, next_id, scores, paint_instances), truth.window(z, box))
+                        next_id += len(out)
+    steps["forward"] -= steps["paste"]
+    seconds = fixed + timed
     voxels = int(np.prod(volume.shape))
-    return {"tiles": n, "seconds": elapsed, "tiles_per_s": n / elapsed, "mvoxel_per_s": voxels / 1e6 / elapsed,
-            "detections": detections, "torch_threads": torch.get_num_threads()}  # fmt: skip
+    row = {"tiles": n, "seconds": seconds, "fixed_s": fixed, "tiles_per_s": n / timed,
+           "mvoxel_per_s": voxels / 1e6 / seconds, "detections": detections, "torch_threads": torch.get_num_threads(),
+           "ms_per_tile": {k: 1000 * v / n for k, v in steps.items()}}  # fmt: skip
+    if scorer is not None:
+        row["accuracy"] = scorer.result()
+    return row
 
 
-def cellseg_run(volume_path: str, model_dir: str, batch_size: int, out: Path) -> dict:
-    m = run_measured(["run", volume_path, "--model", model_dir, "--out", out, "--batch-size", batch_size,
-                      "--no-image", "--no-progress", "--overwrite"])  # fmt: skip
+def _loop_window(out, classes, first_id, scores, paint_instances):
+    """The loop's detections of one window as label layers per class, with ids unique over the volume."""
+    labels = paint_instances(out.pred_masks, out.pred_classes.numpy(), out.scores.numpy(), len(classes))
+    ids = np.zeros(len(out) + 1, np.int64)
+    ids[1:] = np.arange(first_id, first_id + len(out))  # local id i -> a volume-wide id
+    layers = {}
+    for c, name in enumerate(classes):
+        layers[name] = ids[labels.labels[c]]
+    for local, (cls, score) in enumerate(zip(labels.classes, labels.scores), start=1):
+        scores[classes[int(cls)]][int(ids[local])] = float(score)
+    return layers
+
+
+class _Truth:
+    """A label OME-Zarr (truth or a run's output) read a slice at a time, cut into windows."""
+
+    def __init__(self, path: str, classes: list[str]):
+        from cellseg_batch.write import Output
+
+        self.out, self.classes, self.z, self.slice = Output(path), classes, None, {}
+
+    def window(self, z: int, box) -> dict[str, np.ndarray]:
+        if self.z != z:
+            self.slice = {c: np.asarray(self.out.labels(c, 0)[z]) for c in self.classes}
+            self.z = z
+        y0, y1, x0, x1 = box
+        return {c: a[y0:y1, x0:x1] for c, a in self.slice.items()}
+
+
+def score_run(out: Path, truth_path: str, classes: list[str], shape, tile: int, overlap: int) -> dict:
+    from cellseg_batch.evaluate import load_scores
+
+    scorer = WindowAP(classes, load_scores(out / "cellseg" / "objects.parquet"))
+    pred, truth = _Truth(str(out), classes), _Truth(truth_path, classes)
+    ys, xs = sliding_windows(shape[1], tile, tile - overlap), sliding_windows(shape[2], tile, tile - overlap)
+    for z in range(shape[0]):
+        for y0 in ys:
+            for x0 in xs:
+                box = (y0, min(y0 + tile, shape[1]), x0, min(x0 + tile, shape[2]))
+                scorer.add(pred.window(z, box), truth.window(z, box))
+    return scorer.result()
+
+
+def cellseg_run(volume_path: str, model_dir: str, out: Path, extra: list[str]) -> dict:
+    m = run_measured(["run", volume_path, "--model", model_dir, "--out", out, "--no-image", "--no-progress",
+                      "--overwrite", *extra])  # fmt: skip
     r = json.loads((out / "cellseg" / "report.json").read_text())
     voxels = int(np.prod(r["input"]["shape"]))
     t = r["time_s"]
-    return {"batch_size": batch_size, "tiles": r["counts"]["tiles"], "time_s": t,
+    return {"options": extra, "tiles": r["counts"]["tiles"], "time_s": t,
             "predict_tiles_per_s": r["counts"]["tiles"] / t["predict"],
             "predict_steady_tiles_per_s": r["throughput"]["tiles_per_s_steady"],
-            "predict_mvoxel_per_s": voxels / 1e6 / t["predict"],
-            "end_to_end_s": m["wall_s"], "end_to_end_tiles_per_s": r["counts"]["tiles"] / m["wall_s"],
-            "end_to_end_mvoxel_per_s": voxels / 1e6 / m["wall_s"], "objects": r["counts"]["objects"],
-            "driver_peak_rss_mb": m["driver_peak_rss_mb"]}  # fmt: skip
+            "ms_per_tile": r["throughput"]["actor_ms_per_tile"],
+            "end_to_end_s": m["wall_s"], "mvoxel_per_s": voxels / 1e6 / m["wall_s"],
+            "objects": r["counts"]["objects"], "driver_peak_rss_mb": m["driver_peak_rss_mb"]}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo/model", help="a model directory (make demo writes demo/model)")
-    p.add_argument("--shape", default="8,1024,1024")
+    p.add_argument("--shape", default="16,2048,2048")
+    p.add_argument("--name", default="detectron2_vs_defaultpredictor", help="results/NAME.json")
     args = p.parse_args()
     if not (Path(args.model) / "cellseg.json").exists():
         sys.exit(f"{args.model} is not a model directory; run `make demo` first or pass --model")
+    from cellseg_batch.model_dir import ModelDir
     from cellseg_batch.synth import write_synthetic
 
+    model = ModelDir.load(args.model)
     shape = tuple(int(v) for v in args.shape.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic(Path(tmp) / "vol", shape, seed=4)
-        volume = str(data["volume"])
-        rows = {"machine": machine(), "shape": shape, "model": args.model}
-        # interleaved, so that drift in the machine's load shows up as a difference between repeats
-        rows["baseline_1"] = default_predictor_loop(volume, args.model)
-        rows["run_batch4"] = cellseg_run(volume, args.model, 4, Path(tmp) / "b4.zarr")
-        rows["run_batch1"] = cellseg_run(volume, args.model, 1, Path(tmp) / "b1.zarr")
-        rows["baseline_2"] = default_predictor_loop(volume, args.model)
-    base = np.mean([rows["baseline_1"]["tiles_per_s"], rows["baseline_2"]["tiles_per_s"]])
-    for k in ("run_batch4", "run_batch1"):
-        rows[k]["predict_ratio_vs_baseline"] = rows[k]["predict_tiles_per_s"] / base
-        rows[k]["end_to_end_ratio_vs_baseline"] = rows[k]["end_to_end_tiles_per_s"] / base
+        volume, truth = str(data["volume"]), str(data["truth"])
+        rows: dict = {"machine": machine(), "shape": shape, "model": args.model, "cpus": os.cpu_count()}
+        # interleaved, so that drift in the machine's load shows up as a difference between the two loops
+        rows["loop_1"] = default_predictor_loop(volume, truth, args.model)
+        for name, extra in (("run_fp32", []), ("run_amp", ["--amp"])):
+            out = Path(tmp) / f"{name}.zarr"
+            rows[name] = cellseg_run(volume, args.model, out, extra)
+            rows[name]["accuracy"] = score_run(out, truth, list(model.classes), shape, model.tile, model.overlap)
+        rows["loop_2"] = default_predictor_loop(volume, None, args.model)
+    loop_s = np.mean([rows["loop_1"]["seconds"], rows["loop_2"]["seconds"]])
+    for name in ("run_fp32", "run_amp"):
+        r = rows[name]
+        r["volume_per_s_vs_loop"] = loop_s / r["end_to_end_s"]
+        r["ap50_minus_loop"] = r["accuracy"]["mask_ap50_mean"] - rows["loop_1"]["accuracy"]["mask_ap50_mean"]
     print(json.dumps(rows, indent=2))
-    print(f"saved {save('detectron2_vs_defaultpredictor', rows)}")
+    print(f"saved {save(args.name, rows)}")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="tiles per forward pass (default %(default)s)")
     g.add_argument("--device", help="auto, cpu or cuda (default %(default)s)")
     g.add_argument("--score-threshold", type=float, help="minimum detection score (default: the model config's)")
-    g.add_argument("--amp", action="store_true", help="mixed precision on GPUs")
+    g.add_argument("--amp", action="store_true", help="mixed precision: float16 on GPUs, bfloat16 on CPUs that have it "
+                   "(faster; masks may differ by a pixel)")
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
     g = r.add_argument_group("merging")

@@ -38,7 +38,7 @@ def test_detectron2_predictor_runs_through_ray_and_writes_readable_ome_zarr(mode
     out = tmp_path / "pred.zarr"
     # an untrained head scores near 1/3 everywhere: threshold 0.2 keeps detections, so every stage has work
     cli("run", synth_small["volume"], "--model", model_dir, "--out", out, "--slices", "2:5", "--batch-size", 3,
-        "--score-threshold", 0.2, "--no-progress")
+        "--score-threshold", 0.2, "--chunk", 128, "--no-progress")  # chunks of 128 px: a 3-level pyramid
     report = json.loads((out / "cellseg" / "report.json").read_text())
     assert report["plan"]["predictor"] == "detectron2"
     assert report["plan"]["tile"] == 96 and report["plan"]["overlap"] == 16  # the model's tile, not resized

@@ -82,6 +82,11 @@ class Predictor(ABC):
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""
 
+    def step_times(self) -> dict[str, float]:
+        """Seconds spent in named steps of ``predict`` (e.g. forward, paint) since the last call, for the run
+        report's time per tile. Optional: without it the report shows ``predict`` as one step."""
+        return {}
+
 
 PREDICTORS = Registry("predictor")  # name -> Predictor subclass
 

@@ -101,6 +101,7 @@ class Run:
         self.resources: dict = {}
         self.stages: list = []
         self.steady: float | None = None
+        self.ms_per_tile: dict[str, float] = {}
         self.cpu_start = 0.0
 
     def _pixel_size(self) -> tuple[float, float, float] | None:
@@ -222,6 +223,7 @@ class Run:
         if predict.last_finish and stitch.last_finish:
             self.times["stitch_after_predict"] = max(0.0, stitch.last_finish - predict.last_finish)
         self.steady = predict.steady_rate()
+        self.ms_per_tile = predict.ms_per_tile()
         return self._finish(link.table, link.stats, mode, t_start)
 
     def _bar(self, total: int, desc: str, initial: int):
@@ -295,6 +297,7 @@ class Run:
             "throughput": {
                 "tiles_per_s": round(self.counts["tiles_predicted_now"] / predict_s, 3) if predict_s else None,
                 "tiles_per_s_steady": self.steady,
+                "actor_ms_per_tile": self.ms_per_tile,  # read, normalize, the predictor's steps, store
                 "mvoxel_per_s_predict": round(voxels / 1e6 / predict_s, 3) if predict_s and mode == "fresh" else None,
                 "mvoxel_per_s_total": round(voxels / 1e6 / elapsed, 3) if mode == "fresh" else None,
             },

@@ -48,6 +48,8 @@ class PredictStage(Stage):
         self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
         self.stolen = 0
         self.actor_start_s = 0.0
+        self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
+        self.tiles_timed = 0
 
     def _shares(self) -> list[list[tuple[int, int]]]:
         """Each actor's tile positions: a run of neighbours in raster order."""
@@ -150,6 +152,9 @@ class PredictStage(Stage):
         a[0], a[1] = a[0] or now, now
         self.records[z].update(fragments)
         self.unlogged[z] += fragments
+        for step, seconds in result.get("times", {}).items():
+            self.step_seconds[step] += seconds
+        self.tiles_timed += len(fragments)
         for key, rows in result["zoverlaps"]:
             self.unlogged_zov[key[0]].append((key, rows))
             self.delivered[key[0]].add(key[1:])
@@ -171,6 +176,11 @@ class PredictStage(Stage):
         for actor in self.actors:  # free their cores (and GPUs) for the stages after this one
             ray.kill(actor)
         self.actors = []
+
+    def ms_per_tile(self) -> dict[str, float]:
+        """Where an actor's time per tile went: read, normalize, the predictor's steps, store."""
+        n = max(self.tiles_timed, 1)
+        return {step: round(1000 * s / n, 2) for step, s in self.step_seconds.items()}
 
     def steady_rate(self) -> float | None:
         """Tiles per second from the first batch's result to the last: prediction without actor start-up."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -63,10 +64,19 @@ class PredictorWorker:
         job, grid = self.job, self.job.grid
         windows = [grid.window(iy, ix) for iy, ix in positions]
         images = None
+        t0 = time.perf_counter()
+        times = {"read": 0.0, "normalize": 0.0}
         if self.predictor.needs_image:
-            images = [job.normalization.apply(job.volume.read(job.z_offset + z, *w)) for w in windows]
+            raw = [job.volume.read(job.z_offset + z, *w) for w in windows]
+            t1 = time.perf_counter()
+            images = [job.normalization.apply(r) for r in raw]
+            times = {"read": t1 - t0, "normalize": time.perf_counter() - t1}
         with self.predict_lock:
+            t2 = time.perf_counter()
             tiles = self.predictor.predict(job.z_offset + z, windows, images)
+            t3 = time.perf_counter()
+            steps = self.predictor.step_times()
+        times.update(steps or {"predict": t3 - t2})
         fragments, overlaps = [], []
         for (iy, ix), window, tile in zip(positions, windows, tiles):
             core_box = grid.core(iy, ix)
@@ -78,7 +88,8 @@ class PredictorWorker:
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid)))
             overlaps += self._zoverlaps(z, iy, ix, core)
-        return {"fragments": fragments, "zoverlaps": overlaps}
+        times["store"] = time.perf_counter() - t3  # cores, bands, fragment tables, z-overlaps
+        return {"fragments": fragments, "zoverlaps": overlaps, "times": times}
 
     def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None) -> list:
         """Count the overlaps with the neighbouring slices' cores of this position held in memory, then keep
