@@ -1,7 +1,8 @@
 """`run` against a plain sliding-window loop of detectron2's DefaultPredictor, by volume per second, same weights,
 same torch threads, side by side in one script; and mask AP50 of both on the same windows against the truth.
 
-    python benchmarks/bench_detectron2.py [--model demo/model] [--shape 16,2048,2048]
+    python benchmarks/bench_detectron2.py [--model demo/model] [--shape 16,2048,2048] [--device cuda]
+                                          [--batch-sizes 4,16] [--results DIR]
 
 The loop is what a user would write: windows of the model's tile size at a step of tile - overlap (the last one
 shifted back to end at the slice's edge), read, normalized, ``DefaultPredictor(image)``. Its time counts the model
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -55,7 +55,7 @@ class WindowAP:
         return {"mask_ap50_mean": float(np.mean(valid)) if valid else None, "mask_ap50": per}
 
 
-def default_predictor_loop(volume_path: str, truth_path: str | None, model_dir: str) -> dict:
+def default_predictor_loop(volume_path: str, truth_path: str | None, model_dir: str, device: str = "cpu") -> dict:
     """The baseline. Scoring (when ``truth_path``) is done outside the timed part."""
     import torch
 
@@ -74,7 +74,7 @@ def default_predictor_loop(volume_path: str, truth_path: str | None, model_dir: 
     model = ModelDir.load(model_dir)
     volume = open_volume(volume_path)
     norm = estimate(volume, (model.normalization["low"], model.normalization["high"]))
-    predictor = DefaultPredictor(load_config(model, "cpu"))
+    predictor = DefaultPredictor(load_config(model, device))
     steps = {"read": 0.0, "normalize": 0.0, "forward": 0.0, "paste": 0.0}
     paste = rcnn.detector_postprocess
 
@@ -105,7 +105,7 @@ def default_predictor_loop(volume_path: str, truth_path: str | None, model_dir: 
                     t1 = time.perf_counter()
                     image = norm.apply(raw)
                     t2 = time.perf_counter()
-                    out = predictor(np.repeat(image[:, :, None], 3, axis=2))["instances"]
+                    out = predictor(np.repeat(image[:, :, None], 3, axis=2))["instances"].to("cpu")
                     t3 = time.perf_counter()
                     steps["read"] += t1 - t0
                     steps["normalize"] += t2 - t1
@@ -189,6 +189,9 @@ def main() -> None:
     p.add_argument("--model", default="demo/model", help="a model directory (make demo writes demo/model)")
     p.add_argument("--shape", default="16,2048,2048")
     p.add_argument("--name", default="detectron2_vs_defaultpredictor", help="results/NAME.json")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU machine")
+    p.add_argument("--batch-sizes", default="4", help="run's --batch-size values, comma-separated")
+    p.add_argument("--results", help="where NAME.json goes (default benchmarks/results)")
     args = p.parse_args()
     if not (Path(args.model) / "cellseg.json").exists():
         sys.exit(f"{args.model} is not a model directory; run `make demo` first or pass --model")
@@ -200,21 +203,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic(Path(tmp) / "vol", shape, seed=4)
         volume, truth = str(data["volume"]), str(data["truth"])
-        rows: dict = {"machine": machine(), "shape": shape, "model": args.model, "cpus": os.cpu_count()}
+        rows: dict = {"machine": machine(), "shape": shape, "model": args.model, "device": args.device}
         # interleaved, so that drift in the machine's load shows up as a difference between the two loops
-        rows["loop_1"] = default_predictor_loop(volume, truth, args.model)
-        for name, extra in (("run_fp32", []), ("run_amp", ["--amp"])):
-            out = Path(tmp) / f"{name}.zarr"
-            rows[name] = cellseg_run(volume, args.model, out, extra)
-            rows[name]["accuracy"] = score_run(out, truth, list(model.classes), shape, model.tile, model.overlap)
-        rows["loop_2"] = default_predictor_loop(volume, None, args.model)
+        rows["loop_1"] = default_predictor_loop(volume, truth, args.model, args.device)
+        runs = []
+        for batch in args.batch_sizes.split(","):
+            for precision, extra in (("fp32", []), ("amp", ["--amp"])):
+                name = f"run_{precision}_b{batch}"
+                out = Path(tmp) / f"{name}.zarr"
+                rows[name] = cellseg_run(volume, args.model, out, ["--device", args.device, "--batch-size", batch,
+                                                                   *extra])  # fmt: skip
+                rows[name]["accuracy"] = score_run(out, truth, list(model.classes), shape, model.tile, model.overlap)
+                runs.append(name)
+        rows["loop_2"] = default_predictor_loop(volume, None, args.model, args.device)
     loop_s = np.mean([rows["loop_1"]["seconds"], rows["loop_2"]["seconds"]])
-    for name in ("run_fp32", "run_amp"):
+    for name in runs:
         r = rows[name]
         r["volume_per_s_vs_loop"] = loop_s / r["end_to_end_s"]
         r["ap50_minus_loop"] = r["accuracy"]["mask_ap50_mean"] - rows["loop_1"]["accuracy"]["mask_ap50_mean"]
     print(json.dumps(rows, indent=2))
-    print(f"saved {save(args.name, rows)}")
+    if args.results:
+        path = Path(args.results) / f"{args.name}.json"
+        path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    else:
+        path = save(args.name, rows)
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":
