@@ -105,3 +105,31 @@ def test_link_pair_is_class_aware():
     links, _ = link_pair(np.array([0], np.int16), np.array([50]), np.array([1], np.int16), np.array([50]),
                          np.array([0]), np.array([0]), np.array([50]), 0.25, 0.5)
     assert len(links) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
+    rng = np.random.default_rng(seed)
+    n, h, w = 12, 40, 50
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n):
+        y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
+        masks[i, y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = True
+    masks[3] = masks[2]  # an instance hidden under a higher-scoring twin of its class
+    classes = rng.integers(0, 2, n)
+    classes[3] = classes[2]
+    scores = rng.random(n)
+    scores[3] = scores[2] / 2
+    tile = paint_instances(masks, classes, scores, 2)
+    # reference: per class, per pixel, the highest score among the masks covering it
+    visible = set()
+    for c in range(2):
+        cover = np.where(masks & (classes == c)[:, None, None], scores[:, None, None], -1)
+        best = cover.max(0)
+        painted = tile.labels[c] > 0
+        assert (painted == (best >= 0)).all()
+        assert np.allclose(tile.scores[tile.labels[c][painted].astype(int) - 1], best[painted])
+        visible |= set(np.unique(cover.argmax(0)[painted]).tolist())
+    ids = np.unique(tile.labels[tile.labels > 0])
+    assert 3 not in visible  # the hidden one is dropped, and ids stay 1..count
+    assert list(ids) == list(range(1, tile.count + 1)) and tile.count == len(visible)

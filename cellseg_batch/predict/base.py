@@ -152,14 +152,16 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileL
                 y0, y1 = max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h)
                 x0, x1 = max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
             layers[classes[i], y0:y1, x0:x1][masks[i, y0:y1, x0:x1]] = rank[i]
-    # ranks -> dense local ids, in rank order, for the instances that kept at least one pixel
-    present = np.zeros(n + 1, dtype=bool)
-    present[np.unique(layers)] = True
+    # ranks -> dense local ids, in rank order, for the instances that kept at least one pixel (a count, not
+    # np.unique: no sort of the tile's pixels)
+    present = np.bincount(layers.ravel(), minlength=n + 1) > 0
     present[0] = False
     kept = np.flatnonzero(present)
+    instance = order[kept - 1]
+    if len(kept) == n:  # every instance is visible: ranks are already the dense ids
+        return TileLabels(layers, classes[instance], scores[instance])
     remap = np.zeros(n + 1, dtype=LOCAL_ID)
     remap[kept] = np.arange(1, len(kept) + 1)
-    instance = order[kept - 1]
     return TileLabels(remap[layers], classes[instance], scores[instance])
 
 
