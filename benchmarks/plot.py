@@ -14,28 +14,47 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def detectron2_figure() -> None:
-    path = RESULTS / "detectron2_vs_defaultpredictor.json"
+def detectron2_figure(name: str = "detectron2_vs_defaultpredictor") -> None:
+    """Left: volume per second of the DefaultPredictor loop and of `run`, end to end, with mask AP50 on the same
+    windows. Right: where a tile's time goes (ms per tile, per step) in the loop and in `run`'s actors."""
+    path = RESULTS / f"{name}.json"
     if not path.exists():
         return
     r = json.loads(path.read_text())
-    names = ["DefaultPredictor\nloop (1st)", "DefaultPredictor\nloop (2nd)", "run, batch 4\nsteady state",
-             "run, batch 1\nsteady state", "run, batch 4\npredict stage", "run, batch 1\npredict stage",
-             "run, batch 4\nend to end", "run, batch 1\nend to end"]  # fmt: skip
-    values = [r["baseline_1"]["tiles_per_s"], r["baseline_2"]["tiles_per_s"],
-              r["run_batch4"]["predict_steady_tiles_per_s"], r["run_batch1"]["predict_steady_tiles_per_s"],
-              r["run_batch4"]["predict_tiles_per_s"], r["run_batch1"]["predict_tiles_per_s"],
-              r["run_batch4"]["end_to_end_tiles_per_s"], r["run_batch1"]["end_to_end_tiles_per_s"]]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.bar(names, values, color=["#888", "#888", "#a72", "#c94", "#2a7", "#5c9", "#27a", "#59c"])
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("tiles / s")
-    ax.set_title(f"Mask R-CNN on {r['machine']['cpus']} CPU cores, {r['shape']} volume, same tiles and weights",
-                 fontsize=9)  # fmt: skip
-    ax.tick_params(axis="x", labelsize=7)
+    runs = [k for k in r if k.startswith("run_")]
+    loops = ["loop_1", "loop_2"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1.1, 1.4]})
+    labels = ["DefaultPredictor\nloop (1st)", "DefaultPredictor\nloop (2nd)"] + [
+        f"run {k.split('_')[1]}\nbatch {k.split('_b')[-1]}" for k in runs]
+    values = [r[k]["mvoxel_per_s"] for k in loops + runs]
+    ap = [r["loop_1"]["accuracy"]["mask_ap50_mean"], None] + [r[k]["accuracy"]["mask_ap50_mean"] for k in runs]
+    a.bar(labels, values, color=["#888", "#aaa"] + ["#27a", "#5c9", "#a72", "#c94"][: len(runs)])
+    for i, (v, p) in enumerate(zip(values, ap)):
+        a.text(i, v, f"{v:.2f}" + (f"\nAP50 {p:.3f}" if p is not None else ""), ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("MVoxel / s, end to end")
+    a.set_ylim(0, max(values) * 1.3)
+    a.set_title(f"{'x'.join(map(str, r['shape']))}, {r['loop_1']['tiles']} tiles, {r['machine']['cpus']} cores, "
+                f"device {r.get('device', 'cpu')}", fontsize=9)  # fmt: skip
+    a.tick_params(axis="x", labelsize=7)
+    steps = ["read", "normalize", "forward", "paste", "paint", "store"]
+    colours = dict(zip(steps, ["#888", "#bbb", "#27a", "#5c9", "#a72", "#c94"]))
+    rows = [("DefaultPredictor loop", r["loop_1"]["ms_per_tile"])] + [
+        (f"run {k.split('_')[1]} b{k.split('_b')[-1]} (actor)", r[k]["ms_per_tile"]) for k in runs]
+    seen: set = set()
+    for y, (_, ms) in enumerate(rows):
+        left = 0.0
+        for step in steps:
+            if step in ms:
+                b.barh(y, ms[step], left=left, color=colours[step], label=None if step in seen else step)
+                seen.add(step)
+                left += ms[step]
+        b.text(left, y, f" {left:.0f} ms", va="center", fontsize=8)
+    b.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    b.invert_yaxis()
+    b.set_xlabel("ms per tile (forward includes detectron2's own post-processing; paste: the loop's mask pasting)")
+    b.legend(fontsize=7, ncol=3, loc="lower right")
     fig.tight_layout()
-    fig.savefig(HERE / "detectron2_throughput.png", dpi=110)
+    fig.savefig(HERE / f"{name}.png", dpi=110)
 
 
 def labels_figure() -> None:

@@ -13,7 +13,7 @@ from .remote import preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
 
-BLOCK_PIXELS = 4096  # a write block's side, at most (or one tile core where those are larger): bounds worker memory
+BLOCK_PIXELS = 4096  # a write block's side, at most (or one output chunk where those are larger): bounds worker memory
 
 
 def block_levels(chunk: int, levels: int) -> int:
