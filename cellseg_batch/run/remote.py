@@ -121,19 +121,10 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
     store = WorkStore(work_dir)
     pairs, touching = stitch_slice(store.bands(), grid, z, iou_min)
     counted = []
-    if missing:
-        cores = ChunkIO(store.cores())
-        for iy, ix in missing:
-            a, b = (read_core(cores, grid, zz, iy, ix) for zz in (z, z + 1))
-            counted.append(zoverlaps(a, b, iy, ix))
+    for iy, ix in missing:
+        counted.append(zoverlaps(store.core(grid, z, iy, ix), store.core(grid, z + 1, iy, ix), iy, ix))
     return {"pairs": pairs, "touching_unmatched": touching,
             "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
-
-
-def read_core(cores: ChunkIO, grid: TileGrid, z: int, iy: int, ix: int) -> np.ndarray:
-    """The core of tile (z, iy, ix) from its slot in the work store: (classes, h, w) tile-local ids."""
-    h, w = grid.core(iy, ix).shape
-    return cores.read((z, 0, iy, ix))[0, :, :h, :w]
 
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
@@ -145,12 +136,12 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
     from ..write import Output
 
     out = Output(out_path)
-    store = ChunkIO(WorkStore(work_dir).cores())
+    store = WorkStore(work_dir)
     parts = []  # (where in the block, the core's part inside it), all classes
     for iy, ix in tiles:
         core = grid.core(iy, ix)
         inside = core.intersect(block)
-        ids = read_core(store, grid, z, iy, ix)[(slice(None), *inside.relative_to(core))]
+        ids = store.core(grid, z, iy, ix)[(slice(None), *inside.relative_to(core))]
         parts.append((inside.relative_to(block), ids))
     dtype = luts[0].dtype if luts else np.uint32
     for c, name in enumerate(out.info["classes"]):

@@ -70,6 +70,7 @@ def _lz4():
 class WorkStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._core_io = None
 
     # -- paths: the one place that names the store's files ----------------------------------------------------
     @property
@@ -156,6 +157,15 @@ class WorkStore:
         from ..write import open_array
 
         return open_array(self.bands_path)
+
+    def core(self, grid: TileGrid, z: int, iy: int, ix: int) -> np.ndarray:
+        """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there)."""
+        from ..write import ChunkIO
+
+        if self._core_io is None:
+            self._core_io = ChunkIO(self.cores())
+        h, w = grid.core(iy, ix).shape
+        return self._core_io.read((z, 0, iy, ix))[0, :, :h, :w]
 
     # -- logs (driver only) -------------------------------------------------------------------------------------
     @staticmethod
