@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -207,14 +208,17 @@ def main() -> None:
         # interleaved, so that drift in the machine's load shows up as a difference between the two loops
         rows["loop_1"] = default_predictor_loop(volume, truth, args.model, args.device)
         runs = []
-        for batch in args.batch_sizes.split(","):
-            for precision, extra in (("fp32", []), ("amp", ["--amp"])):
-                name = f"run_{precision}_b{batch}"
-                out = Path(tmp) / f"{name}.zarr"
-                rows[name] = cellseg_run(volume, args.model, out, ["--device", args.device, "--batch-size", batch,
-                                                                   *extra])  # fmt: skip
-                rows[name]["accuracy"] = score_run(out, truth, list(model.classes), shape, model.tile, model.overlap)
-                runs.append(name)
+        variants = [(f"run_{precision}_b{batch}", ["--batch-size", batch, *extra])
+                    for batch in args.batch_sizes.split(",") for precision, extra in (("fp32", []), ("amp", ["--amp"]))]
+        first_batch = args.batch_sizes.split(",")[0]
+        if args.device == "cpu":  # beside the default (an actor per core), one actor with every core's threads
+            variants.append((f"run_fp32_b{first_batch}_one_actor",
+                             ["--batch-size", first_batch, "--actors", "1", "--cpus-per-actor", str(os.cpu_count())]))
+        for name, extra in variants:
+            out = Path(tmp) / f"{name}.zarr"
+            rows[name] = cellseg_run(volume, args.model, out, ["--device", args.device, *extra])
+            rows[name]["accuracy"] = score_run(out, truth, list(model.classes), shape, model.tile, model.overlap)
+            runs.append(name)
         rows["loop_2"] = default_predictor_loop(volume, None, args.model, args.device)
     loop_s = np.mean([rows["loop_1"]["seconds"], rows["loop_2"]["seconds"]])
     for name in runs:

@@ -25,7 +25,7 @@ def detectron2_figure(name: str = "detectron2_vs_defaultpredictor") -> None:
     loops = ["loop_1", "loop_2"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1.1, 1.4]})
     labels = ["DefaultPredictor\nloop (1st)", "DefaultPredictor\nloop (2nd)"] + [
-        f"run {k.split('_')[1]}\nbatch {k.split('_b')[-1]}" for k in runs]
+        f"run {k.split('_')[1]}\nbatch {k.split('_b')[-1].replace('_', ' ')}" for k in runs]
     values = [r[k]["mvoxel_per_s"] for k in loops + runs]
     ap = [r["loop_1"]["accuracy"]["mask_ap50_mean"], None] + [r[k]["accuracy"]["mask_ap50_mean"] for k in runs]
     a.bar(labels, values, color=["#888", "#aaa"] + ["#27a", "#5c9", "#a72", "#c94"][: len(runs)])

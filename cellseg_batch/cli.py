@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-tiles", action="store_true", help="keep predicted tiles, to re-merge with --overwrite")
     g = r.add_argument_group("Ray")
     g.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
-    g.add_argument("--actors", type=int, help="predictor actors (default: one per GPU, else one)")
-    g.add_argument("--cpus-per-actor", type=int, help="CPU cores per actor")
+    g.add_argument("--actors", type=int, help="predictor actors (default: one per GPU; on CPUs, one per "
+                   "--cpus-per-actor cores)")
+    g.add_argument("--cpus-per-actor", type=int, help="CPU cores (torch threads) per actor (default: 1 for CPU "
+                   "inference, up to 4 per GPU actor)")
     g.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     g.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: all)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

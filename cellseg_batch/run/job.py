@@ -244,8 +244,12 @@ class Run:
             count = self.cfg.actors or gpus
             cpus = self.cfg.cpus_per_actor or max(1, min(4, res["cpus_per_gpu"]))
             return count, cpus, 1, cpus
-        if self.plan.needs_image:  # CPU inference: few actors with several torch threads each (up to 8)
-            cpus = self.cfg.cpus_per_actor or max(1, min(8, res["max_node_cpus"]))
+        if self.plan.needs_image:
+            # CPU inference: one single-threaded actor per core. Measured on 2 cores (benchmarks/REPORT.md): two
+            # 1-thread actors predicted ~2x the tiles/s of one 2-thread actor on a busy machine, since torch's
+            # threads wait for each other at every op and the model's Python steps run on one core; each actor
+            # holds its own model (memory grows with the cores: --cpus-per-actor N trades it back)
+            cpus = self.cfg.cpus_per_actor or 1
             count = self.cfg.actors or max(1, res["cpus"] // cpus)
             return count, cpus, 0, cpus
         count = self.cfg.actors or max(1, res["cpus"])
