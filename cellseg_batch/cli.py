@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
     g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "
                    "(default %(default)s)")  # fmt: skip
+    g.add_argument("--link-gap", type=int, help="1: an instance without partner in the next slice links across "
+                   "one missing slice; 0: adjacent slices only (default %(default)s)")  # fmt: skip
+    g.add_argument("--min-voxels", help="drop objects smaller than this: N, or CLASS=N,... (default: keep all)")
+    g.add_argument("--min-slices", help="drop objects spanning fewer slices: N, or CLASS=N,... (default: keep all)")
     g = r.add_argument_group("input and output")
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
