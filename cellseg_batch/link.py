@@ -197,7 +197,9 @@ def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice,
     tile positions that was."""
     fa = a.frag[sources[a.inst] & (a.frag["area"] > 0)]
     fb = b.frag[b.frag["area"] > 0]
-    tiles = np.intersect1d(fa["iy"].astype(np.int64) * grid.nx + fa["ix"], fb["iy"].astype(np.int64) * grid.nx + fb["ix"])
+    tiles = np.intersect1d(
+        fa["iy"].astype(np.int64) * grid.nx + fa["ix"], fb["iy"].astype(np.int64) * grid.nx + fb["ix"]
+    )
     if len(tiles) == 0:
         return np.zeros(0, ZOVERLAP), 0
     cores = store.cores()
@@ -317,6 +319,8 @@ def _clean_up(comp, area, cls, z, voxels, n_classes: int, rule: LinkRule, stats:
         if mine.any():
             stats.dropped[c] = {"objects": int(mine.sum()), "voxels": int(voxels[mine].sum())}
     return ok
+
+
 def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> np.ndarray:
 
     n_obj = int(object_id.max(initial=0))
