@@ -115,8 +115,8 @@ def check_run_config(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
-    if cfg.link_gap not in (0, 1):
-        raise UserError(f"--link-gap {cfg.link_gap}: choose 0 (adjacent slices only) or 1 (bridge one missing slice)")
+    if cfg.link_gap not in (0, 1, 2, 3):
+        raise UserError(f"--link-gap {cfg.link_gap}: give 0 (adjacent slices only) to 3 (missing slices bridged)")
     parse_class_minimums(cfg.min_voxels, None, "--min-voxels")
     parse_class_minimums(cfg.min_slices, None, "--min-slices")
     minimum = {"batch_size": 1, "tile": 1, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}

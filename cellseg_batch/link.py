@@ -9,12 +9,14 @@ to its cell, and only instances of one class are candidates. For two slices a, b
    linear_sum_assignment``) among pairs with IoU >= ``link_iou`` (default 0.25). Two touching neighbours that each
    keep their own partner stay apart, however much they overlap each other's partner.
 2. Branch / merge: an instance left without a partner joins the instance of the other slice that covers the
-   largest share of it (IoA = overlap / own area), if that share is >= ``link_ioa`` (default 0.5). One instance
-   overlapping two in the next slice, each mostly inside it (a Y-shaped mitochondrion or vessel, a cap that
-   shrinks fast), becomes one object.
-3. Gap (``link_gap`` = 1, the default): an instance of slice z with no edge to z+1 (a missed detection in z+1, or
-   the object's end) is tried against slice z+2 with the same rules 1-2, where the Hungarian pairs only instances
-   of z+2 that have no edge from z+1 either. A single missed 2D instance no longer cuts an object in two.
+   largest share of it (IoA = overlap / own area), if that share is >= ``link_ioa`` (default 0.5) or if the two
+   could have continued one another (IoU >= ``link_iou``; the partner went to a better pair). One instance
+   overlapping two in the next slice, each mostly inside it or each a fair continuation of it (a Y-shaped
+   mitochondrion or vessel, a cap that shrinks fast), becomes one object.
+3. Gap (``link_gap`` = 1, the default; up to 3): an instance of slice z with no edge to z+1 (a missed detection
+   in z+1, or the object's end) is tried against slice z+2 with the same rules 1-2, where the Hungarian pairs only
+   instances of z+2 that have no edge from z+1 either, and so on up to z+1+link_gap (nearer slices first). A single
+   missed 2D instance no longer cuts an object in two.
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
@@ -117,10 +119,11 @@ def link_pair(
     for own, other, area, free, matched, score, flip in ((ia, ib, area_a, free_a, matched_a, score_b, False),
                                                          (ib, ia, area_b, free_b, matched_b, score_a, True)):  # fmt: skip
         ioa = inter / area[own]
-        ok = (ioa >= ioa_min) & free[own] & ~matched[own]
+        ok = ((ioa >= ioa_min) | (iou >= iou_min)) & free[own] & ~matched[own]
         if not ok.any():
             continue
-        # the partner covering most of an unpaired instance (ties: higher score, then lowest partner index)
+        # the partner covering most of an unpaired instance (ties: higher score, then lowest partner index); one it
+        # could have continued (IoU >= iou_min, lost to a better pair) qualifies too
         order = np.lexsort((other[ok], -score[other[ok]], -ioa[ok], own[ok]))
         o, p = own[ok][order], other[ok][order]
         first = np.concatenate([[True], o[1:] != o[:-1]])
@@ -220,7 +223,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
 
     stats = LinkStats()
     bases, areas, classes, zs, link_edges = [0], [], [], [], []
-    window: list[_Slice] = []  # the last slices (up to 3), oldest first
+    window: list[_Slice] = []  # the last slices (up to gap + 1), oldest first
     prev_edges = None
     for z in range(n_slices):
         frag = store.fragments(z)
@@ -246,9 +249,9 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             _add_edges(link_edges, pairs, prev, here)
             stats.links += len(pairs)
             stats.heal_links += heal
-            if rule.gap and len(window) >= 2:
-                stats.gap_links += _bridge(store, grid, z - 2, window[-2], z, here, rule, link_edges, stats)
-        window = (window + [here])[-3:]
+            for d in range(2, min(rule.gap + 1, len(window)) + 1):  # nearer gaps first: they take free targets
+                stats.gap_links += _bridge(store, grid, z - d, window[-d], z, here, rule, link_edges, stats)
+        window = (window + [here])[-(rule.gap + 1) :]
         prev_edges = edges
         areas.append(area)
         classes.append(cls)
@@ -281,7 +284,7 @@ def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
 
 
 def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats) -> int:
-    """Gap edges between slices za and zb = za + 2 for the instances of za left without an edge to za + 1."""
+    """Gap edges between slices za and zb > za + 1 for the instances of za left without an edge to a later slice."""
     sources = ~a.forward & (a.area > 0)
     if not sources.any():
         return 0
