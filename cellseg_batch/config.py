@@ -28,7 +28,7 @@ class RunConfig:
     link: str = "overlap"
     link_iou: float = 0.25
     link_ioa: float = 0.5
-    link_gap: int = 1
+    link_gap: int = 2
     min_voxels: str | None = None
     min_slices: str | None = None
     slices: str | None = None

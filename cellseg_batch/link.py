@@ -13,10 +13,13 @@ to its cell, and only instances of one class are candidates. For two slices a, b
    could have continued one another (IoU >= ``link_iou``; the partner went to a better pair). One instance
    overlapping two in the next slice, each mostly inside it or each a fair continuation of it (a Y-shaped
    mitochondrion or vessel, a cap that shrinks fast), becomes one object.
-3. Gap (``link_gap`` = 1, the default; up to 3): an instance of slice z with no edge to z+1 (a missed detection
-   in z+1, or the object's end) is tried against slice z+2 with the same rules 1-2, where the Hungarian pairs only
-   instances of z+2 that have no edge from z+1 either, and so on up to z+1+link_gap (nearer slices first). A single
-   missed 2D instance no longer cuts an object in two.
+3. Gap (``link_gap``, default 2, 0 to 3): an instance of slice z with no edge to z+1 (a missed detection in z+1,
+   or the object's end) and an instance of z+2 with no edge from z+1 (a missed detection, or a start) are *free*
+   between z and z+2: rules 1-2 run again between these slices, the Hungarian on free pairs only, and a free
+   instance left unpaired may join any instance it lies mostly inside. Then z and z+3, and so on up to
+   z+1+link_gap, nearer slices first. One or two missed 2D instances in a row no longer cut an object in two, a
+   missed section at a branch point included. The default is 2 because at a 5 % miss rate two misses in a row are
+   common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking).
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
@@ -29,10 +32,10 @@ never depends on the order of the input.
 link, or per-slice evaluation).
 
 Memory and cost. Everything streams slice by slice from the work store: adjacent slices' overlaps were counted
-by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment tables of three slices and one int per
-2D instance. Gap edges need the overlaps of z and z+2, which nobody counted. They are computed here, but only for
-the tile positions that hold a fragment of an instance left without a partner in z+1 (usually a small share of the
-tiles: object ends, missed detections): the two tile cores (``cores.zarr``, tile-local ids) are read and counted
+by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment tables of link_gap + 2 slices and one int per
+2D instance. Gap edges need the overlaps of z and z+2 (z+3, ...), which nobody counted. They are computed here, but
+only for the tile positions that hold a fragment of a free instance (usually a small share of the tiles: object
+ends and starts, missed detections): the two tile cores (``cores.zarr``, tile-local ids) are read and counted
 with the same ``stitch.zoverlaps`` as the actors use. Memory stays one tile core at a time; reads and time are in
 the link statistics (``gap_tiles_read``, ``gap_seconds``).
 """
@@ -193,27 +196,29 @@ def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
     return _aggregate(ia, ib, ov["count"])
 
 
-def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice,
-                  sources: np.ndarray) -> tuple[np.ndarray, int]:  # fmt: skip
+def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice, free_a: np.ndarray,
+                  free_b: np.ndarray) -> tuple[np.ndarray, int]:  # fmt: skip
     """ZOVERLAP rows between slices za and zb, counted from the stored tile cores, only at the tile positions where
-    a fragment of one of the ``sources`` instances (of za) and a fragment of zb both have pixels; and how many
-    tile positions that was."""
-    fa = a.frag[sources[a.inst] & (a.frag["area"] > 0)]
-    fb = b.frag[b.frag["area"] > 0]
-    tiles = np.intersect1d(
-        fa["iy"].astype(np.int64) * grid.nx + fa["ix"], fb["iy"].astype(np.int64) * grid.nx + fb["ix"]
+    a fragment of a free instance of one slice and any fragment of the other have pixels; and how many positions."""
+
+    def tiles(s: _Slice, free: np.ndarray | None) -> np.ndarray:
+        f = s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
+        return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
+
+    todo = np.union1d(
+        np.intersect1d(tiles(a, free_a), tiles(b, None)), np.intersect1d(tiles(a, None), tiles(b, free_b))
     )
-    if len(tiles) == 0:
+    if len(todo) == 0:
         return np.zeros(0, ZOVERLAP), 0
     cores = store.cores()
     out = []
-    for t in tiles:
+    for t in todo:
         iy, ix = divmod(int(t), grid.nx)
         c = grid.core(iy, ix)
         box = (slice(c.y0, c.y1), slice(c.x0, c.x1))
         out.append(zoverlaps(np.asarray(cores[(za, slice(None), *box)]), np.asarray(cores[(zb, slice(None), *box)]),
                              iy, ix))  # fmt: skip
-    return np.concatenate(out), len(tiles)
+    return np.concatenate(out), len(todo)
 
 
 def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
@@ -284,17 +289,16 @@ def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
 
 
 def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats) -> int:
-    """Gap edges between slices za and zb > za + 1 for the instances of za left without an edge to a later slice."""
-    sources = ~a.forward & (a.area > 0)
-    if not sources.any():
+    """Gap edges between slices za and zb > za + 1: for the instances of za left without an edge to a later slice
+    and those of zb left without one from an earlier slice (rules 1-2 with only these free)."""
+    free_a, free_b = ~a.forward & (a.area > 0), ~b.backward & (b.area > 0)
+    if not (free_a.any() or free_b.any()):
         return 0
     t = time.perf_counter()
-    ov, tiles = _gap_overlaps(store, grid, za, a, zb, b, sources)
+    ov, tiles = _gap_overlaps(store, grid, za, a, zb, b, free_a, free_b)
     ia, ib, inter = _instance_overlaps(grid, a, b, ov)
-    mine = sources[ia]  # only edges that start at an instance without a partner in za + 1
-    ia, ib, inter = ia[mine], ib[mine], inter[mine]
     pairs, _ = link_pair(a.cls, a.area, b.cls, b.area, ia, ib, inter, rule.iou_min, rule.ioa_min, a.score, b.score,
-                         free_a=sources, free_b=~b.backward)  # fmt: skip
+                         free_a=free_a, free_b=free_b)  # fmt: skip
     _add_edges(out, pairs, a, b)
     stats.gap_tiles_read += tiles
     stats.gap_seconds += time.perf_counter() - t

@@ -795,11 +795,16 @@ def linking_cases(shape: tuple[int, int, int], seed: int = 0, dropout: float = 0
             ly, lx = math.sin(lean), math.cos(lean)
             z_lo, z_hi = rng.uniform(0.05, 0.2) * top, rng.uniform(0.8, 0.95) * top
             if case in ("branch", "merge"):
-                spread = rng.uniform(2.6, 3.6) * r  # the arms' ends, from the axis
+                # the arms leave the joint steeply (0.5-1.0 radius per slice, each way) until they are 2.6-3.6 radii
+                # from the axis, then run on straight up (or down)
+                spread, step = rng.uniform(2.6, 3.6) * r, rng.uniform(0.5, 1.0) * r
                 joint = rng.uniform(0.35, 0.55) * top
                 trunk_end, arm_end = (z_lo, z_hi) if case == "branch" else (z_hi, z_lo)
+                bend = joint + math.copysign(spread / step * dz, arm_end - joint)
                 tubes = [((cy, cx, trunk_end), (cy, cx, joint))]
-                tubes += [((cy, cx, joint), (cy + s * spread * ly, cx + s * spread * lx, arm_end)) for s in (-1, 1)]
+                for s in (-1, 1):
+                    ay, ax = cy + s * spread * ly, cx + s * spread * lx
+                    tubes += [((cy, cx, joint), (ay, ax, bend)), ((ay, ax, bend), (ay, ax, arm_end))]
                 parts = [tubes]
             elif case == "touching":
                 tilt = rng.uniform(0.0, 1.2) * r  # both lean the same way, along the line between them
