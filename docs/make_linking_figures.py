@@ -95,16 +95,32 @@ def draw(name, title, slices, caption):
 def main():
     arm = [slice_of(disc(24, 24, 9)), slice_of(disc(24, 18, 7), disc(24, 30, 7)), slice_of(disc(24, 13, 6),
                                                                                             disc(24, 35, 6))]  # fmt: skip
-    draw("branch", "branch: one section splits into two (same colour: one object)", arm,
-         "A1 continues A0 (best IoU, one-to-one); B1 is left unpaired and lies mostly inside A0 (IoA >= 0.5): it joins.")
-    draw("merge", "merge: two sections join into one", arm[::-1],
-         "The same rule read the other way: the unpaired section joins the one it lies mostly inside.")
+    draw(
+        "branch",
+        "branch: one section splits into two (same colour: one object)",
+        arm,
+        "A1 continues A0 (best IoU, one-to-one); B1 is left unpaired and lies mostly inside A0 (IoA >= 0.5): it joins.",
+    )
+    draw(
+        "merge",
+        "merge: two sections join into one",
+        arm[::-1],
+        "The same rule read the other way: the unpaired section joins the one it lies mostly inside.",
+    )
     tube = [slice_of(disc(24, 20 + 2 * k, 9)) for k in range(4)]
-    draw("gap", "gap: a missed detection in z+1 does not cut the object", [tube[0], None, tube[2], tube[3]],
-         "A0 has no partner in z+1, so it is tried against z+2 (link_gap 1): IoU >= 0.25, the edge bridges the gap.")
+    draw(
+        "gap",
+        "gap: a missed detection in z+1 does not cut the object",
+        [tube[0], None, tube[2], tube[3]],
+        "A0 has no partner in z+1, so it is tried against z+2 (link_gap 1): IoU >= 0.25, the edge bridges the gap.",
+    )
     touch = [slice_of(disc(24, 12 + 5 * k, 8), disc(24, 29 + 5 * k, 8)) for k in range(3)]  # leaning
-    draw("touching", "touching neighbours stay apart", touch,
-         "Each section keeps its own partner (one-to-one), so the overlap with the neighbour's partner adds no edge.")
+    draw(
+        "touching",
+        "touching neighbours stay apart",
+        touch,
+        "Each section keeps its own partner (one-to-one), so the overlap with the neighbour's partner adds no edge.",
+    )
 
 
 if __name__ == "__main__":
