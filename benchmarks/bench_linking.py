@@ -122,6 +122,27 @@ def main() -> None:
     print("wrote", out)
 
 
+def gap_cost(shape=(24, 1024, 1024)) -> dict:
+    """What gap edges cost the link stage: a synthetic platelet volume (dense cells and organelles) through the
+    labels predictor with 256 px tiles, link_gap 0 and 2."""
+    out = {"volume": "synth:{}x{}x{},seed=3".format(*shape), "tile": 256}
+    with tempfile.TemporaryDirectory() as tmp:
+        for gap in (0, 2):
+            args = ["run", out["volume"], "--predictor", "labels", "--labels", out["volume"], "--tile", 256,
+                    "--overlap", 32, "--no-progress", "--link-gap", gap, "--out", Path(tmp) / f"g{gap}.zarr"]  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+            subprocess.run([sys.executable, "-m", "cellseg_batch", *map(str, args)], check=True, capture_output=True,
+                           env=env, cwd=HERE.parent)  # fmt: skip
+            report = json.loads((Path(tmp) / f"g{gap}.zarr" / "cellseg" / "report.json").read_text())
+            link = next(s for s in report["stages"] if s["name"] == "link")
+            c = report["counts"]
+            out[f"gap {gap}"] = {"link_stage_s": link["seconds"], "link_driver_cpu_s": link["driver_cpu_s"],
+                                 "gap_seconds": c.get("gap_seconds"), "gap_tiles_read": c.get("gap_tiles_read"),
+                                 "tiles": c["tiles"], "instances_2d": c["instances_2d"], "objects": c["objects"],
+                                 "z_links_gap": c.get("z_links_gap")}  # fmt: skip
+    return out
+
+
 def real_data() -> str:
     """Real EM volumes with 3D ground truth in the shared data folder, if any."""
     root = Path(os.environ.get("CELLSEG_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
@@ -142,4 +163,10 @@ def real_data() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--cost"]:
+        cost = gap_cost()
+        path = HERE / "results" / "linking_gap_cost.json"
+        path.write_text(json.dumps(cost, indent=1) + "\n")
+        print(json.dumps(cost, indent=1))
+    else:
+        main()

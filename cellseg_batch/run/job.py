@@ -286,6 +286,7 @@ class Run:
                 "fragments": stats.fragments, "instances_2d": stats.instances_2d,
                 "stitch_matches": stats.stitch_matches, "z_links": stats.links, "z_links_healed": stats.heal_links,
                 "z_links_gap": stats.gap_links, "gap_tiles_read": stats.gap_tiles_read,
+                "gap_seconds": round(stats.gap_seconds, 3),
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
             },
             "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
