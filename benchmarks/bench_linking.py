@@ -98,8 +98,8 @@ def main() -> None:
             truth = {c: np.asarray(zarr.open_array(str(paths["truth"] / "labels" / c / "0"), mode="r")[:])
                      for c in LINK_CLASSES}  # fmt: skip
             row = {"shape": shape, "seed": seed, "dropout": dropout, "shift": shift}
-            for label, gap in (("before", None), ("after, gap 0", 0), ("after, gap 1 (default)", 1),
-                               ("after, gap 2", 2)):  # fmt: skip
+            for label, gap in (("before", None), ("after, gap 0", 0), ("after, gap 1", 1),
+                               ("after, gap 2 (default)", 2)):  # fmt: skip
                 pred, link = pipeline(paths, Path(tmp) / f"out{seed}_{gap}.zarr", gap, base if gap is None else None)
                 row[label] = scores(pred, truth) | {"link_stage_s": link["seconds"]}
             if callable(peer):

@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
     g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "
                    "(default %(default)s)")  # fmt: skip
-    g.add_argument("--link-gap", type=int, help="slices an instance without partner in the next slice may skip "
-                   "(missed detections), 0 to 3 (default %(default)s)")  # fmt: skip
+    g.add_argument("--link-gap", help="missing slices an instance without partner may skip (missed detections), "
+                   "0 to 3: N, or CLASS=N,... (default %(default)s)")  # fmt: skip
     g.add_argument("--min-voxels", help="drop objects smaller than this: N, or CLASS=N,... (default: keep all)")
     g.add_argument("--min-slices", help="drop objects spanning fewer slices: N, or CLASS=N,... (default: keep all)")
     g = r.add_argument_group("input and output")

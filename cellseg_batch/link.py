@@ -13,13 +13,16 @@ to its cell, and only instances of one class are candidates. For two slices a, b
    could have continued one another (IoU >= ``link_iou``; the partner went to a better pair). One instance
    overlapping two in the next slice, each mostly inside it or each a fair continuation of it (a Y-shaped
    mitochondrion or vessel, a cap that shrinks fast), becomes one object.
-3. Gap (``link_gap``, default 2, 0 to 3): an instance of slice z with no edge to z+1 (a missed detection in z+1,
+3. Gap (``link_gap``, per class, default 2, 0 to 3): an instance of slice z with no edge to z+1 (a missed detection in z+1,
    or the object's end) and an instance of z+2 with no edge from z+1 (a missed detection, or a start) are *free*
    between z and z+2: rules 1-2 run again between these slices, the Hungarian on free pairs only, and a free
    instance left unpaired may join any instance it lies mostly inside. Then z and z+3, and so on up to
    z+1+link_gap, nearer slices first. One or two missed 2D instances in a row no longer cut an object in two, a
    missed section at a branch point included. The default is 2 because at a 5 % miss rate two misses in a row are
-   common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking).
+   common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking). The price: two distinct objects
+   of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``), become one.
+   Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
+   set its gap to 0, e.g. ``--link-gap cell=0,2``.
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
@@ -85,7 +88,7 @@ class LinkRule:
 
     iou_min: float = 0.25
     ioa_min: float = 0.5
-    gap: int = 1
+    gap: tuple[int, ...] = ()  # per class
     min_voxels: tuple[int, ...] = ()
     min_slices: tuple[int, ...] = ()
 
@@ -228,7 +231,9 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
 
     stats = LinkStats()
     bases, areas, classes, zs, link_edges = [0], [], [], [], []
-    window: list[_Slice] = []  # the last slices (up to gap + 1), oldest first
+    window: list[_Slice] = []  # the last slices (up to the largest gap + 1), oldest first
+    gap = np.zeros(n_classes, np.int64)
+    gap[: len(rule.gap)] = rule.gap
     prev_edges = None
     for z in range(n_slices):
         frag = store.fragments(z)
@@ -254,9 +259,11 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             _add_edges(link_edges, pairs, prev, here)
             stats.links += len(pairs)
             stats.heal_links += heal
-            for d in range(2, min(rule.gap + 1, len(window)) + 1):  # nearer gaps first: they take free targets
-                stats.gap_links += _bridge(store, grid, z - d, window[-d], z, here, rule, link_edges, stats)
-        window = (window + [here])[-(rule.gap + 1) :]
+            for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
+                stats.gap_links += _bridge(
+                    store, grid, z - d, window[-d], z, here, rule, link_edges, stats, gap >= d - 1
+                )
+        window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
         prev_edges = edges
         areas.append(area)
         classes.append(cls)
@@ -288,10 +295,13 @@ def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
     out.append(pairs + np.array([a.base, b.base]))
 
 
-def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats) -> int:
+def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats,
+            bridged: np.ndarray) -> int:  # fmt: skip
     """Gap edges between slices za and zb > za + 1: for the instances of za left without an edge to a later slice
-    and those of zb left without one from an earlier slice (rules 1-2 with only these free)."""
-    free_a, free_b = ~a.forward & (a.area > 0), ~b.backward & (b.area > 0)
+    and those of zb left without one from an earlier slice (rules 1-2 with only these free), of the classes
+    ``bridged`` (per class index) allows."""
+    free_a = ~a.forward & (a.area > 0) & bridged[a.cls]
+    free_b = ~b.backward & (b.area > 0) & bridged[b.cls]
     if not (free_a.any() or free_b.any()):
         return 0
     t = time.perf_counter()

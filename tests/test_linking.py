@@ -48,7 +48,8 @@ def test_class_minimums():
             parse_class_minimums(bad, ["a"], "--min-voxels")
     with pytest.raises(UserError, match="unknown class 'c'"):
         parse_class_minimums("c=2", ["a", "b"], "--min-voxels")
-    for field, value in (("link_gap", 4), ("min_slices", "a=x")):
+    assert parse_class_minimums("cell=0,2", ["cell", "mito"], "--link-gap", most=3) == (0, 2)
+    for field, value in (("link_gap", "4"), ("link_gap", "cell=-1"), ("min_slices", "a=x")):
         with pytest.raises(UserError):
             check_run_config(RunConfig("v", "o", predictor="labels", **{field: value}))
 

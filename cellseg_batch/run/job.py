@@ -90,7 +90,8 @@ class Run:
         self.plan.spec = replace(self.plan.spec, module=predictor.__module__)  # the workers import it too
         self.classes = self.plan.classes
         check_class_names(self.classes)
-        self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa, cfg.link_gap,
+        self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
+                                  parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
                                   parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
                                   parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
