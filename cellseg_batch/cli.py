@@ -40,10 +40,14 @@ def _run(args) -> int:
 
 
 def _synth(args) -> int:
-    from .synth import write_synthetic
+    from .synth import write_linking_cases, write_synthetic
 
-    paths = write_synthetic(args.out, tuple(args.shape), seed=args.seed, fmt=args.format, dtype=args.dtype,
-                            scale=args.scale, overwrite=args.overwrite)  # fmt: skip
+    if args.linking:
+        paths = write_linking_cases(args.out, tuple(args.shape), seed=args.seed, dropout=args.dropout,
+                                    shift=args.shift, overwrite=args.overwrite)  # fmt: skip
+    else:
+        paths = write_synthetic(args.out, tuple(args.shape), seed=args.seed, fmt=args.format, dtype=args.dtype,
+                                scale=args.scale, overwrite=args.overwrite)  # fmt: skip
     for name, p in paths.items():
         print(f"  {name:8s} {p}")
     return 0
@@ -54,8 +58,12 @@ def _eval(args) -> int:
 
     from .evaluate import evaluate_paths, format_table
 
-    result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode)
+    result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode,
+                            errors_png=args.errors_png)  # fmt: skip
     print(format_table(result))
+    drawn = result.get("errors_png")
+    if drawn:
+        print(f"wrote {drawn['path']} (the worst split: {drawn['class']} gt {drawn['gt']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -157,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
     g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "
                    "(default %(default)s)")  # fmt: skip
+    g.add_argument("--link-gap", help="missing slices an instance without partner may skip (missed detections), "
+                   "0 to 3: N, or CLASS=N,... (default %(default)s)")  # fmt: skip
+    g.add_argument("--min-voxels", help="drop objects smaller than this: N, or CLASS=N,... (default: keep all)")
+    g.add_argument("--min-slices", help="drop objects spanning fewer slices: N, or CLASS=N,... (default: keep all)")
     g = r.add_argument_group("input and output")
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--chunk", type=int, help="output chunk side in pixels, every level (default %(default)s); "
@@ -186,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["uint8", "uint16"], default="uint8")
     s.add_argument("--scale", type=float, default=1.0, help="object size factor")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--linking", action="store_true", help="linking cases instead: Y-shaped (branching) mitochondria "
+                   "and vessels, touching neighbours, leaning tubes; 2D detections in detections.tif")  # fmt: skip
+    s.add_argument("--dropout", type=float, default=0.0, help="--linking: share of 2D detections deleted")
+    s.add_argument("--shift", type=float, default=0.0, help="--linking: share of slices misaligned by a few px")
     s.set_defaults(func=_synth)
 
     e = sub.add_parser("eval", help="score predicted labels against ground truth")
@@ -194,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt-classes", help="class name, or JSON mapping ids to class names, for a plain GT stack")
     e.add_argument("--slices", help="START:STOP, evaluate a range of slices")
     e.add_argument("--mode", choices=["3d", "2d"], default="3d", help="2d: every slice on its own")
-    e.add_argument("--json", help="also write the result as JSON here")
+    e.add_argument("--json", help="also write the result as JSON here (with each class's splits and merges)")
+    e.add_argument("--errors-png", help="draw the worst split (3d mode) as a PNG here")
     e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="fine-tune Mask R-CNN on COCO annotations (detectron2 launch, GPUs or CPUs)")

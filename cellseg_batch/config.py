@@ -28,6 +28,9 @@ class RunConfig:
     link: str = "overlap"
     link_iou: float = 0.25
     link_ioa: float = 0.5
+    link_gap: str = "2"
+    min_voxels: str | None = None
+    min_slices: str | None = None
     slices: str | None = None
     pixel_size: str | None = None
     normalization: str | None = None
@@ -77,6 +80,31 @@ def parse_slices(text: str | None, nz: int, option: str = "--slices") -> tuple[i
     return z0, z1
 
 
+def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,
+                         most: int | None = None) -> tuple[int, ...]:  # fmt: skip
+    """``"N"`` (every class) or ``"CLASS=N,CLASS=N"`` (a plain N among them: the other classes) -> one int in
+    [0, most] per class (0 where not given); with ``classes`` None only the syntax is checked."""
+    if text is None or str(text) == "":
+        return tuple(0 for _ in classes or ())
+    usage = f"{option} {text!r}: give N or CLASS=N,CLASS=N (N a whole number from 0{f' to {most}' if most else ''})"
+    out: dict[str | None, int] = {}
+    for part in str(text).split(","):
+        name, sep, value = (s.strip() for s in part.rpartition("="))
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserError(usage) from None
+        if n < 0 or (most is not None and n > most) or (sep and not name) or (name if sep else None) in out:
+            raise UserError(usage)
+        out[name if sep else None] = n
+    if classes is None:
+        return ()
+    unknown = sorted(k for k in out if k is not None and k not in classes)
+    if unknown:
+        raise UserError(f"{option}: unknown class {unknown[0]!r}; the run's classes are {', '.join(classes)}")
+    return tuple(out.get(c, out.get(None, 0)) for c in classes)
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Refuse, before anything is read or written, options no volume can make valid (one UserError line each)."""
     from .predict import PREDICTORS  # imports the built-in predictors (light: detectron2 loads only when built)
@@ -89,6 +117,9 @@ def check_run_config(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
+    parse_class_minimums(cfg.link_gap, None, "--link-gap", most=3)
+    parse_class_minimums(cfg.min_voxels, None, "--min-voxels")
+    parse_class_minimums(cfg.min_slices, None, "--min-slices")
     minimum = {"batch_size": 1, "tile": 1, "chunk": 16, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}
     for name, low in minimum.items():
         value = getattr(cfg, name)

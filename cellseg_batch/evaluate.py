@@ -97,7 +97,7 @@ def evaluate(
 
 
 def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,
-                   mode: str = "3d") -> dict:  # fmt: skip
+                   mode: str = "3d", errors_png: str | None = None) -> dict:  # fmt: skip
     """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present); GT an
     OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
     from .read import class_volumes, ngff_label_layers, open_label_layers
@@ -109,7 +109,14 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() else None
     zs = range(*parse_slices(slices, next(iter(gt_sets.values())).shape[0])) if slices else None
-    return evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
+    result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
+    if errors_png:
+        worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
+                    key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
+        if worst is not None:
+            result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"],
+                                    "path": str(draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], errors_png))}  # fmt: skip
+    return result
 
 
 def _slice_range(slices: range | None, depth: int) -> range:
@@ -135,7 +142,101 @@ def _score_class(pv: Volume, gv: Volume, zs: range, scores: dict[int, float] | N
         pid, gid, n = _pair_counts(p.ravel(), g.ravel())
         parts.append((np.full(len(n), z, np.uint64), pid, gid, n))
     z, pid, gid, n = (np.concatenate(a) for a in zip(*parts))
-    return {**ap.result(), **_instance_scores(z, pid, gid, n, mode)}
+    out = {**ap.result(), **_instance_scores(z, pid, gid, n, mode)}
+    if mode == "3d":
+        out["errors"] = explain_errors(z, pid, gid, n)
+    return out
+
+
+# -- why F1 is what it is: splits and merges ------------------------------------------------------------------------
+
+MAX_LISTED = 50  # errors listed per kind and class (all are counted)
+
+
+def explain_errors(z, pid, gid, n, share: float = 0.5) -> dict:
+    """The splits and merges behind a class's scores, from the slice-wise pair counts (3D objects).
+
+    A predicted object is a *part* of a gt object when at least ``share`` of its voxels lie in it; a gt object with
+    two or more parts is split. Symmetrically a gt object lies *in* a predicted one when at least ``share`` of its
+    voxels do; a predicted object holding two or more is a merge. Each is listed with ids, voxel counts and slice
+    ranges [first, last], worst first (a split by the size of its second-largest part, a merge by that of its
+    second-largest gt object)."""
+    fg = (pid > 0) & (gid > 0)
+    keys, inv = np.unique(np.stack([pid[fg], gid[fg]], 1), axis=0, return_inverse=True)
+    inv = inv.ravel()
+    inter = np.bincount(inv, weights=n[fg]).astype(np.int64)
+    z0 = np.full(len(keys), np.iinfo(np.int64).max)
+    z1 = np.full(len(keys), -1)
+    np.minimum.at(z0, inv, z[fg].astype(np.int64))
+    np.maximum.at(z1, inv, z[fg].astype(np.int64))
+    p_size = _sizes(pid, n)
+    g_size = _sizes(gid, n)
+    p, g = keys[:, 0], keys[:, 1]
+    out = {}
+    for kind, whole, part, size_whole, size_part in (
+        ("splits", g, p, g_size, p_size),
+        ("merges", p, g, p_size, g_size),
+    ):
+        inside = inter >= share * np.array([size_part[int(i)] for i in part])
+        rows = np.flatnonzero(inside)
+        listed = []
+        for w in np.unique(whole[rows]):
+            mine = rows[whole[rows] == w]
+            if len(mine) < 2:
+                continue
+            mine = mine[np.argsort(-inter[mine], kind="stable")]
+            parts = [{"id": int(part[i]), "voxels": int(inter[i]), "slices": [int(z0[i]), int(z1[i])]} for i in mine]
+            listed.append({"id": int(w), "voxels": int(size_whole[int(w)]), "parts": parts})
+        listed.sort(key=lambda e: (-e["parts"][1]["voxels"], e["id"]))
+        name = "gt" if kind == "splits" else "pred"
+        out[f"n_{kind}"] = len(listed)
+        out[kind] = [{name: e["id"], "voxels": e["voxels"], "parts": e["parts"]} for e in listed[:MAX_LISTED]]
+    return out
+
+
+def _sizes(ids, n) -> dict[int, int]:
+    u, inv = np.unique(ids, return_inverse=True)
+    return dict(zip(u.tolist(), np.bincount(inv.ravel(), weights=n).astype(np.int64).tolist()))
+
+
+def draw_split(pred: Volume, gt: Volume, split: dict, path: str | os.PathLike, max_slices: int = 12) -> Path:
+    """A PNG of one split (an entry of ``errors["splits"]``): the gt object's slices side by side, cropped to its
+    box, each predicted part in its own colour and the gt outline in white."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import ndimage
+
+    lo = min(p["slices"][0] for p in split["parts"])
+    hi = max(p["slices"][1] for p in split["parts"])
+    zs = np.unique(np.linspace(lo, hi, min(max_slices, hi - lo + 1)).round().astype(int))
+    _, h, w = gt.shape
+    gts = [np.asarray(gt.read(int(k), 0, h, 0, w)) == split["gt"] for k in zs]
+    preds = [np.asarray(pred.read(int(k), 0, h, 0, w)) for k in zs]
+    ys, xs = np.nonzero(np.any(gts, axis=0))
+    pad = 4
+    y0, y1, x0, x1 = max(ys.min() - pad, 0), ys.max() + pad + 1, max(xs.min() - pad, 0), xs.max() + pad + 1
+    colours = plt.get_cmap("tab10")
+    part_ids = [p["id"] for p in split["parts"]]
+    fig, axes = plt.subplots(1, len(zs), figsize=(1.6 * len(zs), 2.0), squeeze=False)
+    for ax, k, gmask, p in zip(axes[0], zs, gts, preds):
+        g, q = gmask[y0:y1, x0:x1], p[y0:y1, x0:x1]
+        rgb = np.full((*g.shape, 3), 0.15)
+        for i, pid in enumerate(part_ids):
+            rgb[q == pid] = colours(i % 10)[:3]
+        rgb[(q > 0) & ~np.isin(q, part_ids)] = 0.5
+        rgb[g & ~ndimage.binary_erosion(g)] = 1.0
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(f"z {k}", fontsize=8)
+        ax.axis("off")
+    parts = ", ".join(f"{p['id']} (z {p['slices'][0]}-{p['slices'][1]})" for p in split["parts"][:4])
+    fig.suptitle(f"gt {split['gt']} split into predicted {parts}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pair_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -361,7 +462,7 @@ def _slice_rles(lab: np.ndarray) -> dict[int, tuple[dict, int]]:
 def _mean(classes: list[dict]) -> dict:
     out: dict = {}
     for key, value in classes[0].items():
-        if isinstance(value, list):
+        if isinstance(value, (list, dict)):
             continue
         values = [c[key] for c in classes if c[key] is not None]
         if key in COUNTS:
@@ -409,6 +510,16 @@ def format_table(result: dict) -> str:
         f"{result['n_slices']} slices (range({start}, {stop}, {step})); P/R/F1 match {objects}; AP over 2D masks; "
         "mean row: metrics averaged over classes, counts summed"
     )
+    for name, r in result["classes"].items():
+        e = r.get("errors")
+        if e and (e["n_splits"] or e["n_merges"]):
+            worst = [f"gt {s['gt']} -> pred {', '.join(str(p['id']) for p in s['parts'])} (z {s['parts'][0]['slices'][0]}-"
+                     f"{s['parts'][0]['slices'][1]} / {s['parts'][1]['slices'][0]}-{s['parts'][1]['slices'][1]})"
+                     for s in e["splits"][:3]]  # fmt: skip
+            merged = [f"pred {m['pred']} <- gt {', '.join(str(p['id']) for p in m['parts'])}" for m in e["merges"][:3]]
+            lines.append(
+                f"{name}: {e['n_splits']} split(s) {'; '.join(worst)}  {e['n_merges']} merge(s) {'; '.join(merged)}"
+            )
     for side, label in (("pred_only", "prediction"), ("gt_only", "ground truth")):
         if result["unmatched"][side]:
             lines.append(f"not scored, only in the {label}: {', '.join(result['unmatched'][side])}")

@@ -1,25 +1,53 @@
-"""Link: join the 2D instances of adjacent slices into 3D objects, number them, and build the object table.
+"""Link: join the 2D instances of the slices into 3D objects, number them, and build the object table.
 
-The rule, class-aware (overlaps are counted within each class's own label layer, so an organelle never links to
-its cell), applied to every pair of adjacent slices z, z+1:
-1. One-to-one: 2D instances pair up by maximum total IoU (Hungarian) among pairs with IoU >= ``link_iou``
-   (default 0.25). Each instance continues at most one instance of the other slice, so two objects side by side
-   never share a label (the failure of greedy IoU linking).
-2. Heal: an instance left unpaired whose overlap with one instance of the other slice covers at least
-   ``link_ioa`` (default 0.5) of its own area joins that instance. This keeps an object whole where its section
-   shrinks or grows fast (caps, tapering ends) and where a tube branches or two branches join.
-3. Objects are the connected components of these links; ids are 1..N in order of first appearance (z, then tile
-   raster order), so equal inputs give equal ids. An object with no owned pixel is dropped.
+Linking is a graph. Its nodes are the 2D instances; its edges are decided pair of slices by pair of slices and
+resolved per connected component of the candidate graph between the two slices (small, independent problems).
+Everything is class-aware: overlaps are counted within each class's own label layer, so an organelle never links
+to its cell, and only instances of one class are candidates. For two slices a, b (adjacent, or across a gap):
 
-``link="none"`` skips 1-2: every 2D instance is its own object (data with too few slices or too thick sections to
+1. Continue (one-to-one): instances pair up by maximum total IoU (Hungarian, ``scipy.optimize.
+   linear_sum_assignment``) among pairs with IoU >= ``link_iou`` (default 0.25). Two touching neighbours that each
+   keep their own partner stay apart, however much they overlap each other's partner.
+2. Branch / merge: an instance left without a partner joins the instance of the other slice that covers the
+   largest share of it (IoA = overlap / own area), if that share is >= ``link_ioa`` (default 0.5) or if the two
+   could have continued one another (IoU >= ``link_iou``; the partner went to a better pair). One instance
+   overlapping two in the next slice, each mostly inside it or each a fair continuation of it (a Y-shaped
+   mitochondrion or vessel, a cap that shrinks fast), becomes one object.
+3. Gap (``link_gap``, per class, default 2, 0 to 3): an instance of slice z with no edge to z+1 (a missed detection in z+1,
+   or the object's end) and an instance of z+2 with no edge from z+1 (a missed detection, or a start) are *free*
+   between z and z+2: rules 1-2 run again between these slices, the Hungarian on free pairs only, and a free
+   instance left unpaired may join any instance it lies mostly inside. Then z and z+3, and so on up to
+   z+1+link_gap, nearer slices first. One or two missed 2D instances in a row no longer cut an object in two, a
+   missed section at a branch point included. The default is 2 because at a 5 % miss rate two misses in a row are
+   common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking). The price: two distinct objects
+   of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``), become one.
+   Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
+   set its gap to 0, e.g. ``--link-gap cell=0,2``.
+4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
+   Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
+   ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
+   Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
+
+Scores break ties only (equal IoU, equal IoA: the higher-scored partner, then the lower index), so the result
+never depends on the order of the input.
+
+``link="none"`` skips 1-3: every 2D instance is its own object (data with too few slices or too thick sections to
 link, or per-slice evaluation).
 
-Everything here streams slice by slice from the work store; memory grows with the number of 2D instances, not
-with the volume's voxels.
+Memory and cost. Everything streams slice by slice from the work store: adjacent slices' overlaps were counted
+by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment tables of link_gap + 2 slices and one int per
+2D instance. Gap edges need the overlaps of z and z+2 (z+3, ...), which nobody counted. They are computed here, but
+only for the tile positions that hold a fragment of a free instance of one slice and any fragment of the other:
+the two tile cores (``cores.zarr``, tile-local ids) are read and counted with the same ``stitch.zoverlaps`` as the
+actors use, one tile position at a time, so memory stays one pair of tile cores. That is not a small share of the
+tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024, 256 px tiles) 522 of 600 tile
+positions were read and the link stage took 1.6 s instead of 0.08 s (``benchmarks/REPORT.md``), about 3 ms per
+tile position on the driver. Reads and time are in the run report (``gap_tiles_read``, ``gap_seconds``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +55,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .stitch import fragment_rows, slice_instances
+from .stitch import ZOVERLAP, fragment_rows, slice_instances, zoverlaps
 from .tiles import TileGrid
 
 OBJECT = np.dtype(
@@ -46,38 +74,65 @@ class LinkStats:
     stitch_matches: int = 0
     links: int = 0
     heal_links: int = 0
+    gap_links: int = 0
+    gap_tiles_read: int = 0
+    gap_seconds: float = 0.0
     objects: int = 0
     max_tiles_per_instance: int = 0
     instances_over_4_tiles: int = 0
     per_class: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)  # class index -> {"objects": n, "voxels": v} removed by clean-up
+
+
+@dataclass(frozen=True)
+class LinkRule:
+    """The linking options of a run (see the module docstring); minimums are per class index (0: no minimum)."""
+
+    iou_min: float = 0.25
+    ioa_min: float = 0.5
+    gap: tuple[int, ...] = ()  # per class
+    min_voxels: tuple[int, ...] = ()
+    min_slices: tuple[int, ...] = ()
 
 
 def link_pair(
     cls_a: np.ndarray, area_a: np.ndarray, cls_b: np.ndarray, area_b: np.ndarray,
     ia: np.ndarray, ib: np.ndarray, inter: np.ndarray, iou_min: float, ioa_min: float,
+    score_a: np.ndarray | None = None, score_b: np.ndarray | None = None,
+    free_a: np.ndarray | None = None, free_b: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:  # fmt: skip
-    """Links (k, 2) between 2D instances of two adjacent slices, and how many came from the heal step.
+    """Edges (k, 2) between 2D instances of two slices, and how many came from the branch/merge step.
 
-    ``ia``/``ib``/``inter``: overlapping instance pairs (same class) and their shared pixel counts."""
+    ``ia``/``ib``/``inter``: overlapping instance pairs and their shared pixel counts (other classes' pairs are
+    ignored). ``free_a``/``free_b`` (default: all): the instances that may take part; only free pairs continue one
+    another, and a free instance left unpaired may join any instance. Scores break ties."""
     if len(inter) == 0:
         return np.zeros((0, 2), dtype=np.int64), 0
-    same = cls_a[ia] == cls_b[ib]
-    ia, ib, inter = ia[same], ib[same], inter[same].astype(np.float64)
+    free_a = np.ones(len(area_a), bool) if free_a is None else free_a
+    free_b = np.ones(len(area_b), bool) if free_b is None else free_b
+    score_a = np.zeros(len(area_a)) if score_a is None else score_a
+    score_b = np.zeros(len(area_b)) if score_b is None else score_b
+    keep = (cls_a[ia] == cls_b[ib]) & (free_a[ia] | free_b[ib])
+    ia, ib, inter = ia[keep], ib[keep], inter[keep].astype(np.float64)
     iou = inter / (area_a[ia] + area_b[ib] - inter)
-    cand = np.flatnonzero(iou >= iou_min)
-    links = [_assign(ia[cand], ib[cand], iou[cand])]
+    cand = np.flatnonzero((iou >= iou_min) & free_a[ia] & free_b[ib])
+    # a score term far below any IoU difference the areas allow: equal IoU goes to the better-scored pair
+    tie = 1e-9 * (score_a[ia[cand]] + score_b[ib[cand]])
+    links = [_assign(ia[cand], ib[cand], iou[cand] + tie)]
     matched_a = np.zeros(len(area_a), bool)
     matched_b = np.zeros(len(area_b), bool)
     matched_a[links[0][:, 0]] = True
     matched_b[links[0][:, 1]] = True
     heal = 0
-    for own, other, area, matched, flip in ((ia, ib, area_a, matched_a, False), (ib, ia, area_b, matched_b, True)):
+    for own, other, area, free, matched, score, flip in ((ia, ib, area_a, free_a, matched_a, score_b, False),
+                                                         (ib, ia, area_b, free_b, matched_b, score_a, True)):  # fmt: skip
         ioa = inter / area[own]
-        ok = (ioa >= ioa_min) & ~matched[own]
+        ok = ((ioa >= ioa_min) | (iou >= iou_min)) & free[own] & ~matched[own]
         if not ok.any():
             continue
-        # the partner covering most of an unpaired instance (ties: lowest partner index)
-        order = np.lexsort((other[ok], -ioa[ok], own[ok]))
+        # the partner covering most of an unpaired instance (ties: higher score, then lowest partner index); one it
+        # could have continued (IoU >= iou_min, lost to a better pair) qualifies too
+        order = np.lexsort((other[ok], -score[other[ok]], -ioa[ok], own[ok]))
         o, p = own[ok][order], other[ok][order]
         first = np.concatenate([[True], o[1:] != o[:-1]])
         pair = np.stack([p[first], o[first]] if flip else [o[first], p[first]], axis=1)
@@ -123,19 +178,67 @@ def _aggregate(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
     return uniq[:, 0], uniq[:, 1], np.bincount(inverse.ravel(), weights=counts).astype(np.int64)
 
 
-def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str,
-                  iou_min: float, ioa_min: float, progress=None) -> tuple[np.ndarray, LinkStats]:  # fmt: skip
-    """Stream the slices of the work store (``run.store.WorkStore``): 2D instances, links, 3D components; write
-    each slice's fragment -> object id table (``lut_path``) and return the object table."""
+@dataclass
+class _Slice:
+    """What linking keeps of one slice while it streams: fragments, fragment -> instance, and per instance its
+    class, area, score, first node index, and whether it has an edge to the next / from the previous slice."""
+
+    frag: np.ndarray
+    inst: np.ndarray
+    cls: np.ndarray
+    area: np.ndarray
+    score: np.ndarray
+    base: int
+    forward: np.ndarray
+    backward: np.ndarray
+
+
+def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
+    """ZOVERLAP rows (fragments of a, b at one tile position) -> summed overlaps between their 2D instances."""
+    row_a, row_b = fragment_rows(a.frag, grid), fragment_rows(b.frag, grid)
+    ia = a.inst[row_a(ov["iy"], ov["ix"], ov["a"])]
+    ib = b.inst[row_b(ov["iy"], ov["ix"], ov["b"])]
+    return _aggregate(ia, ib, ov["count"])
+
+
+def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice, free_a: np.ndarray,
+                  free_b: np.ndarray) -> tuple[np.ndarray, int]:  # fmt: skip
+    """ZOVERLAP rows between slices za and zb, counted from the stored tile cores, only at the tile positions where
+    a fragment of a free instance of one slice and any fragment of the other have pixels; and how many positions."""
+
+    def tiles(s: _Slice, free: np.ndarray | None) -> np.ndarray:
+        f = s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
+        return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
+
+    todo = np.union1d(
+        np.intersect1d(tiles(a, free_a), tiles(b, None)), np.intersect1d(tiles(a, None), tiles(b, free_b))
+    )
+    if len(todo) == 0:
+        return np.zeros(0, ZOVERLAP), 0
+    out = []
+    for t in todo:
+        iy, ix = divmod(int(t), grid.nx)
+        out.append(zoverlaps(store.core(grid, za, iy, ix), store.core(grid, zb, iy, ix), iy, ix))
+    return np.concatenate(out), len(todo)
+
+
+def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
+                  progress=None) -> tuple[np.ndarray, LinkStats]:  # fmt: skip
+    """Stream the slices of the work store (``run.store.WorkStore``): 2D instances, edges, 3D components, clean-up;
+    write each slice's fragment -> object id table (``lut_path``) and return the object table."""
 
     stats = LinkStats()
-    bases, areas, classes, link_edges = [0], [], [], []
-    prev = None
+    bases, areas, classes, zs, link_edges = [0], [], [], [], []
+    window: list[_Slice] = []  # the last slices (up to the largest gap + 1), oldest first
+    gap = np.zeros(n_classes, np.int64)
+    gap[: len(rule.gap)] = rule.gap
+    prev_edges = None
     for z in range(n_slices):
         frag = store.fragments(z)
         edges = store.edges(z)
         inst, n = slice_instances(frag, edges["pairs"], grid)
         area = np.bincount(inst, weights=frag["area"], minlength=n).astype(np.int64)
+        score = np.bincount(inst, weights=frag["score"] * frag["area"], minlength=n) / np.maximum(area, 1)
         cls = np.zeros(n, dtype=np.int16)
         cls[inst] = frag["cls"]
         tiles_per = np.bincount(inst[frag["area"] > 0], minlength=n)
@@ -145,20 +248,24 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         stats.max_tiles_per_instance = max(stats.max_tiles_per_instance, int(tiles_per.max(initial=0)))
         stats.instances_over_4_tiles += int((tiles_per > 4).sum())
         store.write_instances(z, inst)
-        if prev is not None and link != "none":
-            p_frag, p_inst, p_edges = prev
-            ov = p_edges["overlaps"]
-            row_a, row_b = fragment_rows(p_frag, grid), fragment_rows(frag, grid)
-            ia = p_inst[row_a(ov["iy"], ov["ix"], ov["a"])]
-            ib = inst[row_b(ov["iy"], ov["ix"], ov["b"])]
-            ia, ib, inter = _aggregate(ia, ib, ov["count"])
-            pairs, heal = link_pair(classes[-1], areas[-1], cls, area, ia, ib, inter, iou_min, ioa_min)
-            link_edges.append(pairs + np.array([bases[-2], bases[-1]]))
+        here = _Slice(frag, inst, cls, area, score, bases[-1], np.zeros(n, bool), np.zeros(n, bool))
+        if window and link != "none":
+            prev = window[-1]
+            ia, ib, inter = _instance_overlaps(grid, prev, here, prev_edges["overlaps"])
+            pairs, heal = link_pair(prev.cls, prev.area, cls, area, ia, ib, inter, rule.iou_min, rule.ioa_min,
+                                    prev.score, score)  # fmt: skip
+            _add_edges(link_edges, pairs, prev, here)
             stats.links += len(pairs)
             stats.heal_links += heal
-        prev = (frag, inst, edges)
+            for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
+                stats.gap_links += _bridge(
+                    store, grid, z - d, window[-d], z, here, rule, link_edges, stats, gap >= d - 1
+                )
+        window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
+        prev_edges = edges
         areas.append(area)
         classes.append(cls)
+        zs.append(np.full(n, z, np.int64))
         bases.append(bases[-1] + n)
         if progress:
             progress.update(1)
@@ -169,6 +276,8 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     _, comp = connected_components(graph, directed=False)
     voxels = np.bincount(comp, weights=area_all).astype(np.int64) if total else np.zeros(0, np.int64)
     kept = voxels > 0
+    if total and (any(rule.min_voxels) or any(rule.min_slices)):
+        kept &= _clean_up(comp, area_all, np.concatenate(classes), np.concatenate(zs), voxels, n_classes, rule, stats)
     object_id = np.zeros(len(voxels), dtype=np.uint64)
     object_id[kept] = np.arange(1, kept.sum() + 1, dtype=np.uint64)
     table = _object_table(store, grid, n_slices, bases, comp, object_id, n_classes)
@@ -176,6 +285,55 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     for c in range(n_classes):
         stats.per_class[c] = int((table["cls"] == c).sum())
     return table, stats
+
+
+def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
+    a.forward[pairs[:, 0]] = True
+    b.backward[pairs[:, 1]] = True
+    out.append(pairs + np.array([a.base, b.base]))
+
+
+def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats,
+            bridged: np.ndarray) -> int:  # fmt: skip
+    """Gap edges between slices za and zb > za + 1: for the instances of za left without an edge to a later slice
+    and those of zb left without one from an earlier slice (rules 1-2 with only these free), of the classes
+    ``bridged`` (per class index) allows."""
+    free_a = ~a.forward & (a.area > 0) & bridged[a.cls]
+    free_b = ~b.backward & (b.area > 0) & bridged[b.cls]
+    if not (free_a.any() or free_b.any()):
+        return 0
+    t = time.perf_counter()
+    ov, tiles = _gap_overlaps(store, grid, za, a, zb, b, free_a, free_b)
+    ia, ib, inter = _instance_overlaps(grid, a, b, ov)
+    pairs, _ = link_pair(a.cls, a.area, b.cls, b.area, ia, ib, inter, rule.iou_min, rule.ioa_min, a.score, b.score,
+                         free_a=free_a, free_b=free_b)  # fmt: skip
+    _add_edges(out, pairs, a, b)
+    stats.gap_tiles_read += tiles
+    stats.gap_seconds += time.perf_counter() - t
+    return len(pairs)
+
+
+def _clean_up(comp, area, cls, z, voxels, n_classes: int, rule: LinkRule, stats: LinkStats) -> np.ndarray:
+    """Per component: whether it meets its class's minimum voxels and slices; counts what is dropped."""
+    n = len(voxels)
+    comp_cls = np.zeros(n, np.int64)
+    comp_cls[comp] = cls
+    z0 = np.full(n, np.iinfo(np.int64).max)
+    z1 = np.full(n, -1)
+    present = area > 0
+    np.minimum.at(z0, comp[present], z[present])
+    np.maximum.at(z1, comp[present], z[present])
+    min_vox = np.zeros(n_classes, np.int64)
+    min_sl = np.zeros(n_classes, np.int64)
+    min_vox[: len(rule.min_voxels)] = rule.min_voxels
+    min_sl[: len(rule.min_slices)] = rule.min_slices
+    ok = (voxels >= min_vox[comp_cls]) & (z1 - z0 + 1 >= min_sl[comp_cls])
+    drop = ~ok & (voxels > 0)
+    for c in range(n_classes):
+        mine = drop & (comp_cls == c)
+        if mine.any():
+            stats.dropped[c] = {"objects": int(mine.sum()), "voxels": int(voxels[mine].sum())}
+    return ok
 
 
 def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> np.ndarray:

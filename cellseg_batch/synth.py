@@ -744,3 +744,148 @@ def write_synthetic(out: str | Path, shape: tuple[int, int, int], seed: int = 0,
         tifffile.imwrite(paths["volume"], slices(), shape=gen.shape, dtype=gen.dtype, **where)
     truth.finalize(gen.pixel_size_nm)
     return paths
+
+
+# -- linking cases: what 3D linking must get right ------------------------------------------------------------------
+
+LINK_CLASSES = ("mitochondrion", "canalicular_vessel")
+LINK_CASES = ("branch", "merge", "touching", "straight")
+_LINK_PITCH = 80  # px at scale 1: one case per square, far enough apart never to touch
+
+
+def _tube(shape_zyx, dz: float, p0, p1, r: float, y0: int, x0: int, size: int) -> tuple[tuple, np.ndarray]:
+    """Voxels within ``r`` px of segment p0-p1 ((y, x, z) px; z in slices * dz): a slice of the volume and its mask,
+    limited to the case's square [y0, y0 + size) x [x0, x0 + size)."""
+    zs = np.arange(shape_zyx[0]) * dz
+    ys, xs = np.arange(y0, y0 + size), np.arange(x0, x0 + size)
+    p, q = np.asarray(p0, float), np.asarray(p1, float)
+    d = q - p
+    grid = np.stack(np.meshgrid(ys, xs, zs, indexing="ij"), -1)  # (y, x, z, 3)
+    t = np.clip(((grid - p) @ d) / (d @ d), 0.0, 1.0)
+    dist = np.linalg.norm(grid - (p + t[..., None] * d), axis=-1)
+    return (slice(None), slice(y0, y0 + size), slice(x0, x0 + size)), (dist <= r).transpose(2, 0, 1)
+
+
+def linking_cases(shape: tuple[int, int, int], seed: int = 0, dropout: float = 0.0, shift: float = 0.0,
+                  scale: float = 1.0) -> dict:  # fmt: skip
+    """Small volumes that 3D linking must get right, with exact truth: one case per square of the plane, drawn by
+    ``seed``: a Y-shaped tube (``branch``: one section splits into two going up; ``merge``: two join), two tubes
+    of one class touching side by side along their whole length, both leaning the same way (``touching``), or a
+    straight leaning tube (``straight``); classes mitochondrion (thicker) and canalicular_vessel.
+
+    ``shift``: the share of slices moved as a whole by a few px (section misalignment; truth and detections alike).
+    ``dropout``: the share of 2D instances deleted from the detections (missed detections; truth keeps them).
+    Returns ``truth`` (class -> (Z, Y, X) uint32 3D ids), ``detections`` ((Z, Y, X) uint32 2D instances: every
+    4-connected section of every object gets its own id, as 2D ground truth or a 2D model gives them),
+    ``classes`` (detection id -> class name), ``cases`` (3D id -> (class, case)) and ``dropped`` (how many)."""
+    nz, ny, nx = (int(n) for n in shape)
+    if not 0.0 <= dropout < 1.0 or not 0.0 <= shift <= 1.0:
+        raise UserError(f"dropout {dropout} must be in [0, 1) and shift {shift} in [0, 1]")
+    rng = np.random.default_rng([_TAG_SITE, seed, 99])
+    dz, pitch = SLICE_NM / PIXEL_NM * scale, round(_LINK_PITCH * scale)
+    truth = {c: np.zeros((nz, ny, nx), np.uint32) for c in LINK_CLASSES}
+    cases, next_id, top = {}, 1, (nz - 1) * dz
+    for y0 in range(0, ny - pitch + 1, pitch):
+        for x0 in range(0, nx - pitch + 1, pitch):
+            case = LINK_CASES[int(rng.integers(len(LINK_CASES)))]
+            cls = LINK_CLASSES[int(rng.integers(2))]
+            r = (rng.uniform(6.0, 8.5) if cls == "mitochondrion" else rng.uniform(4.0, 6.0)) * scale
+            cy, cx = y0 + pitch / 2, x0 + pitch / 2
+            lean = rng.uniform(0, 2 * math.pi)
+            ly, lx = math.sin(lean), math.cos(lean)
+            z_lo, z_hi = rng.uniform(0.05, 0.2) * top, rng.uniform(0.8, 0.95) * top
+            if case in ("branch", "merge"):
+                # the arms leave the joint steeply (0.5-1.0 radius per slice, each way) until they are 2.6-3.6 radii
+                # from the axis, then run on straight up (or down)
+                spread, step = rng.uniform(2.6, 3.6) * r, rng.uniform(0.5, 1.0) * r
+                joint = rng.uniform(0.35, 0.55) * top
+                trunk_end, arm_end = (z_lo, z_hi) if case == "branch" else (z_hi, z_lo)
+                bend = joint + math.copysign(spread / step * dz, arm_end - joint)
+                tubes = [((cy, cx, trunk_end), (cy, cx, joint))]
+                for s in (-1, 1):
+                    ay, ax = cy + s * spread * ly, cx + s * spread * lx
+                    tubes += [((cy, cx, joint), (ay, ax, bend)), ((ay, ax, bend), (ay, ax, arm_end))]
+                parts = [tubes]
+            elif case == "touching":
+                tilt = rng.uniform(0.0, 1.2) * r  # both lean the same way, along the line between them
+                off = r + 0.5
+                parts = [
+                    [
+                        (
+                            (cy + s * off * ly - tilt * ly, cx + s * off * lx - tilt * lx, z_lo),
+                            (cy + s * off * ly + tilt * ly, cx + s * off * lx + tilt * lx, z_hi),
+                        )
+                    ]
+                    for s in (-1, 1)
+                ]
+            else:
+                tilt = rng.uniform(0.0, 2.0) * r
+                parts = [[((cy - tilt * ly, cx - tilt * lx, z_lo), (cy + tilt * ly, cx + tilt * lx, z_hi))]]
+            for tubes in parts:
+                for p0, p1 in tubes:
+                    where, mask = _tube((nz, ny, nx), dz, p0, p1, r, y0, x0, pitch)
+                    truth[cls][where][mask] = next_id
+                cases[next_id] = (cls, case)
+                next_id += 1
+    # misaligned sections: the whole slice moves (a few px, at most a third of the thinnest tube)
+    for z in np.flatnonzero(rng.random(nz) < shift):
+        dy, dx = rng.integers(-2, 3, size=2) * max(1, round(scale))
+        for arr in truth.values():
+            arr[z] = ndimage.shift(arr[z], (dy, dx), order=0, mode="constant")
+    detections = np.zeros((nz, ny, nx), np.uint32)
+    classes, dropped, n = {}, 0, 0
+    for z in range(nz):
+        for cls in LINK_CLASSES:
+            sections, count = ndimage.label(truth[cls][z] > 0)  # objects of a class never share a pixel
+            if count == 0:
+                continue
+            # touching objects are one foreground component: split it by the truth ids, each part its own section
+            ids = sections.astype(np.int64) * (next_id + 1) + truth[cls][z]
+            for key in np.unique(ids[ids > 0]):
+                part, k = ndimage.label(ids == key)
+                for i in range(1, k + 1):
+                    if rng.random() < dropout:
+                        dropped += 1
+                        continue
+                    n += 1
+                    detections[z][part == i] = n
+                    classes[str(n)] = cls
+    return {"truth": truth, "detections": detections, "classes": classes, "cases": cases, "dropped": dropped}
+
+
+def write_linking_cases(out: str | Path, shape: tuple[int, int, int], seed: int = 0, dropout: float = 0.0,
+                        shift: float = 0.0, overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
+    """``cellseg-batch synth --linking``: ``linking_cases`` written as ``volume.tif`` (a plain rendering),
+    ``detections.tif`` with ``detections.json`` (the 2D instances, for ``--predictor labels``) and ``truth.zarr``
+    (3D truth in the layout ``run`` writes, for ``eval``)."""
+    import json
+
+    import tifffile
+
+    from .write import Output
+
+    data = linking_cases(tuple(shape), seed, dropout, shift)
+    out = Path(out)
+    paths = {"volume": out / "volume.tif", "detections": out / "detections.tif", "classes": out / "detections.json",
+             "truth": out / "truth.zarr"}  # fmt: skip
+    if any(p.exists() for p in paths.values()) and not overwrite:
+        raise UserError(f"{out} already holds a synthetic volume; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    if paths["truth"].is_dir():
+        shutil.rmtree(paths["truth"])
+    fg = sum((a > 0).astype(np.uint8) for a in data["truth"].values())
+    image = np.where(fg > 0, 70, 200).astype(np.uint8)
+    pixel = (SLICE_NM, PIXEL_NM, PIXEL_NM)
+    tifffile.imwrite(paths["volume"], image)
+    tifffile.imwrite(paths["detections"], data["detections"])
+    paths["classes"].write_text(json.dumps(data["classes"]))
+    truth = Output(paths["truth"])
+    truth.create(image.shape, min(512, max(shape[1:])), list(LINK_CLASSES), image.dtype, pixel,
+                 {"synthetic": f"linking-cases seed={seed} dropout={dropout} shift={shift}"}, np.uint32)  # fmt: skip
+    truth.image(0)[:] = image
+    for cls, arr in data["truth"].items():
+        truth.labels(cls, 0)[:] = arr
+    for z in range(image.shape[0]):
+        truth.build_pyramid(z)
+    truth.finalize(pixel)
+    return paths

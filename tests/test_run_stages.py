@@ -310,7 +310,7 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     def stages():
         predict = PredictStage(store, grid, nz, 4, job, (2, 1, 0), 60)
         stitch = StitchStage(store, grid, nz, 0.5, predict, 2)
-        link = LinkStage(store, grid, nz, 4, "overlap", 0.25, 0.5, stitch)
+        link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch)
         write = WriteStage(store, grid, nz, run.output, None, 0, link, 2)
         return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2)]
 

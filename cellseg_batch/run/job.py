@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, distribute
-from ..config import RunConfig, check_run_config, parse_floats, parse_pixel_size, parse_slices
+from ..config import RunConfig, check_run_config, parse_class_minimums, parse_floats, parse_pixel_size, parse_slices
 from ..errors import UserError
+from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, resolve_predictor
 from ..read import Volume, open_volume
@@ -89,6 +90,10 @@ class Run:
         self.plan.spec = replace(self.plan.spec, module=predictor.__module__)  # the workers import it too
         self.classes = self.plan.classes
         check_class_names(self.classes)
+        self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
+                                  parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
+                                  parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
+                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
@@ -147,7 +152,7 @@ class Run:
             "normalization": self.normalization.to_dict() if self.normalization else None, "store": 3,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
-        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, cfg.link_iou, cfg.link_ioa, cfg.write_image,
+        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
                                cfg.chunk])
         previous = self.store.read_run()
         out = self.output
@@ -204,7 +209,7 @@ class Run:
         predict = PredictStage(store, grid, nz, cfg.batch_size, job, (count, cpus, gpus),
                                float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))  # fmt: skip
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
-        link = LinkStage(store, grid, nz, len(self.classes), cfg.link, cfg.link_iou, cfg.link_ioa, stitch)
+        link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
                            limit)  # fmt: skip
         pyramid = PyramidStage(store, nz, self.output, write, limit)
@@ -288,6 +293,9 @@ class Run:
                 "objects_per_class": {self.classes[int(c)]: n for c, n in stats.per_class.items()},
                 "fragments": stats.fragments, "instances_2d": stats.instances_2d,
                 "stitch_matches": stats.stitch_matches, "z_links": stats.links, "z_links_healed": stats.heal_links,
+                "z_links_gap": stats.gap_links, "gap_tiles_read": stats.gap_tiles_read,
+                "gap_seconds": round(stats.gap_seconds, 3),
+                "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
             },
             "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
             "merge_quality": {

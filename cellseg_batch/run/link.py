@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..link import LinkStats, build_objects
+from ..link import LinkRule, LinkStats, build_objects
 from ..tiles import TileGrid
 from .stage import Local, Stage
 from .stitch import StitchStage
@@ -19,14 +19,14 @@ class LinkStage(Stage):
     object id table and the object table. Memory grows with the number of 2D instances, not with voxels."""
 
     name = "link"
-    reads = ("fragments(z)", "edges(z)")
+    reads = ("fragments(z)", "edges(z)", "cores(z) at gap tiles")
     writes = ("lut(z)", "objects", "link_stats")
 
-    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str,
-                 iou_min: float, ioa_min: float, stitch: StitchStage):  # fmt: skip
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
+                 stitch: StitchStage):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.n_classes = store, grid, n_slices, n_classes
-        self.link, self.iou_min, self.ioa_min = link, iou_min, ioa_min
+        self.link, self.rule = link, rule
         self.stitch = stitch
         self.table: np.ndarray | None = None
         self.stats: LinkStats | None = None
@@ -45,8 +45,7 @@ class LinkStage(Stage):
         return not self.stitch.busy
 
     def start(self, unit):
-        table, stats = build_objects(self.store, self.grid, self.n_slices, self.n_classes, self.link, self.iou_min,
-                                     self.ioa_min)  # fmt: skip
+        table, stats = build_objects(self.store, self.grid, self.n_slices, self.n_classes, self.link, self.rule)
         save_npy(self.store.objects_path, table)
         self.store.link_stats_path.write_text(json.dumps(asdict(stats)))
         self.table, self.stats = table, stats
