@@ -177,7 +177,7 @@ def pyramid_task(out_path: str, z: int, from_level: int) -> None:
 
 
 def preview_task(out_path: str, z: int, path: str) -> None:
-    """The preview picture of slice z, once it is written (matplotlib takes a second or two: off the driver)."""
+    """The preview picture of slice z, once it is written (off the driver)."""
     from ..preview import render_output
     from ..write import Output
 
