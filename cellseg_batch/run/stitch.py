@@ -26,9 +26,9 @@ class StitchStage(Stage):
         super().__init__()
         self.store, self.grid, self.n_slices, self.iou_min = store, grid, n_slices, iou_min
         self.predict, self.limit = predict, limit
-        # no core reserved: a stitch task is light (bands only) and comes once per slice, and on a machine whose cores
-        # all hold predictor actors it would otherwise wait for the last tile and add its time after prediction
-        self.task = distribute.remote_task(stitch_task, cpus=0)
+        # one core per task: tried without (to overlap stitching with CPU actors that hold every core), the actors
+        # lost more (torch shares the cores with the task) than the tail after the last tile gained
+        self.task = distribute.remote_task(stitch_task)
         self.cores_read_back = 0  # tile positions whose z-overlaps had to read their cores again
 
     def units(self):
