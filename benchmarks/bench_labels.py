@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellseg_batch.config import RunConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_floor import ClassMap, _init_worker, floor  # noqa: E402
 from common import label_stacks, machine, run_measured, save  # noqa: E402
@@ -77,7 +79,7 @@ def main() -> None:
         for _ in range(args.repeats):
             rounds.append({
                 "ceiling": ceiling(shape, Path(tmp), write_image=True),
-                "floor": floor(shape, "uint32", LABEL_CODEC, pool, inputs, class_map, 992, Path(tmp),
+                "floor": floor(shape, "uint32", LABEL_CODEC, pool, inputs, class_map, RunConfig.chunk, Path(tmp),
                                writer="files", image_codec=IMAGE_CODEC),
                 "ceiling_no_image": ceiling(shape, Path(tmp), write_image=False),
             })  # fmt: skip

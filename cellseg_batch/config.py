@@ -35,7 +35,7 @@ class RunConfig:
     pixel_size: str | None = None
     normalization: str | None = None
     write_image: bool = True
-    chunk: int = 512
+    chunk: int = 1024
     export_tiff: bool = False
     overwrite: bool = False
     work_dir: str | None = None
