@@ -51,8 +51,8 @@ def detectron2_figure(name: str = "detectron2_vs_defaultpredictor") -> None:
         b.text(left, y, f" {left:.0f} ms", va="center", fontsize=8)
     b.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
     b.invert_yaxis()
-    b.set_xlabel("ms per tile (forward includes detectron2's own post-processing; paste: the loop's mask pasting)")
-    b.legend(fontsize=7, ncol=3, loc="lower right")
+    b.set_xlabel("ms per tile in one process (forward includes detectron2's post-processing)", fontsize=8)
+    b.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     fig.savefig(HERE / f"{name}.png", dpi=110)
 
