@@ -202,13 +202,12 @@ class Output:
         """A class's label array (``name``), or the image copy (``None``), at ``level``."""
         return self.image(level) if name is None else self.labels(name, level)
 
-    def write_levels(self, name: str | None, z: int, y0: int, x0: int, block: np.ndarray, levels: int,
-                     first_level: int = 0) -> None:  # fmt: skip
-        """Write ``block`` (pixels of slice z at ``first_level`` from (y0, x0), aligned to the chunks of every level
-        written) to ``levels`` levels of a layer from ``first_level`` up, each made from the one below in memory.
-        All-zero label chunks stay unwritten (they read as 0)."""
+    def write_levels(self, name: str | None, z: int, y0: int, x0: int, block: np.ndarray, levels: int) -> None:
+        """Write ``block`` (level-0 pixels of slice z from (y0, x0), aligned to the chunks of every level written) to
+        levels 0..``levels``-1 of a layer, each made from the one below in memory. All-zero label chunks stay
+        unwritten (they read as 0)."""
         chunk = self.info["chunk"]
-        for level in range(first_level, first_level + levels):
+        for level in range(levels):
             writer = ChunkIO(self.layer(name, level))
             h, w = block.shape
             for by in range(0, h, chunk):
@@ -216,7 +215,7 @@ class Output:
                     part = block[by : by + chunk, bx : bx + chunk]
                     if name is None or part.any():
                         writer.write((z, (y0 + by) // chunk, (x0 + bx) // chunk), part[None])
-            if level + 1 < first_level + levels:
+            if level + 1 < levels:
                 block = block[::2, ::2] if name is not None else _mean2x2(block)
                 y0, x0 = y0 // 2, x0 // 2
 
