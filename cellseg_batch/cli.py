@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-threshold", type=float, help="minimum detection score (default: the model config's)")
     g.add_argument("--amp", action="store_true", help="mixed precision: float16 on GPUs, bfloat16 on CPUs that have it "
                    "(faster; masks may differ by a pixel)")
+    g.add_argument("--exclusive", action="append", help="classes that never share a pixel, A,B,C (repeat for "
+                   "more groups): the highest-scoring detection wins across them; none: no class excludes another "
+                   "(default: the model's, found in its training annotations)")  # fmt: skip
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
     g = r.add_argument_group("merging")

@@ -24,6 +24,7 @@ class RunConfig:
     device: str = "auto"
     score_threshold: float | None = None
     amp: bool = False
+    exclusive: list[str] | None = None  # None: the model directory's groups; ["none"]: no class excludes another
     stitch_iou: float = 0.5
     link: str = "overlap"
     link_iou: float = 0.25

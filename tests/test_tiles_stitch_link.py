@@ -133,3 +133,37 @@ def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
     ids = np.unique(tile.labels[tile.labels > 0])
     assert 3 not in visible  # the hidden one is dropped, and ids stay 1..count
     assert list(ids) == list(range(1, tile.count + 1)) and tile.count == len(visible)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped(seed):
+    rng = np.random.default_rng(seed)
+    n, h, w = 14, 40, 50
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n):
+        y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
+        masks[i, y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = True
+    classes = rng.integers(0, 3, n)  # class 0 nests the others; classes 1 and 2 exclude one another
+    scores = rng.random(n)
+    layer_of = np.array([0, 1, 1])
+    tile = paint_instances(masks, classes, scores, 3, layer_of=layer_of, min_visible=0.5)
+    # reference: per layer and pixel the highest-scoring mask wins; an instance keeping less than half its mask is
+    # dropped (its pixels become background)
+    kept_scores = set(tile.scores.tolist())
+    for group in ([0], [1, 2]):
+        mine = np.isin(classes, group)
+        cover = np.where(masks & mine[:, None, None], scores[:, None, None], -1)
+        winner = np.where(cover.max(0) >= 0, cover.argmax(0), -1)
+        for i in np.flatnonzero(mine):
+            shown = winner == i
+            kept = shown.sum() >= 0.5 * masks[i].sum() and shown.any()
+            assert (float(np.float32(scores[i])) in kept_scores) == kept
+            for c in range(3):
+                painted = tile.labels[c][shown]
+                if kept and c == classes[i]:
+                    assert (painted > 0).all() and np.allclose(tile.scores[painted.astype(int) - 1], scores[i])
+                else:
+                    assert not np.isin(painted, np.flatnonzero(np.isclose(tile.scores, scores[i])) + 1).any()
+    ids = np.unique(tile.labels[tile.labels > 0])
+    assert list(ids) == list(range(1, tile.count + 1))
+    assert (tile.classes == np.array([classes[np.flatnonzero(np.isclose(scores, s))[0]] for s in tile.scores])).all()

@@ -123,11 +123,17 @@ def build_predictor(spec: PredictorSpec) -> Predictor:
     return PREDICTORS[spec.name](**spec.options)
 
 
-def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileLabels:
+def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of=None,
+                    min_visible: float = 0.0) -> TileLabels:
     """Overlapping instance masks -> per-class label layers where, per pixel, the highest-scoring instance wins.
 
     ``masks`` is an (n, h, w) bool numpy array or torch tensor (a CUDA tensor is painted on its device).
     ``boxes`` (n, 4) x0, y0, x1, y1, where given, bound where each mask can be nonzero (saves work on the CPU).
+    ``layer_of`` (n_classes,) ints: classes with the same number exclude one another (e.g. mitochondria and alpha
+    granules: a pixel is never both) and are painted into one shared layer, so the highest-scoring instance wins
+    across them too; by default every class has its own layer (classes nest: a mitochondrion inside its cell).
+    ``min_visible``: an instance that keeps less than this share of its mask once higher-scoring ones are painted
+    over it is dropped, not kept as a sliver (a duplicate of another class, or a box spanning two objects).
     Instances left with no visible pixel are dropped and ids renumbered so local ids stay dense. Equal scores are
     broken by input order, so the result is deterministic.
     """
@@ -137,41 +143,60 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileL
         raise UserError(f"a tile produced {n} instances (at most {MAX_LOCAL}); use smaller tiles")
     classes = np.asarray(classes, dtype=np.int16)
     scores = np.asarray(scores, dtype=np.float32)
+    layer_of = np.arange(n_classes) if layer_of is None else np.asarray(layer_of, dtype=np.int64)
+    shared = len(np.unique(layer_of)) < n_classes
     order = np.lexsort((-np.arange(n), scores))  # ascending score: later (higher rank) wins the pixel
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
-    if n and type(masks).__module__.startswith("torch") and masks.device.type != "cpu":
-        layers = _paint_torch(masks, classes, rank, n_classes)
+    area = np.zeros(n + 1, dtype=np.int64)  # mask pixels per rank, where min_visible needs them
+    on_torch = type(masks).__module__.startswith("torch")
+    if n and on_torch and masks.device.type != "cpu":
+        layers = _paint_torch(masks, layer_of[classes], rank, int(layer_of.max()) + 1)
+        if min_visible > 0:
+            area[rank] = masks.flatten(1).sum(1).cpu().numpy()
     else:
-        masks = masks.cpu().numpy() if type(masks).__module__.startswith("torch") else np.asarray(masks)
-        layers = np.zeros((n_classes, h, w), dtype=LOCAL_ID)
+        masks = masks.cpu().numpy() if on_torch else np.asarray(masks)
+        layers = np.zeros((int(layer_of.max()) + 1, h, w), dtype=LOCAL_ID)
         for i in order:
             y0, y1, x0, x1 = 0, h, 0, w
             if boxes is not None:
                 bx0, by0, bx1, by1 = np.asarray(boxes[i], dtype=np.float64)
                 y0, y1 = max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h)
                 x0, x1 = max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
-            layers[classes[i], y0:y1, x0:x1][masks[i, y0:y1, x0:x1]] = rank[i]
-    # ranks -> dense local ids, in rank order, for the instances that kept at least one pixel (a count, not
+            mask = masks[i, y0:y1, x0:x1]
+            layers[layer_of[classes[i]], y0:y1, x0:x1][mask] = rank[i]
+            if min_visible > 0:
+                area[rank[i]] = np.count_nonzero(mask)
+    # ranks -> dense local ids, in rank order, for the instances that kept enough pixels (a count, not
     # np.unique: no sort of the tile's pixels)
-    present = np.bincount(layers.ravel(), minlength=n + 1) > 0
+    visible = np.bincount(layers.ravel(), minlength=n + 1)
+    present = visible > 0
+    if min_visible > 0:
+        present &= visible >= min_visible * area
     present[0] = False
     kept = np.flatnonzero(present)
     instance = order[kept - 1]
-    if len(kept) == n:  # every instance is visible: ranks are already the dense ids
-        return TileLabels(layers, classes[instance], scores[instance])
-    remap = np.zeros(n + 1, dtype=LOCAL_ID)
-    remap[kept] = np.arange(1, len(kept) + 1)
-    return TileLabels(remap[layers], classes[instance], scores[instance])
+    if len(kept) < n:
+        remap = np.zeros(n + 1, dtype=LOCAL_ID)
+        remap[kept] = np.arange(1, len(kept) + 1)
+        layers = remap[layers]
+    # else every instance is visible: ranks are already the dense ids
+    if shared:  # split each shared layer back into its classes' layers
+        class_of = np.full(len(kept) + 1, -1, dtype=np.int64)
+        class_of[1:] = classes[instance]
+        owner = class_of[layers]
+        layers = np.stack([np.where(owner[layer_of[c]] == c, layers[layer_of[c]], 0) for c in range(n_classes)])
+    return TileLabels(layers, classes[instance], scores[instance])
 
 
-def _paint_torch(masks, classes: np.ndarray, rank: np.ndarray, n_classes: int) -> np.ndarray:
+def _paint_torch(masks, layer: np.ndarray, rank: np.ndarray, n_layers: int) -> np.ndarray:
+    """Per layer and pixel, the highest rank among the masks painted into that layer (``layer[i]``: mask i's)."""
     import torch
 
     h, w = masks.shape[-2:]
-    layers = torch.zeros((n_classes, h, w), dtype=torch.int32, device=masks.device)
+    layers = torch.zeros((n_layers, h, w), dtype=torch.int32, device=masks.device)
     ranks = torch.as_tensor(rank, dtype=torch.int32, device=masks.device)
-    cls = torch.as_tensor(classes, dtype=torch.int64, device=masks.device)
+    cls = torch.as_tensor(layer, dtype=torch.int64, device=masks.device)
     for start in range(0, len(rank), 32):  # bounded memory: 32 masks at a time
         m = masks[start : start + 32].to(torch.int32) * ranks[start : start + 32, None, None]
         for c in torch.unique(cls[start : start + 32]).tolist():

@@ -20,6 +20,37 @@ from ..model_dir import ModelDir
 from ..tiles import Box
 from .base import Plan, Predictor, PredictorSpec, TileLabels, paint_instances, register
 
+# A detection that keeps less than half its mask once higher-scoring detections (of its class, or of a class it
+# excludes) are painted over it is dropped: it duplicates another object under another class, or its box spans two
+# objects; what would be left of it is a sliver, a false object in 3D.
+MIN_VISIBLE = 0.5
+
+
+def exclusive_groups(option: list[str] | None, model: ModelDir) -> list[list[str]]:
+    """Which classes exclude one another (a pixel is never two of them): ``--exclusive`` where given (``none``: no
+    class excludes another), else what the model directory says (``train`` finds it in the annotations)."""
+    if option is None:
+        groups = model.exclusive
+    elif option == ["none"]:
+        groups = []
+    else:
+        groups = [[c.strip() for c in item.split(",") if c.strip()] for item in option]
+    for group in groups:
+        unknown = [c for c in group if c not in model.classes]
+        if unknown:
+            raise UserError(f"--exclusive: {', '.join(unknown)} is not a class of {model.path} "
+                            f"({', '.join(model.classes)})")  # fmt: skip
+    return [list(g) for g in groups if len(g) > 1]
+
+
+def exclusive_layers(classes: list[str], groups: list[list[str]]):
+    """Class index -> painting layer: the classes of one exclusive group share a layer."""
+    layer_of = np.arange(len(classes))
+    for group in groups:
+        idx = [classes.index(c) for c in group]
+        layer_of[idx] = min(idx)
+    return layer_of
+
 
 def pick_device(device: str) -> str:
     import torch
@@ -55,7 +86,8 @@ def load_config(model: ModelDir, device: str = "cpu", score_threshold: float | N
 
 @register("detectron2")
 class Detectron2Predictor(Predictor):
-    def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False):
+    def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False,
+                 exclusive: list[list[str]] | None = None, min_visible: float = MIN_VISIBLE):  # fmt: skip
         import torch
 
         detectron2_ready()
@@ -72,6 +104,8 @@ class Detectron2Predictor(Predictor):
         self.model.to(memory_format=torch.channels_last)
         self._torch = torch
         self.times = {"forward": 0.0, "paint": 0.0}
+        self.layer_of = exclusive_layers(self.classes, exclusive or [])
+        self.min_visible = min_visible
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
@@ -84,7 +118,8 @@ class Detectron2Predictor(Predictor):
             spec=PredictorSpec(
                 "detectron2",
                 {"model_dir": str(model.path.resolve()), "device": options.device,
-                 "score_threshold": options.score_threshold, "amp": options.amp},
+                 "score_threshold": options.score_threshold, "amp": options.amp,
+                 "exclusive": exclusive_groups(options.exclusive, model)},
             ),  # fmt: skip
             classes=list(model.classes),
             needs_image=True,
@@ -122,6 +157,8 @@ class Detectron2Predictor(Predictor):
                     inst.scores.float().cpu().numpy(),
                     len(self.classes),
                     boxes=inst.pred_boxes.tensor.float().cpu().numpy(),
+                    layer_of=self.layer_of,
+                    min_visible=self.min_visible,
                 )
             )
         self.times["forward"] += t1 - t0
