@@ -25,7 +25,7 @@ from ..read import Volume, open_volume
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
-from .predict import PredictStage
+from .predict import ActorStart, PredictStage
 from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
@@ -108,6 +108,7 @@ class Run:
         self.steady: float | None = None
         self.ms_per_tile: dict[str, float] = {}
         self.cpu_start = 0.0
+        self.actors: ActorStart | None = None
 
     def _pixel_size(self) -> tuple[float, float, float] | None:
         """--pixel-size, else what the file records, completed by the model's; checked against the model's."""
@@ -149,7 +150,7 @@ class Run:
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 3,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 4,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
@@ -178,11 +179,16 @@ class Run:
         t_start, self.cpu_start = time.perf_counter(), time.process_time()
         mode = None  # known once the earlier run's leftovers are settled
         try:
-            # Ray starts (seconds) while the plan is settled and the normalization sampled, not after
+            # Ray starts (seconds) while the plan is settled and the normalization sampled, not after; on a fresh
+            # run the actors start as soon as Ray is up, loading their model while the driver is still at it
+            fresh = self.store.read_run() is None
             with ThreadPoolExecutor(1) as pool:
                 prepared = pool.submit(self._prepare)
                 try:
                     self._timed("ray_start", distribute.start, cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
+                    self.actors = self._actor_start()
+                    if fresh:
+                        self.actors.begin()
                 finally:
                     mode = prepared.result()  # a problem with the input or output is reported first
             log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
@@ -202,12 +208,8 @@ class Run:
 
     def _stages(self, mode: str, t_start: float) -> dict:
         cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
-        self.resources = distribute.cluster_resources()
-        count, cpus, gpus, threads = self._actor_layout()
-        job = TileJob(self.plan.spec, self.volume, self.normalization, grid, str(store.root), self.z0, threads)
         limit = 2 * max(1, self.resources["cpus"])
-        predict = PredictStage(store, grid, nz, cfg.batch_size, job, (count, cpus, gpus),
-                               float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))  # fmt: skip
+        predict = PredictStage(store, grid, nz, cfg.batch_size, self.actors, self.normalization)
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
@@ -215,6 +217,7 @@ class Run:
         pyramid = PyramidStage(store, nz, self.output, write, limit)
         preview = PreviewStage(nz, self.output, pyramid)
         self.stages = [predict, stitch, link, write, pyramid, preview]
+        count, cpus, gpus = self.actors.layout
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
         drive(self.stages, bar=self._bar)
         self._timed("ray_stop", distribute.stop)  # what is left runs here: free the cluster (or our share of it)
@@ -238,6 +241,13 @@ class Run:
         return tqdm(total=total, initial=initial, desc=desc, unit="tile" if desc == "predict" else "unit",
                     disable=not self.cfg.progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True,
                     smoothing=0.1)  # fmt: skip
+
+    def _actor_start(self) -> ActorStart:
+        """The predictor actors of this run, laid out on the cluster Ray just joined (not started yet)."""
+        self.resources = distribute.cluster_resources()
+        count, cpus, gpus, threads = self._actor_layout()
+        job = TileJob(self.plan.spec, self.volume, self.grid, str(self.store.root), self.z0, threads)
+        return ActorStart(job, (count, cpus, gpus), float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))
 
     def _actor_layout(self) -> tuple[int, float, float, int]:
         """(actors, cpus each, gpus each, torch threads each)."""

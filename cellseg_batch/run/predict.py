@@ -12,6 +12,38 @@ from .stage import Stage
 from .store import WorkStore
 
 
+class ActorStart:
+    """The predictor actors, created by ``begin`` (as soon as Ray is up: they load their model while the driver
+    still settles the plan) or at the first batch; ``ready`` waits until all have started."""
+
+    def __init__(self, job: TileJob, layout: tuple[int, float, float], timeout: float):
+        self.job, self.layout, self.timeout = job, layout, timeout
+        self.actors: list = []
+        self.began = 0.0
+        self.seconds = 0.0  # from creation until every actor is up
+
+    def begin(self) -> None:
+        import ray
+
+        if self.actors:
+            return
+        count, cpus, gpus = self.layout
+        self.began = time.perf_counter()
+        # with a GPU two calls run at once: one reads and post-processes on the CPU while the other computes on
+        # the GPU; on CPUs alone they would fight over the same cores (measured: 16 vs 20 tiles/s on 2 cores)
+        cls = ray.remote(PredictorWorker).options(
+            num_cpus=cpus, num_gpus=gpus, max_restarts=distribute.ACTOR_RESTARTS,
+            max_task_retries=distribute.TASK_RETRIES, max_concurrency=2 if gpus else 1,
+        )  # fmt: skip
+        self.actors = [cls.remote(self.job) for _ in range(count)]
+
+    def ready(self) -> list:
+        self.begin()
+        distribute.wait_started(self.actors, self.timeout)
+        self.seconds = time.perf_counter() - self.began
+        return self.actors
+
+
 class PredictStage(Stage):
     """Units are batches ``(z, actor, positions)`` of one slice's tiles. Positions are dealt to actors once
     (a run of neighbours in raster order each, so an actor's windows share input chunks) and each actor gets its
@@ -23,11 +55,12 @@ class PredictStage(Stage):
     reads = ("volume",)
     writes = ("cores", "bands", "fragments(z)", "zoverlaps(z)")
 
-    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, batch_size: int, job: TileJob,
-                 layout: tuple[int, float, float], start_timeout: float):  # fmt: skip
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, batch_size: int, actors: ActorStart,
+                 normalization=None):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.batch_size = store, grid, n_slices, batch_size
-        self.job, self.layout, self.start_timeout = job, layout, start_timeout
+        self.starter, self.normalization = actors, normalization
+        self.layout = actors.layout
         self.records = {z: store.read_fragment_log(z) for z in range(n_slices) if not store.slice_done(z)}
         self.delivered: dict[int, set] = defaultdict(set)  # z -> positions whose overlaps with z+1 are logged
         for z in range(n_slices - 1):
@@ -125,23 +158,12 @@ class PredictStage(Stage):
         return out
 
     def _start_actors(self) -> None:
-        import ray
-
-        count, cpus, gpus = self.layout
-        t = time.perf_counter()
-        # with a GPU two calls run at once: one reads and post-processes on the CPU while the other computes on
-        # the GPU; on CPUs alone they would fight over the same cores (measured: 16 vs 20 tiles/s on 2 cores)
-        cls = ray.remote(PredictorWorker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=distribute.ACTOR_RESTARTS,
-            max_task_retries=distribute.TASK_RETRIES, max_concurrency=2 if gpus else 1,
-        )  # fmt: skip
-        self.actors = [cls.remote(self.job) for _ in range(count)]
-        distribute.wait_started(self.actors, self.start_timeout)
-        self.actor_start_s = time.perf_counter() - t
+        self.actors = self.starter.ready()
+        self.actor_start_s = self.starter.seconds
 
     def start(self, unit):
         z, a, positions = unit
-        return self.actors[a].predict.remote(z, list(positions))
+        return self.actors[a].predict.remote(z, list(positions), self.normalization)
 
     def finish(self, unit, result) -> None:
         z, a, _ = unit
@@ -173,9 +195,9 @@ class PredictStage(Stage):
     def close(self) -> None:
         import ray
 
-        for actor in self.actors:  # free their cores (and GPUs) for the stages after this one
+        for actor in self.starter.actors:  # free their cores (and GPUs) for the stages after this one
             ray.kill(actor)
-        self.actors = []
+        self.actors = self.starter.actors = []
 
     def ms_per_tile(self) -> dict[str, float]:
         """Where an actor's time per tile went: read, normalize, the predictor's steps, store."""

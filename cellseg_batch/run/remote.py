@@ -23,11 +23,11 @@ from .store import WorkStore
 
 @dataclass(frozen=True)
 class TileJob:
-    """Everything a predictor worker needs, sent once when the actor starts."""
+    """Everything a predictor worker needs, sent once when the actor starts. The normalization comes with each
+    call instead: actors start (and load their model) while the driver still samples the volume for it."""
 
     predictor: object  # predict.PredictorSpec
     volume: object  # read.Volume
-    normalization: object  # normalize.Normalization | None
     grid: TileGrid
     work_dir: str
     z_offset: int
@@ -48,8 +48,8 @@ class PredictorWorker:
         self.job = job
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
-        store = WorkStore(job.work_dir)
-        self.cores, self.bands = ChunkIO(store.cores()), ChunkIO(store.bands())
+        self.store = WorkStore(job.work_dir)
+        self.cores = None  # opened at the first call: the driver may still be creating the work store
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self.cache_size = 0
         self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
@@ -58,7 +58,7 @@ class PredictorWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def predict(self, z: int, positions: list[tuple[int, int]]) -> dict:
+    def predict(self, z: int, positions: list[tuple[int, int]], normalization=None) -> dict:
         """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``(z_low, iy, ix, rows)``
         between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing)."""
         job, grid = self.job, self.job.grid
@@ -69,7 +69,7 @@ class PredictorWorker:
         if self.predictor.needs_image:
             raw = [job.volume.read(job.z_offset + z, *w) for w in windows]
             t1 = time.perf_counter()
-            images = [job.normalization.apply(r) for r in raw]
+            images = [normalization.apply(r) for r in raw]
             times = {"read": t1 - t0, "normalize": time.perf_counter() - t1}
         with self.predict_lock:
             t2 = time.perf_counter()
@@ -78,13 +78,15 @@ class PredictorWorker:
             steps = self.predictor.step_times()
         times.update(steps or {"predict": t3 - t2})
         fragments, overlaps = [], []
+        if self.cores is None:
+            self.cores = ChunkIO(self.store.cores())
         for (iy, ix), window, tile in zip(positions, windows, tiles):
             core_box = grid.core(iy, ix)
             core = None
             if tile.count:  # a tile without instances stays unwritten and reads as zeros
                 core = tile.labels[(slice(None), *core_box.relative_to(window))].copy()  # not a view: the window is freed
                 self.cores.write((z, 0, iy, ix), core[None])  # a core is one chunk of the cores array
-                self.bands.write((z, iy, ix, 0, 0, 0, 0), tile_bands(tile.labels, grid, iy, ix)[None, None, None])
+                self.store.write_bands(z, iy, ix, tile_bands(tile.labels, grid, iy, ix))
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid)))
             overlaps += self._zoverlaps(z, iy, ix, core)
@@ -119,7 +121,7 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
     """Matches within slice z (from its bands), and the z-overlaps with slice z+1 at the positions no actor could
     count from memory (an actor restart, a resumed run): those read the two cores back."""
     store = WorkStore(work_dir)
-    pairs, touching = stitch_slice(store.bands(), grid, z, iou_min)
+    pairs, touching = stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min)
     counted = []
     for iy, ix in missing:
         counted.append(zoverlaps(store.core(grid, z, iy, ix), store.core(grid, z + 1, iy, ix), iy, ix))
