@@ -9,7 +9,8 @@
 
 The NGFF metadata (``multiscales`` and the ``labels`` list) is written last: until a run completes, no NGFF
 reader sees an image or a label layer, and ``cellseg_batch.status`` in the root attributes says ``incomplete``.
-Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged.
+Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged;
+each layer's translation is the one its own downsampling implies (``level_offset``).
 Workers write a block of level-0 chunks and the levels above it from the block in memory (``write_levels``); only
 levels above what a block spans are built from the level below (``build_pyramid``).
 """
@@ -56,6 +57,13 @@ def level_shape(shape: tuple[int, int, int], level: int) -> tuple[int, int, int]
     for _ in range(level):
         y, x = -(-y // 2), -(-x // 2)
     return z, y, x
+
+
+def level_offset(level: int, kind: str, pixel: tuple[float, ...]) -> list[float]:
+    """Where pixel 0 of ``level`` sits in world units, per axis of ``pixel`` (the level-0 pixel size): labels are
+    subsampled (``nearest``: pixel i is level-0 pixel 2^k i, so no shift), the image mean-pooled (pixel i is the mean
+    of level-0 pixels 2^k i .. 2^k i + 2^k - 1, centred (2^k - 1) / 2 pixels further)."""
+    return [0.0 if kind == "nearest" else (2**level - 1) * p / 2 for p in pixel]
 
 
 def open_array(path: str | Path, mode: str = "r+"):
@@ -253,7 +261,7 @@ class Output:
             datasets = [
                 {"path": str(k), "coordinateTransformations": [
                     {"type": "scale", "scale": [pz, py * 2**k, px * 2**k]},
-                    {"type": "translation", "translation": [z_offset * pz, (2**k - 1) * py / 2, (2**k - 1) * px / 2]},
+                    {"type": "translation", "translation": [z_offset * pz, *level_offset(k, kind, (py, px))]},
                 ]}
                 for k in range(levels)
             ]  # fmt: skip
