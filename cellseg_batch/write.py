@@ -63,9 +63,10 @@ def block_levels(chunk: int, levels: int) -> int:
 
 def shard_sides(chunk: int, levels: int) -> list[int]:
     """The side (Y and X; one slice deep) of an NGFF 0.5 shard at each level: the footprint of one write block
-    there (4096 px at level 0 with the default chunks: 4 x 4 chunks, a few MB compressed, one PUT to an object
-    store), so each block writes whole shards and no shard has two writers; above the levels blocks write, half a
-    block's side (the pyramid task builds such a shard from one block's worth of pixels of the level below)."""
+    there (4096 px at level 0 with the default chunks: 4 x 4 chunks in one object, one PUT to an object store; ~15 MB
+    of image, ~1 MB per label layer on synthetic EM), so each block writes whole shards and no shard has two writers;
+    above the levels blocks write, half a block's side (the pyramid task builds such a shard from one block's worth
+    of pixels of the level below)."""
     k = block_levels(chunk, levels)
     side = chunk * 2 ** (k - 1)
     return [side >> level if level < k else max(chunk, side // 2) for level in range(levels)]
