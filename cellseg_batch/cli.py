@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--chunk", type=int, help="output chunk side in pixels, every level (default %(default)s); "
                    "independent of the tile grid")
+    g.add_argument("--format", help="ngff-0.4 (zarr v2) or ngff-0.5 (zarr v3, sharded: a file per write block, "
+                   "4096x4096 px of a slice, for object stores) (default %(default)s)")
     g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
     g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class (small volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -37,6 +37,7 @@ class RunConfig:
     normalization: str | None = None
     write_image: bool = True
     chunk: int = 1024
+    format: str = "ngff-0.4"
     export_tiff: bool = False
     overwrite: bool = False
     work_dir: str | None = None
@@ -118,6 +119,10 @@ def check_run_config(cfg: RunConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
+    from .write import FORMATS
+
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
     parse_class_minimums(cfg.link_gap, None, "--link-gap", most=3)
     parse_class_minimums(cfg.min_voxels, None, "--min-voxels")
     parse_class_minimums(cfg.min_slices, None, "--min-slices")

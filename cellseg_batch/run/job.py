@@ -154,7 +154,7 @@ class Run:
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
-                               cfg.chunk])
+                               cfg.chunk, cfg.format])
         previous = self.store.read_run()
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
@@ -170,6 +170,7 @@ class Run:
             out.create(
                 self.shape, cfg.chunk, self.classes, self.volume.dtype if cfg.write_image else None,
                 self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
+                fmt=cfg.format,
             )  # fmt: skip
         return decision.mode
 

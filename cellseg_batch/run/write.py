@@ -7,28 +7,18 @@ import numpy as np
 from .. import distribute
 from ..stitch import tile_starts
 from ..tiles import Box, TileGrid
-from ..write import Output, label_dtype
+from ..write import Output, block_levels, label_dtype
 from .link import LinkStage
 from .remote import preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
 
-BLOCK_PIXELS = 4096  # a write block's side, at most (or one output chunk where those are larger): bounds worker memory
-
-
-def block_levels(chunk: int, levels: int) -> int:
-    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) output chunks spans exactly
-    one chunk of level k-1, so k levels are written with no chunk shared between blocks."""
-    k = 1
-    while k < levels and 2**k * chunk <= max(BLOCK_PIXELS, chunk):
-        k += 1
-    return k
-
 
 class WriteStage(Stage):
     """Unit: a block of output chunks of one slice, ready once linking is done. A block reads the tile cores it
     meets from the work store (a core inside one block is read once; one across a block border, by each block it
-    meets) and the image copy from the volume."""
+    meets) and the image copy from the volume. In NGFF 0.5 a block is exactly one shard of each level it writes
+    (``write.shard_sides``): no shard has two writers."""
 
     name = "write"
     reads = ("cores(z)", "fragments(z)", "lut(z)", "volume")
