@@ -180,13 +180,13 @@ def test_exclusive_classes_found_in_the_annotations():
     assert s.exclusive_classes() == [["mito", "granule"]]
 
 
-def test_exclusive_option_names_the_model_classes(tmp_path):
-    from cellseg_batch.predict.detectron2_predictor import exclusive_groups, exclusive_layers
+def test_exclusive_option_names_the_run_classes():
+    from cellseg_batch.predict.base import exclusive_groups, exclusive_layers
 
-    model = ModelDir(tmp_path, ["cell", "mito", "granule"], 128, 16, exclusive=[["mito", "granule"]])
-    assert exclusive_groups(None, model) == [["mito", "granule"]]
-    assert exclusive_groups(["none"], model) == []
-    assert exclusive_groups(["cell,mito"], model) == [["cell", "mito"]]
-    with pytest.raises(UserError, match="--exclusive: vessel is not a class"):
-        exclusive_groups(["mito,vessel"], model)
-    assert exclusive_layers(["cell", "mito", "granule"], [["mito", "granule"]]).tolist() == [0, 1, 1]
+    classes, found = ["cell", "mito", "granule"], [["mito", "granule"]]
+    assert exclusive_groups(None, classes, "m", found) == [["mito", "granule"]]
+    assert exclusive_groups(["none"], classes, "m", found) == []
+    assert exclusive_groups(["cell,mito"], classes, "m", found) == [["cell", "mito"]]
+    with pytest.raises(UserError, match="--exclusive: vessel is not a class of m"):
+        exclusive_groups(["mito,vessel"], classes, "m")
+    assert exclusive_layers(classes, found) == (0, 1, 1)

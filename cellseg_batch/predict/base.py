@@ -23,7 +23,10 @@ class TileLabels:
     """A tile's instances: one label image per class (classes nest, so each has its own layer).
 
     ``labels[c]`` holds local ids 1..n of class c's instances (0 = none); ids are unique across layers, and
-    ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's.
+    ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's. Classes that
+    exclude one another (``Plan.layer_of``) share the layer of the first of them: there, the instances of all of
+    them, told apart by ``classes`` (the others' layers are empty). Stitching and linking then see a detection's
+    class flip between tiles or slices as the same object; the object takes the class of most of its voxels.
     """
 
     labels: np.ndarray  # (n_classes, h, w) uint16
@@ -56,6 +59,7 @@ class Plan:
     percentiles: tuple[float, float] = (1.0, 99.5)
     pixel_size_nm: tuple[float, float, float] | None = None
     identity: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged (files, sizes)
+    layer_of: tuple[int, ...] | None = None  # class -> its label layer, where classes exclude one another (TileLabels)
     uses_gpu: bool = False  # actors get one GPU each where the cluster has GPUs
 
 
@@ -123,6 +127,34 @@ def build_predictor(spec: PredictorSpec) -> Predictor:
     return PREDICTORS[spec.name](**spec.options)
 
 
+def exclusive_groups(option: list[str] | None, classes: list[str], where: str,
+                     default: list[list[str]] | None = None) -> list[list[str]]:
+    """Groups of classes that exclude one another (a pixel is never two of them): ``--exclusive A,B`` (repeated
+    for more groups; ``none``: no group) where given, else ``default``; every name must be one of ``classes``
+    (``where`` says whose, for the error)."""
+    if option is None:
+        groups = default or []
+    elif option == ["none"]:
+        groups = []
+    else:
+        groups = [[c.strip() for c in item.split(",") if c.strip()] for item in option]
+    for group in groups:
+        unknown = [c for c in group if c not in classes]
+        if unknown:
+            raise UserError(f"--exclusive: {', '.join(unknown)} is not a class of {where} ({', '.join(classes)})")
+    return [list(g) for g in groups if len(g) > 1]
+
+
+def exclusive_layers(classes: list[str], groups: list[list[str]]) -> tuple[int, ...]:
+    """Class index -> label layer: the classes of one exclusive group share the layer of the first of them."""
+    layer_of = list(range(len(classes)))
+    for group in groups:
+        first = min(classes.index(c) for c in group)
+        for c in group:
+            layer_of[classes.index(c)] = first
+    return tuple(layer_of)
+
+
 def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of=None,
                     min_visible: float = 0.0) -> TileLabels:
     """Overlapping instance masks -> per-class label layers where, per pixel, the highest-scoring instance wins.
@@ -130,8 +162,9 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
     ``masks`` is an (n, h, w) bool numpy array or torch tensor (a CUDA tensor is painted on its device).
     ``boxes`` (n, 4) x0, y0, x1, y1, where given, bound where each mask can be nonzero (saves work on the CPU).
     ``layer_of`` (n_classes,) ints: classes with the same number exclude one another (e.g. mitochondria and alpha
-    granules: a pixel is never both) and are painted into one shared layer, so the highest-scoring instance wins
-    across them too; by default every class has its own layer (classes nest: a mitochondrion inside its cell).
+    granules: a pixel is never both) and are painted into one shared layer, layer ``layer_of[c]`` (the lowest
+    class index of the group), so the highest-scoring instance wins across them too; by default every class has
+    its own layer (classes nest: a mitochondrion inside its cell).
     ``min_visible``: an instance that keeps less than this share of its mask once higher-scoring ones are painted
     over it is dropped, not kept as a sliver (a duplicate of another class, or a box spanning two objects).
     Instances left with no visible pixel are dropped and ids renumbered so local ids stay dense. Equal scores are
@@ -144,19 +177,18 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
     classes = np.asarray(classes, dtype=np.int16)
     scores = np.asarray(scores, dtype=np.float32)
     layer_of = np.arange(n_classes) if layer_of is None else np.asarray(layer_of, dtype=np.int64)
-    shared = len(np.unique(layer_of)) < n_classes
     order = np.lexsort((-np.arange(n), scores))  # ascending score: later (higher rank) wins the pixel
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
     area = np.zeros(n + 1, dtype=np.int64)  # mask pixels per rank, where min_visible needs them
     on_torch = type(masks).__module__.startswith("torch")
     if n and on_torch and masks.device.type != "cpu":
-        layers = _paint_torch(masks, layer_of[classes], rank, int(layer_of.max()) + 1)
+        layers = _paint_torch(masks, layer_of[classes], rank, n_classes)
         if min_visible > 0:
             area[rank] = masks.flatten(1).sum(1).cpu().numpy()
     else:
         masks = masks.cpu().numpy() if on_torch else np.asarray(masks)
-        layers = np.zeros((int(layer_of.max()) + 1, h, w), dtype=LOCAL_ID)
+        layers = np.zeros((n_classes, h, w), dtype=LOCAL_ID)
         for i in order:
             y0, y1, x0, x1 = 0, h, 0, w
             if boxes is not None:
@@ -181,11 +213,6 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
         remap[kept] = np.arange(1, len(kept) + 1)
         layers = remap[layers]
     # else every instance is visible: ranks are already the dense ids
-    if shared:  # split each shared layer back into its classes' layers
-        class_of = np.full(len(kept) + 1, -1, dtype=np.int64)
-        class_of[1:] = classes[instance]
-        owner = class_of[layers]
-        layers = np.stack([np.where(owner[layer_of[c]] == c, layers[layer_of[c]], 0) for c in range(n_classes)])
     return TileLabels(layers, classes[instance], scores[instance])
 
 

@@ -18,38 +18,21 @@ from ..d2compat import detectron2_ready
 from ..errors import UserError
 from ..model_dir import ModelDir
 from ..tiles import Box
-from .base import Plan, Predictor, PredictorSpec, TileLabels, paint_instances, register
+from .base import (
+    Plan,
+    Predictor,
+    PredictorSpec,
+    TileLabels,
+    exclusive_groups,
+    exclusive_layers,
+    paint_instances,
+    register,
+)
 
 # A detection that keeps less than half its mask once higher-scoring detections (of its class, or of a class it
 # excludes) are painted over it is dropped: it duplicates another object under another class, or its box spans two
 # objects; what would be left of it is a sliver, a false object in 3D.
 MIN_VISIBLE = 0.5
-
-
-def exclusive_groups(option: list[str] | None, model: ModelDir) -> list[list[str]]:
-    """Which classes exclude one another (a pixel is never two of them): ``--exclusive`` where given (``none``: no
-    class excludes another), else what the model directory says (``train`` finds it in the annotations)."""
-    if option is None:
-        groups = model.exclusive
-    elif option == ["none"]:
-        groups = []
-    else:
-        groups = [[c.strip() for c in item.split(",") if c.strip()] for item in option]
-    for group in groups:
-        unknown = [c for c in group if c not in model.classes]
-        if unknown:
-            raise UserError(f"--exclusive: {', '.join(unknown)} is not a class of {model.path} "
-                            f"({', '.join(model.classes)})")  # fmt: skip
-    return [list(g) for g in groups if len(g) > 1]
-
-
-def exclusive_layers(classes: list[str], groups: list[list[str]]):
-    """Class index -> painting layer: the classes of one exclusive group share a layer."""
-    layer_of = np.arange(len(classes))
-    for group in groups:
-        idx = [classes.index(c) for c in group]
-        layer_of[idx] = min(idx)
-    return layer_of
 
 
 def pick_device(device: str) -> str:
@@ -104,7 +87,7 @@ class Detectron2Predictor(Predictor):
         self.model.to(memory_format=torch.channels_last)
         self._torch = torch
         self.times = {"forward": 0.0, "paint": 0.0}
-        self.layer_of = exclusive_layers(self.classes, exclusive or [])
+        self.layer_of = np.array(exclusive_layers(self.classes, exclusive or []))
         self.min_visible = min_visible
 
     @classmethod
@@ -114,12 +97,14 @@ class Detectron2Predictor(Predictor):
         model = ModelDir.load(options.model)
         norm = model.normalization
         stat = model.weights_path.stat()
+        # --exclusive, else what `train` found in the annotations
+        exclusive = exclusive_groups(options.exclusive, model.classes, str(model.path), model.exclusive)
         return Plan(
             spec=PredictorSpec(
                 "detectron2",
                 {"model_dir": str(model.path.resolve()), "device": options.device,
                  "score_threshold": options.score_threshold, "amp": options.amp,
-                 "exclusive": exclusive_groups(options.exclusive, model)},
+                 "exclusive": exclusive},
             ),  # fmt: skip
             classes=list(model.classes),
             needs_image=True,
@@ -130,6 +115,7 @@ class Detectron2Predictor(Predictor):
             identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
                       "config": model.config_path.read_text()},
             uses_gpu=True,
+            layer_of=exclusive_layers(model.classes, exclusive),
         )
 
     def set_threads(self, threads: int) -> None:

@@ -93,7 +93,8 @@ class Run:
         self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
                                   parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
                                   parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
-                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"))  # fmt: skip
+                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"),
+                                  tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
@@ -214,7 +215,7 @@ class Run:
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
-                           limit)  # fmt: skip
+                           limit, self.plan.layer_of)  # fmt: skip
         pyramid = PyramidStage(store, nz, self.output, write, limit)
         preview = PreviewStage(nz, self.output, pyramid)
         self.stages = [predict, stitch, link, write, pyramid, preview]

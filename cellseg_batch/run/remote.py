@@ -130,11 +130,13 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
 
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
-                     luts: list[np.ndarray], levels: int, volume, z_offset: int) -> None:  # fmt: skip
+                     luts: list[np.ndarray], levels: int, volume, z_offset: int, layer_of=None,
+                     classes: list[np.ndarray] | None = None) -> None:  # fmt: skip
     """One block of output chunks of slice z, written once: the tile cores it meets with fragment ids replaced by
     object ids (``luts``, one per tile), every class layer and the image copy at level 0 and at the
     ``levels - 1`` levels above it, built from the block in memory. The block is aligned to those levels' chunks,
-    so no other writer shares them."""
+    so no other writer shares them. Where classes share a layer (``layer_of``), class c's output takes the pixels
+    of its layer whose object is of class c (``classes``: per tile, local id -> its object's class)."""
     from ..write import Output
 
     out = Output(out_path)
@@ -147,11 +149,12 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
         parts.append((inside.relative_to(block), ids))
     dtype = luts[0].dtype if luts else np.uint32
     for c, name in enumerate(out.info["classes"]):
+        layer = layer_of[c] if layer_of else c
         labels = np.zeros(block.shape, dtype=dtype)
-        for (where, ids), lut in zip(parts, luts):
-            mapped = relabel(ids[c], lut)
+        for i, ((where, ids), lut) in enumerate(zip(parts, luts)):
+            mapped = relabel(ids[layer], lut)
             if mapped is not None:  # nothing of this class there: zeros
-                labels[where] = mapped
+                labels[where] = mapped if classes is None else np.where(classes[i][ids[layer]] == c, mapped, 0)
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
