@@ -117,6 +117,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _view(args) -> int:
+    from .view import view
+
+    return view(args.path, napari=args.napari, port=args.port, timeout=args.timeout)
+
+
 def _doctor(args) -> int:
     from .doctor import report
 
@@ -263,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", nargs="?", default="demo", help="folder for everything the demo makes (default demo/)")
     m.add_argument("--iterations", type=int, default=800, help="training iterations (default 800)")
     m.set_defaults(func=_demo)
+
+    v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")
+    v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written), or a volume")
+    v.add_argument("--napari", action="store_true", help="open napari (with napari-ome-zarr) instead")
+    v.add_argument("--port", type=int, default=0, help="port of the local server on 127.0.0.1 (default: a free one)")
+    v.add_argument("--timeout", type=float, help="stop serving after this many seconds (default: at Ctrl-C)")
+    v.set_defaults(func=_view)
 
     d = sub.add_parser("doctor", help="versions, devices, Ray, detectron2 compiled ops")
     d.set_defaults(func=_doctor)

@@ -1,0 +1,153 @@
+"""View: a result (finished or still being written) or an input volume in neuroglancer or napari, read lazily."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .preview import class_colour_hex
+from .read import Volume, group_attrs, multiscales, ngff_pixel_size, open_volume
+
+
+@dataclass
+class Scene:
+    """What there is to look at: an image and label arrays (Z, Y, X, read on demand), in the preview's colours."""
+
+    path: Path
+    status: str  # "complete", "incomplete" (a run still writing it), or "input" (a volume alone)
+    image: object | None = None  # anything sliced like an array of Z, Y, X
+    labels: dict[str, object] = field(default_factory=dict)  # class -> its level-0 label array, where written
+    classes: list[str] = field(default_factory=list)  # every class of the run, in colour order
+    pixel_size_nm: tuple[float, float, float] | None = None
+
+    def colour(self, name: str) -> str:
+        return class_colour_hex(self.classes.index(name))
+
+    def describe(self) -> str:
+        what = (["image"] if self.image is not None else []) + list(self.labels)
+        missing = [c for c in self.classes if c not in self.labels]
+        note = f"; not written yet: {', '.join(missing)}" if missing else ""
+        return f"{self.path} ({self.status}): {', '.join(what) or 'nothing written yet'}{note}"
+
+
+class VolumeArray:
+    """A Volume (TIFF, zarr, OME-Zarr) sliced like a Z, Y, X array, one 2D window per slice: what LocalVolume reads."""
+
+    ndim = 3
+
+    def __init__(self, volume: Volume):
+        self.volume, self.shape, self.dtype = volume, volume.shape, volume.dtype
+
+    def __getitem__(self, index) -> np.ndarray:
+        (z0, z1, _), (y0, y1, _), (x0, x1, _) = (s.indices(n) for s, n in zip(index, self.shape))
+        out = np.empty((z1 - z0, y1 - y0, x1 - x0), dtype=self.dtype)
+        for z in range(z0, z1):
+            out[z - z0] = self.volume.read(z, y0, y1, x0, x1)
+        return out
+
+
+def _array(path: Path):
+    """The zarr array (v2 or v3) at ``path``, or None where it is not written (yet)."""
+    import zarr
+
+    try:
+        return zarr.open_array(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+
+
+def open_scene(path: str | Path) -> Scene:
+    """A cellseg-batch output (its image copy and one label layer per class, what exists so far for a run still
+    going), or any volume ``run`` reads (the image alone)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path} does not exist; give a cellseg-batch output (OUT.zarr) or an input volume")
+    attrs = group_attrs(p)
+    info = (attrs or {}).get("cellseg_batch")
+    if not info:
+        try:
+            volume = open_volume(str(p))
+        except UserError as e:
+            raise UserError(f"{path} is neither a cellseg-batch output nor a volume to view ({e})") from e
+        return Scene(p, "input", image=VolumeArray(volume), pixel_size_nm=volume.pixel_size_nm)
+    ms = multiscales(attrs)  # written when the run completes
+    pixel = ngff_pixel_size(ms, ms["datasets"][0]) if ms else info.get("pixel_size_nm")
+    classes = list(info.get("classes", []))
+    labels = {name: a for name in classes if (a := _array(p / "labels" / name / "0")) is not None}
+    image = _array(p / "0") if info.get("image") else None
+    return Scene(p, info.get("status") or "incomplete", image, labels, classes, tuple(pixel) if pixel else None)
+
+
+def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0):
+    """A neuroglancer viewer of ``scene``, served from this process at ``bind``:``port`` (0: a free port): the image,
+    then one segmentation layer per class in its preview colour, at the volume's middle."""
+    try:
+        import neuroglancer
+    except ImportError as e:
+        raise UserError("viewing needs neuroglancer: pip install 'cellseg-batch[view]' (or pip install neuroglancer)") from e
+
+    neuroglancer.set_server_bind_address(bind, port)
+    viewer = neuroglancer.Viewer()
+    scales, units = (list(scene.pixel_size_nm), "nm") if scene.pixel_size_nm else ([1, 1, 1], "")
+    zyx = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units=units, scales=scales)
+    arrays = [a for a in [scene.image, *scene.labels.values()] if a is not None]
+    with viewer.txn() as s:
+        # x, y, z: the first two are the main panel's axes, so slices are seen face on
+        s.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units=units, scales=scales[::-1])
+        if arrays:
+            z, y, x = arrays[0].shape
+            s.position = [x / 2, y / 2, z // 2 + 0.5]
+        if scene.image is not None:
+            s.layers["image"] = neuroglancer.ImageLayer(
+                source=neuroglancer.LocalVolume(scene.image, dimensions=zyx, volume_type="image"))
+        for name, array in scene.labels.items():
+            s.layers[name] = neuroglancer.SegmentationLayer(
+                source=neuroglancer.LocalVolume(array, dimensions=zyx, volume_type="segmentation"),
+                segment_default_color=scene.colour(name))  # fmt: skip
+        s.layout = "4panel"
+    return viewer
+
+
+def open_napari(scene: Scene) -> None:
+    """napari with the napari-ome-zarr plugin (a finished output); else the scene's arrays as napari layers."""
+    missing = [m for m in ("napari", "napari_ome_zarr") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--napari needs {' and '.join(missing)}: pip install 'cellseg-batch[napari]' "
+                        "(or leave out --napari for neuroglancer)")  # fmt: skip
+    import napari
+
+    viewer = napari.Viewer(title=str(scene.path))
+    if scene.status == "complete":
+        viewer.open(str(scene.path), plugin="napari-ome-zarr")
+    else:
+        scale = scene.pixel_size_nm or (1, 1, 1)
+        if scene.image is not None:
+            viewer.add_image(scene.image, name="image", scale=scale)
+        for name, array in scene.labels.items():
+            viewer.add_labels(array, name=name, scale=scale)
+    napari.run()
+
+
+def view(path: str | Path, napari: bool = False, port: int = 0, timeout: float | None = None) -> int:
+    """``cellseg-batch view``: open ``path`` and serve it until Ctrl-C (or ``timeout`` seconds)."""
+    scene = open_scene(path)
+    print(scene.describe(), flush=True)
+    if napari:
+        open_napari(scene)
+        return 0
+    viewer = neuroglancer_viewer(scene, port=port)
+    print(f"neuroglancer: {viewer.get_viewer_url()}", flush=True)
+    print("serving on 127.0.0.1 only; Ctrl-C to stop" + (" (reload the page for what the run wrote since)"
+                                                          if scene.status == "incomplete" else ""), flush=True)  # fmt: skip
+    end = None if timeout is None else time.monotonic() + timeout
+    try:
+        while end is None or time.monotonic() < end:
+            time.sleep(0.2 if end else 1.0)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    return 0

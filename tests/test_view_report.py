@@ -1,0 +1,165 @@
+"""Looking at a result: `view` serves it through neuroglancer to a real headless Chromium (the image and one layer
+per class, coloured as in the preview), also a run still being written and an input volume alone; report.html is
+one self-contained page that Chromium draws, with its figures and slices."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg_batch.preview import class_colour, class_colour_hex
+from cellseg_batch.synth import CLASSES
+from conftest import HEADLESS, cli
+
+
+@pytest.fixture(scope="module")
+def small_run(synth_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("view") / "out.zarr"
+    cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--tile", 128,
+        "--overlap", 16, "--out", out, "--no-progress")  # fmt: skip
+    return out
+
+
+@contextmanager
+def browser_at(chromium: str, url: str):
+    """Chromium (headless) showing ``url`` until the block ends."""
+    proc = subprocess.Popen([chromium, *HEADLESS, "--window-size=1000,700", "--remote-debugging-port=0", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def picture(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def assert_not_blank(rgb: np.ndarray) -> None:
+    colours = len(np.unique(rgb.reshape(-1, 3), axis=0))
+    assert colours > 50 and rgb.std() > 10, f"blank picture: {colours} colours, std {rgb.std():.1f}"
+
+
+def near(rgb: np.ndarray, colour: tuple[float, float, float], alpha: float) -> int:
+    """Pixels that look like ``colour`` blended with any grey at opacity ``alpha``: channel differences kept."""
+    c = np.array(colour) * 255 * alpha
+    diff = rgb - rgb[..., :1]
+    return int((np.abs(diff - (c - c[0])).max(axis=-1) < 12).sum())
+
+
+def test_view_shows_the_run_in_neuroglancer_in_a_browser(small_run, neuroglancer, chromium):
+    from cellseg_batch.view import neuroglancer_viewer, open_scene
+
+    viewer = neuroglancer_viewer(open_scene(small_run))
+    url = viewer.get_viewer_url()
+    assert url.startswith("http://127.0.0.1:")
+    layers = viewer.state.layers
+    assert [layer.name for layer in layers] == ["image", *CLASSES]
+    assert layers["image"].type == "image"
+    for k, name in enumerate(CLASSES):
+        assert layers[name].type == "segmentation" and layers[name].segment_default_color == class_colour_hex(k)
+    with browser_at(chromium, url), ThreadPoolExecutor(1) as pool:
+        # screenshot() waits for a connected browser to draw (it would wait forever for one that never comes)
+        shot = pool.submit(viewer.screenshot, size=[640, 480]).result(timeout=120)
+    rgb = picture(shot.screenshot.image)
+    assert_not_blank(rgb)
+    # the cells are drawn in the preview's cell colour, over the image (neuroglancer's default opacity 0.5)
+    assert near(rgb, class_colour(0), 0.5) > 1000
+
+
+def test_view_command_serves_on_localhost_and_reports_problems_in_one_line(small_run, synth_small, neuroglancer,
+                                                                          tmp_path):  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "view", str(small_run), "--timeout", "20"],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"{small_run} (complete): image, {', '.join(CLASSES)}")
+        url = lines[1].split()[-1]
+        assert url.startswith("http://127.0.0.1:")
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert "neuroglancer" in page.lower() and "<script" in page  # the viewer's page, served by this process
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    tif = cli("view", synth_small["volume"], "--timeout", "0")
+    assert "(input): image\n" in tif.stdout
+    for args, message in [((tmp_path / "nothing.zarr",), "does not exist"),
+                          ((tmp_path,), "is neither a cellseg-batch output nor a volume"),
+                          ((small_run, "--napari"), "--napari needs napari")]:  # fmt: skip
+        if args[-1] == "--napari" and _has("napari") and _has("napari_ome_zarr"):
+            continue
+        proc = cli("view", *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_view_a_run_still_being_written_and_an_input_volume(tmp_path, synth_small, neuroglancer):
+    """What the writer has made so far: the image before any labels, then the label layers as they come."""
+    from cellseg_batch.view import neuroglancer_viewer, open_scene
+    from cellseg_batch.write import Output
+
+    out = Output(tmp_path / "running.zarr")
+    out.create((4, 64, 64), 64, ["cell", "mitochondrion"], np.uint8, (40.0, 8.0, 8.0), {"version": "test"})
+    out.write_levels(None, 0, 0, 0, np.full((64, 64), 7, np.uint8), 1)
+    scene = open_scene(out.path)
+    assert (scene.status, list(scene.labels), scene.pixel_size_nm) == ("incomplete", [], (40.0, 8.0, 8.0))
+    assert "not written yet: cell, mitochondrion" in scene.describe()
+    assert [layer.name for layer in neuroglancer_viewer(scene).state.layers] == ["image"]
+    ids = np.zeros((64, 64), np.uint32)
+    ids[10:20, 10:30] = 5
+    out.create_labels(np.uint32)
+    out.write_levels("cell", 1, 0, 0, ids, 1)
+    scene = open_scene(out.path)
+    assert list(scene.labels) == ["cell", "mitochondrion"] and scene.colour("mitochondrion") == class_colour_hex(1)
+    assert (np.asarray(scene.labels["cell"][1]) == ids).all() and not np.asarray(scene.labels["cell"][2]).any()
+    layers = neuroglancer_viewer(scene).state.layers
+    assert [layer.name for layer in layers] == ["image", "cell", "mitochondrion"]
+
+    scene = open_scene(synth_small["volume"])  # the input alone: the image, read lazily window by window
+    assert scene.status == "input" and not scene.labels
+    volume = tifffile.imread(synth_small["volume"])
+    assert (scene.image[2:5, 10:50, 300:384] == volume[2:5, 10:50, 300:384]).all()
+    assert [layer.name for layer in neuroglancer_viewer(scene).state.layers] == ["image"]
+
+
+def test_report_html_is_one_self_contained_page_a_browser_draws(small_run, chromium, tmp_path):
+    page = small_run / "cellseg" / "report.html"
+    text = page.read_text()
+    for figure in ["when each stage ran", "tiles/s over the run", "objects per class", "cell: size", "cell: z-extent",
+                   "touching_unmatched per slice", "slice 0: start", "slice 4: middle", "slice 7: end"]:  # fmt: skip
+        assert figure in text
+    assert text.count("<svg") >= 6 and text.count('src="data:image/png;base64,') >= 3
+    assert "<polyline" in text  # tiles/s over the run: samples were recorded
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|@import""", text), "an external reference"
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *HEADLESS, "--window-size=1100,3000", f"--screenshot={shot}", page.as_uri()],
+                   check=True, timeout=120, capture_output=True)  # fmt: skip
+    rgb = picture(shot.read_bytes())
+    assert_not_blank(rgb)
+    assert near(rgb, class_colour(0), 1.0) > 2000  # the cells' bars and histograms, in the preview's cell colour
+
+
+def test_gallery_slices_are_the_ends_the_middle_and_the_most_touching():
+    from cellseg_batch.report_html import gallery_slices
+
+    touching = [0, 3, 0, 9, 0, 0, 1, 0, 0, 2]
+    assert gallery_slices(10, touching) == {0: "start", 1: "touching_unmatched 3", 3: "touching_unmatched 9",
+                                            5: "middle", 9: "end touching_unmatched 2"}  # fmt: skip
+    assert gallery_slices(1, None) == {0: "start middle end"}
