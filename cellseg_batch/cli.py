@@ -34,8 +34,9 @@ def _run(args) -> int:
           + ", ".join(f"{n} {c}" for c, n in counts.items()) + f") in {report['time_s']['total']:.1f} s")  # fmt: skip
     print(f"  labels   {out}/labels/<class>/0 (OME-Zarr)")
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
-    print(f"  report   {out}/cellseg/report.json")
+    print(f"  report   {out}/cellseg/report.html (and report.json)")
     print(f"  preview  {out}/cellseg/preview.png")
+    print(f"  look     cellseg-batch view {out}")
     return 0
 
 

@@ -60,7 +60,8 @@ def demo(out: str | Path, iterations: int = 800, overwrite: bool = True) -> dict
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     summary = {"times_s": times, "mask_ap50_mean": result["mean"]["ap50"], "mask_ap_mean": result["mean"]["ap"],
-               "run_report": str(seg / "cellseg" / "report.json")}  # fmt: skip
+               "run_report": str(seg / "cellseg" / "report.json"),
+               "run_report_html": str(seg / "cellseg" / "report.html")}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"""
 demo finished in {sum(times.values()):.0f} s; mask AP50 (mean over classes) {result['mean']['ap50']:.3f}
@@ -68,6 +69,7 @@ demo finished in {sum(times.values()):.0f} s; mask AP50 (mean over classes) {res
   volume     {test_data['volume']} (truth: {test_data['truth']})
   result     {seg}  (OME-Zarr: labels/<class>/, cellseg/objects.parquet, cellseg/report.json)
   picture    {seg}/cellseg/preview.png
+  report     {seg}/cellseg/report.html  (look at the result: cellseg-batch view {seg})
   scores     {out}/eval.json
 """)
     return summary
