@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ class Scene:
     labels: dict[str, object] = field(default_factory=dict)  # class -> its level-0 label array, where written
     classes: list[str] = field(default_factory=list)  # every class of the run, in colour order
     pixel_size_nm: tuple[float, float, float] | None = None
+    ngff: bool = False  # the NGFF metadata is written (a finished run): readers find its pyramids themselves
 
     def colour(self, name: str) -> str:
         return class_colour_hex(self.classes.index(name))
@@ -80,12 +84,59 @@ def open_scene(path: str | Path) -> Scene:
     classes = list(info.get("classes", []))
     labels = {name: a for name in classes if (a := _array(p / "labels" / name / "0")) is not None}
     image = _array(p / "0") if info.get("image") else None
-    return Scene(p, info.get("status") or "incomplete", image, labels, classes, tuple(pixel) if pixel else None)
+    status = info.get("status") or "incomplete"
+    pixel = tuple(pixel) if pixel else None
+    return Scene(p, status, image, labels, classes, pixel, ngff=status == "complete" and ms is not None)
 
 
-def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0):
+class _Files(SimpleHTTPRequestHandler):
+    """Files under a folder, read-only, to any page (the viewer's comes from another port); no listings, no log."""
+
+    def end_headers(self):
+        self.send_header("Access-Control-Allow-Origin", "*")
+        super().end_headers()
+
+    def list_directory(self, path):
+        self.send_error(404)
+
+    def log_message(self, format, *args):
+        pass
+
+
+class FileServer:
+    """A folder over HTTP at ``bind`` (a free port), from a thread of this process, until ``close``."""
+
+    def __init__(self, root: Path, bind: str = "127.0.0.1"):
+        self.server = ThreadingHTTPServer((bind, 0), functools.partial(_Files, directory=str(root)))
+        self.url = f"http://{bind}:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, name="cellseg-view-files", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Served:
+    """A neuroglancer viewer of a scene, and the server of the output's files where it reads them over HTTP."""
+
+    viewer: object
+    files: FileServer | None
+
+    @property
+    def url(self) -> str:
+        return self.viewer.get_viewer_url()
+
+    def close(self) -> None:
+        if self.files:
+            self.files.close()
+
+
+def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0) -> Served:
     """A neuroglancer viewer of ``scene``, served from this process at ``bind``:``port`` (0: a free port): the image,
-    then one segmentation layer per class in its preview colour, at the volume's middle."""
+    then one segmentation layer per class in its preview colour, at the volume's middle. A finished output is read
+    by the browser from its files (served at ``bind`` too): its pyramids, chunk by chunk, zarr v2 or v3. Anything
+    else (a run still writing, an input volume) is read here, window by window (LocalVolume, level 0)."""
     try:
         import neuroglancer
     except ImportError as e:
@@ -93,8 +144,15 @@ def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0):
 
     neuroglancer.set_server_bind_address(bind, port)
     viewer = neuroglancer.Viewer()
+    files = FileServer(scene.path, bind) if scene.ngff else None
     scales, units = (list(scene.pixel_size_nm), "nm") if scene.pixel_size_nm else ([1, 1, 1], "")
     zyx = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units=units, scales=scales)
+
+    def source(group: str, array, kind: str):
+        if files:
+            return f"zarr://{files.url}/{group}"
+        return neuroglancer.LocalVolume(array, dimensions=zyx, volume_type=kind)
+
     arrays = [a for a in [scene.image, *scene.labels.values()] if a is not None]
     with viewer.txn() as s:
         # x, y, z: the first two are the main panel's axes, so slices are seen face on
@@ -103,14 +161,12 @@ def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0):
             z, y, x = arrays[0].shape
             s.position = [x / 2, y / 2, z // 2 + 0.5]
         if scene.image is not None:
-            s.layers["image"] = neuroglancer.ImageLayer(
-                source=neuroglancer.LocalVolume(scene.image, dimensions=zyx, volume_type="image"))
+            s.layers["image"] = neuroglancer.ImageLayer(source=source("", scene.image, "image"))
         for name, array in scene.labels.items():
-            s.layers[name] = neuroglancer.SegmentationLayer(
-                source=neuroglancer.LocalVolume(array, dimensions=zyx, volume_type="segmentation"),
-                segment_default_color=scene.colour(name))  # fmt: skip
+            s.layers[name] = neuroglancer.SegmentationLayer(source=source(f"labels/{name}/", array, "segmentation"),
+                                                            segment_default_color=scene.colour(name))  # fmt: skip
         s.layout = "4panel"
-    return viewer
+    return Served(viewer, files)
 
 
 def open_napari(scene: Scene) -> None:
@@ -140,8 +196,8 @@ def view(path: str | Path, napari: bool = False, port: int = 0, timeout: float |
     if napari:
         open_napari(scene)
         return 0
-    viewer = neuroglancer_viewer(scene, port=port)
-    print(f"neuroglancer: {viewer.get_viewer_url()}", flush=True)
+    served = neuroglancer_viewer(scene, port=port)
+    print(f"neuroglancer: {served.url}", flush=True)
     print("serving on 127.0.0.1 only; Ctrl-C to stop" + (" (reload the page for what the run wrote since)"
                                                           if scene.status == "incomplete" else ""), flush=True)  # fmt: skip
     end = None if timeout is None else time.monotonic() + timeout
@@ -150,4 +206,6 @@ def view(path: str | Path, napari: bool = False, port: int = 0, timeout: float |
             time.sleep(0.2 if end else 1.0)
     except KeyboardInterrupt:
         print("stopped", flush=True)
+    finally:
+        served.close()
     return 0

@@ -41,6 +41,14 @@ def browser_at(chromium: str, url: str):
         proc.wait(timeout=30)
 
 
+def screenshot(served, chromium: str) -> np.ndarray:
+    """What a headless Chromium showing the viewer draws (RGB)."""
+    with browser_at(chromium, served.url), ThreadPoolExecutor(1) as pool:
+        # screenshot() waits for a connected browser to draw (it would wait forever for one that never comes)
+        shot = pool.submit(served.viewer.screenshot, size=[640, 480]).result(timeout=120)
+    return picture(shot.screenshot.image)
+
+
 def picture(png: bytes) -> np.ndarray:
     from PIL import Image
 
@@ -62,18 +70,17 @@ def near(rgb: np.ndarray, colour: tuple[float, float, float], alpha: float) -> i
 def test_view_shows_the_run_in_neuroglancer_in_a_browser(small_run, neuroglancer, chromium):
     from cellseg_batch.view import neuroglancer_viewer, open_scene
 
-    viewer = neuroglancer_viewer(open_scene(small_run))
-    url = viewer.get_viewer_url()
-    assert url.startswith("http://127.0.0.1:")
+    served = neuroglancer_viewer(open_scene(small_run))
+    viewer, url = served.viewer, served.url
+    assert url.startswith("http://127.0.0.1:") and served.files.url.startswith("http://127.0.0.1:")
     layers = viewer.state.layers
     assert [layer.name for layer in layers] == ["image", *CLASSES]
     assert layers["image"].type == "image"
     for k, name in enumerate(CLASSES):
         assert layers[name].type == "segmentation" and layers[name].segment_default_color == class_colour_hex(k)
-    with browser_at(chromium, url), ThreadPoolExecutor(1) as pool:
-        # screenshot() waits for a connected browser to draw (it would wait forever for one that never comes)
-        shot = pool.submit(viewer.screenshot, size=[640, 480]).result(timeout=120)
-    rgb = picture(shot.screenshot.image)
+    # the browser reads the finished output's pyramids from its files, served on 127.0.0.1 too
+    assert layers["cell"].source[0].url == f"zarr://{served.files.url}/labels/cell/"
+    rgb = screenshot(served, chromium)
     assert_not_blank(rgb)
     # the cells are drawn in the preview's cell colour, over the image (neuroglancer's default opacity 0.5)
     assert near(rgb, class_colour(0), 0.5) > 1000
@@ -110,33 +117,37 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_view_a_run_still_being_written_and_an_input_volume(tmp_path, synth_small, neuroglancer):
+def test_view_a_run_still_being_written_and_an_input_volume(tmp_path, synth_small, neuroglancer, chromium):
     """What the writer has made so far: the image before any labels, then the label layers as they come."""
     from cellseg_batch.view import neuroglancer_viewer, open_scene
     from cellseg_batch.write import Output
 
     out = Output(tmp_path / "running.zarr")
     out.create((4, 64, 64), 64, ["cell", "mitochondrion"], np.uint8, (40.0, 8.0, 8.0), {"version": "test"})
-    out.write_levels(None, 0, 0, 0, np.full((64, 64), 7, np.uint8), 1)
+    out.write_levels(None, 2, 0, 0, np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), 1)
     scene = open_scene(out.path)
     assert (scene.status, list(scene.labels), scene.pixel_size_nm) == ("incomplete", [], (40.0, 8.0, 8.0))
     assert "not written yet: cell, mitochondrion" in scene.describe()
-    assert [layer.name for layer in neuroglancer_viewer(scene).state.layers] == ["image"]
+    assert [layer.name for layer in neuroglancer_viewer(scene).viewer.state.layers] == ["image"]
     ids = np.zeros((64, 64), np.uint32)
-    ids[10:20, 10:30] = 5
+    ids[8:56, 8:40] = 5
     out.create_labels(np.uint32)
-    out.write_levels("cell", 1, 0, 0, ids, 1)
+    out.write_levels("cell", 2, 0, 0, ids, 1)
     scene = open_scene(out.path)
     assert list(scene.labels) == ["cell", "mitochondrion"] and scene.colour("mitochondrion") == class_colour_hex(1)
-    assert (np.asarray(scene.labels["cell"][1]) == ids).all() and not np.asarray(scene.labels["cell"][2]).any()
-    layers = neuroglancer_viewer(scene).state.layers
-    assert [layer.name for layer in layers] == ["image", "cell", "mitochondrion"]
+    assert (np.asarray(scene.labels["cell"][2]) == ids).all() and not np.asarray(scene.labels["cell"][1]).any()
+    served = neuroglancer_viewer(scene)  # read here, from the arrays as they are: the metadata is not written yet
+    assert [layer.name for layer in served.viewer.state.layers] == ["image", "cell", "mitochondrion"]
+    assert served.files is None
+    rgb = screenshot(served, chromium)  # the middle slice (2): the image and the cell written so far
+    assert_not_blank(rgb)
+    assert near(rgb, class_colour(0), 0.5) > 1000
 
     scene = open_scene(synth_small["volume"])  # the input alone: the image, read lazily window by window
     assert scene.status == "input" and not scene.labels
     volume = tifffile.imread(synth_small["volume"])
     assert (scene.image[2:5, 10:50, 300:384] == volume[2:5, 10:50, 300:384]).all()
-    assert [layer.name for layer in neuroglancer_viewer(scene).state.layers] == ["image"]
+    assert [layer.name for layer in neuroglancer_viewer(scene).viewer.state.layers] == ["image"]
 
 
 def test_report_html_is_one_self_contained_page_a_browser_draws(small_run, chromium, tmp_path):
@@ -149,7 +160,7 @@ def test_report_html_is_one_self_contained_page_a_browser_draws(small_run, chrom
     assert "<polyline" in text  # tiles/s over the run: samples were recorded
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|@import""", text), "an external reference"
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *HEADLESS, "--window-size=1100,3000", f"--screenshot={shot}", page.as_uri()],
+    subprocess.run([chromium, *HEADLESS, "--disable-gpu", "--window-size=1100,3000", f"--screenshot={shot}", page.as_uri()],
                    check=True, timeout=120, capture_output=True)  # fmt: skip
     rgb = picture(shot.read_bytes())
     assert_not_blank(rgb)
