@@ -37,19 +37,23 @@ def _figure(body: list[str], height: int, title: str) -> str:
     return f"<figure>{svg}<figcaption>{_esc(title)}</figcaption></figure>"
 
 
-def hbars(rows: list[tuple[str, float, float, str, str]], title: str) -> str:
-    """Horizontal bars, one per row of (label, start, end, text after the bar, colour): stage spans, counts."""
+def hbars(rows: list[tuple[str, float, float, str, str]], title: str, unit: str = "") -> str:
+    """Horizontal bars, one per row of (label, start, end, text after the bar, colour), over an axis from 0 in
+    ``unit``: stage spans, counts."""
     left, right, row = 140, 170, 20
     top = max((end for _, _, end, _, _ in rows), default=0) or 1
     scale = (WIDTH - left - right) / top
-    body = []
+    base = 6 + len(rows) * row
+    body = [f'<line x1="{left}" y1="{base}" x2="{WIDTH - right}" y2="{base}" stroke="#444"/>',
+            f'<text x="{left}" y="{base + 13}">0</text>',
+            f'<text x="{WIDTH - right}" y="{base + 13}" text-anchor="end">{_num(float(top))} {_esc(unit)}</text>']  # fmt: skip
     for k, (label, start, end, text, colour) in enumerate(rows):
         y = 4 + k * row
         body += [f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{_esc(label)}</text>',
                  f'<rect x="{left + start * scale:.1f}" y="{y + 3}" width="{max((end - start) * scale, 1):.1f}" '
                  f'height="{row - 6}" fill="{colour}"/>',
                  f'<text x="{left + end * scale + 4:.1f}" y="{y + 13}">{_esc(text)}</text>']  # fmt: skip
-    return _figure(body, 8 + len(rows) * row, title)
+    return _figure(body, 26 + len(rows) * row, title)
 
 
 def _plot(title: str, xlabel: str, ylabel: str, xrange: tuple[float, float], ymax: float, marks: list[str]) -> str:
@@ -108,8 +112,9 @@ def table(rows: dict) -> str:
     return f"<table>{cells}</table>"
 
 
-def _rate_over_time(samples: list[list[float]], bins: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles/s in ``bins`` equal intervals from cumulative (seconds, tiles) samples."""
+def _rate_over_time(samples: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles/s in equal intervals (up to 30, about 5 results each) from cumulative (seconds, tiles) samples."""
+    bins = int(np.clip(len(samples) // 5, 2, 30))
     t = np.array([s[0] for s in samples], dtype=np.float64)
     tiles = np.diff(np.array([0] + [s[1] for s in samples], dtype=np.float64))
     edges = np.linspace(t.min(), t.max(), bins + 1)
@@ -127,7 +132,7 @@ def _stages(report: dict) -> str:
         lines.append(f"<tr><td>{_esc(s['name'])}</td><td>{s['units']}</td><td>{s['seconds']:.2f}</td>"
                      f"<td>{_num(rate) if rate else ''}</td><td>{s.get('driver_cpu_s', '')}</td></tr>")  # fmt: skip
     head = "<tr><th>stage</th><th>units</th><th>seconds</th><th>units/s</th><th>driver CPU s</th></tr>"
-    out = hbars(rows, "when each stage ran (seconds from the start; stages overlap)") if rows else ""
+    out = hbars(rows, "when each stage ran (stages overlap), and its throughput", "s from the start") if rows else ""
     out += f"<table>{head}{''.join(lines)}</table>" + table(report.get("time_s", {}))
     samples = report.get("throughput", {}).get("tiles_over_time") or []
     if len(samples) >= 2 and samples[-1][0] > samples[0][0]:
@@ -148,7 +153,7 @@ def _objects(output, classes: list[str]) -> str:
     cls = np.array(t["class"], dtype=object)
     voxels, extent = np.array(t["voxels"]), np.array(t["last_slice"]) - np.array(t["first_slice"]) + 1
     rows = [(c, 0, int((cls == c).sum()), str(int((cls == c).sum())), class_colour_hex(k)) for k, c in enumerate(classes)]
-    out = hbars(rows, "objects per class")
+    out = hbars(rows, "objects per class", "objects")
     for k, c in enumerate(classes):
         mine = cls == c
         if mine.any():

@@ -153,7 +153,7 @@ def test_view_a_run_still_being_written_and_an_input_volume(tmp_path, synth_smal
 def test_report_html_is_one_self_contained_page_a_browser_draws(small_run, chromium, tmp_path):
     page = small_run / "cellseg" / "report.html"
     text = page.read_text()
-    for figure in ["when each stage ran", "tiles/s over the run", "objects per class", "cell: size", "cell: z-extent",
+    for figure in ["when each stage ran (stages overlap), and its throughput", "tiles/s over the run", "objects per class", "cell: size", "cell: z-extent",
                    "touching_unmatched per slice", "slice 0: start", "slice 4: middle", "slice 7: end"]:  # fmt: skip
         assert figure in text
     assert text.count("<svg") >= 6 and text.count('src="data:image/png;base64,') >= 3
