@@ -175,3 +175,22 @@ def test_gallery_slices_are_the_ends_the_middle_and_the_most_touching():
     assert gallery_slices(10, touching) == {0: "start", 1: "touching_unmatched 3", 3: "touching_unmatched 9",
                                             5: "middle", 9: "end touching_unmatched 2"}  # fmt: skip
     assert gallery_slices(1, None) == {0: "start middle end"}
+
+
+def test_view_reads_ngff_05_zarr_v3_outputs(tmp_path):
+    """The metadata of NGFF 0.5 (zarr.json, under "ome") is found as that of 0.4 (.zattrs)."""
+    import zarr
+
+    from cellseg_batch.view import open_scene
+
+    ome = {"version": "0.5", "multiscales": [{"axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+                                              "datasets": [{"path": "0", "coordinateTransformations": [
+                                                  {"type": "scale", "scale": [50.0, 4.0, 4.0]}]}]}]}  # fmt: skip
+    info = {"status": "complete", "classes": ["cell"], "image": True, "pixel_size_nm": None}
+    root = zarr.open_group(tmp_path / "v3.zarr", mode="w", zarr_format=3, attributes={"ome": ome, "cellseg_batch": info})
+    root.create_array("0", shape=(2, 8, 8), chunks=(1, 8, 8), dtype=np.uint8)[:] = 9
+    cell = root.create_group("labels").create_group("cell", attributes={"ome": ome})
+    cell.create_array("0", shape=(2, 8, 8), chunks=(1, 8, 8), dtype=np.uint32)[1, 2:4, 2:4] = 3
+    scene = open_scene(tmp_path / "v3.zarr")
+    assert (scene.status, scene.ngff, scene.pixel_size_nm, list(scene.labels)) == ("complete", True, (50.0, 4.0, 4.0), ["cell"])
+    assert scene.labels["cell"][1, 2, 3] == 3 and scene.image[0, 0, 0] == 9
