@@ -169,16 +169,22 @@ def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0) ->
     return Served(viewer, files)
 
 
-def open_napari(scene: Scene) -> None:
-    """napari with the napari-ome-zarr plugin (a finished output); else the scene's arrays as napari layers."""
-    missing = [m for m in ("napari", "napari_ome_zarr") if importlib.util.find_spec(m) is None]
+def require_napari() -> None:
+    """A one-line error where napari or its OME-Zarr plugin is not installed."""
+    missing = [package for package, module in (("napari", "napari"), ("napari-ome-zarr", "napari_ome_zarr"))
+               if importlib.util.find_spec(module) is None]  # fmt: skip
     if missing:
         raise UserError(f"--napari needs {' and '.join(missing)}: pip install 'cellseg-batch[napari]' "
                         "(or leave out --napari for neuroglancer)")  # fmt: skip
+
+
+def open_napari(scene: Scene) -> None:
+    """napari with the napari-ome-zarr plugin (a finished output); else the scene's arrays as napari layers."""
+    require_napari()
     import napari
 
     viewer = napari.Viewer(title=str(scene.path))
-    if scene.status == "complete":
+    if scene.ngff:
         viewer.open(str(scene.path), plugin="napari-ome-zarr")
     else:
         scale = scene.pixel_size_nm or (1, 1, 1)
@@ -191,6 +197,8 @@ def open_napari(scene: Scene) -> None:
 
 def view(path: str | Path, napari: bool = False, port: int = 0, timeout: float | None = None) -> int:
     """``cellseg-batch view``: open ``path`` and serve it until Ctrl-C (or ``timeout`` seconds)."""
+    if napari:
+        require_napari()
     scene = open_scene(path)
     print(scene.describe(), flush=True)
     if napari:

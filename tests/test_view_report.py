@@ -110,6 +110,7 @@ def test_view_command_serves_on_localhost_and_reports_problems_in_one_line(small
             continue
         proc = cli("view", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert not proc.stdout
 
 
 def _has(module: str) -> bool:
