@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")
     v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written), or a volume")
     v.add_argument("--napari", action="store_true", help="open napari (with napari-ome-zarr) instead")
-    v.add_argument("--port", type=int, default=0, help="port of the local server on 127.0.0.1 (default: a free one)")
+    v.add_argument("--port", type=int, default=0, help="port of the viewer on 127.0.0.1, and the next one for the "
+                   "output's files (default: free ones)")  # fmt: skip
     v.add_argument("--timeout", type=float, help="stop serving after this many seconds (default: at Ctrl-C)")
     v.set_defaults(func=_view)
 

@@ -104,11 +104,12 @@ class _Files(SimpleHTTPRequestHandler):
 
 
 class FileServer:
-    """A folder over HTTP at ``bind`` (a free port), from a thread of this process, until ``close``."""
+    """A folder over HTTP at ``bind``:``port`` (0: a free one), from a thread of this process, until ``close``."""
 
-    def __init__(self, root: Path, bind: str = "127.0.0.1"):
-        self.server = ThreadingHTTPServer((bind, 0), functools.partial(_Files, directory=str(root)))
-        self.url = f"http://{bind}:{self.server.server_port}"
+    def __init__(self, root: Path, bind: str = "127.0.0.1", port: int = 0):
+        self.server = ThreadingHTTPServer((bind, port), functools.partial(_Files, directory=str(root)))
+        self.port = self.server.server_port
+        self.url = f"http://{bind}:{self.port}"
         threading.Thread(target=self.server.serve_forever, name="cellseg-view-files", daemon=True).start()
 
     def close(self) -> None:
@@ -127,6 +128,13 @@ class Served:
     def url(self) -> str:
         return self.viewer.get_viewer_url()
 
+    @property
+    def ports(self) -> list[int]:
+        """What a browser elsewhere needs forwarded (ssh -L): the viewer's port, and the files' where served."""
+        from urllib.parse import urlparse
+
+        return [urlparse(self.url).port] + ([self.files.port] if self.files else [])
+
     def close(self) -> None:
         if self.files:
             self.files.close()
@@ -135,16 +143,20 @@ class Served:
 def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0) -> Served:
     """A neuroglancer viewer of ``scene``, served from this process at ``bind``:``port`` (0: a free port): the image,
     then one segmentation layer per class in its preview colour, at the volume's middle. A finished output is read
-    by the browser from its files (served at ``bind`` too): its pyramids, chunk by chunk, zarr v2 or v3. Anything
-    else (a run still writing, an input volume) is read here, window by window (LocalVolume, level 0)."""
+    by the browser from its files (served at ``bind``, ``port`` + 1 where ``port`` is given): its pyramids, chunk by
+    chunk, zarr v2 or v3. Anything else (a run still writing, an input volume) is read here, window by window
+    (LocalVolume, level 0)."""
     try:
         import neuroglancer
     except ImportError as e:
         raise UserError("viewing needs neuroglancer: pip install 'cellseg-batch[view]' (or pip install neuroglancer)") from e
 
     neuroglancer.set_server_bind_address(bind, port)
-    viewer = neuroglancer.Viewer()
-    files = FileServer(scene.path, bind) if scene.ngff else None
+    try:
+        viewer = neuroglancer.Viewer()
+        files = FileServer(scene.path, bind, port + 1 if port else 0) if scene.ngff else None
+    except OSError as e:
+        raise UserError(f"port {port} or {port + 1} is in use ({e.strerror}); choose another --port") from e
     scales, units = (list(scene.pixel_size_nm), "nm") if scene.pixel_size_nm else ([1, 1, 1], "")
     zyx = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units=units, scales=scales)
 
@@ -206,8 +218,9 @@ def view(path: str | Path, napari: bool = False, port: int = 0, timeout: float |
         return 0
     served = neuroglancer_viewer(scene, port=port)
     print(f"neuroglancer: {served.url}", flush=True)
-    print("serving on 127.0.0.1 only; Ctrl-C to stop" + (" (reload the page for what the run wrote since)"
-                                                          if scene.status == "incomplete" else ""), flush=True)  # fmt: skip
+    ports = " and ".join(map(str, served.ports))
+    print(f"serving on 127.0.0.1 only, port {ports}; Ctrl-C to stop" + (" (reload the page for what the run wrote "
+          "since)" if scene.status == "incomplete" else ""), flush=True)  # fmt: skip
     end = None if timeout is None else time.monotonic() + timeout
     try:
         while end is None or time.monotonic() < end:

@@ -89,15 +89,20 @@ def test_view_shows_the_run_in_neuroglancer_in_a_browser(small_run, neuroglancer
 
 def test_view_command_serves_on_localhost_and_reports_problems_in_one_line(small_run, synth_small, neuroglancer,
                                                                           tmp_path):  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "view", str(small_run), "--timeout", "20"],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    port = free_port_pair()
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "view", str(small_run), "--timeout", "60",
+                             "--port", str(port)], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        lines = [proc.stdout.readline() for _ in range(2)]
+        lines = [proc.stdout.readline() for _ in range(3)]
         assert lines[0].startswith(f"{small_run} (complete): image, {', '.join(CLASSES)}")
         url = lines[1].split()[-1]
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith(f"http://127.0.0.1:{port}/")
+        assert f"port {port} and {port + 1};" in lines[2]  # the viewer's, and the output's files'
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/cellseg/report.json", timeout=30).status == 200
         page = urllib.request.urlopen(url, timeout=30).read().decode()
         assert "neuroglancer" in page.lower() and "<script" in page  # the viewer's page, served by this process
+        busy = cli("view", small_run, "--port", port, check=False)  # the ports are taken: by the view above
+        assert busy.returncode == 2 and f"port {port} or {port + 1} is in use" in busy.stderr, busy.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -111,6 +116,22 @@ def test_view_command_serves_on_localhost_and_reports_problems_in_one_line(small
         proc = cli("view", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
         assert not proc.stdout
+
+
+def free_port_pair() -> int:
+    """A port that is free, with the next one free too."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two free ports in a row")
 
 
 def _has(module: str) -> bool:
