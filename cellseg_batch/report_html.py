@@ -70,7 +70,6 @@ def _plot(title: str, xlabel: str, ylabel: str, xrange: tuple[float, float], yma
     return _figure(body, _T + _H + 36, title)
 
 
-
 def columns(values, title: str, xlabel: str, ylabel: str, xrange: tuple[float, float], colour: str = BLUE) -> str:
     """Vertical bars from 0, evenly over ``xrange``: a histogram, or a count per slice."""
     values = [float(v) for v in values]

@@ -169,7 +169,7 @@ def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0) ->
     with viewer.txn() as s:
         # x, y, z: the first two are the main panel's axes, so slices are seen face on
         s.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units=units, scales=scales[::-1])
-        if arrays:
+        if arrays and not files:  # files: neuroglancer centres on the bounds their metadata give (--slices: z0..z1)
             z, y, x = arrays[0].shape
             s.position = [x / 2, y / 2, z // 2 + 0.5]
         if scene.image is not None:
