@@ -190,13 +190,15 @@ def gallery_slices(n_slices: int, touching: list[int] | None, most: int = 3) -> 
 
 def _gallery(output, report: dict) -> str:
     n = output.info["shape"][0]
+    z0 = report.get("input", {}).get("slices", [0])[0]
     items = []
     for z, why in gallery_slices(n, report.get("merge_quality", {}).get("touching_unmatched_per_slice")).items():
         buf = io.BytesIO()
         render_output(output, buf, z, max_size=512)
         data = base64.b64encode(buf.getvalue()).decode()
         items.append(f'<figure><img alt="slice {z}" src="data:image/png;base64,{data}"/>'
-                     f"<figcaption>slice {z}: {_esc(why)}</figcaption></figure>")  # fmt: skip
+                     f"<figcaption>slice {z}{f' (volume slice {z0 + z})' if z0 else ''}: {_esc(why)}</figcaption>"
+                     "</figure>")  # fmt: skip
     return f'<div class="gallery">{"".join(items)}</div>'
 
 
