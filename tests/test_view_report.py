@@ -8,6 +8,7 @@ import io
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,12 +23,33 @@ from conftest import HEADLESS, cli
 
 
 @pytest.fixture(scope="module")
-def small_run(synth_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("view") / "out.zarr"
+def watched_run(synth_small, tmp_path_factory):
+    """A finished run, and the scenes ``view`` opened of its output while the run was writing it."""
+    from cellseg_batch.errors import UserError
+    from cellseg_batch.view import open_scene
+
+    folder = tmp_path_factory.mktemp("view")
+    out = folder / "out.zarr"
     # chunks of 128 px: a pyramid of 3 levels, which the browser reads as it zooms
-    cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--tile", 128,
-        "--overlap", 16, "--chunk", 128, "--out", out, "--no-progress")  # fmt: skip
-    return out
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", synth_small["volume"], "--predictor",
+                             "labels", "--labels", synth_small["truth"], "--tile", "128", "--overlap", "16", "--chunk",
+                             "128", "--out", out, "--work-dir", folder / "work", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = []
+    while proc.poll() is None:
+        try:
+            seen.append(open_scene(out))
+        except UserError:  # not there yet, or its attributes half written
+            pass
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    return out, seen
+
+
+@pytest.fixture(scope="module")
+def small_run(watched_run):
+    return watched_run[0]
 
 
 @contextmanager
@@ -138,6 +160,19 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_view_opens_a_run_while_it_writes_its_output(watched_run, neuroglancer):
+    """What a real run (with --work-dir) had written when looked at: incomplete, then complete."""
+    from cellseg_batch.view import neuroglancer_viewer
+
+    out, seen = watched_run
+    running = [scene for scene in seen if scene.status == "incomplete"]
+    assert running, f"the output was never seen incomplete ({len(seen)} looks)"
+    scene = running[-1]  # its arrays read what is written now: the finished result
+    served = neuroglancer_viewer(scene)
+    assert served.files is None  # read by view itself: the run had not written the NGFF metadata yet
+    assert [layer.name for layer in served.viewer.state.layers] == ["image", *scene.labels]
 
 
 def test_view_a_run_still_being_written_and_an_input_volume(tmp_path, synth_small, neuroglancer, chromium):
