@@ -31,19 +31,19 @@ def watched_run(synth_small, tmp_path_factory):
     folder = tmp_path_factory.mktemp("view")
     out = folder / "out.zarr"
     # chunks of 128 px: a pyramid of 3 levels, which the browser reads as it zooms
-    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", synth_small["volume"], "--predictor",
-                             "labels", "--labels", synth_small["truth"], "--tile", "128", "--overlap", "16", "--chunk",
-                             "128", "--out", out, "--work-dir", folder / "work", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen = []
-    while proc.poll() is None:
-        try:
-            seen.append(open_scene(out))
-        except UserError:  # not there yet, or its attributes half written
-            pass
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
+    with (folder / "stderr").open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", synth_small["volume"], "--predictor",
+                                 "labels", "--labels", synth_small["truth"], "--tile", "128", "--overlap", "16",
+                                 "--chunk", "128", "--out", out, "--work-dir", folder / "work", "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+        while proc.poll() is None:
+            try:
+                seen.append(open_scene(out))
+            except UserError:  # not there yet, or its attributes half written
+                pass
+            time.sleep(0.2)
+    assert proc.returncode == 0, (folder / "stderr").read_text()[-3000:]
     return out, seen
 
 
@@ -104,6 +104,7 @@ def test_view_shows_the_run_in_neuroglancer_in_a_browser(small_run, neuroglancer
     # the browser reads the finished output's pyramids from its files, served on 127.0.0.1 too
     assert layers["cell"].source[0].url == f"zarr://{served.files.url}/labels/cell/"
     rgb = screenshot(served, chromium)
+    assert [layer.name for layer in viewer.state.layers] == ["image", *CLASSES]  # as the browser has them now
     assert_not_blank(rgb)
     # the cells are drawn in the preview's cell colour, over the image (neuroglancer's default opacity 0.5)
     assert near(rgb, class_colour(0), 0.5) > 1000
