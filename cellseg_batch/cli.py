@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_demo)
 
     v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")
-    v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written), or a volume")
+    v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written; or the run's "
+                   "--work-dir), or a volume")  # fmt: skip
     v.add_argument("--napari", action="store_true", help="open napari (with napari-ome-zarr) instead")
     v.add_argument("--port", type=int, default=0, help="port of the viewer on 127.0.0.1, and the next one for the "
                    "output's files (default: free ones)")  # fmt: skip

@@ -73,6 +73,8 @@ def open_scene(path: str | Path) -> Scene:
         raise UserError(f"{path} does not exist; give a cellseg-batch output (OUT.zarr) or an input volume")
     attrs = group_attrs(p)
     info = (attrs or {}).get("cellseg_batch")
+    if not info and (p / "run.json").exists():  # a run's work store (--work-dir): its output, as far as written
+        return _output_of_work_store(p)
     if not info:
         try:
             volume = open_volume(str(p))
@@ -87,6 +89,18 @@ def open_scene(path: str | Path) -> Scene:
     status = info.get("status") or "incomplete"
     pixel = tuple(pixel) if pixel else None
     return Scene(p, status, image, labels, classes, pixel, ngff=status == "complete" and ms is not None)
+
+
+def _output_of_work_store(path: Path) -> Scene:
+    from .run.store import WorkStore
+
+    out = ((WorkStore(path).read_run() or {}).get("config") or {}).get("out")
+    if not out:
+        raise UserError(f"{path} is a run's work store that names no output; view the run's --out instead")
+    if not Path(out).exists():
+        raise UserError(f"{path} is the work store of a run whose output {out} is not there (yet, or from here); "
+                        "view the run's --out instead")  # fmt: skip
+    return open_scene(out)
 
 
 class _Files(SimpleHTTPRequestHandler):

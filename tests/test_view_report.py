@@ -35,7 +35,8 @@ def watched_run(synth_small, tmp_path_factory):
     with (folder / "stderr").open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", synth_small["volume"], "--predictor",
                                  "labels", "--labels", synth_small["truth"], "--tile", "128", "--overlap", "16",
-                                 "--chunk", "128", "--out", out, "--work-dir", folder / "work", "--no-progress"],
+                                 "--chunk", "128", "--out", out, "--work-dir", folder / "work", "--keep-tiles",
+                                 "--no-progress"],
                                 stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
         while proc.poll() is None:
             try:
@@ -165,11 +166,12 @@ def _has(module: str) -> bool:
 
 def test_view_opens_a_run_while_it_writes_its_output(watched_run, neuroglancer):
     """What a real run (with --work-dir) had written when looked at: incomplete, then complete."""
-    from cellseg_batch.view import neuroglancer_viewer
+    from cellseg_batch.view import neuroglancer_viewer, open_scene
 
     out, seen = watched_run
     running = [scene for scene in seen if scene.status == "incomplete"]
     assert running, f"the output was never seen incomplete ({len(seen)} looks)"
+    assert open_scene(out.parent / "work").path == out  # the work store (kept: --keep-tiles) names its output
     scene = running[-1]  # its arrays read what is written now: the finished result
     served = neuroglancer_viewer(scene)
     assert served.files is None  # read by view itself: the run had not written the NGFF metadata yet
