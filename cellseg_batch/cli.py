@@ -34,8 +34,9 @@ def _run(args) -> int:
           + ", ".join(f"{n} {c}" for c, n in counts.items()) + f") in {report['time_s']['total']:.1f} s")  # fmt: skip
     print(f"  labels   {out}/labels/<class>/0 (OME-Zarr)")
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
-    print(f"  report   {out}/cellseg/report.json")
+    print(f"  report   {out}/cellseg/report.html (and report.json)")
     print(f"  preview  {out}/cellseg/preview.png")
+    print(f"  look     cellseg-batch view {out}")
     return 0
 
 
@@ -115,6 +116,12 @@ def _demo(args) -> int:
 
     demo(args.out, iterations=args.iterations)
     return 0
+
+
+def _view(args) -> int:
+    from .view import view
+
+    return view(args.path, napari=args.napari, port=args.port, timeout=args.timeout)
 
 
 def _doctor(args) -> int:
@@ -268,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", nargs="?", default="demo", help="folder for everything the demo makes (default demo/)")
     m.add_argument("--iterations", type=int, default=800, help="training iterations (default 800)")
     m.set_defaults(func=_demo)
+
+    v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")
+    v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written; or the run's "
+                   "--work-dir), or a volume")  # fmt: skip
+    v.add_argument("--napari", action="store_true", help="open napari (with napari-ome-zarr) instead")
+    v.add_argument("--port", type=int, default=0, help="port of the viewer on 127.0.0.1, and the next one for the "
+                   "output's files (default: free ones)")  # fmt: skip
+    v.add_argument("--timeout", type=float, help="stop serving after this many seconds (default: at Ctrl-C)")
+    v.set_defaults(func=_view)
 
     d = sub.add_parser("doctor", help="versions, devices, Ray, detectron2 compiled ops")
     d.set_defaults(func=_doctor)

@@ -66,7 +66,8 @@ def demo(out: str | Path, iterations: int = 800, overwrite: bool = True) -> dict
                  for c, r in result["classes"].items()}  # fmt: skip
     summary = {"times_s": times, "mask_ap50_mean": result["mean"]["ap50"], "mask_ap_mean": result["mean"]["ap"],
                "f1_3d_mean": result["mean"]["f1@0.5"], "classes": per_class,
-               "run_report": str(seg / "cellseg" / "report.json")}  # fmt: skip
+               "run_report": str(seg / "cellseg" / "report.json"),
+               "run_report_html": str(seg / "cellseg" / "report.html")}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     scores = "\n".join(f"  {c:<20} mask AP50 {v['mask_ap50']:.3f}   3D F1@0.5 {v['f1_3d@0.5']:.3f} "
                        f"({v['objects']} objects for {v['true']} true)" for c, v in per_class.items())  # fmt: skip
@@ -78,6 +79,7 @@ demo finished in {sum(times.values()):.0f} s; mean over classes: mask AP50 {resu
   volume     {test_data['volume']} (truth: {test_data['truth']})
   result     {seg}  (OME-Zarr: labels/<class>/, cellseg/objects.parquet, cellseg/report.json)
   picture    {seg}/cellseg/preview.png
+  report     {seg}/cellseg/report.html  (look at the result: cellseg-batch view {seg})
   scores     {out}/eval.json
 """)
     return summary

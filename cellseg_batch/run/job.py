@@ -22,6 +22,7 @@ from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, resolve_predictor
 from ..read import Volume, open_volume
+from ..report_html import write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
@@ -108,6 +109,7 @@ class Run:
         self.stages: list = []
         self.steady: float | None = None
         self.ms_per_tile: dict[str, float] = {}
+        self.tiles_over_time: list[list[float]] = []
         self.cpu_start = 0.0
         self.actors: ActorStart | None = None
 
@@ -234,6 +236,7 @@ class Run:
             self.times["stitch_after_predict"] = max(0.0, stitch.last_finish - predict.last_finish)
         self.steady = predict.steady_rate()
         self.ms_per_tile = predict.ms_per_tile()
+        self.tiles_over_time = predict.tiles_over_time(t_start)
         return self._finish(link.table, link.stats, mode, t_start)
 
     def _bar(self, total: int, desc: str, initial: int):
@@ -275,7 +278,8 @@ class Run:
     def _finish(self, table, stats, mode: str, t_start: float) -> dict:
         out, cfg = self.output, self.cfg
         out.write_table(table, self.classes)
-        touching = sum(int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0]))
+        touching_per_slice = [int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0])]
+        touching = sum(touching_per_slice)
         voxels = int(np.prod(self.shape))
         predict_s = self.times.get("predict", 0.0)
         elapsed = time.perf_counter() - t_start
@@ -312,6 +316,7 @@ class Run:
             "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
             "merge_quality": {
                 "touching_unmatched_at_tile_borders": touching,
+                "touching_unmatched_per_slice": touching_per_slice,
                 "max_tiles_per_2d_instance": stats.max_tiles_per_instance,
                 "instances_spanning_more_than_4_tiles": stats.instances_over_4_tiles,
                 "note": "touching_unmatched counts same-class fragments that touch across a tile border without "
@@ -322,6 +327,7 @@ class Run:
                 "tiles_per_s": round(self.counts["tiles_predicted_now"] / predict_s, 3) if predict_s else None,
                 "tiles_per_s_steady": self.steady,
                 "actor_ms_per_tile": self.ms_per_tile,  # read, normalize, the predictor's steps, store
+                "tiles_over_time": self.tiles_over_time,  # [s from the start, tiles predicted by then]
                 "mvoxel_per_s_predict": round(voxels / 1e6 / predict_s, 3) if predict_s and mode == "fresh" else None,
                 "mvoxel_per_s_total": round(voxels / 1e6 / elapsed, 3) if mode == "fresh" else None,
             },
@@ -331,6 +337,7 @@ class Run:
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)
+        write_html(out, report)
         out.finalize(self.pixel_size, self.z0)
         return report
 

@@ -79,6 +79,7 @@ class PredictStage(Stage):
         self.load: list[int] = []
         self.per_actor = 2  # calls in flight per actor: one queued behind the running one keeps it busy
         self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
+        self.progress: list[tuple[float, int]] = []  # (time, tiles) of each result: tiles/s over the run
         self.stolen = 0
         self.actor_start_s = 0.0
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
@@ -172,6 +173,7 @@ class PredictStage(Stage):
         now, a = time.perf_counter(), self.arrivals
         a[2] += len(fragments) if a[0] else 0
         a[0], a[1] = a[0] or now, now
+        self.progress.append((now, len(fragments)))
         self.records[z].update(fragments)
         self.unlogged[z] += fragments
         for step, seconds in result.get("times", {}).items():
@@ -203,6 +205,16 @@ class PredictStage(Stage):
         """Where an actor's time per tile went: read, normalize, the predictor's steps, store."""
         n = max(self.tiles_timed, 1)
         return {step: round(1000 * s / n, 2) for step, s in self.step_seconds.items()}
+
+    def tiles_over_time(self, t_start: float, points: int = 200) -> list[list[float]]:
+        """[seconds from ``t_start``, tiles predicted so far] after each result, thinned to about ``points``."""
+        done, out = 0, []
+        step = max(1, len(self.progress) // points)
+        for k, (t, n) in enumerate(self.progress):
+            done += n
+            if k % step == 0 or k == len(self.progress) - 1:
+                out.append([round(t - t_start, 3), done])
+        return out
 
     def steady_rate(self) -> float | None:
         """Tiles per second from the first batch's result to the last: prediction without actor start-up."""
