@@ -3,7 +3,10 @@
 Linking is a graph. Its nodes are the 2D instances; its edges are decided pair of slices by pair of slices and
 resolved per connected component of the candidate graph between the two slices (small, independent problems).
 Everything is class-aware: overlaps are counted within each class's own label layer, so an organelle never links
-to its cell, and only instances of one class are candidates. For two slices a, b (adjacent, or across a gap):
+to its cell, and only instances of one class are candidates. Classes that exclude one another (``Plan.layer_of``:
+mitochondria and alpha granules never share a pixel; ``train`` finds such groups in the annotations, ``--exclusive``
+sets them) share one layer, and their instances are candidates to one another: a detection whose class flips
+between slices stays one object. For two slices a, b (adjacent, or across a gap):
 
 1. Continue (one-to-one): instances pair up by maximum total IoU (Hungarian, ``scipy.optimize.
    linear_sum_assignment``) among pairs with IoU >= ``link_iou`` (default 0.25). Two touching neighbours that each
@@ -23,7 +26,8 @@ to its cell, and only instances of one class are candidates. For two slices a, b
    of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``), become one.
    Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
    set its gap to 0, e.g. ``--link-gap cell=0,2``.
-4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
+4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
+   takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
    Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
