@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -16,6 +18,22 @@ from .errors import UserError
 from .registry import Registry
 
 SPATIAL = "ZYX"
+# tifffile logs what it finds wrong in a damaged file on lines of its own; here that becomes one UserError line
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
+# what a header may declare: beyond these, a file is refused before anything is sized by its shape (the largest EM
+# volumes are ~10^15 voxels; a slice of 2^36 pixels is a 262144^2 mosaic)
+MAX_VOXELS, MAX_SLICE_PIXELS = 2**50, 2**36
+
+
+def check_shape(shape: tuple[int, int, int], path: str) -> None:
+    """Refuse a declared (Z, Y, X) shape no real volume has: a damaged or hostile header."""
+    if math.prod(shape) > MAX_VOXELS or shape[1] * shape[2] > MAX_SLICE_PIXELS:
+        raise UserError(
+            f"{path} declares the shape {shape}, beyond what this tool reads ({MAX_SLICE_PIXELS} pixels a slice, "
+            f"{MAX_VOXELS} voxels); its header is damaged or it is not a volume"
+        )
 
 
 class Volume:
@@ -27,6 +45,7 @@ class Volume:
         self.path = path
         self._local = threading.local()
         self.shape, self.dtype, self.pixel_size_nm = self._inspect()
+        check_shape(self.shape, path)
 
     def __getstate__(self):
         # open file handles stay behind (thread-local); the receiving process reopens by path
@@ -348,15 +367,22 @@ class LabelLayer:
         return np.where(self._keys[pos] == ids, self._values[pos], np.int16(-1)).astype(np.int16)
 
 
-def load_json(path: str | Path):
-    """A user's JSON file, or a one-line error saying why it cannot be read."""
+def load_json(path: str | Path, max_bytes: int = 2**30):
+    """A user's JSON file, or a one-line error saying why it cannot be read (one over ``max_bytes`` is not read)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UserError(f"{path} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB such a file "
+                        "may be; is it the right file?")  # fmt: skip
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
+MAX_CLASS_MAP_BYTES = 64 * 2**20  # a million ids with their names fit in a tenth of it
 
 
 def read_class_map(spec: str) -> str | dict[int, str]:
@@ -366,7 +392,7 @@ def read_class_map(spec: str) -> str | dict[int, str]:
         if not spec or "/" in spec:
             raise UserError(f"--classes {spec!r}: give a class name or a .json file mapping ids to class names")
         return spec
-    data = load_json(p)
+    data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
         data = data["instance_class"]
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, distribute
-from ..config import RunConfig, check_run_config, parse_class_minimums, parse_floats, parse_pixel_size, parse_slices
+from ..config import (
+    RunConfig,
+    check_run_config,
+    parse_class_minimums,
+    parse_normalization,
+    parse_pixel_size,
+    parse_slices,
+)
 from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
@@ -141,7 +148,7 @@ class Run:
         cfg = self.cfg
         if self.plan.needs_image:
             if cfg.normalization:
-                low, high = parse_floats(cfg.normalization, 2, "--normalization")
+                low, high = parse_normalization(cfg.normalization)
                 self.normalization = Normalization(low, high, (float("nan"), float("nan")))
             else:
                 self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles)
