@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .errors import UserError
 
@@ -183,3 +185,21 @@ def check_run_config(cfg: RunConfig) -> None:
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
     check_options("run", asdict(cfg))
+
+
+def check_output_path(path: str, inputs: list[str], option: str = "--out") -> None:
+    """Refuse an output (a folder a run creates, and replaces with --overwrite) that is a symbolic link, that lies
+    inside one of the ``inputs``, or that holds one of them. Symbolic links above it are followed."""
+    p = Path(path)
+    if p.is_symlink():
+        raise UserError(f"{option} {path} is a symbolic link (to {os.readlink(p)}); give the path it points to")
+    real = p.resolve()
+    for source in inputs:
+        if not source or not Path(source).exists():  # synth:..., or a file whose absence is reported elsewhere
+            continue
+        s = Path(source).resolve()
+        if real == s or s in real.parents:
+            raise UserError(f"{option} {path} lies inside the input {source}; choose an {option} outside it")
+        if real in s.parents:
+            raise UserError(f"the input {source} lies inside {option} {path}, which a run replaces; choose another "
+                            f"{option}")  # fmt: skip

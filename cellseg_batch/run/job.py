@@ -18,6 +18,7 @@ import numpy as np
 from .. import __version__, distribute
 from ..config import (
     RunConfig,
+    check_output_path,
     check_run_config,
     parse_class_minimums,
     parse_normalization,
@@ -32,11 +33,12 @@ from ..read import Volume, open_volume
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
+from .lock import OutputLock
 from .predict import PredictStage
 from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
-from .store import WorkStore
+from .store import StoreDamage, WorkStore
 from .write import PreviewStage, PyramidStage, WriteStage
 
 log = logging.getLogger("cellseg_batch")
@@ -105,9 +107,10 @@ class Run:
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
-        if not cfg.volume.startswith("synth:") and Path(cfg.out).resolve() == Path(cfg.volume).resolve():
-            raise UserError("--out must differ from the input volume")
+        inputs = [cfg.volume, *cfg.labels, *cfg.classes, cfg.model]
+        check_output_path(cfg.out, inputs)
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
+        check_output_path(str(self.store.root), inputs, "--work-dir")
         self.normalization: Normalization | None = None
         self.counts: dict = {}
         self.resources: dict = {}
@@ -156,7 +159,7 @@ class Run:
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 3,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 4,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
@@ -184,6 +187,8 @@ class Run:
         cfg = self.cfg
         t_start, self.cpu_start = time.perf_counter(), time.process_time()
         mode = None  # known once the earlier run's leftovers are settled
+        lock = OutputLock(cfg.out)
+        lock.acquire()  # before anything of the output is read or written: one writer at a time
         try:
             # Ray starts (seconds) while the plan is settled and the normalization sampled, not after
             with ThreadPoolExecutor(1) as pool:
@@ -195,7 +200,7 @@ class Run:
             log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
                      cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap,
                      ", ".join(self.classes))  # fmt: skip
-            report = self._stages(mode, t_start)
+            report = self._repairing(mode, t_start)
         except UserError:
             if mode == "fresh":  # bad input found mid-run: leave nothing that could pass for a result
                 self.output.remove()
@@ -203,9 +208,26 @@ class Run:
             raise
         finally:
             distribute.stop()
+            lock.release()
         if not cfg.keep_tiles:
             self.store.reset(keep_predictions=False)
         return report
+
+    def _repairing(self, mode: str, t_start: float) -> dict:
+        """The stages, driven again after each damaged work-store file found, once what it holds is forgotten; the
+        same file damaged again (a failing disk) ends the run."""
+        seen: set[str] = set()
+        while True:
+            try:
+                return self._stages(mode, t_start)
+            except StoreDamage as damage:
+                if damage.path in seen:
+                    raise UserError(f"{damage} again after it was computed again; check the disk under "
+                                    f"{self.store.root}, remove that folder and run again") from None  # fmt: skip
+                seen.add(damage.path)
+                log.warning("%s: computing it again", damage)
+                self.warnings.append(f"{damage}: computed again")
+                self.store.repair(damage)
 
     def _stages(self, mode: str, t_start: float) -> dict:
         cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
