@@ -242,3 +242,39 @@ def test_a_json_file_of_absurd_size_is_refused_unread(capsys, inputs, tmp_path, 
     fields = {"vol": inputs / "vol.tif", "lab": inputs / "lab.tif", "file": tmp_path / name, "root": tmp_path}
     line = _refused(capsys, tmp_path, [a.format(**fields) for a in argv] + ["--out", tmp_path / "out"], [name])
     assert limit in line
+
+
+# -- nothing executable from a file a user is handed ------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # what a hostile pickle does: call anything on load
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_weights_that_would_run_code_are_refused_and_plain_weights_load(tmp_path, suffix):
+    import pickle
+
+    import torch
+
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.errors import UserError
+
+    detectron2_ready()
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model, marker = torch.nn.Linear(2, 2), tmp_path / "ran"
+    hostile, plain = tmp_path / f"hostile{suffix}", tmp_path / f"plain{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": _Payload(marker)}, hostile)
+        torch.save({"model": {k: v * 0 + 3 for k, v in model.state_dict().items()}}, plain)
+    else:  # a model-zoo pickle: numpy arrays
+        pickle.dump({"model": _Payload(marker)}, hostile.open("wb"))
+        pickle.dump({"blobs": {k: np.full(v.shape, 3, np.float32) for k, v in model.state_dict().items()}}, plain.open("wb"))
+    with pytest.raises(UserError, match="cannot be loaded as weights only"):
+        DetectionCheckpointer(model).load(str(hostile))
+    assert not marker.exists()
+    DetectionCheckpointer(model).load(str(plain))
+    assert all((v == 3).all() for v in model.state_dict().values())
