@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -289,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellseg-batch: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"cellseg-batch: error: no space left on the device{where}; free some and run the same command again "
+              "to resume", file=sys.stderr)  # fmt: skip
+        return 2
     except BrokenPipeError:
         os._exit(141)
 

@@ -242,3 +242,55 @@ def test_a_corrupted_work_store_is_recomputed_to_the_clean_output_and_a_second_w
     repaired = _result(out)
     for key, value in clean.items():
         assert np.array_equal(repaired[key], value) if key != "table" else repaired[key] == value, key
+
+
+def test_sigterm_while_the_output_is_finished_leaves_it_complete_never_half_finished(tmp_path):
+    from cellseg_batch.run.job import signals_held
+    from cellseg_batch.write import Output
+
+    def fresh(name: str) -> Output:
+        out = Output(tmp_path / name)
+        out.create((2, 32, 32), 16, ["cell"], None, None, {"version": "test"}, labels_dtype=np.uint32)
+        return out
+
+    previous = signal.signal(signal.SIGTERM, cli._terminate)  # what `cellseg-batch` installs: stop like Ctrl-C
+    try:
+        held = fresh("held.zarr")
+        with signals_held() as arrived:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered now, while finalize is to run
+            held.finalize(None)
+        assert arrived == [signal.SIGTERM] and Output(held.path).status == "complete"
+        assert zarr.open_group(str(held.path / "labels")).attrs["labels"] == ["cell"]
+        bare = fresh("bare.zarr")  # without holding: stopped before it says complete, so it reads as incomplete
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            bare.finalize(None)
+        assert Output(bare.path).status == "incomplete"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 600 KiB tmpfs (root only: skipped where mounting is not allowed), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_is_one_line_and_the_rerun_after_freeing_space_equals_a_clean_run(tmp_path,
+                                                                                                small_filesystem):  # fmt: skip
+    args = ["run", VOLUME, *ARGS]
+    full = cli_subprocess(*args, "--out", small_filesystem / "o.zarr", check=False)
+    assert full.returncode == 2 and "no space left on the device" in full.stderr and "Traceback" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)  # space freed
+    cli_subprocess(*args, "--out", small_filesystem / "o.zarr")
+    assert json.loads((small_filesystem / "o.zarr" / "cellseg" / "report.json").read_text())["mode"] == "resume"
+    cli_subprocess(*args, "--out", tmp_path / "clean.zarr")
+    resumed, clean = _result(small_filesystem / "o.zarr"), _result(tmp_path / "clean.zarr")
+    assert all(np.array_equal(resumed[k], clean[k]) if k != "table" else resumed[k] == clean[k] for k in clean)

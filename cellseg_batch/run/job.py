@@ -7,9 +7,12 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -348,8 +351,27 @@ class Run:
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)
-        out.finalize(self.pixel_size, self.z0)
+        with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
+            out.finalize(self.pixel_size, self.z0)
+        if arrived:
+            log.warning("a stop request arrived while the output was being finished; it is complete")
         return report
+
+
+@contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and SIGTERM that arrive inside are only recorded (the list it yields): for a last step that must not be
+    cut in two. Outside the main thread (where handlers cannot be set) it holds nothing."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        yield arrived
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _versions() -> dict:
