@@ -125,20 +125,33 @@ class TiffVolume(Volume):
                 pixel = _tiff_pixel_size(tf)
         except UserError:
             raise
-        except (OSError, ValueError, tifffile.TiffFileError, IndexError, KeyError) as e:
+        except Exception as e:  # tifffile raises many types for a damaged file (struct.error, RuntimeError, ...)
             raise UserError(f"cannot read {self.path} as TIFF ({e}); check that it is a complete TIFF file") from e
         return zyx, dtype, pixel
 
     def _check_complete(self, tf, series) -> None:
         size = os.path.getsize(self.path)
         pages = series.pages if len(series.pages) <= 4096 else [series.pages[0], series.pages[-1]]
-        for page in pages:
-            if page is None:
-                raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
-            offsets = getattr(page, "dataoffsets", ()) or ()
-            counts = getattr(page, "databytecounts", ()) or ()
-            if any(o + c > size for o, c in zip(offsets, counts)):
-                raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
+        if any(page is None for page in pages):
+            raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
+        # what the file says it holds (tifffile's or ImageJ's metadata) against the images its pages give: a file
+        # cut short loses its last pages (or gains phantom ones) and can still read as a valid-looking stack
+        images = math.prod(n for n, a in zip(series.shape, series.axes) if a not in "YXS")
+        said = None
+        if tf.is_shaped:
+            shape = ((tf.shaped_metadata or [{}])[0] or {}).get("shape") or [0, 0, 0]
+            said = math.prod(shape[:-3] if "S" in series.axes else shape[:-2])
+        elif tf.is_imagej:
+            said = (tf.imagej_metadata or {}).get("images", 1)
+        if said is not None and (said != images or series.kind.lower() not in ("shaped", "imagej")):
+            raise UserError(f"{self.path} is truncated or corrupt: its metadata says {said} images, its pages give "
+                            f"{images}")  # fmt: skip
+        ends = [o + c for page in pages for o, c in zip(getattr(page, "dataoffsets", ()) or (),
+                                                       getattr(page, "databytecounts", ()) or ())]  # fmt: skip
+        if series.dataoffset is not None:  # contiguous: pages past the first may be implied by the shape alone
+            ends.append(series.dataoffset + series.nbytes)
+        if any(end > size for end in ends):
+            raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
 
     def _array(self):
         arr = getattr(self._local, "arr", None)

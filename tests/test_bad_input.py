@@ -160,8 +160,8 @@ VALID_SLICE = _tiff_bytes(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16), p
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 bad_tiff = st.one_of(
-    # a valid one-slice TIFF cut short anywhere
-    st.integers(0, len(VALID_SLICE) - 1).map(lambda n: ("truncated", VALID_SLICE[:n])),
+    # a valid one-slice TIFF cut short anywhere (the first bytes most of all)
+    st.one_of(st.integers(0, 16), st.integers(0, len(VALID_SLICE) - 1)).map(lambda n: ("truncated", VALID_SLICE[:n])),
     # its header overwritten by garbage
     st.binary(min_size=4, max_size=64).filter(lambda b: b[:4] not in TIFF_MAGIC).map(
         lambda b: ("garbage header", b + VALID_SLICE[len(b):])),
@@ -183,6 +183,32 @@ def test_a_bad_tiff_is_refused_naming_the_file(capsys, case):
         (root / "bad.tif").write_bytes(case[1])
         _refused(capsys, root, ["run", root / "bad.tif", "--predictor", "labels", "--labels", root / "bad.tif",
                                 "--classes", "cell", "--out", root / "out.zarr"], ["bad.tif"])  # fmt: skip
+
+
+LAYOUTS = {"contiguous": {}, "zlib": {"compression": "zlib"}, "tiled": {"tile": (16, 16)}, "imagej": {"imagej": True, "metadata": {"axes": "ZYX"}},
+           "zlib-tiled": {"compression": "zlib", "tile": (16, 16)}}  # fmt: skip
+STACK = np.arange(3 * 16 * 32, dtype=np.uint16).reshape(3, 16, 32)
+STACKS = {name: _tiff_bytes(STACK, photometric="minisblack", **kw) for name, kw in LAYOUTS.items()}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(layout=st.sampled_from(sorted(LAYOUTS)), keep=st.floats(0, 1, exclude_max=True))
+def test_a_stack_cut_short_is_refused_or_reads_exactly_what_was_written(tmp_path_factory, layout, keep):
+    """Never a smaller or phantom stack: a file cut anywhere is a one-line error, or (only its trailing page
+    directories lost, every pixel there) the stack as written."""
+    from cellseg_batch.errors import UserError
+    from cellseg_batch.read import open_volume
+
+    data = STACKS[layout]
+    path = tmp_path_factory.mktemp("cut") / "cut.tif"
+    path.write_bytes(data[: int(len(data) * keep)])
+    try:
+        volume = open_volume(path)
+        read = np.stack([volume.read(z, 0, 16, 0, 32) for z in range(volume.shape[0])])
+    except UserError as e:
+        assert "\n" not in str(e) and "cut.tif" in str(e)
+    else:
+        assert np.array_equal(read, STACK), (layout, keep)
 
 
 @SETTINGS
