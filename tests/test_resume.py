@@ -115,3 +115,21 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(reference, tmp_path
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     cli("run", VOLUME, *ARGS, "--out", out)
     _assert_identical(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["predict:100", "stitch:5", "link:1", "write:5", "preview:1"])
+def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(reference, tmp_path, point):
+    """CELLSEG_KILL_AFTER=STAGE:N: the driver SIGKILLs itself right after its Nth result of STAGE (before the flush):
+    the same kill -9 as above, at a point chosen exactly instead of by timing."""
+    import os
+
+    out = tmp_path / "out.zarr"
+    proc = subprocess.run([sys.executable, "-m", "cellseg_batch", "run", VOLUME, *map(str, ARGS), "--out", str(out)],
+                          env={**os.environ, "CELLSEG_KILL_AFTER": point}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert zarr.open_group(str(out)).attrs["cellseg_batch"]["status"] == "incomplete"
+    cli("run", VOLUME, *ARGS, "--out", out)
+    assert json.loads((out / "cellseg" / "report.json").read_text())["mode"] == "resume"
+    _assert_identical(out, reference)

@@ -294,3 +294,16 @@ def test_disk_full_while_writing_is_one_line_and_the_rerun_after_freeing_space_e
     cli_subprocess(*args, "--out", tmp_path / "clean.zarr")
     resumed, clean = _result(small_filesystem / "o.zarr"), _result(tmp_path / "clean.zarr")
     assert all(np.array_equal(resumed[k], clean[k]) if k != "table" else resumed[k] == clean[k] for k in clean)
+
+
+def test_a_missing_band_chunk_of_a_tile_with_fragments_is_damage_not_zeros(tmp_path):
+    from cellseg_batch.write import ChunkIO
+
+    store, grid = _store(tmp_path)
+    bands = ChunkIO(store.bands())
+    bands.write((1, 0, 1, 0, 0, 0, 0), np.ones(bands.chunks, np.uint16))
+    store.check_bands(1, [(0, 1)])  # written: fine
+    (store.bands_path / "1" / "0" / "1" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(StoreDamage) as info:
+        store.check_bands(1, [(0, 1)])
+    assert info.value.z == 1

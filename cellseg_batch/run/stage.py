@@ -9,6 +9,8 @@ still predicted, and no stage waits for another longer than its inputs require. 
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -32,6 +34,7 @@ class Stage(ABC):
         self.in_flight = 0
         self.total = 0
         self.remaining = 0  # of ``total``: what this run does (the rest was done by an earlier one)
+        self.finished = 0  # units whose results this run took
         self.first_start: float | None = None
         self.last_finish: float | None = None
         self.cpu_at_start = self.cpu_at_finish = 0.0  # the driver process's CPU time at those two moments
@@ -160,5 +163,9 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
 def _finished(stage: Stage, unit, result) -> None:
     stage.finish(unit, result)
     stage.last_finish, stage.cpu_at_finish = time.perf_counter(), time.process_time()
+    stage.finished += 1
     if stage.bar is not None:
         stage.bar.update(stage.weight(unit))
+    if os.environ.get("CELLSEG_KILL_AFTER") == f"{stage.name}:{stage.finished}":
+        # fault tests: kill -9 of the driver at an exact point (after this unit's result, before its flush)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -209,6 +209,14 @@ class WorkStore:
             raise StoreDamage(where, z)
         return chunk[0, :, :h, :w]
 
+    def check_bands(self, z: int, written: list[tuple[int, int]]) -> None:
+        """StoreDamage where a band chunk of a tile with fragments (``written``) is missing: zarr would read it as
+        zeros, and stitching would silently find no match there."""
+        for iy, ix in written:
+            chunk = self.bands_path / f"{z}/{iy}/{ix}/0/0/0/0"
+            if not chunk.exists():
+                raise StoreDamage(chunk, z)
+
     def repair(self, damage: StoreDamage) -> None:
         """Forget what a damaged file holds and everything made from it: a slice's predictions (it is predicted
         again), and every stitch, link and write product (made again from the predictions)."""
