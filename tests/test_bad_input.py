@@ -224,7 +224,8 @@ def test_a_header_declaring_an_enormous_shape_is_refused_before_any_allocation(c
 
 
 def test_a_tiff_header_declaring_an_enormous_slice_is_refused(capsys, tmp_path):
-    tifffile.imwrite(tmp_path / "big.tif", np.zeros((2, 16, 16), np.uint8), photometric="minisblack")
+    # no tifffile description (metadata=None): the forged tags are all the file says about its shape
+    tifffile.imwrite(tmp_path / "big.tif", np.zeros((2, 16, 16), np.uint8), photometric="minisblack", metadata=None)
     with tifffile.TiffFile(tmp_path / "big.tif", mode="r+b") as tf:
         for page in tf.pages:
             page.tags["ImageWidth"].overwrite(2**31)
