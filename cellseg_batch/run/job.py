@@ -110,7 +110,7 @@ class Run:
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
-        inputs = [cfg.volume, *cfg.labels, *cfg.classes, cfg.model]
+        inputs = [cfg.volume, *cfg.labels, *(c for c in cfg.classes if c.lower().endswith(".json")), cfg.model]
         check_output_path(cfg.out, inputs)
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
         check_output_path(str(self.store.root), inputs, "--work-dir")
