@@ -133,3 +133,16 @@ def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(ref
     cli("run", VOLUME, *ARGS, "--out", out)
     assert json.loads((out / "cellseg" / "report.json").read_text())["mode"] == "resume"
     _assert_identical(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4"])
+def test_kill_9_of_a_task_worker_during_stitch_or_write_does_not_change_the_result(reference, tmp_path, point):
+    """The worker running slice 4's stitch task (after stitching), or a write block of slice 4 (after its first class
+    layer), SIGKILLs itself once; Ray retries the task and the run ends with the uninterrupted output."""
+    import os
+
+    out, killed = tmp_path / "out.zarr", tmp_path / "killed"
+    cli("run", VOLUME, *ARGS, "--out", out, env={**os.environ, "CELLSEG_KILL_AFTER": point, "CELLSEG_KILL_ONCE": killed})
+    assert killed.exists()  # the kill happened
+    _assert_identical(out, reference)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..distribute import kill_point
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from ..write import ChunkIO
@@ -122,6 +123,7 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
     whether each core was written)."""
     store = WorkStore(work_dir)
     pairs, touching = verified(lambda _: stitch_slice(store.bands(), grid, z, iou_min), store.bands_path / str(z), z)
+    kill_point(f"stitch-task:{z}")
     counted = []
     for iy, ix, written_a, written_b in missing:
         a, b = store.core(grid, z, iy, ix, written_a), store.core(grid, z + 1, iy, ix, written_b)
@@ -154,6 +156,7 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
             if mapped is not None:  # nothing of this class there: zeros
                 labels[where] = mapped
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
+        kill_point(f"write-task:{z}")  # fault tests: a block half written
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
 

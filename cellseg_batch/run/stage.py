@@ -9,8 +9,6 @@ still predicted, and no stage waits for another longer than its inputs require. 
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -166,6 +164,4 @@ def _finished(stage: Stage, unit, result) -> None:
     stage.finished += 1
     if stage.bar is not None:
         stage.bar.update(stage.weight(unit))
-    if os.environ.get("CELLSEG_KILL_AFTER") == f"{stage.name}:{stage.finished}":
-        # fault tests: kill -9 of the driver at an exact point (after this unit's result, before its flush)
-        os.kill(os.getpid(), signal.SIGKILL)
+    distribute.kill_point(f"{stage.name}:{stage.finished}")  # fault tests: after this result, before its flush
