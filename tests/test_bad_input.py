@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from cellseg_batch import cli
 
-SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 
 
@@ -191,7 +191,7 @@ STACK = np.arange(3 * 16 * 32, dtype=np.uint16).reshape(3, 16, 32)
 STACKS = {name: _tiff_bytes(STACK, photometric="minisblack", **kw) for name, kw in LAYOUTS.items()}
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(layout=st.sampled_from(sorted(LAYOUTS)), keep=st.floats(0, 1, exclude_max=True))
 def test_a_stack_cut_short_is_refused_or_reads_exactly_what_was_written(tmp_path_factory, layout, keep):
     """Never a smaller or phantom stack: a file cut anywhere is a one-line error, or (only its trailing page

@@ -1,5 +1,6 @@
-"""Interruptions: kill -9 of the driver, then the same command, gives the uninterrupted run's output; so does
-killing one predictor actor's process mid-run (Ray replaces it and retries its tiles); Ctrl-C stops cleanly."""
+"""Interruptions: kill -9 of the driver (in predict; slow: in every stage), then the same command, gives the
+uninterrupted run's output; so does killing one predictor actor's process mid-run (Ray replaces it and retries its
+tiles) or (slow) a stitch or write task's worker; Ctrl-C stops cleanly."""
 
 import json
 import signal

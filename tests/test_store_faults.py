@@ -27,7 +27,7 @@ from cellseg_batch.tiles import TileGrid
 from conftest import cli as cli_subprocess
 from conftest import labels_of
 
-SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 
 # a damage: (how much of the file is kept, garbage written over its start) -- (None, b""): the file is deleted
