@@ -171,7 +171,7 @@ def zarr_volume(tmp_path) -> Path:
 
 @pytest.mark.parametrize("case,match", [
     ("inside", "lies inside the input"), ("holds", "lies inside --out"), ("symlink", "symbolic link"),
-    ("work-inside", "--work-dir"), ("read-only", "cannot write beside"),
+    ("work-inside", "--work-dir"), ("read-only", "cannot write beside"), ("work-foreign", "not a cellseg-batch work"),
 ])  # fmt: skip
 def test_an_output_path_that_would_harm_an_input_or_cannot_be_written_is_refused(tmp_path, capsys, zarr_volume, case,
                                                                                   match):  # fmt: skip
@@ -186,6 +186,10 @@ def test_an_output_path_that_would_harm_an_input_or_cannot_be_written_is_refused
         out.symlink_to(tmp_path / "real.zarr")
     elif case == "work-inside":
         out, extra = tmp_path / "o.zarr", ["--work-dir", zarr_volume / "w"]
+    elif case == "work-foreign":  # a run deletes its work store when it ends: never a folder of the user's
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+        out, extra = tmp_path / "o.zarr", ["--work-dir", tmp_path / "mine"]
     else:
         out = Path("/sys/cellseg-out.zarr")  # a filesystem even root cannot create files in
         try:
@@ -199,6 +203,22 @@ def test_an_output_path_that_would_harm_an_input_or_cannot_be_written_is_refused
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and match in err[0], err
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_a_damaged_run_json_starts_the_work_store_over_instead_of_trusting_what_is_left(tmp_path, zarr_volume):
+    from cellseg_batch.config import RunConfig
+    from cellseg_batch.run.job import Run
+
+    cfg = RunConfig(str(zarr_volume), str(tmp_path / "o.zarr"), predictor="labels", labels=[str(zarr_volume)],
+                    classes=["cell"])  # fmt: skip
+    Run(cfg)._prepare()  # what a run does before its stages (no Ray needed): output and work store made
+    store = WorkStore(f"{cfg.out}.work")
+    save_npy(store.fragments_path(0), np.zeros(1, FRAGMENT))  # a slice an earlier run predicted...
+    store.run_path.write_bytes(store.run_path.read_bytes()[:20])  # ...with settings no longer known
+    again = Run(cfg)
+    assert again._prepare() == "fresh"
+    assert not store.slice_done(0) and any("run.json is damaged" in w for w in again.warnings)
+    assert store.read_run() is not None
 
 
 # -- end to end: Ray, zarr and the filesystem, all real --------------------------------------------------------------

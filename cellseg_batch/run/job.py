@@ -114,6 +114,9 @@ class Run:
         check_output_path(cfg.out, inputs)
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
         check_output_path(str(self.store.root), inputs, "--work-dir")
+        if self.store.is_foreign():  # a run deletes its work store when it ends
+            raise UserError(f"--work-dir {self.store.root} holds files that are not a cellseg-batch work store; give a "
+                            "new or empty folder")  # fmt: skip
         self.normalization: Normalization | None = None
         self.counts: dict = {}
         self.resources: dict = {}
@@ -168,6 +171,9 @@ class Run:
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
                                cfg.chunk])
         previous = self.store.read_run()
+        if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
+            self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
+            self.store.reset(keep_predictions=False)
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
                           cfg.overwrite, cfg.out)  # fmt: skip

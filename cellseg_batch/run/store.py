@@ -153,8 +153,19 @@ class WorkStore:
         return self._marks_dir(stage) / "_".join(str(int(u)) for u in unit)
 
     # -- run metadata -------------------------------------------------------------------------------------------
+    @property
+    def run_path(self) -> Path:
+        return self.root / "run.json"
+
+    def is_foreign(self) -> bool:
+        """A folder that holds files, none of them the store's: not to be filled, nor deleted at the end."""
+        if not self.root.is_dir():
+            return False
+        names = {p.name for p in self.root.iterdir()}
+        return bool(names) and not names & {"run.json", "cores.zarr", "bands.zarr", "frag", "zov", "post"}
+
     def read_run(self) -> dict | None:
-        p = self.root / "run.json"
+        p = self.run_path
         try:
             return json.loads(p.read_text()) if p.exists() else None
         except (OSError, ValueError):
@@ -162,7 +173,7 @@ class WorkStore:
 
     def write_run(self, run: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "run.json", (json.dumps(run, indent=2, default=str) + "\n").encode())
+        atomic_write_bytes(self.run_path, (json.dumps(run, indent=2, default=str) + "\n").encode())
 
     def reset(self, keep_predictions: bool) -> None:
         """Forget stitch/link/write progress; with ``keep_predictions`` False also every prediction."""
