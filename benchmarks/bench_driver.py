@@ -56,7 +56,7 @@ def scheduler_vs_actor_pool(actors: int, seconds_per_tile: float, shape=(8, 1024
 
     from cellseg_batch import distribute
     from cellseg_batch.predict import PredictorSpec
-    from cellseg_batch.run.predict import PredictStage
+    from cellseg_batch.run.predict import ActorStart, PredictStage
     from cellseg_batch.run.remote import PredictorWorker, TileJob
     from cellseg_batch.run.stage import drive
     from cellseg_batch.run.store import WorkStore
@@ -73,14 +73,14 @@ def scheduler_vs_actor_pool(actors: int, seconds_per_tile: float, shape=(8, 1024
         with tempfile.TemporaryDirectory() as tmp:
             store = WorkStore(Path(tmp) / "a")
             store.create(shape[0], grid, 2)
-            job = TileJob(spec, None, None, grid, str(store.root), 0, 1)
-            stage = PredictStage(store, grid, shape[0], batch, job, (actors, 1, 0), 120)
+            job = TileJob(spec, None, grid, str(store.root), 0, 1)
+            stage = PredictStage(store, grid, shape[0], batch, ActorStart(job, (actors, 1, 0), 120))
             t = time.perf_counter()
             drive([stage])
             out["stage_scheduler_s"] = time.perf_counter() - t - stage.actor_start_s
             store = WorkStore(Path(tmp) / "b")
             store.create(shape[0], grid, 2)
-            job = TileJob(spec, None, None, grid, str(store.root), 0, 1)
+            job = TileJob(spec, None, grid, str(store.root), 0, 1)
             cls = ray.remote(PredictorWorker).options(num_cpus=1, max_restarts=distribute.ACTOR_RESTARTS)
             pool_actors = [cls.remote(job) for _ in range(actors)]
             ray.get([a.pid.remote() for a in pool_actors])

@@ -35,8 +35,9 @@ def _run(args) -> int:
           + ", ".join(f"{n} {c}" for c, n in counts.items()) + f") in {report['time_s']['total']:.1f} s")  # fmt: skip
     print(f"  labels   {out}/labels/<class>/0 (OME-Zarr)")
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
-    print(f"  report   {out}/cellseg/report.json")
+    print(f"  report   {out}/cellseg/report.html (and report.json)")
     print(f"  preview  {out}/cellseg/preview.png")
+    print(f"  look     cellseg-batch view {out}")
     return 0
 
 
@@ -112,6 +113,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _view(args) -> int:
+    from .view import view
+
+    return view(args.path, napari=args.napari, port=args.port, timeout=args.timeout)
+
+
 def _doctor(args) -> int:
     from .doctor import report
 
@@ -158,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-threshold", type=float, help="minimum detection score (default: the model config's)")
     g.add_argument("--amp", action="store_true", help="mixed precision: float16 on GPUs, bfloat16 on CPUs that have it "
                    "(faster; masks may differ by a pixel)")
+    g.add_argument("--exclusive", action="append", help="classes that never share a pixel, A,B,C (repeat for "
+                   "more groups): the highest-scoring detection wins across them; none: no class excludes another "
+                   "(default: the model's, found in its training annotations)")  # fmt: skip
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
     g = r.add_argument_group("merging")
@@ -175,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--chunk", type=int, help="output chunk side in pixels, every level (default %(default)s); "
                    "independent of the tile grid")
+    g.add_argument("--format", help="ngff-0.4 (zarr v2) or ngff-0.5 (zarr v3, sharded: a file per write block, "
+                   "4096x4096 px of a slice, for object stores) (default %(default)s)")
     g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
     g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class (small volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -265,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", nargs="?", default="demo", help="folder for everything the demo makes (default demo/)")
     m.add_argument("--iterations", type=int, default=800, help="training iterations (default 800)")
     m.set_defaults(func=_demo)
+
+    v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")
+    v.add_argument("path", help="a cellseg-batch output (OUT.zarr, finished or still being written; or the run's "
+                   "--work-dir), or a volume")  # fmt: skip
+    v.add_argument("--napari", action="store_true", help="open napari (with napari-ome-zarr) instead")
+    v.add_argument("--port", type=int, default=0, help="port of the viewer on 127.0.0.1, and the next one for the "
+                   "output's files (default: free ones)")  # fmt: skip
+    v.add_argument("--timeout", type=float, help="stop serving after this many seconds (default: at Ctrl-C)")
+    v.set_defaults(func=_view)
 
     d = sub.add_parser("doctor", help="versions, devices, Ray, detectron2 compiled ops")
     d.set_defaults(func=_doctor)

@@ -39,6 +39,42 @@ class CocoSet:
             text += "; skipped " + ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
         return text
 
+    def exclusive_classes(self, nested_ioa: float = 0.5) -> list[list[str]]:
+        """Groups of classes that exclude one another in these annotations: they appear in the same images, and no
+        instance of one lies mostly (overlap / own area >= ``nested_ioa``) inside an instance of the other (a
+        mitochondrion and an alpha granule), unlike classes that nest (a mitochondrion inside its cell). Built in
+        class order: a class joins the first group it excludes every member of. Classes never seen together,
+        or nested even once, stay apart: with no evidence, nothing is suppressed at prediction."""
+        n = len(self.classes)
+        together = np.zeros((n, n), bool)
+        nested = np.zeros((n, n), bool)
+        for r in self.records:
+            anns = [a for a in r["annotations"] if not a.get("iscrowd")]
+            cls = np.array([a["category_id"] for a in anns], dtype=np.int64)
+            if len(np.unique(cls)) < 2:
+                continue
+            present = np.unique(cls)
+            together[np.ix_(present, present)] = True
+            rles = [_rle(a["segmentation"], r["height"], r["width"]) for a in anns]
+            # iou() with every "ground truth" marked crowd: overlap / area of the first argument's mask (IoA)
+            ioa = np.asarray(mask_util.iou(rles, rles, [1] * len(rles))).reshape(len(rles), len(rles))
+            i, j = np.nonzero(ioa >= nested_ioa)
+            nested[cls[i], cls[j]] = True
+        apart = together & ~nested & ~nested.T
+        groups: list[list[int]] = []
+        for c in range(n):
+            home = next((g for g in groups if all(apart[c, m] for m in g)), None)
+            if home is None:
+                groups.append([c])
+            else:
+                home.append(c)
+        return [[self.classes[c] for c in g] for g in groups if len(g) > 1]
+
+
+def _rle(segm, h: int, w: int) -> dict:
+    """One compressed RLE for a usable segmentation (polygons or RLE, as ``_segmentation`` returns it)."""
+    return segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w))
+
 
 def read_grey(path: str | Path) -> np.ndarray:
     """An image file as a 2D array in its own dtype (8/16-bit, float); RGB(A) of equal channels becomes grey."""
@@ -151,7 +187,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             if why:
                 skipped[why] += 1
                 continue
-            box = mask_util.toBbox(segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w)))
+            box = mask_util.toBbox(_rle(segm, int(h), int(w)))
             x0, y0, bw, bh = (float(v) for v in box)
             if bw <= 0 or bh <= 0 or x0 >= w or y0 >= h or x0 + bw <= 0 or y0 + bh <= 0:
                 skipped["annotations outside the image"] += 1

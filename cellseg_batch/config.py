@@ -26,6 +26,7 @@ class RunConfig:
     device: str = "auto"
     score_threshold: float | None = None
     amp: bool = False
+    exclusive: list[str] | None = None  # None: the model directory's groups; ["none"]: no class excludes another
     stitch_iou: float = 0.5
     link: str = "overlap"
     link_iou: float = 0.25
@@ -38,6 +39,7 @@ class RunConfig:
     normalization: str | None = None
     write_image: bool = True
     chunk: int = 1024
+    format: str = "ngff-0.4"
     export_tiff: bool = False
     overwrite: bool = False
     work_dir: str | None = None
@@ -184,6 +186,10 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
+    from .write import FORMATS
+
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
     check_options("run", asdict(cfg))
 
 

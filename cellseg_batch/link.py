@@ -3,7 +3,10 @@
 Linking is a graph. Its nodes are the 2D instances; its edges are decided pair of slices by pair of slices and
 resolved per connected component of the candidate graph between the two slices (small, independent problems).
 Everything is class-aware: overlaps are counted within each class's own label layer, so an organelle never links
-to its cell, and only instances of one class are candidates. For two slices a, b (adjacent, or across a gap):
+to its cell, and only instances of one class are candidates. Classes that exclude one another (``Plan.layer_of``:
+mitochondria and alpha granules never share a pixel; ``train`` finds such groups in the annotations, ``--exclusive``
+sets them) share one layer, and their instances are candidates to one another: a detection whose class flips
+between slices stays one object. For two slices a, b (adjacent, or across a gap):
 
 1. Continue (one-to-one): instances pair up by maximum total IoU (Hungarian, ``scipy.optimize.
    linear_sum_assignment``) among pairs with IoU >= ``link_iou`` (default 0.25). Two touching neighbours that each
@@ -23,7 +26,8 @@ to its cell, and only instances of one class are candidates. For two slices a, b
    of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``), become one.
    Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
    set its gap to 0, e.g. ``--link-gap cell=0,2``.
-4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``).
+4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
+   takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
    Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
@@ -93,6 +97,11 @@ class LinkRule:
     gap: tuple[int, ...] = ()  # per class
     min_voxels: tuple[int, ...] = ()
     min_slices: tuple[int, ...] = ()
+    layer_of: tuple[int, ...] = ()  # per class: its label layer; classes sharing one exclude one another
+
+    def kinds(self, cls: np.ndarray) -> np.ndarray:
+        """What must be equal for two instances to link: their class, or their shared layer (exclusive classes)."""
+        return np.asarray(self.layer_of, np.int64)[cls] if self.layer_of else cls
 
 
 def link_pair(
@@ -252,8 +261,8 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         if window and link != "none":
             prev = window[-1]
             ia, ib, inter = _instance_overlaps(grid, prev, here, prev_edges["overlaps"])
-            pairs, heal = link_pair(prev.cls, prev.area, cls, area, ia, ib, inter, rule.iou_min, rule.ioa_min,
-                                    prev.score, score)  # fmt: skip
+            pairs, heal = link_pair(rule.kinds(prev.cls), prev.area, rule.kinds(cls), area, ia, ib, inter,
+                                    rule.iou_min, rule.ioa_min, prev.score, score)  # fmt: skip
             _add_edges(link_edges, pairs, prev, here)
             stats.links += len(pairs)
             stats.heal_links += heal
@@ -275,12 +284,14 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     graph = coo_matrix((np.ones(len(edges_all), np.int8), (edges_all[:, 0], edges_all[:, 1])), shape=(total, total))
     _, comp = connected_components(graph, directed=False)
     voxels = np.bincount(comp, weights=area_all).astype(np.int64) if total else np.zeros(0, np.int64)
+    cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
+    comp_cls = _component_classes(comp, cls_all, area_all, len(voxels), n_classes)
     kept = voxels > 0
     if total and (any(rule.min_voxels) or any(rule.min_slices)):
-        kept &= _clean_up(comp, area_all, np.concatenate(classes), np.concatenate(zs), voxels, n_classes, rule, stats)
+        kept &= _clean_up(comp, comp_cls, area_all, np.concatenate(zs), voxels, n_classes, rule, stats)
     object_id = np.zeros(len(voxels), dtype=np.uint64)
     object_id[kept] = np.arange(1, kept.sum() + 1, dtype=np.uint64)
-    table = _object_table(store, grid, n_slices, bases, comp, object_id, n_classes)
+    table = _object_table(store, grid, n_slices, bases, comp, object_id, comp_cls[kept])
     stats.objects = len(table)
     for c in range(n_classes):
         stats.per_class[c] = int((table["cls"] == c).sum())
@@ -305,19 +316,36 @@ def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule,
     t = time.perf_counter()
     ov, tiles = _gap_overlaps(store, grid, za, a, zb, b, free_a, free_b)
     ia, ib, inter = _instance_overlaps(grid, a, b, ov)
-    pairs, _ = link_pair(a.cls, a.area, b.cls, b.area, ia, ib, inter, rule.iou_min, rule.ioa_min, a.score, b.score,
-                         free_a=free_a, free_b=free_b)  # fmt: skip
+    pairs, _ = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
+                         rule.ioa_min, a.score, b.score, free_a=free_a, free_b=free_b)  # fmt: skip
     _add_edges(out, pairs, a, b)
     stats.gap_tiles_read += tiles
     stats.gap_seconds += time.perf_counter() - t
     return len(pairs)
 
 
-def _clean_up(comp, area, cls, z, voxels, n_classes: int, rule: LinkRule, stats: LinkStats) -> np.ndarray:
+def _component_classes(comp: np.ndarray, cls: np.ndarray, area: np.ndarray, n: int, n_classes: int) -> np.ndarray:
+    """Each component's class: that of most of its voxels (ties: the lower class index). Components mix classes
+    only where classes exclude one another and a detection's class flipped between slices or tiles."""
+    out = np.zeros(n, np.int64)
+    if len(comp) == 0:
+        return out
+    out[comp] = cls
+    mixed = np.zeros(n, bool)
+    np.logical_or.at(mixed, comp, cls != out[comp])
+    if mixed.any():  # votes only for the mixed ones: (component, class) -> voxels, the largest per component
+        sel = mixed[comp]
+        key, inverse = np.unique(comp[sel].astype(np.int64) * n_classes + cls[sel], return_inverse=True)
+        votes = np.bincount(inverse.ravel(), weights=area[sel])
+        order = np.lexsort((key % n_classes, -votes, key // n_classes))
+        first = order[np.concatenate([[True], np.diff(key[order] // n_classes) != 0])]
+        out[key[first] // n_classes] = key[first] % n_classes
+    return out
+
+
+def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, rule: LinkRule, stats: LinkStats) -> np.ndarray:
     """Per component: whether it meets its class's minimum voxels and slices; counts what is dropped."""
     n = len(voxels)
-    comp_cls = np.zeros(n, np.int64)
-    comp_cls[comp] = cls
     z0 = np.full(n, np.iinfo(np.int64).max)
     z1 = np.full(n, -1)
     present = area > 0
@@ -336,8 +364,8 @@ def _clean_up(comp, area, cls, z, voxels, n_classes: int, rule: LinkRule, stats:
     return ok
 
 
-def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> np.ndarray:
-
+def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> np.ndarray:
+    """The OBJECT table (ids 1..N, ``object_cls`` their classes) from the fragments; writes each slice's lut."""
     n_obj = int(object_id.max(initial=0))
     t = np.zeros(n_obj + 1, dtype=OBJECT)
     big = np.iinfo(np.int64).max
@@ -353,7 +381,6 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> n
         own = (frag["area"] > 0) & (obj > 0)
         o, f = obj[own].astype(np.int64), frag[own]
         a = f["area"].astype(np.float64)
-        t["cls"][o] = f["cls"]
         np.add.at(t["voxels"], o, f["area"])
         np.add.at(weighted_score, o, f["score"] * a)
         np.add.at(sz, o, z * a)
@@ -366,6 +393,7 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, n_classes) -> n
             np.maximum.at(t[hi], o, f[hi])
     t = t[1:]
     t["id"] = np.arange(1, n_obj + 1, dtype=np.uint64)
+    t["cls"] = object_cls
     v = np.maximum(t["voxels"], 1).astype(np.float64)
     t["score"] = weighted_score[1:] / v
     t["cz"], t["cy"], t["cx"] = sz[1:] / v, t["cy"] / v, t["cx"] / v

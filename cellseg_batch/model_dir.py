@@ -3,7 +3,8 @@
     models/platelet/
         config.yaml       detectron2 config (the full, merged one)
         model_final.pth   weights (or the file named in cellseg.json)
-        cellseg.json      classes, tile size and overlap, pixel size (nm), normalization, training provenance
+        cellseg.json      classes (and which exclude one another), tile size and overlap, pixel size (nm),
+                          normalization, training provenance
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ModelDir:
     config: str = "config.yaml"
     weights: str = "model_final.pth"
     training: dict = field(default_factory=dict)
+    exclusive: list[list[str]] = field(default_factory=list)  # groups of classes that never share a pixel
 
     @property
     def config_path(self) -> Path:

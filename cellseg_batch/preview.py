@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 PALETTE = [
@@ -12,9 +10,20 @@ PALETTE = [
 ]  # fmt: skip
 
 
-def render(image: np.ndarray, layers: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+def class_colour(k: int) -> tuple[float, float, float]:
+    """The colour of the ``k``-th class (RGB in 0..1): the same in the preview, the report and the viewers."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def class_colour_hex(k: int) -> str:
+    """``class_colour(k)`` as ``#rrggbb``."""
+    return "#" + "".join(f"{round(255 * c):02x}" for c in class_colour(k))
+
+
+def render(image: np.ndarray, layers: dict[str, np.ndarray], path, title: str = ""):
     """Draw ``layers`` (class -> 2D ids) over a greyscale ``image``; fills faint, outlines solid; a legend above and
-    ``title`` below. Pillow only (matplotlib's import alone took longer than the whole drawing)."""
+    ``title`` below; a PNG at ``path`` (a file name or a binary file object, returned as given). Pillow only
+    (matplotlib's import alone took longer than the whole drawing)."""
     from PIL import Image, ImageDraw
 
     img = image.astype(np.float64)
@@ -23,7 +32,7 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path: str | Path, t
     rgb = np.repeat(grey[..., None], 3, axis=2)
     legend = []
     for k, (name, ids) in enumerate(layers.items()):
-        colour = np.array(PALETTE[k % len(PALETTE)])
+        colour = np.array(class_colour(k))
         inside = ids > 0
         # per-instance shade so that touching instances of one class stay distinguishable
         shade = 0.6 + 0.4 * ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1000)).astype(np.float64) / 1000
@@ -44,8 +53,8 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path: str | Path, t
         x += 24 + int(draw.textlength(label))
     if title:
         draw.text((6, h * zoom + band + 6), title, fill="black")
-    canvas.save(path)
-    return Path(path)
+    canvas.save(path, format="PNG")
+    return path
 
 
 def _inner_boundaries(ids: np.ndarray) -> np.ndarray:
@@ -60,7 +69,7 @@ def _inner_boundaries(ids: np.ndarray) -> np.ndarray:
     return edge & (ids > 0)
 
 
-def render_output(output, path: str | Path, z: int | None = None, max_size: int = 1024) -> Path:
+def render_output(output, path, z: int | None = None, max_size: int = 1024):
     """The preview of a written OME-Zarr output: slice ``z`` (default the middle one) at the first pyramid level
     that fits ``max_size``; without an image copy, the labels are drawn on black."""
     info = output.info

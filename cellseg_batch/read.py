@@ -209,7 +209,7 @@ class ZarrVolume(Volume):
         axes, pixel = None, None
         self._array_path = self.path
         if isinstance(node, zarr.Group):
-            ms = _multiscales(node.attrs)
+            ms = multiscales(node.attrs)
             if ms is None:
                 arrays = sorted(name for name, _ in node.arrays())
                 hint = f"; pass one of its arrays, e.g. {self.path}/{arrays[0]}" if arrays else ""
@@ -218,7 +218,7 @@ class ZarrVolume(Volume):
             self._array_path = f"{self.path.rstrip('/')}/{level0['path']}"
             node = zarr.open(self._array_path, mode="r")
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
-            pixel = _ngff_pixel_size(ms, level0)
+            pixel = ngff_pixel_size(ms, level0)
         if axes is None or len(axes) != node.ndim:
             axes = {2: "YX", 3: "ZYX"}.get(node.ndim, "?" * node.ndim)
         zyx, self._index = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
@@ -274,13 +274,32 @@ class ZarrVolume(Volume):
         return block
 
 
-def _multiscales(attrs) -> dict | None:
+def ngff_attr(attrs, key: str):
+    """An OME-Zarr attribute of a group's ``attrs``, NGFF 0.4 (at the top, in ``.zattrs``) or 0.5 (under ``ome``, in
+    ``zarr.json``); None where absent."""
     attrs = dict(attrs)
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    value = attrs.get(key)
+    return value if value is not None else attrs.get("ome", {}).get(key)
+
+
+def multiscales(attrs) -> dict | None:
+    """The first ``multiscales`` entry of a group's ``attrs`` (NGFF 0.4 or 0.5), else None."""
+    ms = ngff_attr(attrs, "multiscales")
     return ms[0] if ms else None
 
 
-def _ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None:
+def group_attrs(path: str | Path) -> dict | None:
+    """The attributes of the zarr group (v2 or v3) at ``path``; None where there is none."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError):
+        return None
+
+
+def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None:
+    """Z, Y, X nm of a multiscale's dataset ``level0`` (its scale transform and the axes' units), else None."""
     axes = ms.get("axes", [])
     scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
     if not scale or len(scale) != len(axes):
@@ -472,9 +491,7 @@ def ngff_label_layers(path: str) -> list[LabelLayer] | None:
     import zarr
 
     try:
-        names = dict(zarr.open_group(str(labels), mode="r").attrs).get("labels")
-        if names is None:
-            names = dict(zarr.open_group(str(labels), mode="r").attrs).get("ome", {}).get("labels")
+        names = ngff_attr(zarr.open_group(str(labels), mode="r").attrs, "labels")
     except Exception as e:
         raise UserError(f"cannot open {labels} as an OME-Zarr labels group ({e})") from e
     if not names:

@@ -184,14 +184,14 @@ def _held(grid: TileGrid, iy: int, ix: int, side: int) -> Box | None:
     return grid.band_box(iy, ix, side).intersect(grid.window(iy, ix))
 
 
-def stitch_slice(bands, grid: TileGrid, z: int, iou_min: float) -> tuple[np.ndarray, int]:
-    """Matches (PAIR rows) between all neighbouring tiles of slice z, and the count of same-class fragment pairs
+def stitch_slice(band_row, grid: TileGrid, iou_min: float) -> tuple[np.ndarray, int]:
+    """Matches (PAIR rows) between all neighbouring tiles of a slice, and the count of same-class fragment pairs
     that touch across a core border without matching (possible splits; reported, never merged). Reads the slice's
-    bands (a zarr array of the work store) one tile row at a time."""
+    bands one tile row at a time: ``band_row(iy)`` -> (NX, 4, classes, 2h, tile), ``tile_bands`` of each tile."""
     pairs, touching = [], 0
-    row = np.asarray(bands[z, 0])
+    row = band_row(0)
     for iy in range(grid.ny):
-        below = np.asarray(bands[z, iy + 1]) if iy + 1 < grid.ny else None
+        below = band_row(iy + 1) if iy + 1 < grid.ny else None
         for ix in range(grid.nx):
             ca = grid.core(iy, ix)
             for jy, jx in grid.neighbours_after(iy, ix):

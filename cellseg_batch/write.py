@@ -1,6 +1,7 @@
 """Write: the OME-Zarr output, chunk by chunk from workers, then its NGFF metadata, object table and preview.
 
-    OUT.zarr/                   NGFF 0.4 (zarr v2) image group: the input image as a pyramid 0, 1, ... (optional)
+    OUT.zarr/                   NGFF 0.4 (zarr v2; --format ngff-0.5: zarr v3, sharded) image group: the input image
+                                as a pyramid 0, 1, ... (optional)
       labels/<class>/0, 1, ...  one multiscale label image per class: object ids as uint32, or uint64 where the
                                 number of objects needs it (chosen after linking, so ids never overflow)
       cellseg/objects.parquet   the object table (also objects.csv)
@@ -9,9 +10,12 @@
 
 The NGFF metadata (``multiscales`` and the ``labels`` list) is written last: until a run completes, no NGFF
 reader sees an image or a label layer, and ``cellseg_batch.status`` in the root attributes says ``incomplete``.
-Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged.
+Levels halve Y and X (EM sections are thick: Z is kept); labels are subsampled (ids survive), the image averaged;
+each layer's translation is the one its own downsampling implies (``level_offset``).
 Workers write a block of level-0 chunks and the levels above it from the block in memory (``write_levels``); only
-levels above what a block spans are built from the level below (``build_pyramid``).
+levels above what a block spans are built from the level below (``build_pyramid``). In NGFF 0.5 a shard is what
+one block writes at a level (``shard_sides``): zarr rewrites a whole shard on any write to it, so two writers of one
+shard would lose each other's chunks; every write is of whole shards, each by its one writer.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import numpy as np
 from .errors import UserError
 
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-NGFF_VERSION = "0.4"
+FORMATS = {"ngff-0.4": ("0.4", 2), "ngff-0.5": ("0.5", 3)}  # --format -> (NGFF version, zarr format)
+FORMAT_BEFORE_0_5 = "ngff-0.4"  # what an output that does not record its format is
+BLOCK_PIXELS = 4096  # a write block's side, at most (or one output chunk where those are larger): bounds worker memory
 
 
 def check_class_names(classes: list[str]) -> None:
@@ -46,6 +52,26 @@ def n_levels(height: int, width: int, chunk: int, max_levels: int = 8) -> int:
     return levels
 
 
+def block_levels(chunk: int, levels: int) -> int:
+    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) output chunks spans exactly
+    one chunk of level k-1, so k levels are written with no chunk shared between blocks."""
+    k = 1
+    while k < levels and 2**k * chunk <= max(BLOCK_PIXELS, chunk):
+        k += 1
+    return k
+
+
+def shard_sides(chunk: int, levels: int) -> list[int]:
+    """The side (Y and X; one slice deep) of an NGFF 0.5 shard at each level: the footprint of one write block
+    there (4096 px at level 0 with the default chunks: 4 x 4 chunks in one object, one PUT to an object store; ~15 MB
+    of image, ~1 MB per label layer on synthetic EM), so each block writes whole shards and no shard has two writers;
+    above the levels blocks write, half a block's side (the pyramid task builds such a shard from one block's worth
+    of pixels of the level below)."""
+    k = block_levels(chunk, levels)
+    side = chunk * 2 ** (k - 1)
+    return [side >> level if level < k else max(chunk, side // 2) for level in range(levels)]
+
+
 def label_dtype(max_id: int) -> np.dtype:
     """The smallest unsigned type that holds object ids 1..max_id (uint32 for all but the largest volumes)."""
     return np.dtype(np.uint32 if max_id < 2**32 else np.uint64)
@@ -58,6 +84,13 @@ def level_shape(shape: tuple[int, int, int], level: int) -> tuple[int, int, int]
     return z, y, x
 
 
+def level_offset(level: int, kind: str, pixel: tuple[float, ...]) -> list[float]:
+    """Where pixel 0 of ``level`` sits in world units, per axis of ``pixel`` (the level-0 pixel size): labels are
+    subsampled (``nearest``: pixel i is level-0 pixel 2^k i, so no shift), the image mean-pooled (pixel i is the mean
+    of level-0 pixels 2^k i .. 2^k i + 2^k - 1, centred (2^k - 1) / 2 pixels further)."""
+    return [0.0 if kind == "nearest" else (2**level - 1) * p / 2 for p in pixel]
+
+
 def open_array(path: str | Path, mode: str = "r+"):
     """A zarr array for whole-chunk writes. Callers skip all-zero chunks themselves: zarr's own emptiness check
     (write_empty_chunks=False) costs several times the compression of a chunk."""
@@ -68,14 +101,15 @@ def open_array(path: str | Path, mode: str = "r+"):
 
 
 class ChunkIO:
-    """Whole, aligned chunks of a zarr v2 array on a local filesystem, coded here with the array's own codec and
-    moved by zarr's store in one synchronous call (``LocalStore.set_sync``, which writes atomically, and
-    ``get_sync``). zarr-python's ``array[...]`` adds several ms per chunk of asyncio hand-offs (measured in
-    benchmarks/REPORT.md), and every chunk this tool moves is whole. Other arrays and stores take the ordinary path."""
+    """Whole, aligned chunks (shards, where the array has them: the unit one writer owns) of a zarr array. Those of
+    a zarr v2 array on a local filesystem are coded here with the array's own codec and moved by zarr's store in
+    one synchronous call (``LocalStore.set_sync``, which writes atomically, and ``get_sync``). zarr-python's
+    ``array[...]`` adds several ms per chunk of asyncio hand-offs (measured in benchmarks/REPORT.md), and every
+    chunk this tool moves is whole. Other arrays and stores take the ordinary path, a shard in one call."""
 
     def __init__(self, array):
         meta = array.metadata
-        self.array, self.chunks = array, tuple(array.chunks)
+        self.array, self.chunks = array, tuple(array.shards or array.chunks)
         store = array.store_path.store
         self.direct = meta.zarr_format == 2 and meta.order == "C" and hasattr(store, "set_sync")
         if self.direct:
@@ -87,7 +121,7 @@ class ChunkIO:
             self.buffer = default_buffer_prototype().buffer
 
     def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
-        """Write chunk ``coords`` (chunk grid index); ``data`` is the chunk, cut short at the array's edge."""
+        """Write chunk (or shard) ``coords`` (grid index); ``data`` is the whole unit, cut short at the array's edge."""
         if not self.direct:
             self.array[tuple(slice(c * n, c * n + d) for c, n, d in zip(coords, self.chunks, data.shape))] = data
             return
@@ -116,15 +150,19 @@ class ChunkIO:
         return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
 
-def _codec(dtype, label: bool):
+def _codec(dtype, label: bool, zarr_format: int):
     """Labels: Blosc lz4 with byte shuffle, zarr's own default, ~3x faster to encode than zstd (which would make
-    label layers ~5x smaller, but an image copy is most of an output's bytes). The image: zstd, for its ratio."""
+    label layers ~5x smaller, but an image copy is most of an output's bytes). The image: zstd, for its ratio.
+    The same Blosc settings in zarr v2's codec (numcodecs) or zarr v3's."""
+    cname, level = ("lz4", 5) if label else ("zstd", 3)
+    bitshuffle = not label and np.dtype(dtype).itemsize > 1
+    if zarr_format == 3:
+        from zarr.codecs import BloscCodec
+
+        return BloscCodec(cname=cname, clevel=level, shuffle="bitshuffle" if bitshuffle else "shuffle")
     import numcodecs
 
-    if label:
-        return numcodecs.Blosc("lz4", 5, shuffle=numcodecs.Blosc.SHUFFLE)
-    shuffle = numcodecs.Blosc.BITSHUFFLE if np.dtype(dtype).itemsize > 1 else numcodecs.Blosc.SHUFFLE
-    return numcodecs.Blosc("zstd", 3, shuffle=shuffle)
+    return numcodecs.Blosc(cname, level, shuffle=numcodecs.Blosc.BITSHUFFLE if bitshuffle else numcodecs.Blosc.SHUFFLE)
 
 
 class Output:
@@ -136,8 +174,10 @@ class Output:
 
     # -- state --------------------------------------------------------------------------------------------------
     def _root_attrs(self) -> dict:
-        p = self.path / ".zattrs"
-        return json.loads(p.read_text()) if p.exists() else {}
+        v2, v3 = self.path / ".zattrs", self.path / "zarr.json"
+        if v2.exists():
+            return json.loads(v2.read_text())
+        return json.loads(v3.read_text()).get("attributes", {}) if v3.exists() else {}
 
     @property
     def exists(self) -> bool:
@@ -151,27 +191,31 @@ class Output:
     def info(self) -> dict:
         return self._root_attrs().get("cellseg_batch", {})
 
+    @property
+    def format(self) -> str:
+        return self.info.get("format", FORMAT_BEFORE_0_5)
+
     def remove(self) -> None:
         shutil.rmtree(self.path)
 
     # -- creation (driver) --------------------------------------------------------------------------------------
     def create(self, shape, chunk: int, classes: list[str], image_dtype, pixel_size_nm, info: dict,
-               labels_dtype=None) -> None:  # fmt: skip
+               labels_dtype=None, fmt: str = FORMAT_BEFORE_0_5) -> None:  # fmt: skip
         """The group, its attributes and the image arrays; the label arrays too where ``labels_dtype`` is known
-        already (else ``create_labels`` once it is)."""
+        already (else ``create_labels`` once it is). ``fmt``: one of ``FORMATS``."""
         import zarr
 
         check_class_names(classes)
         levels = n_levels(shape[1], shape[2], chunk)
-        root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        root = zarr.open_group(str(self.path), mode="w", zarr_format=FORMATS[fmt][1])
         root.attrs["cellseg_batch"] = {
             **info, "status": "incomplete", "shape": list(shape), "chunk": chunk, "levels": levels,
-            "classes": classes, "image": image_dtype is not None, "pixel_size_nm": pixel_size_nm,
+            "classes": classes, "image": image_dtype is not None, "pixel_size_nm": pixel_size_nm, "format": fmt,
         }  # fmt: skip
         root.require_group("labels")
         if image_dtype is not None:
             for level in range(levels):
-                self._array(root, str(level), level_shape(shape, level), chunk, image_dtype, label=False)
+                self._array(root, level, image_dtype, label=False)
         if labels_dtype is not None:
             self.create_labels(labels_dtype)
         self.meta_dir.mkdir(parents=True, exist_ok=True)
@@ -181,20 +225,28 @@ class Output:
         import zarr
 
         info = self.info
-        labels = zarr.open_group(str(self.path / "labels"), mode="r+", zarr_format=2)
+        labels = zarr.open_group(str(self.path / "labels"), mode="r+")
         for name in info["classes"]:
             group = labels.require_group(name)
             for level in range(info["levels"]):
                 if str(level) in group and group[str(level)].dtype == dtype:
                     continue
-                self._array(group, str(level), level_shape(tuple(info["shape"]), level), info["chunk"], dtype, label=True)
+                self._array(group, level, dtype, label=True)
 
-    @staticmethod
-    def _array(group, name, shape, chunk, dtype, label: bool):
-        group.create_array(
-            name, shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0, compressors=_codec(dtype, label),
-            chunk_key_encoding={"name": "v2", "separator": "/"}, overwrite=True,
-        )  # fmt: skip
+    def _array(self, group, level: int, dtype, label: bool):
+        """Level ``level`` of a layer: chunks of one slice; in NGFF 0.5 also shards (``shard_sides``, cut to the
+        level's extent in whole chunks) and the dimension names the spec asks for."""
+        info = self.info
+        chunk, (_, zarr_format) = info["chunk"], FORMATS[self.format]
+        shape = level_shape(tuple(info["shape"]), level)
+        if zarr_format == 2:
+            layout = {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        else:
+            side = shard_sides(chunk, info["levels"])[level]
+            layout = {"shards": (1, *(min(side, -(-n // chunk) * chunk) for n in shape[1:])),
+                      "dimension_names": ("z", "y", "x")}  # fmt: skip
+        group.create_array(str(level), shape=shape, chunks=(1, chunk, chunk), dtype=dtype, fill_value=0,
+                           compressors=_codec(dtype, label, zarr_format), overwrite=True, **layout)  # fmt: skip
 
     # -- arrays (workers) ---------------------------------------------------------------------------------------
     def image(self, level: int = 0):
@@ -211,33 +263,33 @@ class Output:
         """Write ``block`` (level-0 pixels of slice z from (y0, x0), aligned to the chunks of every level written) to
         levels 0..``levels``-1 of a layer, each made from the one below in memory. All-zero label chunks stay
         unwritten (they read as 0)."""
-        chunk = self.info["chunk"]
         for level in range(levels):
             writer = ChunkIO(self.layer(name, level))
-            h, w = block.shape
-            for by in range(0, h, chunk):
-                for bx in range(0, w, chunk):
-                    part = block[by : by + chunk, bx : bx + chunk]
+            (_, sy, sx), (h, w) = writer.chunks, block.shape  # chunks, or shards: one block holds whole ones
+            for by in range(0, h, sy):
+                for bx in range(0, w, sx):
+                    part = block[by : by + sy, bx : bx + sx]
                     if name is None or part.any():
-                        writer.write((z, (y0 + by) // chunk, (x0 + bx) // chunk), part[None])
+                        writer.write((z, (y0 + by) // sy, (x0 + bx) // sx), part[None])
             if level + 1 < levels:
                 block = block[::2, ::2] if name is not None else _mean2x2(block)
                 y0, x0 = y0 // 2, x0 // 2
 
     def build_pyramid(self, z: int, from_level: int = 0) -> None:
-        """Levels above ``from_level`` of slice z for every layer, each from the level below, one chunk at a time."""
+        """Levels above ``from_level`` of slice z for every layer, each from the level below, one chunk (or shard)
+        at a time."""
         info = self.info
-        chunk, levels = info["chunk"], info["levels"]
+        levels = info["levels"]
         layers = [(self.labels, name, True) for name in info["classes"]]
         if info["image"]:
             layers.append((lambda _name, level: self.image(level), None, False))
         for get, name, is_label in layers:
             for level in range(from_level + 1, levels):
                 src, dst = get(name, level - 1), get(name, level)
-                _, h, w = dst.shape
-                for y0 in range(0, h, chunk):
-                    for x0 in range(0, w, chunk):
-                        y1, x1 = min(y0 + chunk, h), min(x0 + chunk, w)
+                (_, h, w), (_, sy, sx) = dst.shape, dst.shards or dst.chunks
+                for y0 in range(0, h, sy):
+                    for x0 in range(0, w, sx):
+                        y1, x1 = min(y0 + sy, h), min(x0 + sx, w)
                         block = np.asarray(src[z, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
                         if block.any() or not is_label:
                             dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
@@ -247,9 +299,10 @@ class Output:
         """Write the NGFF metadata and mark the output complete: the last write of a successful run."""
         import zarr
 
-        root = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        root = zarr.open_group(str(self.path), mode="r+")
         info = dict(root.attrs["cellseg_batch"])
         classes, levels = info["classes"], info["levels"]
+        version = FORMATS[self.format][0]
         unit = "nanometer" if pixel_size_nm else None
         pz, py, px = pixel_size_nm or (1.0, 1.0, 1.0)
 
@@ -258,19 +311,18 @@ class Output:
             datasets = [
                 {"path": str(k), "coordinateTransformations": [
                     {"type": "scale", "scale": [pz, py * 2**k, px * 2**k]},
-                    {"type": "translation", "translation": [z_offset * pz, (2**k - 1) * py / 2, (2**k - 1) * px / 2]},
+                    {"type": "translation", "translation": [z_offset * pz, *level_offset(k, kind, (py, px))]},
                 ]}
                 for k in range(levels)
             ]  # fmt: skip
-            return [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets, "type": kind}]
+            return [{"name": name, "axes": axes, "datasets": datasets, "type": kind}]
 
         for name in classes:
-            g = zarr.open_group(str(self.path / "labels" / name), mode="r+", zarr_format=2)
-            g.attrs["multiscales"] = multiscales(name, "nearest")
-            g.attrs["image-label"] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
-        zarr.open_group(str(self.path / "labels"), mode="r+", zarr_format=2).attrs["labels"] = classes
+            ngff = {"multiscales": multiscales(name, "nearest"), "image-label": {"source": {"image": "../../"}}}
+            _put_ngff(zarr.open_group(str(self.path / "labels" / name), mode="r+"), version, ngff)
+        _put_ngff(zarr.open_group(str(self.path / "labels"), mode="r+"), version, {"labels": classes})
         if info["image"]:
-            root.attrs["multiscales"] = multiscales("image", "mean")
+            _put_ngff(root, version, {"multiscales": multiscales("image", "mean")})
         info["status"] = "complete"
         root.attrs["cellseg_batch"] = info
 
@@ -317,6 +369,20 @@ class Output:
                              photometric="minisblack")  # fmt: skip
             paths.append(path)
         return paths
+
+
+def _put_ngff(group, version: str, fields: dict) -> None:
+    """NGFF metadata into a group's attributes: NGFF 0.4 puts ``version`` into each object (multiscales,
+    image-label); 0.5 keeps every field under ``ome``, with one ``version`` there."""
+    if version != "0.4":
+        group.attrs["ome"] = {"version": version, **fields}
+        return
+    for key, value in fields.items():
+        if key == "multiscales":
+            value = [{"version": version, **m} for m in value]
+        elif key == "image-label":
+            value = {"version": version, **value}
+        group.attrs[key] = value
 
 
 def _mean2x2(block: np.ndarray) -> np.ndarray:

@@ -44,3 +44,36 @@ def synth_small(tmp_path_factory) -> dict[str, Path]:
     from cellseg_batch.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth") / "small", (8, 384, 384), seed=5)
+
+
+def _missing(what: str) -> None:
+    """Skip, saying why, where ``what`` is missing; fail instead with CELLSEG_REQUIRE_BROWSER=1 (CI)."""
+    if os.environ.get("CELLSEG_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CELLSEG_REQUIRE_BROWSER=1 but {what}")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The path of a Chromium to run headless (Debian: apt-get install -y chromium)."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        _missing("chromium is not installed (apt-get install -y chromium)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def neuroglancer():
+    """The neuroglancer package (pip install 'cellseg-batch[view]')."""
+    try:
+        import neuroglancer
+    except ImportError:
+        _missing("neuroglancer is not installed (pip install 'cellseg-batch[view]')")
+    return neuroglancer
+
+
+# Chromium without a display or GPU, as root: WebGL (neuroglancer) drawn by SwiftShader on the CPU
+HEADLESS = ["--headless", "--no-sandbox", "--no-first-run", "--hide-scrollbars", "--enable-unsafe-swiftshader",
+            "--use-angle=swiftshader", "--disable-dev-shm-usage"]  # fmt: skip

@@ -35,7 +35,7 @@ JOB_ENV = CLUSTER / "job.env"
 SYNTH_ENV = CLUSTER / "examples" / "synthetic.env"
 BIN = Path(sys.executable).parent  # the venv's bin: cellseg-batch, ray, shellcheck, yamllint, hadolint
 SHELL_SCRIPTS = [CLUSTER / "slurm" / "ray-inference.sbatch", CLUSTER / "slurm" / "train.sbatch",
-                 REPO / ".ci" / "slurm-setup.sh"]  # fmt: skip
+                 REPO / ".ci" / "slurm-setup.sh", REPO / ".ci" / "run"]  # fmt: skip
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}  # fmt: skip
 

@@ -154,3 +154,40 @@ def test_eval_lists_splits_and_merges_and_draws_the_worst_split(tmp_path):
     assert r["merges"][0]["pred"] == 2 and sorted(p["id"] for p in r["merges"][0]["parts"]) == [2, 3]
     png = draw_split(ArrayVolume(pred), ArrayVolume(gt), split, tmp_path / "split.png")
     assert png.stat().st_size > 1000
+
+
+def test_class_flips_between_slices_follow_the_object_with_exclusive_classes(tmp_path):
+    """A 2D tool that calls a mitochondrion a vessel in some slices: with the two classes exclusive (one stack,
+    ``--exclusive``), linking follows the object across the change and it takes the class of most of its voxels;
+    without, each flip cuts the object."""
+    import tifffile
+
+    data = tmp_path / "flip"
+    cli("synth", data, "--linking", "--shape", "16,320,320", "--seed", 2)
+    det = tifffile.imread(data / "detections.tif")
+    classes = json.loads((data / "detections.json").read_text())
+    truth = labels_of(data / "truth.zarr", "mitochondrion")
+    flipped = 0
+    for obj in np.unique(truth)[1:]:
+        mask = truth == obj
+        zs = np.flatnonzero(mask.any((1, 2)))[1::3]  # every third slice of the object
+        if len(zs) == 0 or mask[zs].sum() > 0.4 * mask.sum():
+            continue
+        for z in zs:
+            for i in np.unique(det[z][mask[z]]):
+                if i and classes[str(i)] == "mitochondrion":
+                    classes[str(i)] = "canalicular_vessel"
+                    flipped += 1
+    assert flipped > 10
+    (data / "flipped.json").write_text(json.dumps(classes))
+    common = ["--predictor", "labels", "--labels", data / "detections.tif", "--classes", data / "flipped.json",
+              "--tile", 128, "--overlap", 16, "--no-progress", "--no-image", "--link-gap", 0]  # fmt: skip
+    cli("run", data / "volume.tif", *common, "--exclusive", "mitochondrion,canalicular_vessel", "--out", tmp_path / "x.zarr")
+    for name in ("mitochondrion", "canalicular_vessel"):
+        assert_same_instances(labels_of(tmp_path / "x.zarr", name), labels_of(data / "truth.zarr", name))
+    cli("run", data / "volume.tif", *common, "--out", tmp_path / "plain.zarr")
+    plain = labels_of(tmp_path / "plain.zarr", "mitochondrion")
+    assert len(np.unique(plain)) - 1 > len(np.unique(truth)) - 1  # the flips cut mitochondria apart
+    proc = cli("run", data / "volume.tif", *common, "--exclusive", "mitochondrion,cell", "--out", tmp_path / "bad.zarr",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "not a class" in proc.stderr and not (tmp_path / "bad.zarr").exists()

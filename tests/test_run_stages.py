@@ -200,10 +200,9 @@ def test_stitching_from_bands_matches_stitching_full_windows_in_the_band(shape, 
     tiles = dict(zip(windows, predictor.predict(1, list(windows.values()))))
     store = WorkStore(tmp_path / "w")
     store.create(1, grid, len(predictor.classes))
-    bands = store.bands()
     for (iy, ix), t in tiles.items():
-        bands[0, iy, ix] = tile_bands(t.labels, grid, iy, ix)
-    pairs, _ = stitch_slice(store.bands(), grid, 0, 0.5)
+        store.write_bands(0, iy, ix, tile_bands(t.labels, grid, iy, ix))
+    pairs, _ = stitch_slice(lambda iy: store.band_row(grid, 0, iy), grid, 0.5)
     got = {(int(p["iy_a"]), int(p["ix_a"]), int(p["a"]), int(p["iy_b"]), int(p["ix_b"]), int(p["b"])) for p in pairs}
     want = set()
     for (iy, ix) in grid.positions():
@@ -226,7 +225,7 @@ def test_actor_counts_z_overlaps_from_memory_as_the_store_would(tmp_path):
     layers = open_label_layers([SYNTH], [])
     store = WorkStore(tmp_path / "w")
     store.create(3, grid, 4)
-    job = TileJob(PredictorSpec("labels", {"layers": layers}), None, None, grid, str(store.root), 0, 1)
+    job = TileJob(PredictorSpec("labels", {"layers": layers}), None, grid, str(store.root), 0, 1)
     worker = PredictorWorker(job)  # the actor's class, here in this process
     positions = list(grid.positions())
     first = worker.predict(0, positions)
@@ -301,14 +300,14 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
         "--keep-tiles", "--no-progress")  # fmt: skip
     run = Run(RunConfig(SYNTH, str(out), predictor="labels", labels=[SYNTH], tile=128, overlap=16))
     store, grid, nz = run.store, run.grid, run.shape[0]
-    job = TileJob(run.plan.spec, run.volume, None, grid, str(store.root), 0, 1)
+    job = TileJob(run.plan.spec, run.volume, grid, str(store.root), 0, 1)
     from cellseg_batch.run.link import LinkStage
-    from cellseg_batch.run.predict import PredictStage
+    from cellseg_batch.run.predict import ActorStart, PredictStage
     from cellseg_batch.run.stitch import StitchStage
     from cellseg_batch.run.write import PyramidStage, WriteStage
 
     def stages():
-        predict = PredictStage(store, grid, nz, 4, job, (2, 1, 0), 60)
+        predict = PredictStage(store, grid, nz, 4, ActorStart(job, (2, 1, 0), 60))
         stitch = StitchStage(store, grid, nz, 0.5, predict, 2)
         link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch)
         write = WriteStage(store, grid, nz, run.output, None, 0, link, 2)

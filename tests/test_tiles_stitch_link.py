@@ -133,3 +133,33 @@ def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
     ids = np.unique(tile.labels[tile.labels > 0])
     assert 3 not in visible  # the hidden one is dropped, and ids stay 1..count
     assert list(ids) == list(range(1, tile.count + 1)) and tile.count == len(visible)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped(seed):
+    rng = np.random.default_rng(seed)
+    n, h, w = 14, 40, 50
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n):
+        y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
+        masks[i, y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = True
+    classes = rng.integers(0, 3, n)  # class 0 nests the others; classes 1 and 2 exclude one another: layer 1
+    scores = rng.random(n)
+    tile = paint_instances(masks, classes, scores, 3, layer_of=[0, 1, 1], min_visible=0.5)
+    assert not tile.labels[2].any()
+    # reference: per layer and pixel the highest-scoring mask wins; an instance keeping less than half its mask is
+    # dropped (its pixels become background)
+    for layer, group in ((0, [0]), (1, [1, 2])):
+        mine = np.isin(classes, group)
+        cover = np.where(masks & mine[:, None, None], scores[:, None, None], -1)
+        winner = np.where(cover.max(0) >= 0, cover.argmax(0), -1)
+        want = np.zeros((h, w), np.float64)
+        for i in np.flatnonzero(mine):
+            shown = winner == i
+            if shown.any() and shown.sum() >= 0.5 * masks[i].sum():
+                want[shown] = scores[i]
+        got = np.where(tile.labels[layer] > 0, tile.scores[tile.labels[layer].astype(int) - 1], 0)
+        assert np.allclose(got, want, atol=1e-6)
+    ids = np.unique(tile.labels[tile.labels > 0])
+    assert list(ids) == list(range(1, tile.count + 1))
+    assert (tile.classes == np.array([classes[np.flatnonzero(np.isclose(scores, s))[0]] for s in tile.scores])).all()

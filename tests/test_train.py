@@ -156,3 +156,37 @@ def test_every_config_builds_a_mask_rcnn(config):
     model = build_model(cfg)
     assert cfg.INPUT.MIN_SIZE_TEST == 0 and cfg.MODEL.MASK_ON
     assert sum(p.numel() for p in model.parameters()) > 1e6
+
+
+def test_exclusive_classes_found_in_the_annotations():
+    """Classes seen together and never one inside the other exclude one another; nesting or no evidence: not."""
+    from cellseg_batch.coco import CocoSet
+
+    def box(y0, x0, y1, x1, cls):
+        m = np.zeros((64, 64), np.uint8, order="F")
+        m[y0:y1, x0:x1] = 1
+        return {"segmentation": mask_util.encode(m), "category_id": cls, "iscrowd": 0}
+
+    classes = ["cell", "mito", "granule", "vessel", "nucleus"]
+    records = [
+        # a cell holding a mitochondrion, a granule and a nucleus; the nucleus holds a granule once
+        {"height": 64, "width": 64, "annotations": [box(0, 0, 60, 60, 0), box(5, 5, 15, 15, 1), box(20, 20, 25, 25, 2),
+                                                     box(30, 30, 50, 50, 4), box(35, 35, 40, 40, 2)]},
+        # mitochondria and granules side by side, touching by a pixel column
+        {"height": 64, "width": 64, "annotations": [box(0, 0, 10, 10, 1), box(0, 9, 10, 20, 2)]},
+        {"height": 64, "width": 64, "annotations": [box(0, 0, 10, 10, 3)]},  # vessels: never seen with the others
+    ]
+    s = CocoSet(Path("x.json"), classes, records)
+    assert s.exclusive_classes() == [["mito", "granule"]]
+
+
+def test_exclusive_option_names_the_run_classes():
+    from cellseg_batch.predict.base import exclusive_groups, exclusive_layers
+
+    classes, found = ["cell", "mito", "granule"], [["mito", "granule"]]
+    assert exclusive_groups(None, classes, "m", found) == [["mito", "granule"]]
+    assert exclusive_groups(["none"], classes, "m", found) == []
+    assert exclusive_groups(["cell,mito"], classes, "m", found) == [["cell", "mito"]]
+    with pytest.raises(UserError, match="--exclusive: vessel is not a class of m"):
+        exclusive_groups(["mito,vessel"], classes, "m")
+    assert exclusive_layers(classes, found) == (0, 1, 1)

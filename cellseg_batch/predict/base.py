@@ -23,7 +23,10 @@ class TileLabels:
     """A tile's instances: one label image per class (classes nest, so each has its own layer).
 
     ``labels[c]`` holds local ids 1..n of class c's instances (0 = none); ids are unique across layers, and
-    ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's.
+    ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's. Classes that
+    exclude one another (``Plan.layer_of``) share the layer of the first of them: there, the instances of all of
+    them, told apart by ``classes`` (the others' layers are empty). Stitching and linking then see a detection's
+    class flip between tiles or slices as the same object; the object takes the class of most of its voxels.
     """
 
     labels: np.ndarray  # (n_classes, h, w) uint16
@@ -56,6 +59,7 @@ class Plan:
     percentiles: tuple[float, float] = (1.0, 99.5)
     pixel_size_nm: tuple[float, float, float] | None = None
     identity: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged (files, sizes)
+    layer_of: tuple[int, ...] | None = None  # class -> its label layer, where classes exclude one another (TileLabels)
     uses_gpu: bool = False  # actors get one GPU each where the cluster has GPUs
 
 
@@ -123,11 +127,46 @@ def build_predictor(spec: PredictorSpec) -> Predictor:
     return PREDICTORS[spec.name](**spec.options)
 
 
-def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileLabels:
+def exclusive_groups(option: list[str] | None, classes: list[str], where: str,
+                     default: list[list[str]] | None = None) -> list[list[str]]:
+    """Groups of classes that exclude one another (a pixel is never two of them): ``--exclusive A,B`` (repeated
+    for more groups; ``none``: no group) where given, else ``default``; every name must be one of ``classes``
+    (``where`` says whose, for the error)."""
+    if option is None:
+        groups = default or []
+    elif option == ["none"]:
+        groups = []
+    else:
+        groups = [[c.strip() for c in item.split(",") if c.strip()] for item in option]
+    for group in groups:
+        unknown = [c for c in group if c not in classes]
+        if unknown:
+            raise UserError(f"--exclusive: {', '.join(unknown)} is not a class of {where} ({', '.join(classes)})")
+    return [list(g) for g in groups if len(g) > 1]
+
+
+def exclusive_layers(classes: list[str], groups: list[list[str]]) -> tuple[int, ...]:
+    """Class index -> label layer: the classes of one exclusive group share the layer of the first of them."""
+    layer_of = list(range(len(classes)))
+    for group in groups:
+        first = min(classes.index(c) for c in group)
+        for c in group:
+            layer_of[classes.index(c)] = first
+    return tuple(layer_of)
+
+
+def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of=None,
+                    min_visible: float = 0.0) -> TileLabels:
     """Overlapping instance masks -> per-class label layers where, per pixel, the highest-scoring instance wins.
 
     ``masks`` is an (n, h, w) bool numpy array or torch tensor (a CUDA tensor is painted on its device).
     ``boxes`` (n, 4) x0, y0, x1, y1, where given, bound where each mask can be nonzero (saves work on the CPU).
+    ``layer_of`` (n_classes,) ints: classes with the same number exclude one another (e.g. mitochondria and alpha
+    granules: a pixel is never both) and are painted into one shared layer, layer ``layer_of[c]`` (the lowest
+    class index of the group), so the highest-scoring instance wins across them too; by default every class has
+    its own layer (classes nest: a mitochondrion inside its cell).
+    ``min_visible``: an instance that keeps less than this share of its mask once higher-scoring ones are painted
+    over it is dropped, not kept as a sliver (a duplicate of another class, or a box spanning two objects).
     Instances left with no visible pixel are dropped and ids renumbered so local ids stay dense. Equal scores are
     broken by input order, so the result is deterministic.
     """
@@ -137,13 +176,18 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileL
         raise UserError(f"a tile produced {n} instances (at most {MAX_LOCAL}); use smaller tiles")
     classes = np.asarray(classes, dtype=np.int16)
     scores = np.asarray(scores, dtype=np.float32)
+    layer_of = np.arange(n_classes) if layer_of is None else np.asarray(layer_of, dtype=np.int64)
     order = np.lexsort((-np.arange(n), scores))  # ascending score: later (higher rank) wins the pixel
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
-    if n and type(masks).__module__.startswith("torch") and masks.device.type != "cpu":
-        layers = _paint_torch(masks, classes, rank, n_classes)
+    area = np.zeros(n + 1, dtype=np.int64)  # mask pixels per rank, where min_visible needs them
+    on_torch = type(masks).__module__.startswith("torch")
+    if n and on_torch and masks.device.type != "cpu":
+        layers = _paint_torch(masks, layer_of[classes], rank, n_classes)
+        if min_visible > 0:
+            area[rank] = masks.flatten(1).sum(1).cpu().numpy()
     else:
-        masks = masks.cpu().numpy() if type(masks).__module__.startswith("torch") else np.asarray(masks)
+        masks = masks.cpu().numpy() if on_torch else np.asarray(masks)
         layers = np.zeros((n_classes, h, w), dtype=LOCAL_ID)
         for i in order:
             y0, y1, x0, x1 = 0, h, 0, w
@@ -151,27 +195,35 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None) -> TileL
                 bx0, by0, bx1, by1 = np.asarray(boxes[i], dtype=np.float64)
                 y0, y1 = max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h)
                 x0, x1 = max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
-            layers[classes[i], y0:y1, x0:x1][masks[i, y0:y1, x0:x1]] = rank[i]
-    # ranks -> dense local ids, in rank order, for the instances that kept at least one pixel (a count, not
+            mask = masks[i, y0:y1, x0:x1]
+            layers[layer_of[classes[i]], y0:y1, x0:x1][mask] = rank[i]
+            if min_visible > 0:
+                area[rank[i]] = np.count_nonzero(mask)
+    # ranks -> dense local ids, in rank order, for the instances that kept enough pixels (a count, not
     # np.unique: no sort of the tile's pixels)
-    present = np.bincount(layers.ravel(), minlength=n + 1) > 0
+    visible = np.bincount(layers.ravel(), minlength=n + 1)
+    present = visible > 0
+    if min_visible > 0:
+        present &= visible >= min_visible * area
     present[0] = False
     kept = np.flatnonzero(present)
     instance = order[kept - 1]
-    if len(kept) == n:  # every instance is visible: ranks are already the dense ids
-        return TileLabels(layers, classes[instance], scores[instance])
-    remap = np.zeros(n + 1, dtype=LOCAL_ID)
-    remap[kept] = np.arange(1, len(kept) + 1)
-    return TileLabels(remap[layers], classes[instance], scores[instance])
+    if len(kept) < n:
+        remap = np.zeros(n + 1, dtype=LOCAL_ID)
+        remap[kept] = np.arange(1, len(kept) + 1)
+        layers = remap[layers]
+    # else every instance is visible: ranks are already the dense ids
+    return TileLabels(layers, classes[instance], scores[instance])
 
 
-def _paint_torch(masks, classes: np.ndarray, rank: np.ndarray, n_classes: int) -> np.ndarray:
+def _paint_torch(masks, layer: np.ndarray, rank: np.ndarray, n_layers: int) -> np.ndarray:
+    """Per layer and pixel, the highest rank among the masks painted into that layer (``layer[i]``: mask i's)."""
     import torch
 
     h, w = masks.shape[-2:]
-    layers = torch.zeros((n_classes, h, w), dtype=torch.int32, device=masks.device)
+    layers = torch.zeros((n_layers, h, w), dtype=torch.int32, device=masks.device)
     ranks = torch.as_tensor(rank, dtype=torch.int32, device=masks.device)
-    cls = torch.as_tensor(classes, dtype=torch.int64, device=masks.device)
+    cls = torch.as_tensor(layer, dtype=torch.int64, device=masks.device)
     for start in range(0, len(rank), 32):  # bounded memory: 32 masks at a time
         m = masks[start : start + 32].to(torch.int32) * ranks[start : start + 32, None, None]
         for c in torch.unique(cls[start : start + 32]).tolist():

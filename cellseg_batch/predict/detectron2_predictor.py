@@ -18,7 +18,21 @@ from ..d2compat import detectron2_ready
 from ..errors import UserError
 from ..model_dir import ModelDir
 from ..tiles import Box
-from .base import Plan, Predictor, PredictorSpec, TileLabels, paint_instances, register
+from .base import (
+    Plan,
+    Predictor,
+    PredictorSpec,
+    TileLabels,
+    exclusive_groups,
+    exclusive_layers,
+    paint_instances,
+    register,
+)
+
+# A detection that keeps less than half its mask once higher-scoring detections (of its class, or of a class it
+# excludes) are painted over it is dropped: it duplicates another object under another class, or its box spans two
+# objects; what would be left of it is a sliver, a false object in 3D.
+MIN_VISIBLE = 0.5
 
 
 def pick_device(device: str) -> str:
@@ -55,7 +69,8 @@ def load_config(model: ModelDir, device: str = "cpu", score_threshold: float | N
 
 @register("detectron2")
 class Detectron2Predictor(Predictor):
-    def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False):
+    def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False,
+                 exclusive: list[list[str]] | None = None, min_visible: float = MIN_VISIBLE):  # fmt: skip
         import torch
 
         detectron2_ready()
@@ -72,6 +87,8 @@ class Detectron2Predictor(Predictor):
         self.model.to(memory_format=torch.channels_last)
         self._torch = torch
         self.times = {"forward": 0.0, "paint": 0.0}
+        self.layer_of = np.array(exclusive_layers(self.classes, exclusive or []))
+        self.min_visible = min_visible
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
@@ -80,11 +97,14 @@ class Detectron2Predictor(Predictor):
         model = ModelDir.load(options.model)
         norm = model.normalization
         stat = model.weights_path.stat()
+        # --exclusive, else what `train` found in the annotations
+        exclusive = exclusive_groups(options.exclusive, model.classes, str(model.path), model.exclusive)
         return Plan(
             spec=PredictorSpec(
                 "detectron2",
                 {"model_dir": str(model.path.resolve()), "device": options.device,
-                 "score_threshold": options.score_threshold, "amp": options.amp},
+                 "score_threshold": options.score_threshold, "amp": options.amp,
+                 "exclusive": exclusive},
             ),  # fmt: skip
             classes=list(model.classes),
             needs_image=True,
@@ -95,6 +115,7 @@ class Detectron2Predictor(Predictor):
             identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
                       "config": model.config_path.read_text()},
             uses_gpu=True,
+            layer_of=exclusive_layers(model.classes, exclusive),
         )
 
     def set_threads(self, threads: int) -> None:
@@ -122,6 +143,8 @@ class Detectron2Predictor(Predictor):
                     inst.scores.float().cpu().numpy(),
                     len(self.classes),
                     boxes=inst.pred_boxes.tensor.float().cpu().numpy(),
+                    layer_of=self.layer_of,
+                    min_visible=self.min_visible,
                 )
             )
         self.times["forward"] += t1 - t0

@@ -12,7 +12,17 @@ import numpy as np
 from ..errors import UserError
 from ..read import LabelLayer, open_label_layers
 from ..tiles import Box
-from .base import LOCAL_ID, MAX_LOCAL, Plan, Predictor, PredictorSpec, TileLabels, register
+from .base import (
+    LOCAL_ID,
+    MAX_LOCAL,
+    Plan,
+    Predictor,
+    PredictorSpec,
+    TileLabels,
+    exclusive_groups,
+    exclusive_layers,
+    register,
+)
 
 DEFAULT_TILE, DEFAULT_OVERLAP = 1024, 32  # exact labels need only a few shared pixels to match
 
@@ -21,9 +31,10 @@ DEFAULT_TILE, DEFAULT_OVERLAP = 1024, 32  # exact labels need only a few shared 
 class LabelsPredictor(Predictor):
     needs_image = False
 
-    def __init__(self, layers: list[LabelLayer]):
+    def __init__(self, layers: list[LabelLayer], layer_of: list[int] | None = None):
         self.layers = layers
         self.classes = [name for layer in layers for name in layer.class_names]
+        self.layer_of = list(layer_of) if layer_of else list(range(len(self.classes)))
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
@@ -35,13 +46,16 @@ class LabelsPredictor(Predictor):
                 raise UserError(
                     f"label stack {layer.volume.path} has shape {layer.volume.shape} but the volume has {volume.shape}"
                 )
+        classes = [n for layer in layers for n in layer.class_names]
+        layer_of = _exclusive_layers(options.exclusive, layers, classes)
         return Plan(
-            spec=PredictorSpec("labels", {"layers": layers}),
-            classes=[n for layer in layers for n in layer.class_names],
+            spec=PredictorSpec("labels", {"layers": layers, "layer_of": layer_of}),
+            classes=classes,
             needs_image=False,
             tile=options.tile or DEFAULT_TILE,
             overlap=options.overlap if options.overlap is not None else DEFAULT_OVERLAP,
             identity={"stacks": [[layer.volume.path, layer.classes] for layer in layers]},
+            layer_of=layer_of,
         )
 
 
@@ -76,11 +90,25 @@ class LabelsPredictor(Predictor):
                 table = np.zeros(n + 1, dtype=LOCAL_ID)
                 mine = np.flatnonzero(cls == c) + 1
                 table[mine] = mine + offset
+                layer = self.layer_of[c]  # classes of one stack that exclude one another share a layer
                 if len(mine) == n and offset == 0:
-                    layers[c] = local
+                    layers[layer] = local
                 else:
-                    layers[c] = fastremap.remap(local, dict(enumerate(table.tolist())))
+                    layers[layer] += fastremap.remap(local, dict(enumerate(table.tolist())))  # disjoint pixels
             classes.append(cls)
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
         return TileLabels(layers, cls_all, np.ones(len(cls_all), dtype=np.float32))
+
+
+
+def _exclusive_layers(option: list[str] | None, layers: list[LabelLayer], classes: list[str]) -> tuple[int, ...] | None:
+    """``--exclusive A,B``: classes of one label stack (its class map) that may stand for the same object, e.g. a
+    2D tool that calls a mitochondrion an alpha granule in some slices: they share a layer, so that stitching and
+    linking follow the object across the change and it takes the class of most of its voxels."""
+    groups = exclusive_groups(option, classes, "the --labels stacks")
+    for group in groups:
+        if len({i for i, layer in enumerate(layers) for c in group if c in layer.class_names}) > 1:
+            raise UserError(f"--exclusive {','.join(group)}: these classes come from different --labels stacks, whose "
+                            "pixels may overlap; only classes of one stack (one class map) exclude one another")  # fmt: skip
+    return exclusive_layers(classes, groups) if groups else None

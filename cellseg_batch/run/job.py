@@ -33,11 +33,12 @@ from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, resolve_predictor
 from ..read import Volume, open_volume
+from ..report_html import write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
 from .lock import OutputLock
-from .predict import PredictStage
+from .predict import ActorStart, PredictStage
 from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
@@ -105,7 +106,8 @@ class Run:
         self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
                                   parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
                                   parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
-                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"))  # fmt: skip
+                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"),
+                                  tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
@@ -123,7 +125,9 @@ class Run:
         self.stages: list = []
         self.steady: float | None = None
         self.ms_per_tile: dict[str, float] = {}
+        self.tiles_over_time: list[list[float]] = []
         self.cpu_start = 0.0
+        self.actors: ActorStart | None = None
 
     def _pixel_size(self) -> tuple[float, float, float] | None:
         """--pixel-size, else what the file records, completed by the model's; checked against the model's."""
@@ -165,11 +169,11 @@ class Run:
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 4,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 5,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
-                               cfg.chunk])
+                               cfg.chunk, cfg.format])
         previous = self.store.read_run()
         if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
             self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
@@ -188,6 +192,7 @@ class Run:
             out.create(
                 self.shape, cfg.chunk, self.classes, self.volume.dtype if cfg.write_image else None,
                 self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
+                fmt=cfg.format,
             )  # fmt: skip
         return decision.mode
 
@@ -199,11 +204,16 @@ class Run:
         lock = OutputLock(cfg.out)
         lock.acquire()  # before anything of the output is read or written: one writer at a time
         try:
-            # Ray starts (seconds) while the plan is settled and the normalization sampled, not after
+            # Ray starts (seconds) while the plan is settled and the normalization sampled, not after; on a fresh
+            # run the actors start as soon as Ray is up, loading their model while the driver is still at it
+            fresh = self.store.read_run() is None
             with ThreadPoolExecutor(1) as pool:
                 prepared = pool.submit(self._prepare)
                 try:
                     self._timed("ray_start", distribute.start, cfg.address, cfg.num_cpus, cfg.num_gpus, cfg.verbose)
+                    self.actors = self._actor_start()
+                    if fresh:
+                        self.actors.begin()
                 finally:
                     mode = prepared.result()  # a problem with the input or output is reported first
             log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
@@ -240,19 +250,16 @@ class Run:
 
     def _stages(self, mode: str, t_start: float) -> dict:
         cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
-        self.resources = distribute.cluster_resources()
-        count, cpus, gpus, threads = self._actor_layout()
-        job = TileJob(self.plan.spec, self.volume, self.normalization, grid, str(store.root), self.z0, threads)
         limit = 2 * max(1, self.resources["cpus"])
-        predict = PredictStage(store, grid, nz, cfg.batch_size, job, (count, cpus, gpus),
-                               float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))  # fmt: skip
+        predict = PredictStage(store, grid, nz, cfg.batch_size, self.actors, self.normalization)
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
-                           limit)  # fmt: skip
+                           limit, self.plan.layer_of)  # fmt: skip
         pyramid = PyramidStage(store, nz, self.output, write, limit)
         preview = PreviewStage(nz, self.output, pyramid)
         self.stages = [predict, stitch, link, write, pyramid, preview]
+        count, cpus, gpus = self.actors.layout
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
         drive(self.stages, bar=self._bar)
         self._timed("ray_stop", distribute.stop)  # what is left runs here: free the cluster (or our share of it)
@@ -267,6 +274,7 @@ class Run:
             self.times["stitch_after_predict"] = max(0.0, stitch.last_finish - predict.last_finish)
         self.steady = predict.steady_rate()
         self.ms_per_tile = predict.ms_per_tile()
+        self.tiles_over_time = predict.tiles_over_time(t_start)
         return self._finish(link.table, link.stats, mode, t_start)
 
     def _bar(self, total: int, desc: str, initial: int):
@@ -276,6 +284,13 @@ class Run:
         return tqdm(total=total, initial=initial, desc=desc, unit="tile" if desc == "predict" else "unit",
                     disable=not self.cfg.progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True,
                     smoothing=0.1)  # fmt: skip
+
+    def _actor_start(self) -> ActorStart:
+        """The predictor actors of this run, laid out on the cluster Ray just joined (not started yet)."""
+        self.resources = distribute.cluster_resources()
+        count, cpus, gpus, threads = self._actor_layout()
+        job = TileJob(self.plan.spec, self.volume, self.grid, str(self.store.root), self.z0, threads)
+        return ActorStart(job, (count, cpus, gpus), float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))
 
     def _actor_layout(self) -> tuple[int, float, float, int]:
         """(actors, cpus each, gpus each, torch threads each)."""
@@ -301,7 +316,8 @@ class Run:
     def _finish(self, table, stats, mode: str, t_start: float) -> dict:
         out, cfg = self.output, self.cfg
         out.write_table(table, self.classes)
-        touching = sum(int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0]))
+        touching_per_slice = [int(self.store.edges(z)["touching_unmatched"]) for z in range(self.shape[0])]
+        touching = sum(touching_per_slice)
         voxels = int(np.prod(self.shape))
         predict_s = self.times.get("predict", 0.0)
         elapsed = time.perf_counter() - t_start
@@ -338,6 +354,7 @@ class Run:
             "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
             "merge_quality": {
                 "touching_unmatched_at_tile_borders": touching,
+                "touching_unmatched_per_slice": touching_per_slice,
                 "max_tiles_per_2d_instance": stats.max_tiles_per_instance,
                 "instances_spanning_more_than_4_tiles": stats.instances_over_4_tiles,
                 "note": "touching_unmatched counts same-class fragments that touch across a tile border without "
@@ -348,6 +365,7 @@ class Run:
                 "tiles_per_s": round(self.counts["tiles_predicted_now"] / predict_s, 3) if predict_s else None,
                 "tiles_per_s_steady": self.steady,
                 "actor_ms_per_tile": self.ms_per_tile,  # read, normalize, the predictor's steps, store
+                "tiles_over_time": self.tiles_over_time,  # [s from the start, tiles predicted by then]
                 "mvoxel_per_s_predict": round(voxels / 1e6 / predict_s, 3) if predict_s and mode == "fresh" else None,
                 "mvoxel_per_s_total": round(voxels / 1e6 / elapsed, 3) if mode == "fresh" else None,
             },
@@ -357,6 +375,7 @@ class Run:
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)
+        write_html(out, report)
         with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
             out.finalize(self.pixel_size, self.z0)
         if arrived:

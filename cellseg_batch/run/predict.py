@@ -12,6 +12,38 @@ from .stage import Stage
 from .store import WorkStore
 
 
+class ActorStart:
+    """The predictor actors, created by ``begin`` (as soon as Ray is up: they load their model while the driver
+    still settles the plan) or at the first batch; ``ready`` waits until all have started."""
+
+    def __init__(self, job: TileJob, layout: tuple[int, float, float], timeout: float):
+        self.job, self.layout, self.timeout = job, layout, timeout
+        self.actors: list = []
+        self.began = 0.0
+        self.seconds = 0.0  # from creation until every actor is up
+
+    def begin(self) -> None:
+        import ray
+
+        if self.actors:
+            return
+        count, cpus, gpus = self.layout
+        self.began = time.perf_counter()
+        # with a GPU two calls run at once: one reads and post-processes on the CPU while the other computes on
+        # the GPU; on CPUs alone they would fight over the same cores (measured: 16 vs 20 tiles/s on 2 cores)
+        cls = ray.remote(PredictorWorker).options(
+            num_cpus=cpus, num_gpus=gpus, max_restarts=distribute.ACTOR_RESTARTS,
+            max_task_retries=distribute.TASK_RETRIES, max_concurrency=2 if gpus else 1,
+        )  # fmt: skip
+        self.actors = [cls.remote(self.job) for _ in range(count)]
+
+    def ready(self) -> list:
+        self.begin()
+        distribute.wait_started(self.actors, self.timeout)
+        self.seconds = time.perf_counter() - self.began
+        return self.actors
+
+
 class PredictStage(Stage):
     """Units are batches ``(z, actor, positions)`` of one slice's tiles. Positions are dealt to actors once
     (a run of neighbours in raster order each, so an actor's windows share input chunks) and each actor gets its
@@ -23,11 +55,12 @@ class PredictStage(Stage):
     reads = ("volume",)
     writes = ("cores", "bands", "fragments(z)", "zoverlaps(z)")
 
-    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, batch_size: int, job: TileJob,
-                 layout: tuple[int, float, float], start_timeout: float):  # fmt: skip
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, batch_size: int, actors: ActorStart,
+                 normalization=None):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.batch_size = store, grid, n_slices, batch_size
-        self.job, self.layout, self.start_timeout = job, layout, start_timeout
+        self.starter, self.normalization = actors, normalization
+        self.layout = actors.layout
         self.records = {z: store.read_fragment_log(z) for z in range(n_slices) if not store.slice_done(z)}
         self.delivered: dict[int, set] = defaultdict(set)  # z -> positions whose overlaps with z+1 are logged
         for z in range(n_slices - 1):
@@ -46,6 +79,7 @@ class PredictStage(Stage):
         self.load: list[int] = []
         self.per_actor = 2  # calls in flight per actor: one queued behind the running one keeps it busy
         self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
+        self.progress: list[tuple[float, int]] = []  # (time, tiles) of each result: tiles/s over the run
         self.stolen = 0
         self.actor_start_s = 0.0
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
@@ -125,23 +159,12 @@ class PredictStage(Stage):
         return out
 
     def _start_actors(self) -> None:
-        import ray
-
-        count, cpus, gpus = self.layout
-        t = time.perf_counter()
-        # with a GPU two calls run at once: one reads and post-processes on the CPU while the other computes on
-        # the GPU; on CPUs alone they would fight over the same cores (measured: 16 vs 20 tiles/s on 2 cores)
-        cls = ray.remote(PredictorWorker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=distribute.ACTOR_RESTARTS,
-            max_task_retries=distribute.TASK_RETRIES, max_concurrency=2 if gpus else 1,
-        )  # fmt: skip
-        self.actors = [cls.remote(self.job) for _ in range(count)]
-        distribute.wait_started(self.actors, self.start_timeout)
-        self.actor_start_s = time.perf_counter() - t
+        self.actors = self.starter.ready()
+        self.actor_start_s = self.starter.seconds
 
     def start(self, unit):
         z, a, positions = unit
-        return self.actors[a].predict.remote(z, list(positions))
+        return self.actors[a].predict.remote(z, list(positions), self.normalization)
 
     def finish(self, unit, result) -> None:
         z, a, _ = unit
@@ -150,6 +173,7 @@ class PredictStage(Stage):
         now, a = time.perf_counter(), self.arrivals
         a[2] += len(fragments) if a[0] else 0
         a[0], a[1] = a[0] or now, now
+        self.progress.append((now, len(fragments)))
         self.records[z].update(fragments)
         self.unlogged[z] += fragments
         for step, seconds in result.get("times", {}).items():
@@ -173,14 +197,24 @@ class PredictStage(Stage):
     def close(self) -> None:
         import ray
 
-        for actor in self.actors:  # free their cores (and GPUs) for the stages after this one
+        for actor in self.starter.actors:  # free their cores (and GPUs) for the stages after this one
             ray.kill(actor)
-        self.actors = []
+        self.actors = self.starter.actors = []
 
     def ms_per_tile(self) -> dict[str, float]:
         """Where an actor's time per tile went: read, normalize, the predictor's steps, store."""
         n = max(self.tiles_timed, 1)
         return {step: round(1000 * s / n, 2) for step, s in self.step_seconds.items()}
+
+    def tiles_over_time(self, t_start: float, points: int = 200) -> list[list[float]]:
+        """[seconds from ``t_start``, tiles predicted so far] after each result, thinned to about ``points``."""
+        done, out = 0, []
+        step = max(1, len(self.progress) // points)
+        for k, (t, n) in enumerate(self.progress):
+            done += n
+            if k % step == 0 or k == len(self.progress) - 1:
+                out.append([round(t - t_start, 3), done])
+        return out
 
     def steady_rate(self) -> float | None:
         """Tiles per second from the first batch's result to the last: prediction without actor start-up."""

@@ -24,11 +24,11 @@ from .store import WorkStore, verified
 
 @dataclass(frozen=True)
 class TileJob:
-    """Everything a predictor worker needs, sent once when the actor starts."""
+    """Everything a predictor worker needs, sent once when the actor starts. The normalization comes with each
+    call instead: actors start (and load their model) while the driver still samples the volume for it."""
 
     predictor: object  # predict.PredictorSpec
     volume: object  # read.Volume
-    normalization: object  # normalize.Normalization | None
     grid: TileGrid
     work_dir: str
     z_offset: int
@@ -49,8 +49,8 @@ class PredictorWorker:
         self.job = job
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
-        store = WorkStore(job.work_dir)
-        self.cores, self.bands = ChunkIO(store.cores()), ChunkIO(store.bands())
+        self.store = WorkStore(job.work_dir)
+        self.cores = None  # opened at the first call: the driver may still be creating the work store
         self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
         self.cache_size = 0
         self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
@@ -59,7 +59,7 @@ class PredictorWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def predict(self, z: int, positions: list[tuple[int, int]]) -> dict:
+    def predict(self, z: int, positions: list[tuple[int, int]], normalization=None) -> dict:
         """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``(z_low, iy, ix, rows)``
         between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing)."""
         job, grid = self.job, self.job.grid
@@ -70,7 +70,7 @@ class PredictorWorker:
         if self.predictor.needs_image:
             raw = [job.volume.read(job.z_offset + z, *w) for w in windows]
             t1 = time.perf_counter()
-            images = [job.normalization.apply(r) for r in raw]
+            images = [normalization.apply(r) for r in raw]
             times = {"read": t1 - t0, "normalize": time.perf_counter() - t1}
         with self.predict_lock:
             t2 = time.perf_counter()
@@ -79,13 +79,15 @@ class PredictorWorker:
             steps = self.predictor.step_times()
         times.update(steps or {"predict": t3 - t2})
         fragments, overlaps = [], []
+        if self.cores is None:
+            self.cores = ChunkIO(self.store.cores())
         for (iy, ix), window, tile in zip(positions, windows, tiles):
             core_box = grid.core(iy, ix)
             core = None
             if tile.count:  # a tile without instances stays unwritten and reads as zeros
                 core = tile.labels[(slice(None), *core_box.relative_to(window))].copy()  # not a view: the window is freed
                 self.cores.write((z, 0, iy, ix), core[None])  # a core is one chunk of the cores array
-                self.bands.write((z, iy, ix, 0, 0, 0, 0), tile_bands(tile.labels, grid, iy, ix)[None, None, None])
+                self.store.write_bands(z, iy, ix, tile_bands(tile.labels, grid, iy, ix))
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid)))
             overlaps += self._zoverlaps(z, iy, ix, core)
@@ -122,7 +124,8 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
     count from memory (an actor restart, a resumed run): those read the two cores back (``missing``: iy, ix, and
     whether each core was written)."""
     store = WorkStore(work_dir)
-    pairs, touching = verified(lambda _: stitch_slice(store.bands(), grid, z, iou_min), store.bands_path / str(z), z)
+    pairs, touching = verified(lambda _: stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min),
+                               store.bands_path / str(z), z)  # fmt: skip
     kill_point(f"stitch-task:{z}")
     counted = []
     for iy, ix, written_a, written_b in missing:
@@ -133,11 +136,13 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
 
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
-                     luts: list[np.ndarray], levels: int, volume, z_offset: int) -> None:  # fmt: skip
+                     luts: list[np.ndarray], levels: int, volume, z_offset: int, layer_of=None,
+                     classes: list[np.ndarray] | None = None) -> None:  # fmt: skip
     """One block of output chunks of slice z, written once: the tile cores it meets with fragment ids replaced by
     object ids (``luts``, one per tile), every class layer and the image copy at level 0 and at the
     ``levels - 1`` levels above it, built from the block in memory. The block is aligned to those levels' chunks,
-    so no other writer shares them."""
+    so no other writer shares them. Where classes share a layer (``layer_of``), class c's output takes the pixels
+    of its layer whose object is of class c (``classes``: per tile, local id -> its object's class)."""
     from ..write import Output
 
     out = Output(out_path)
@@ -150,11 +155,12 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
         parts.append((inside.relative_to(block), ids))
     dtype = luts[0].dtype if luts else np.uint32
     for c, name in enumerate(out.info["classes"]):
+        layer = layer_of[c] if layer_of else c
         labels = np.zeros(block.shape, dtype=dtype)
-        for (where, ids), lut in zip(parts, luts):
-            mapped = relabel(ids[c], lut)
+        for i, ((where, ids), lut) in enumerate(zip(parts, luts)):
+            mapped = relabel(ids[layer], lut)
             if mapped is not None:  # nothing of this class there: zeros
-                labels[where] = mapped
+                labels[where] = mapped if classes is None else np.where(classes[i][ids[layer]] == c, mapped, 0)
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
         kill_point(f"write-task:{z}")  # fault tests: a block half written
     if volume is not None:

@@ -6,8 +6,10 @@ Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
     cores.zarr               tile cores as predicted: (Z, classes, NY*m, NX*m) uint16 tile-local ids, one chunk
                              (slot) of m = grid.core_max pixels per tile, the core at its top left; written once by
                              the actor, read by the write blocks it meets (once, where it lies inside one)
-    bands.zarr               what stitching needs of each tile: (Z, NY, NX, 4 sides, classes, 2h, tile) uint16, the
-                             window's labels within h = max(overlap/2, 1) pixels of each core border
+    bands.zarr               what stitching needs of each tile: (4 sides, classes, 2h, tile) uint16, the window's
+                             labels within h = max(overlap/2, 1) pixels of each core border, flattened into one
+                             chunk per tile of a (Z, NY, NX * size) array (one folder per tile row, not per tile:
+                             cheaper to write and to delete)
     frag/zNNNNNN.part        fragment records of slice z while it is predicted (append-only npy blocks)
     frag/zNNNNNN.npy         slice z's fragment table (all tiles, raster order), once every tile is predicted
     zov/zNNNNNN.part         z-overlap blocks between slices z and z+1 that actors computed from memory
@@ -106,7 +108,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 class WorkStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._core_io = None
+        self._core_io = self._bands_io = self._bands = None  # opened on first use, in the process that uses them
 
     # -- paths: the one place that names the store's files ----------------------------------------------------
     @property
@@ -192,8 +194,9 @@ class WorkStore:
             zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.ny * m, grid.nx * m),
                               chunks=(1, n_classes, m, m), **common)  # fmt: skip
         if not self.bands_path.exists():
-            zarr.create_array(str(self.bands_path), shape=(n_slices, grid.ny, grid.nx, 4, n_classes, 2 * h, grid.tile),
-                              chunks=(1, 1, 1, 4, n_classes, 2 * h, grid.tile), **common)  # fmt: skip
+            size = 4 * n_classes * 2 * h * grid.tile
+            zarr.create_array(str(self.bands_path), shape=(n_slices, grid.ny, grid.nx * size), chunks=(1, 1, size),
+                              **common)  # fmt: skip
 
     # -- tile arrays (written by actors) ------------------------------------------------------------------------
     def cores(self):
@@ -205,6 +208,20 @@ class WorkStore:
         from ..write import open_array
 
         return open_array(self.bands_path)
+
+    def write_bands(self, z: int, iy: int, ix: int, bands: np.ndarray) -> None:
+        """Store tile (z, iy, ix)'s bands (``stitch.tile_bands``): one chunk."""
+        from ..write import ChunkIO
+
+        if self._bands_io is None:
+            self._bands_io = ChunkIO(self.bands())
+        self._bands_io.write((z, iy, ix), bands.reshape(1, 1, -1))
+
+    def band_row(self, grid: TileGrid, z: int, iy: int) -> np.ndarray:
+        """The bands of tile row iy of slice z: (NX, 4, classes, 2h, tile); zeros where a tile had no instance."""
+        if self._bands is None:
+            self._bands = self.bands()
+        return np.asarray(self._bands[z, iy]).reshape(grid.nx, 4, -1, 2 * grid.band, grid.tile)
 
     def core(self, grid: TileGrid, z: int, iy: int, ix: int, written: bool = False) -> np.ndarray:
         """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there).
@@ -224,7 +241,7 @@ class WorkStore:
         """StoreDamage where a band chunk of a tile with fragments (``written``) is missing: zarr would read it as
         zeros, and stitching would silently find no match there."""
         for iy, ix in written:
-            chunk = self.bands_path / f"{z}/{iy}/{ix}/0/0/0/0"
+            chunk = self.bands_path / f"{z}/{iy}/{ix}"
             if not chunk.exists():
                 raise StoreDamage(chunk, z)
 

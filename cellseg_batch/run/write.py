@@ -7,37 +7,29 @@ import numpy as np
 from .. import distribute
 from ..stitch import tile_starts
 from ..tiles import Box, TileGrid
-from ..write import Output, label_dtype
+from ..write import Output, block_levels, label_dtype
 from .link import LinkStage
 from .remote import preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
 
-BLOCK_PIXELS = 4096  # a write block's side, at most (or one output chunk where those are larger): bounds worker memory
-
-
-def block_levels(chunk: int, levels: int) -> int:
-    """How many levels a write block fills from memory: a block of 2^(k-1) x 2^(k-1) output chunks spans exactly
-    one chunk of level k-1, so k levels are written with no chunk shared between blocks."""
-    k = 1
-    while k < levels and 2**k * chunk <= max(BLOCK_PIXELS, chunk):
-        k += 1
-    return k
-
 
 class WriteStage(Stage):
     """Unit: a block of output chunks of one slice, ready once linking is done. A block reads the tile cores it
     meets from the work store (a core inside one block is read once; one across a block border, by each block it
-    meets) and the image copy from the volume."""
+    meets) and the image copy from the volume. In NGFF 0.5 a block is exactly one shard of each level it writes
+    (``write.shard_sides``): no shard has two writers."""
 
     name = "write"
     reads = ("cores(z)", "fragments(z)", "lut(z)", "volume")
     writes = ("labels/<class>/0..k", "image 0..k")
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, volume, z_offset: int,
-                 link: LinkStage, limit: int):  # fmt: skip
+                 link: LinkStage, limit: int, layer_of: tuple[int, ...] | None = None):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.output = store, grid, n_slices, output
+        # where classes share a label layer (exclusive classes), each pixel goes to its object's class
+        self.layer_of = layer_of if layer_of and list(layer_of) != list(range(len(layer_of))) else None
         self.volume, self.z_offset, self.link, self.limit = volume, z_offset, link, limit
         self.levels = output.info["levels"]
         self.block_levels = block_levels(output.info["chunk"], self.levels)
@@ -45,7 +37,7 @@ class WriteStage(Stage):
         self.blocks = [(by, bx) for by in range(-(-grid.height // side)) for bx in range(-(-grid.width // side))]
         self.task = distribute.remote_task(write_block_task)
         self.dtype: np.dtype | None = None
-        self._luts: tuple[int, list] | None = None
+        self._luts: tuple | None = None
         self.left: dict[int, int] = {}  # blocks of a slice still to write
         self.marks: set = set()
 
@@ -74,20 +66,26 @@ class WriteStage(Stage):
         s, g = self.side, self.grid
         block = Box(by * s, min((by + 1) * s, g.height), bx * s, min((bx + 1) * s, g.width))
         tiles = g.cores_in(block)
-        luts = self._slice_luts(z)
+        luts, classes = self._slice_luts(z)
+        picked = [iy * g.nx + ix for iy, ix in tiles]
         return self.task.remote(str(self.store.root), str(self.output.path), g, z, block, tiles,
-                                [luts[iy * g.nx + ix] for iy, ix in tiles], self.block_levels, self.volume,
-                                self.z_offset)  # fmt: skip
+                                [luts[i] for i in picked], self.block_levels, self.volume, self.z_offset,
+                                self.layer_of, [classes[i] for i in picked] if classes else None)  # fmt: skip
 
-    def _slice_luts(self, z: int) -> list[np.ndarray]:
-        """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype."""
+    def _slice_luts(self, z: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype; and where classes
+        share layers, local id -> its object's class (-1: none)."""
         if self._luts is None or self._luts[0] != z:
             objects = self.store.lut(z)
             start = tile_starts(self.store.fragments(z), self.grid)
-            luts = [np.concatenate([[0], objects[start[i] : start[i + 1]]]).astype(self.dtype)
-                    for i in range(len(self.grid))]  # fmt: skip
-            self._luts = (z, luts)
-        return self._luts[1]
+            cut = [objects[start[i] : start[i + 1]] for i in range(len(self.grid))]
+            luts = [np.concatenate([[0], o]).astype(self.dtype) for o in cut]
+            classes = None
+            if self.layer_of:
+                object_cls = np.concatenate([[-1], self.link.table["cls"]]).astype(np.int16)
+                classes = [np.concatenate([[-1], object_cls[o.astype(np.int64)]]).astype(np.int16) for o in cut]
+            self._luts = (z, luts, classes)
+        return self._luts[1], self._luts[2]
 
     def finish(self, unit, result) -> None:
         self.store.mark("write", unit)
