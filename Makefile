@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cellseg-setup
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-slow bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow tests
 
 bench: setup
 	test -f demo/model/cellseg.json || $(BIN)/cellseg-batch demo demo/

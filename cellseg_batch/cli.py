@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, check_run_config, parse_slices
+from .config import RunConfig, check_options, check_run_config, parse_slices
 from .errors import UserError
 
 
@@ -84,12 +85,6 @@ def _convert(args) -> int:
     from .coco import labels_to_coco
     from .read import ngff_label_layers, open_label_layers, open_volume
 
-    if args.every < 1:
-        raise UserError(f"--every {args.every}: give 1 (every slice) or more")
-    if args.tile < 0:
-        raise UserError(f"--tile {args.tile}: give a tile size in pixels, or 0 for whole slices")
-    if not 0.0 <= args.val_fraction <= 1.0:
-        raise UserError(f"--val-fraction {args.val_fraction} must be in [0, 1]")
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
         layers = open_label_layers(([args.labels] if args.labels else []) + args.more_labels, args.classes)
@@ -141,8 +136,15 @@ def _shape(text: str) -> list[int]:
     return shape
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line like every other error (its sub-parsers are made of it too)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cellseg-batch", description=__doc__.split(";")[0])
+    p = _Parser(prog="cellseg-batch", description=__doc__.split(";")[0])
     p.add_argument("--version", action="version", version=f"cellseg-batch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     c = sub.add_parser("convert", help="label volumes or run outputs to COCO (training data, annotation tools)")
-    csub = c.add_subparsers(dest="direction", required=True)
+    csub = c.add_subparsers(dest="direction", required=True, metavar="{labels-to-coco,output-to-coco}")
     lc = csub.add_parser("labels-to-coco", help="a label volume and its image volume to COCO with image tiles")
     lc.add_argument("labels", nargs="?", help="label stack (or OME-Zarr with labels/); or use --labels")
     lc.add_argument("volume", help="the image volume the labels belong to")
@@ -295,12 +297,13 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(message)s")  # fmt: skip
-    logging.getLogger("cellseg_batch").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(levelname)s %(message)s")  # fmt: skip
+        logging.getLogger("cellseg_batch").setLevel(logging.INFO)
+        check_options(args.command, vars(args))  # every sub-command's options, before anything is read or written
         return args.func(args)
     except UserError as e:
         print(f"cellseg-batch: error: {e}", file=sys.stderr)
@@ -308,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellseg-batch: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"cellseg-batch: error: no space left on the device{where}; free some and run the same command again "
+              "to resume", file=sys.stderr)  # fmt: skip
+        return 2
     except BrokenPipeError:
         os._exit(141)
 

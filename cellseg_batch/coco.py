@@ -19,6 +19,7 @@ from pycocotools import mask as mask_util
 from .errors import UserError
 from .read import load_json
 
+MAX_COCO_BYTES = 2**30  # a COCO file larger than this is refused before it is read
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 
@@ -99,7 +100,7 @@ def read_grey(path: str | Path) -> np.ndarray:
 
 
 def _load_coco_json(path: Path) -> dict:
-    data = load_json(path)
+    data = load_json(path, max_bytes=MAX_COCO_BYTES)
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a COCO file: its top level must be an object")
     for key in ("images", "annotations", "categories"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .errors import UserError
 
@@ -68,16 +70,19 @@ def parse_pixel_size(text: str, option: str = "--pixel-size") -> tuple[float, fl
     return size  # type: ignore[return-value]
 
 
-def parse_slices(text: str | None, nz: int, option: str = "--slices") -> tuple[int, int]:
-    """``"START:STOP"`` (an empty part: 0, or ``nz``) -> (start, stop) within a volume of ``nz`` slices; None: all."""
+def parse_slices(text: str | None, nz: int | None, option: str = "--slices") -> tuple[int, int]:
+    """``"START:STOP"`` (an empty part: 0, or ``nz``) -> (start, stop) within a volume of ``nz`` slices; None: all.
+    With ``nz`` None only the syntax is checked (an empty STOP then stands for any)."""
     if not text:
         return 0, nz
     try:
-        a, b = text.split(":")
-        z0, z1 = int(a or 0), int(b or nz)
+        a, b = str(text).split(":")
+        z0, z1 = int(a or 0), int(b) if b else (nz if nz is not None else int(a or 0) + 1)
     except ValueError:
         raise UserError(f"{option} {text!r}: give START:STOP, e.g. 0:100") from None
-    if not 0 <= z0 < z1 <= nz:
+    if nz is None and not 0 <= z0 < z1:
+        raise UserError(f"{option} {text!r}: give START:STOP with 0 <= START < STOP")
+    if nz is not None and not 0 <= z0 < z1 <= nz:
         raise UserError(f"{option} {text!r} is outside the volume's {nz} slices; give START:STOP within 0:{nz}")
     return z0, z1
 
@@ -107,35 +112,100 @@ def parse_class_minimums(text: str | None, classes: list[str] | None, option: st
     return tuple(out.get(c, out.get(None, 0)) for c in classes)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """An option's range: ``low`` and ``high`` inclusive (None: no limit), ``low`` excluded where ``above``."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+
+    def holds(self, value) -> bool:  # NaN and infinities hold nowhere
+        return math.isfinite(value) and (self.low is None or (value > self.low if self.above else value >= self.low)) and (
+            self.high is None or value <= self.high
+        )
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"must be in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+        return f"give more than {self.low:g}" if self.above else f"give at least {self.low:g}"
+
+
+_UNIT, _SHARE, _POSITIVE = Bound(0.0, 1.0, above=True), Bound(0.0, 1.0), Bound(0.0, above=True)
+
+# every sub-command's numeric options (argparse dests), by range: the one place they are checked
+BOUNDS: dict[str, dict[str, Bound]] = {
+    "run": {"stitch_iou": _UNIT, "link_iou": _UNIT, "link_ioa": _UNIT, "score_threshold": _SHARE, "batch_size": Bound(1),
+            "tile": Bound(1), "chunk": Bound(16), "overlap": Bound(0), "actors": Bound(1), "cpus_per_actor": Bound(1),
+            "num_cpus": Bound(1), "num_gpus": Bound(0)},
+    "convert": {"tile": Bound(0), "every": Bound(1), "val_fraction": _SHARE},
+    "train": {"num_gpus": Bound(0), "cpu_procs": Bound(1), "num_machines": Bound(1), "machine_rank": Bound(0),
+              "max_iter": Bound(1), "max_minutes": _POSITIVE, "eval_period": Bound(0), "batch_size": Bound(1),
+              "lr": _POSITIVE, "tile": Bound(1), "overlap": Bound(0)},
+    "synth": {"seed": Bound(0), "scale": _POSITIVE, "dropout": _SHARE, "shift": _SHARE},
+    "demo": {"iterations": Bound(1)},
+}  # fmt: skip
+
+
+def parse_normalization(text: str, option: str = "--normalization") -> tuple[float, float]:
+    """``"LOW,HIGH"``: the intensities mapped to 0 and 255, HIGH above LOW."""
+    low, high = parse_floats(text, 2, option)
+    if high <= low:
+        raise UserError(f"{option} {text!r}: give LOW,HIGH with HIGH above LOW")
+    return low, high
+
+
+# every sub-command's text options that have a syntax of their own, checked wherever a sub-command has them
+SYNTAX = {
+    "pixel_size": parse_pixel_size,
+    "normalization": parse_normalization,
+    "slices": lambda text: parse_slices(text, None),
+    "link_gap": lambda text: parse_class_minimums(text, None, "--link-gap", most=3),
+    "min_voxels": lambda text: parse_class_minimums(text, None, "--min-voxels"),
+    "min_slices": lambda text: parse_class_minimums(text, None, "--min-slices"),
+}
+
+
+def check_options(command: str, values: dict) -> None:
+    """Refuse, before anything is read or written, the options of ``command`` no input can make valid: the one
+    validation layer of every sub-command (its values: argparse's namespace, or a config dataclass as a dict)."""
+    for name, bound in BOUNDS.get(command, {}).items():
+        value = values.get(name)
+        if value is not None and not bound.holds(value):
+            raise UserError(f"--{name.replace('_', '-')} {value}: {bound}")
+    for name, parse in SYNTAX.items():
+        if values.get(name) is not None:
+            parse(values[name])
+
+
 def check_run_config(cfg: RunConfig) -> None:
-    """Refuse, before anything is read or written, options no volume can make valid (one UserError line each)."""
+    """`run`'s checks: the shared ones (``check_options``) and its predictor and link choice."""
     from .predict import PREDICTORS  # imports the built-in predictors (light: detectron2 loads only when built)
 
     if ":" not in cfg.predictor and cfg.predictor not in PREDICTORS:  # MODULE:NAME is checked when imported
         raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
-    for name in ("stitch_iou", "link_iou", "link_ioa"):
-        value = getattr(cfg, name)
-        if not 0.0 < value <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} {value} must be in (0, 1]")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
     from .write import FORMATS
 
     if cfg.format not in FORMATS:
         raise UserError(f"--format {cfg.format!r}: choose one of {', '.join(FORMATS)}")
-    parse_class_minimums(cfg.link_gap, None, "--link-gap", most=3)
-    parse_class_minimums(cfg.min_voxels, None, "--min-voxels")
-    parse_class_minimums(cfg.min_slices, None, "--min-slices")
-    minimum = {"batch_size": 1, "tile": 1, "chunk": 16, "overlap": 0, "actors": 1, "cpus_per_actor": 1, "num_cpus": 1, "num_gpus": 0}
-    for name, low in minimum.items():
-        value = getattr(cfg, name)
-        if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} {value}: give at least {low}")
-    if cfg.score_threshold is not None and not 0.0 <= cfg.score_threshold <= 1.0:
-        raise UserError(f"--score-threshold {cfg.score_threshold} must be in [0, 1]")
-    if cfg.normalization is not None:
-        low, high = parse_floats(cfg.normalization, 2, "--normalization")
-        if high <= low:
-            raise UserError(f"--normalization {cfg.normalization!r}: give LOW,HIGH with HIGH above LOW")
-    if cfg.pixel_size is not None:
-        parse_pixel_size(cfg.pixel_size)
+    check_options("run", asdict(cfg))
+
+
+def check_output_path(path: str, inputs: list[str], option: str = "--out") -> None:
+    """Refuse an output (a folder a run creates, and replaces with --overwrite) that is a symbolic link, that lies
+    inside one of the ``inputs``, or that holds one of them. Symbolic links above it are followed."""
+    p = Path(path)
+    if p.is_symlink():
+        raise UserError(f"{option} {path} is a symbolic link (to {os.readlink(p)}); give the path it points to")
+    real = p.resolve()
+    for source in inputs:
+        if not source or not Path(source).exists():  # synth:..., or a file whose absence is reported elsewhere
+            continue
+        s = Path(source).resolve()
+        if real == s or s in real.parents:
+            raise UserError(f"{option} {path} lies inside the input {source}; choose an {option} outside it")
+        if real in s.parents:
+            raise UserError(f"the input {source} lies inside {option} {path}, which a run replaces; choose another "
+                            f"{option}")  # fmt: skip

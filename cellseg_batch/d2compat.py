@@ -10,6 +10,7 @@ convolution, rotated boxes, the C++ COCO evaluation) fails with that error; Mask
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import random
 import sys
 import types
@@ -88,8 +89,52 @@ def _patch_stack() -> None:
         sys.modules["pkg_resources"] = shim
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays in plain containers (what model-zoo .pkl weights hold) and nothing else: a pickle
+    that names any other callable is refused instead of run."""
+
+    ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar"))}  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which weights never need")
+        return super().find_class(module, name)
+
+
+def load_weights_file(self, filename: str) -> dict:
+    """``DetectionCheckpointer._load_file`` that runs no code from the file: .pth/.pt through ``torch.load(...,
+    weights_only=True)``; model-zoo .pkl through an unpickler of numpy arrays only (detectron2 itself calls
+    ``pickle.load``, which can run anything); pycls .pyth refused (detectron2 calls ``torch.load`` on it with
+    whatever the default is)."""
+    import torch
+    from detectron2.utils.file_io import PathManager
+
+    from .errors import UserError
+
+    try:
+        with PathManager.open(filename, "rb") as f:
+            if filename.endswith(".pyth"):
+                raise UserError(f"{filename}: pycls .pyth checkpoints are not loaded; convert it to a .pth state dict")
+            if not filename.endswith(".pkl"):
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
+                return loaded if "model" in loaded else {"model": loaded}
+            data = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{filename} cannot be loaded as weights only ({str(e).splitlines()[0]})") from e
+    if "model" in data and "__author__" in data:  # detectron2 model zoo format (as detectron2 reads it)
+        return data
+    data = data.get("blobs", data)  # Caffe2 / Detectron1 model zoo: detection models have "blobs"
+    return {"model": {k: v for k, v in data.items() if not k.endswith("_momentum")}, "__author__": "Caffe2",
+            "matching_heuristics": True}  # fmt: skip
+
+
 def _patch_detectron2() -> None:
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import common
+
+    # nothing executable from a weights file a user is handed (run's --model, train's --weights and --resume)
+    DetectionCheckpointer._load_file = load_weights_file
 
     # Python >= 3.11 refuses random.sample(set); v0.6's MapDataset retry path does that when an item fails.
     original_init = common.MapDataset.__init__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from .errors import UserError
 
 ACTOR_RESTARTS = 4
 TASK_RETRIES = 3
+
+
+def kill_point(point: str) -> None:
+    """Fault tests: ``kill -9`` of this process where ``CELLSEG_KILL_AFTER`` names ``point`` (``STAGE:N`` in the
+    driver, ``STAGE-task:Z`` in a worker); with ``CELLSEG_KILL_ONCE=FILE`` only the first time (the file records it),
+    so that Ray's retry of the task goes on."""
+    if os.environ.get("CELLSEG_KILL_AFTER") != point:
+        return
+    once = os.environ.get("CELLSEG_KILL_ONCE")
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> None:

@@ -219,15 +219,15 @@ def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice,
         f = s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
         return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
 
-    todo = np.union1d(
-        np.intersect1d(tiles(a, free_a), tiles(b, None)), np.intersect1d(tiles(a, None), tiles(b, free_b))
-    )
+    held_a, held_b = tiles(a, None), tiles(b, None)  # positions whose cores were written: a missing one is damage
+    todo = np.union1d(np.intersect1d(tiles(a, free_a), held_b), np.intersect1d(held_a, tiles(b, free_b)))
     if len(todo) == 0:
         return np.zeros(0, ZOVERLAP), 0
     out = []
     for t in todo:  # one position at a time: a thread pool halved the time but doubled the driver's peak memory
         iy, ix = divmod(int(t), grid.nx)
-        out.append(zoverlaps(store.core(grid, za, iy, ix), store.core(grid, zb, iy, ix), iy, ix))
+        out.append(zoverlaps(store.core(grid, za, iy, ix, written=t in held_a),
+                             store.core(grid, zb, iy, ix, written=t in held_b), iy, ix))  # fmt: skip
     return np.concatenate(out), len(todo)
 
 

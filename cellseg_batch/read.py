@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -16,6 +18,22 @@ from .errors import UserError
 from .registry import Registry
 
 SPATIAL = "ZYX"
+# tifffile logs what it finds wrong in a damaged file on lines of its own; here that becomes one UserError line
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
+# what a header may declare: beyond these, a file is refused before anything is sized by its shape (the largest EM
+# volumes are ~10^15 voxels; a slice of 2^36 pixels is a 262144^2 mosaic)
+MAX_VOXELS, MAX_SLICE_PIXELS = 2**50, 2**36
+
+
+def check_shape(shape: tuple[int, int, int], path: str) -> None:
+    """Refuse a declared (Z, Y, X) shape no real volume has: a damaged or hostile header."""
+    if math.prod(shape) > MAX_VOXELS or shape[1] * shape[2] > MAX_SLICE_PIXELS:
+        raise UserError(
+            f"{path} declares the shape {shape}, beyond what this tool reads ({MAX_SLICE_PIXELS} pixels a slice, "
+            f"{MAX_VOXELS} voxels); its header is damaged or it is not a volume"
+        )
 
 
 class Volume:
@@ -27,6 +45,7 @@ class Volume:
         self.path = path
         self._local = threading.local()
         self.shape, self.dtype, self.pixel_size_nm = self._inspect()
+        check_shape(self.shape, path)
 
     def __getstate__(self):
         # open file handles stay behind (thread-local); the receiving process reopens by path
@@ -106,20 +125,33 @@ class TiffVolume(Volume):
                 pixel = _tiff_pixel_size(tf)
         except UserError:
             raise
-        except (OSError, ValueError, tifffile.TiffFileError, IndexError, KeyError) as e:
+        except Exception as e:  # tifffile raises many types for a damaged file (struct.error, RuntimeError, ...)
             raise UserError(f"cannot read {self.path} as TIFF ({e}); check that it is a complete TIFF file") from e
         return zyx, dtype, pixel
 
     def _check_complete(self, tf, series) -> None:
         size = os.path.getsize(self.path)
         pages = series.pages if len(series.pages) <= 4096 else [series.pages[0], series.pages[-1]]
-        for page in pages:
-            if page is None:
-                raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
-            offsets = getattr(page, "dataoffsets", ()) or ()
-            counts = getattr(page, "databytecounts", ()) or ()
-            if any(o + c > size for o, c in zip(offsets, counts)):
-                raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
+        if any(page is None for page in pages):
+            raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
+        # what the file says it holds (tifffile's or ImageJ's metadata) against the images its pages give: a file
+        # cut short loses its last pages (or gains phantom ones) and can still read as a valid-looking stack
+        images = math.prod(n for n, a in zip(series.shape, series.axes) if a not in "YXS")
+        said = None
+        if tf.is_shaped:
+            shape = ((tf.shaped_metadata or [{}])[0] or {}).get("shape") or [0, 0, 0]
+            said = math.prod(shape[:-3] if "S" in series.axes else shape[:-2])
+        elif tf.is_imagej:
+            said = (tf.imagej_metadata or {}).get("images", 1)
+        if said is not None and (said != images or series.kind.lower() not in ("shaped", "imagej")):
+            raise UserError(f"{self.path} is truncated or corrupt: its metadata says {said} images, its pages give "
+                            f"{images}")  # fmt: skip
+        ends = [o + c for page in pages for o, c in zip(getattr(page, "dataoffsets", ()) or (),
+                                                       getattr(page, "databytecounts", ()) or ())]  # fmt: skip
+        if series.dataoffset is not None:  # contiguous: pages past the first may be implied by the shape alone
+            ends.append(series.dataoffset + series.nbytes)
+        if any(end > size for end in ends):
+            raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
 
     def _array(self):
         arr = getattr(self._local, "arr", None)
@@ -367,15 +399,22 @@ class LabelLayer:
         return np.where(self._keys[pos] == ids, self._values[pos], np.int16(-1)).astype(np.int16)
 
 
-def load_json(path: str | Path):
-    """A user's JSON file, or a one-line error saying why it cannot be read."""
+def load_json(path: str | Path, max_bytes: int = 2**30):
+    """A user's JSON file, or a one-line error saying why it cannot be read (one over ``max_bytes`` is not read)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UserError(f"{path} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB such a file "
+                        "may be; is it the right file?")  # fmt: skip
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
+MAX_CLASS_MAP_BYTES = 64 * 2**20  # a million ids with their names fit in a tenth of it
 
 
 def read_class_map(spec: str) -> str | dict[int, str]:
@@ -385,7 +424,7 @@ def read_class_map(spec: str) -> str | dict[int, str]:
         if not spec or "/" in spec:
             raise UserError(f"--classes {spec!r}: give a class name or a .json file mapping ids to class names")
         return spec
-    data = load_json(p)
+    data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
         data = data["instance_class"]
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'

@@ -13,14 +13,14 @@ import os
 import shutil
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
 from .coco import CocoSet, load_coco, read_grey
-from .config import parse_pixel_size
+from .config import check_options, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
 from .model_dir import ModelDir
@@ -422,9 +422,9 @@ def _dist_url(tc: TrainConfig) -> str:
 
 
 def train(tc: TrainConfig) -> Path:
-    """Validate everything a user can get wrong here, in this process, then launch the training processes."""
-    if tc.pixel_size is not None:
-        parse_pixel_size(tc.pixel_size)
+    """Validate everything a user can get wrong here, in this process, then launch the training processes (the
+    options' values were checked by ``config.check_options``; an API caller's are checked here)."""
+    check_options("train", asdict(tc))
     import torch
 
     if tc.num_gpus and not torch.cuda.is_available():
@@ -443,9 +443,9 @@ def train(tc: TrainConfig) -> Path:
     out = Path(tc.out)
     if out.exists() and (out / "cellseg.json").exists() and not tc.resume:
         raise UserError(f"{out} already holds a model; pass --resume to continue its training or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if tc.num_gpus else "cpu"
     build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
+    out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind
     launch(train_main, (tc, train_set.classes, device), tc)
     return out
 

@@ -111,13 +111,13 @@ class ChunkIO:
         meta = array.metadata
         self.array, self.chunks = array, tuple(array.shards or array.chunks)
         store = array.store_path.store
-        self.direct = meta.zarr_format == 2 and not meta.filters and meta.order == "C" and hasattr(store, "set_sync")
+        self.direct = meta.zarr_format == 2 and meta.order == "C" and hasattr(store, "set_sync")
         if self.direct:
             from zarr.core.buffer import default_buffer_prototype
 
             self.store, self.prefix = store, f"{array.store_path.path}/" if array.store_path.path else ""
             self.dtype, self.fill = meta.dtype.to_native_dtype(), meta.fill_value or 0
-            self.codec, self.key = meta.compressor, meta.encode_chunk_key
+            self.codec, self.filters, self.key = meta.compressor, meta.filters or (), meta.encode_chunk_key
             self.buffer = default_buffer_prototype().buffer
 
     def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
@@ -130,18 +130,23 @@ class ChunkIO:
             full[tuple(slice(0, d) for d in data.shape)] = data
             data = full
         raw = np.ascontiguousarray(data, dtype=self.dtype)
-        blob = self.codec.encode(raw) if self.codec is not None else raw.tobytes()
+        for f in self.filters:  # zarr v2: filters first (the work store's CRC32), then the compressor
+            raw = f.encode(raw)
+        blob = self.codec.encode(raw) if self.codec is not None else bytes(raw)
         self.store.set_sync(self.prefix + self.key(tuple(coords)), self.buffer.from_bytes(blob))
 
-    def read(self, coords: tuple[int, ...]) -> np.ndarray:
-        """Chunk ``coords`` whole (edge chunks include their padding); the fill value where it was never written."""
+    def read(self, coords: tuple[int, ...], fill: bool = True) -> np.ndarray | None:
+        """Chunk ``coords`` whole (edge chunks include their padding); where it was never written the fill value,
+        or None with ``fill`` False (a chunk that should be there: the caller calls it missing)."""
         if not self.direct:
             return np.asarray(self.array[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, self.chunks))])
         blob = self.store.get_sync(self.prefix + self.key(tuple(coords)))
         if blob is None:
-            return np.full(self.chunks, self.fill, dtype=self.dtype)
-        raw = blob.to_bytes()
-        data = self.codec.decode(raw) if self.codec is not None else raw
+            return np.full(self.chunks, self.fill, dtype=self.dtype) if fill else None
+        data = blob.to_bytes()
+        data = self.codec.decode(data) if self.codec is not None else data
+        for f in reversed(self.filters):
+            data = f.decode(data)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
 

@@ -120,3 +120,12 @@ def test_actors_that_no_node_can_hold_fail_instead_of_waiting_forever(tmp_path, 
     monkeypatch.setenv("CELLSEG_ACTOR_START_TIMEOUT", "10")
     _expect_error(tmp_path, "run", _volume(tmp_path), *_labels_args(tmp_path), "--cpus-per-actor", "64",
                   match="did not start within 10 s")  # fmt: skip
+
+
+def test_negative_ids_in_a_signed_label_stack_are_refused_and_nothing_is_left(tmp_path):
+    labels = np.zeros((3, 64, 64), np.int32)
+    labels[0, 5:15, 5:15] = 2
+    labels[2, 30:40, 30:40] = -3
+    tifffile.imwrite(tmp_path / "signed.tif", labels, photometric="minisblack")
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "signed.tif",
+                  "--classes", "cell", match="negative label id -3")  # fmt: skip

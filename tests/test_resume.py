@@ -1,5 +1,6 @@
-"""Interruptions: kill -9 of the driver, then the same command, gives the uninterrupted run's output; so does
-killing one predictor actor's process mid-run (Ray replaces it and retries its tiles); Ctrl-C stops cleanly."""
+"""Interruptions: kill -9 of the driver (in predict; slow: in every stage), then the same command, gives the
+uninterrupted run's output; so does killing one predictor actor's process mid-run (Ray replaces it and retries its
+tiles) or (slow) a stitch or write task's worker; Ctrl-C stops cleanly."""
 
 import json
 import signal
@@ -114,4 +115,35 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(reference, tmp_path
     assert proc.returncode == 130, stderr
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
     cli("run", VOLUME, *ARGS, "--out", out)
+    _assert_identical(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["predict:100", "stitch:5", "link:1", "write:5", "preview:1"])
+def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(reference, tmp_path, point):
+    """CELLSEG_KILL_AFTER=STAGE:N: the driver SIGKILLs itself right after its Nth result of STAGE (before the flush):
+    the same kill -9 as above, at a point chosen exactly instead of by timing."""
+    import os
+
+    out = tmp_path / "out.zarr"
+    proc = subprocess.run([sys.executable, "-m", "cellseg_batch", "run", VOLUME, *map(str, ARGS), "--out", str(out)],
+                          env={**os.environ, "CELLSEG_KILL_AFTER": point}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert zarr.open_group(str(out)).attrs["cellseg_batch"]["status"] == "incomplete"
+    cli("run", VOLUME, *ARGS, "--out", out)
+    assert json.loads((out / "cellseg" / "report.json").read_text())["mode"] == "resume"
+    _assert_identical(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4"])
+def test_kill_9_of_a_task_worker_during_stitch_or_write_does_not_change_the_result(reference, tmp_path, point):
+    """The worker running slice 4's stitch task (after stitching), or a write block of slice 4 (after its first class
+    layer), SIGKILLs itself once; Ray retries the task and the run ends with the uninterrupted output."""
+    import os
+
+    out, killed = tmp_path / "out.zarr", tmp_path / "killed"
+    cli("run", VOLUME, *ARGS, "--out", out, env={**os.environ, "CELLSEG_KILL_AFTER": point, "CELLSEG_KILL_ONCE": killed})
+    assert killed.exists()  # the kill happened
     _assert_identical(out, reference)

@@ -233,7 +233,7 @@ def test_actor_counts_z_overlaps_from_memory_as_the_store_would(tmp_path):
     second = worker.predict(1, positions)
     assert sorted(k[1:] for k, _ in second["zoverlaps"]) == sorted(positions)
     from_memory = np.concatenate([rows for _, rows in second["zoverlaps"]])
-    read_back = stitch_task(str(store.root), grid, 0, 0.5, positions)["overlaps"]
+    read_back = stitch_task(str(store.root), grid, 0, 0.5, [(*p, False, False) for p in positions])["overlaps"]
     assert from_memory.tolist() == read_back.tolist() and len(read_back) > 0
     # a slice out of order (an actor stole it) still pairs with what is held, in either direction
     third = worker.predict(2, positions[:1])

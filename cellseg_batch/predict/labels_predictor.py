@@ -68,6 +68,11 @@ class LabelsPredictor(Predictor):
         offset = 0
         for layer in self.layers:
             ids = layer.volume.read(z, *window)
+            if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
+                raise UserError(
+                    f"{layer.volume.path} holds the negative label id {int(ids.min())} in slice {z}; label ids must be "
+                    "0 (background) or positive"
+                )
             local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
             n = len(mapping) - (0 in mapping)
             if offset + n > MAX_LOCAL:

@@ -7,16 +7,27 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__, distribute
-from ..config import RunConfig, check_run_config, parse_class_minimums, parse_floats, parse_pixel_size, parse_slices
+from ..config import (
+    RunConfig,
+    check_output_path,
+    check_run_config,
+    parse_class_minimums,
+    parse_normalization,
+    parse_pixel_size,
+    parse_slices,
+)
 from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
@@ -26,11 +37,12 @@ from ..report_html import write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
+from .lock import OutputLock
 from .predict import ActorStart, PredictStage
 from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
-from .store import WorkStore
+from .store import StoreDamage, WorkStore
 from .write import PreviewStage, PyramidStage, WriteStage
 
 log = logging.getLogger("cellseg_batch")
@@ -100,9 +112,13 @@ class Run:
         self.warnings: list[str] = []
         self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
-        if not cfg.volume.startswith("synth:") and Path(cfg.out).resolve() == Path(cfg.volume).resolve():
-            raise UserError("--out must differ from the input volume")
+        inputs = [cfg.volume, *cfg.labels, *(c for c in cfg.classes if c.lower().endswith(".json")), cfg.model]
+        check_output_path(cfg.out, inputs)
         self.store = WorkStore(cfg.work_dir or f"{cfg.out.rstrip('/')}.work")
+        check_output_path(str(self.store.root), inputs, "--work-dir")
+        if self.store.is_foreign():  # a run deletes its work store when it ends
+            raise UserError(f"--work-dir {self.store.root} holds files that are not a cellseg-batch work store; give a "
+                            "new or empty folder")  # fmt: skip
         self.normalization: Normalization | None = None
         self.counts: dict = {}
         self.resources: dict = {}
@@ -145,7 +161,7 @@ class Run:
         cfg = self.cfg
         if self.plan.needs_image:
             if cfg.normalization:
-                low, high = parse_floats(cfg.normalization, 2, "--normalization")
+                low, high = parse_normalization(cfg.normalization)
                 self.normalization = Normalization(low, high, (float("nan"), float("nan")))
             else:
                 self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles)
@@ -153,12 +169,15 @@ class Run:
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 4,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 5,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
                                cfg.chunk, cfg.format])
         previous = self.store.read_run()
+        if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
+            self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
+            self.store.reset(keep_predictions=False)
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
                           cfg.overwrite, cfg.out)  # fmt: skip
@@ -182,6 +201,8 @@ class Run:
         cfg = self.cfg
         t_start, self.cpu_start = time.perf_counter(), time.process_time()
         mode = None  # known once the earlier run's leftovers are settled
+        lock = OutputLock(cfg.out)
+        lock.acquire()  # before anything of the output is read or written: one writer at a time
         try:
             # Ray starts (seconds) while the plan is settled and the normalization sampled, not after; on a fresh
             # run the actors start as soon as Ray is up, loading their model while the driver is still at it
@@ -198,7 +219,7 @@ class Run:
             log.info("%s: %s, %d slices of %dx%d, %d tiles per slice (tile %d, overlap %d), classes %s", mode,
                      cfg.volume, *self.shape, len(self.grid), self.grid.tile, self.grid.overlap,
                      ", ".join(self.classes))  # fmt: skip
-            report = self._stages(mode, t_start)
+            report = self._repairing(mode, t_start)
         except UserError:
             if mode == "fresh":  # bad input found mid-run: leave nothing that could pass for a result
                 self.output.remove()
@@ -206,9 +227,26 @@ class Run:
             raise
         finally:
             distribute.stop()
+            lock.release()
         if not cfg.keep_tiles:
             self.store.reset(keep_predictions=False)
         return report
+
+    def _repairing(self, mode: str, t_start: float) -> dict:
+        """The stages, driven again after each damaged work-store file found, once what it holds is forgotten; the
+        same file damaged again (a failing disk) ends the run."""
+        seen: set[str] = set()
+        while True:
+            try:
+                return self._stages(mode, t_start)
+            except StoreDamage as damage:
+                if damage.path in seen:
+                    raise UserError(f"{damage} again after it was computed again; check the disk under "
+                                    f"{self.store.root}, remove that folder and run again") from None  # fmt: skip
+                seen.add(damage.path)
+                log.warning("%s: computing it again", damage)
+                self.warnings.append(f"{damage}: computed again")
+                self.store.repair(damage)
 
     def _stages(self, mode: str, t_start: float) -> dict:
         cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
@@ -338,8 +376,27 @@ class Run:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
         out.write_report(report)
         write_html(out, report)
-        out.finalize(self.pixel_size, self.z0)
+        with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
+            out.finalize(self.pixel_size, self.z0)
+        if arrived:
+            log.warning("a stop request arrived while the output was being finished; it is complete")
         return report
+
+
+@contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and SIGTERM that arrive inside are only recorded (the list it yields): for a last step that must not be
+    cut in two. Outside the main thread (where handlers cannot be set) it holds nothing."""
+    arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in signums}
+    try:
+        yield arrived
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _versions() -> dict:

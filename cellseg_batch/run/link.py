@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 import numpy as np
@@ -36,8 +35,8 @@ class LinkStage(Stage):
 
     def is_done(self, unit) -> bool:
         if self.store.objects_path.exists() and self.store.link_stats_path.exists():
-            self.table = np.load(self.store.objects_path, allow_pickle=False)
-            self.stats = LinkStats(**json.loads(self.store.link_stats_path.read_text()))
+            self.table = self.store.objects()
+            self.stats = LinkStats(**self.store.link_stats())
             return True
         return False
 
@@ -47,7 +46,7 @@ class LinkStage(Stage):
     def start(self, unit):
         table, stats = build_objects(self.store, self.grid, self.n_slices, self.n_classes, self.link, self.rule)
         save_npy(self.store.objects_path, table)
-        self.store.link_stats_path.write_text(json.dumps(asdict(stats)))
+        self.store.write_link_stats(asdict(stats))
         self.table, self.stats = table, stats
         return Local(None)
 

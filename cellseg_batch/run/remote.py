@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..distribute import kill_point
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from ..write import ChunkIO
-from .store import WorkStore
+from .store import WorkStore, verified
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,19 @@ class PredictorWorker:
         self.cache_size -= core.nbytes if core is not None else 0
 
 
-def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: list[tuple[int, int]]) -> dict:
+def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: list[tuple[int, int, bool, bool]]
+                ) -> dict:  # fmt: skip
     """Matches within slice z (from its bands), and the z-overlaps with slice z+1 at the positions no actor could
-    count from memory (an actor restart, a resumed run): those read the two cores back."""
+    count from memory (an actor restart, a resumed run): those read the two cores back (``missing``: iy, ix, and
+    whether each core was written)."""
     store = WorkStore(work_dir)
-    pairs, touching = stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min)
+    pairs, touching = verified(lambda _: stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min),
+                               store.bands_path / str(z), z)  # fmt: skip
+    kill_point(f"stitch-task:{z}")
     counted = []
-    for iy, ix in missing:
-        counted.append(zoverlaps(store.core(grid, z, iy, ix), store.core(grid, z + 1, iy, ix), iy, ix))
+    for iy, ix, written_a, written_b in missing:
+        a, b = store.core(grid, z, iy, ix, written_a), store.core(grid, z + 1, iy, ix, written_b)
+        counted.append(zoverlaps(a, b, iy, ix))
     return {"pairs": pairs, "touching_unmatched": touching,
             "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
 
@@ -142,10 +148,10 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
     out = Output(out_path)
     store = WorkStore(work_dir)
     parts = []  # (where in the block, the core's part inside it), all classes
-    for iy, ix in tiles:
+    for (iy, ix), lut in zip(tiles, luts):
         core = grid.core(iy, ix)
         inside = core.intersect(block)
-        ids = store.core(grid, z, iy, ix)[(slice(None), *inside.relative_to(core))]
+        ids = store.core(grid, z, iy, ix, written=len(lut) > 1)[(slice(None), *inside.relative_to(core))]
         parts.append((inside.relative_to(block), ids))
     dtype = luts[0].dtype if luts else np.uint32
     for c, name in enumerate(out.info["classes"]):
@@ -156,6 +162,7 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
             if mapped is not None:  # nothing of this class there: zeros
                 labels[where] = mapped if classes is None else np.where(classes[i][ids[layer]] == c, mapped, 0)
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
+        kill_point(f"write-task:{z}")  # fault tests: a block half written
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
 

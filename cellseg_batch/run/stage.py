@@ -32,6 +32,7 @@ class Stage(ABC):
         self.in_flight = 0
         self.total = 0
         self.remaining = 0  # of ``total``: what this run does (the rest was done by an earlier one)
+        self.finished = 0  # units whose results this run took
         self.first_start: float | None = None
         self.last_finish: float | None = None
         self.cpu_at_start = self.cpu_at_finish = 0.0  # the driver process's CPU time at those two moments
@@ -160,5 +161,7 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
 def _finished(stage: Stage, unit, result) -> None:
     stage.finish(unit, result)
     stage.last_finish, stage.cpu_at_finish = time.perf_counter(), time.process_time()
+    stage.finished += 1
     if stage.bar is not None:
         stage.bar.update(stage.weight(unit))
+    distribute.kill_point(f"{stage.name}:{stage.finished}")  # fault tests: after this result, before its flush

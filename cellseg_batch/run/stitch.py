@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import distribute
-from ..stitch import ZOVERLAP
+from ..stitch import ZOVERLAP, tile_starts
 from ..tiles import TileGrid
 from .predict import PredictStage
 from .remote import stitch_task
@@ -46,6 +46,12 @@ class StitchStage(Stage):
             delivered = self.predict.delivered.get(z, set())
             missing = [p for p in self.grid.positions() if p not in delivered]
         self.cores_read_back += len(missing)
+        if missing:  # slices predicted by an earlier run: with whether each core was written (the tile has
+            # fragments; then a missing chunk is damage), and the slice's bands checked the same way
+            held = [np.diff(tile_starts(self.store.fragments(zz), self.grid)) > 0 for zz in (z, z + 1)]
+            self.store.check_bands(z, [p for p in self.grid.positions() if held[0][p[0] * self.grid.nx + p[1]]])
+            missing = [(iy, ix, bool(held[0][iy * self.grid.nx + ix]), bool(held[1][iy * self.grid.nx + ix]))
+                       for iy, ix in missing]  # fmt: skip
         return self.task.remote(str(self.store.root), self.grid, z, self.iou_min, missing)
 
     def finish(self, z, result) -> None:

@@ -22,7 +22,9 @@ Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
 Only the driver writes frag/, zov/ and post/; actors write tile chunks (one writer per chunk). Files are written
 under a temporary name and renamed, and a tile counts as done only once its record is in the log, so killing any
 process at any moment leaves a state from which the same command continues. Everything is data (npy, npz, JSON,
-zarr): nothing in a work directory is executed or unpickled.
+zarr): nothing in a work directory is executed or unpickled. Every file is read by a verified load: tile chunks
+carry a CRC32, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
+which the run forgets what depends on it and computes it again (``WorkStore.repair``): never used, never a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,39 @@ def _lz4():
 
     # written once, read once, deleted at the end: speed over ratio (~100x on label tiles all the same)
     return numcodecs.Blosc("lz4", 5, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+# what numpy, zipfile, blosc and the CRC32 check raise for a file or chunk that is not what was written
+DAMAGE = (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile)
+
+
+class StoreDamage(Exception):
+    """A work-store file or chunk failed its verified load; ``z``: the slice whose predictions it holds (None: a
+    product of stitching, linking or writing, which are computed again from the predictions)."""
+
+    def __init__(self, path: str, z: int | None = None):
+        super().__init__(str(path), z)
+        self.path, self.z = str(path), z
+
+    def __str__(self) -> str:
+        return f"{self.path} is damaged (truncated, garbage or missing)"
+
+
+def verified(load, path: Path, z: int | None = None):
+    """``load(path)``, or StoreDamage where the file cannot be what the store wrote."""
+    try:
+        return load(path)
+    except DAMAGE as e:
+        raise StoreDamage(path, z) from e
+
+
+def _npy(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}  # read now: a damaged member fails here, not where it is used
 
 
 class WorkStore:
@@ -119,8 +155,19 @@ class WorkStore:
         return self._marks_dir(stage) / "_".join(str(int(u)) for u in unit)
 
     # -- run metadata -------------------------------------------------------------------------------------------
+    @property
+    def run_path(self) -> Path:
+        return self.root / "run.json"
+
+    def is_foreign(self) -> bool:
+        """A folder that holds files, none of them the store's: not to be filled, nor deleted at the end."""
+        if not self.root.is_dir():
+            return False
+        names = {p.name for p in self.root.iterdir()}
+        return bool(names) and not names & {"run.json", "cores.zarr", "bands.zarr", "frag", "zov", "post"}
+
     def read_run(self) -> dict | None:
-        p = self.root / "run.json"
+        p = self.run_path
         try:
             return json.loads(p.read_text()) if p.exists() else None
         except (OSError, ValueError):
@@ -128,19 +175,20 @@ class WorkStore:
 
     def write_run(self, run: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "run.json", (json.dumps(run, indent=2, default=str) + "\n").encode())
+        atomic_write_bytes(self.run_path, (json.dumps(run, indent=2, default=str) + "\n").encode())
 
     def reset(self, keep_predictions: bool) -> None:
         """Forget stitch/link/write progress; with ``keep_predictions`` False also every prediction."""
         shutil.rmtree(self.root if not keep_predictions else self.root / "post", ignore_errors=True)
 
     def create(self, n_slices: int, grid: TileGrid, n_classes: int) -> None:
+        import numcodecs
         import zarr
 
         for d in ("frag", "zov", "post"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         m, h = grid.core_max, grid.band
-        common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(),
+        common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(), filters=[numcodecs.CRC32()],
                       chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
         if not self.cores_path.exists():
             zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.ny * m, grid.nx * m),
@@ -175,14 +223,35 @@ class WorkStore:
             self._bands = self.bands()
         return np.asarray(self._bands[z, iy]).reshape(grid.nx, 4, -1, 2 * grid.band, grid.tile)
 
-    def core(self, grid: TileGrid, z: int, iy: int, ix: int) -> np.ndarray:
-        """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there)."""
+    def core(self, grid: TileGrid, z: int, iy: int, ix: int, written: bool = False) -> np.ndarray:
+        """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there).
+        ``written``: the caller knows the tile has instances, so a missing chunk is damage too."""
         from ..write import ChunkIO
 
         if self._core_io is None:
             self._core_io = ChunkIO(self.cores())
         h, w = grid.core(iy, ix).shape
-        return self._core_io.read((z, 0, iy, ix))[0, :, :h, :w]
+        where = self.cores_path / f"{z}/0/{iy}/{ix}"  # the chunk's file
+        chunk = verified(lambda _: self._core_io.read((z, 0, iy, ix), fill=not written), where, z)
+        if chunk is None:
+            raise StoreDamage(where, z)
+        return chunk[0, :, :h, :w]
+
+    def check_bands(self, z: int, written: list[tuple[int, int]]) -> None:
+        """StoreDamage where a band chunk of a tile with fragments (``written``) is missing: zarr would read it as
+        zeros, and stitching would silently find no match there."""
+        for iy, ix in written:
+            chunk = self.bands_path / f"{z}/{iy}/{ix}"
+            if not chunk.exists():
+                raise StoreDamage(chunk, z)
+
+    def repair(self, damage: StoreDamage) -> None:
+        """Forget what a damaged file holds and everything made from it: a slice's predictions (it is predicted
+        again), and every stitch, link and write product (made again from the predictions)."""
+        if damage.z is not None:
+            self.fragments_path(damage.z).unlink(missing_ok=True)
+            self.fragments_log(damage.z).unlink(missing_ok=True)
+        self.reset(keep_predictions=True)
 
     # -- logs (driver only) -------------------------------------------------------------------------------------
     @staticmethod
@@ -200,10 +269,13 @@ class WorkStore:
 
     @staticmethod
     def _read(path: Path, dtype: np.dtype) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+        """The log's records up to the first that is cut short or garbage; the log is cut there, so that what is
+        appended next is read (the tiles of the records lost are predicted again)."""
         out = []
         if not path.exists():
             return out
-        with open(path, "rb") as f:
+        with open(path, "r+b") as f:
+            good = 0
             while True:
                 try:
                     key = np.load(f, allow_pickle=False)
@@ -213,6 +285,8 @@ class WorkStore:
                 if key.shape != (3,) or rows.dtype != dtype:
                     break
                 out.append((tuple(int(v) for v in key), rows))
+                good = f.tell()
+            f.truncate(good)
         return out
 
     def append_fragments(self, z: int, records: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
@@ -232,7 +306,10 @@ class WorkStore:
         return self.fragments_path(z).exists()
 
     def fragments(self, z: int) -> np.ndarray:
-        return np.load(self.fragments_path(z), allow_pickle=False)
+        frag = verified(_npy, self.fragments_path(z), z)
+        if frag.dtype != FRAGMENT:
+            raise StoreDamage(self.fragments_path(z), z)
+        return frag
 
     def append_zoverlaps(self, z: int, blocks: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
         self._append(self.zoverlaps_log(z), blocks)
@@ -246,8 +323,11 @@ class WorkStore:
         save_npz(self.edges_path(z), pairs=pairs, overlaps=overlaps, touching_unmatched=np.array(touching_unmatched))
         self.zoverlaps_log(z).unlink(missing_ok=True)
 
-    def edges(self, z: int):
-        return np.load(self.edges_path(z), allow_pickle=False)
+    def edges(self, z: int) -> dict[str, np.ndarray]:
+        edges = verified(_npz, self.edges_path(z))
+        if {"pairs", "overlaps", "touching_unmatched"} - set(edges):
+            raise StoreDamage(self.edges_path(z))
+        return edges
 
     def stitched(self, z: int) -> bool:
         return self.edges_path(z).exists()
@@ -256,13 +336,22 @@ class WorkStore:
         save_npy(self.instances_path(z), instances)
 
     def instances(self, z: int) -> np.ndarray:
-        return np.load(self.instances_path(z), allow_pickle=False)
+        return verified(_npy, self.instances_path(z))
 
     def write_lut(self, z: int, object_ids: np.ndarray) -> None:
         save_npy(self.lut_path(z), object_ids)
 
     def lut(self, z: int) -> np.ndarray:
-        return np.load(self.lut_path(z), allow_pickle=False)
+        return verified(_npy, self.lut_path(z))
+
+    def objects(self) -> np.ndarray:
+        return verified(_npy, self.objects_path)
+
+    def write_link_stats(self, stats: dict) -> None:
+        atomic_write_bytes(self.link_stats_path, json.dumps(stats).encode())
+
+    def link_stats(self) -> dict:
+        return verified(lambda p: json.loads(p.read_text()), self.link_stats_path)
 
     def mark(self, stage: str, unit: tuple[int, ...]) -> None:
         p = self.marker(stage, unit)

@@ -1,0 +1,329 @@
+"""Faults: a damaged work store (truncated, garbage or missing files and chunks) is detected and recomputed, never
+used; one writer per output (a lock; a stale one taken over); output paths that would harm an input are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cellseg_batch import cli
+from cellseg_batch.run.lock import OutputLock, lock_path
+from cellseg_batch.run.store import StoreDamage, WorkStore, save_npy
+from cellseg_batch.stitch import FRAGMENT
+from cellseg_batch.synth import CLASSES
+from cellseg_batch.tiles import TileGrid
+from conftest import cli as cli_subprocess
+from conftest import labels_of
+
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+# a damage: (how much of the file is kept, garbage written over its start) -- (None, b""): the file is deleted
+damages = st.one_of(
+    st.just((None, b"")),
+    st.floats(0.0, 0.95).map(lambda keep: (keep, b"")),
+    st.binary(min_size=1, max_size=32).map(lambda junk: (1.0, junk)),
+)
+
+
+def _damage(path: Path, damage) -> None:
+    keep, junk = damage
+    if keep is None:
+        path.unlink()
+        return
+    data = path.read_bytes()
+    data = data[: int(len(data) * keep)]
+    path.write_bytes(junk + data[len(junk) :] if junk else data)
+
+
+def _store(tmp_path) -> tuple[WorkStore, TileGrid]:
+    store, grid = WorkStore(tmp_path / "w"), TileGrid(64, 64, 32, 8)
+    store.create(2, grid, 1)
+    return store, grid
+
+
+@SETTINGS
+@given(damage=damages, which=st.sampled_from(["fragments", "lut", "instances", "edges", "objects", "link_stats"]))
+def test_a_damaged_store_file_raises_store_damage_naming_it(tmp_path, damage, which):
+    store, _ = _store(tmp_path)
+    frag = np.zeros(3, FRAGMENT)
+    frag["area"] = [5, 6, 7]
+    writers = {  # what writes it, what reads it, the file, the slice whose predictions it holds
+        "fragments": (lambda: save_npy(store.fragments_path(1), frag), lambda: store.fragments(1),
+                      store.fragments_path(1), 1),
+        "lut": (lambda: store.write_lut(1, np.arange(40, dtype=np.uint32)), lambda: store.lut(1), store.lut_path(1), None),
+        "instances": (lambda: store.write_instances(1, np.arange(40)), lambda: store.instances(1),
+                      store.instances_path(1), None),
+        "edges": (lambda: store.write_edges(1, np.zeros((3, 2), np.int64), np.zeros(0), 4), lambda: store.edges(1),
+                  store.edges_path(1), None),
+        "objects": (lambda: save_npy(store.objects_path, np.arange(40)), store.objects, store.objects_path, None),
+        "link_stats": (lambda: store.write_link_stats({"objects": 3, "fragments": 9}), store.link_stats,
+                       store.link_stats_path, None),
+    }  # fmt: skip
+    write, read, path, z = writers[which]
+    write()
+    read()  # intact: loads
+    _damage(path, damage)
+    try:
+        value = read()
+    except StoreDamage as e:
+        assert e.path == str(path) and e.z == z
+    else:  # garbage over a JSON's or an npy's bytes may by chance still decode: then it must equal what was written
+        assert damage[0] == 1.0 and damage[1], value
+
+
+@SETTINGS
+@given(damage=damages)
+def test_a_damaged_tile_chunk_raises_store_damage_and_is_never_read_as_zeros(tmp_path, damage):
+    store, grid = _store(tmp_path)
+    from cellseg_batch.write import ChunkIO
+
+    core = np.arange(grid.core_max**2, dtype=np.uint16).reshape(1, 1, grid.core_max, grid.core_max)
+    ChunkIO(store.cores()).write((1, 0, 1, 0), core)
+    chunk = store.cores_path / "1" / "0" / "1" / "0"
+    _damage(chunk, damage)
+    with pytest.raises(StoreDamage) as info:
+        WorkStore(store.root).core(grid, 1, 1, 0, written=True)
+    assert info.value.path == str(chunk) and info.value.z == 1
+    # a tile without instances is never written: read as zeros where the caller does not know it was written
+    assert not WorkStore(store.root).core(grid, 0, 0, 0).any()
+
+
+@SETTINGS
+@given(cut=st.integers(1, 200), junk=st.binary(max_size=40))
+def test_a_log_cut_short_or_followed_by_garbage_keeps_its_good_records_and_takes_new_ones(tmp_path, cut, junk):
+    store, _ = _store(tmp_path)
+    log = store.fragments_log(0)
+    log.unlink(missing_ok=True)
+    rows = [np.zeros(n, FRAGMENT) for n in (1, 2, 3)]
+    store.append_fragments(0, [((0, 0, i), r) for i, r in enumerate(rows)])
+    data = log.read_bytes()
+    log.write_bytes(data[: max(0, len(data) - cut)] + junk)  # the last record damaged
+    good = store.read_fragment_log(0)
+    assert list(good) == [(0, 0, i) for i in range(len(good))] and len(good) <= 2  # the records before the damage
+    store.append_fragments(0, [((0, 1, 0), rows[0])])  # the tile predicted again, appended after the cut
+    assert set(store.read_fragment_log(0)) == set(good) | {(0, 1, 0)}
+
+
+def test_repair_forgets_the_damaged_slice_and_what_was_made_from_it(tmp_path):
+    store, _ = _store(tmp_path)
+    for z in (0, 1):
+        save_npy(store.fragments_path(z), np.zeros(1, FRAGMENT))
+    store.write_lut(0, np.arange(3))
+    store.repair(StoreDamage(store.fragments_path(1), 1))
+    assert store.slice_done(0) and not store.slice_done(1) and not store.lut_path(0).exists()
+
+
+# -- the output lock -----------------------------------------------------------------------------------------------
+HOLD = "import sys,time; from cellseg_batch.run.lock import OutputLock; OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+
+
+def _holder(out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    holder = _holder(out)
+    try:
+        with pytest.raises(Exception) as info:
+            OutputLock(out).acquire()
+        assert f"pid {holder.pid} on {socket.gethostname()}" in str(info.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # kill -9: no clean-up; the file and its record stay
+        holder.wait()
+    assert json.loads(lock_path(out).read_text())["pid"] == holder.pid
+    with OutputLock(out) as lock:  # the kernel dropped the dead process's flock: taken over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+
+
+def test_a_lock_recorded_by_another_host_is_refused_with_the_way_out(tmp_path):
+    lock_path(tmp_path / "o.zarr").write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "then"}))
+    with pytest.raises(Exception, match=r"node-17.*delete .*o\.zarr\.lock"):
+        OutputLock(tmp_path / "o.zarr").acquire()
+
+
+# -- output paths --------------------------------------------------------------------------------------------------
+def _labels_run(volume: Path, out, *extra) -> list:
+    return ["run", volume, "--predictor", "labels", "--labels", volume, "--classes", "cell", "--out", out, *extra]
+
+
+@pytest.fixture
+def zarr_volume(tmp_path) -> Path:
+    zarr.create_array(str(tmp_path / "vol.zarr"), shape=(2, 32, 32), dtype="uint16", fill_value=0)
+    return tmp_path / "vol.zarr"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("inside", "lies inside the input"), ("holds", "lies inside --out"), ("symlink", "symbolic link"),
+    ("work-inside", "--work-dir"), ("read-only", "cannot write beside"), ("work-foreign", "not a cellseg-batch work"),
+])  # fmt: skip
+def test_an_output_path_that_would_harm_an_input_or_cannot_be_written_is_refused(tmp_path, capsys, zarr_volume, case,
+                                                                                  match):  # fmt: skip
+    extra = []
+    if case == "inside":
+        out = zarr_volume / "seg.zarr"
+    elif case == "holds":
+        out = tmp_path
+    elif case == "symlink":
+        (tmp_path / "real.zarr").mkdir()
+        out = tmp_path / "link.zarr"
+        out.symlink_to(tmp_path / "real.zarr")
+    elif case == "work-inside":
+        out, extra = tmp_path / "o.zarr", ["--work-dir", zarr_volume / "w"]
+    elif case == "work-foreign":  # a run deletes its work store when it ends: never a folder of the user's
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+        out, extra = tmp_path / "o.zarr", ["--work-dir", tmp_path / "mine"]
+    else:
+        out = Path("/sys/cellseg-out.zarr")  # a filesystem even root cannot create files in
+        try:
+            out.mkdir()
+            out.rmdir()
+            pytest.skip("/sys is writable here")
+        except OSError:
+            pass
+    before = sorted(p for p in tmp_path.rglob("*"))
+    rc = cli.main([str(a) for a in _labels_run(zarr_volume, out, *extra)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and match in err[0], err
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_a_damaged_run_json_starts_the_work_store_over_instead_of_trusting_what_is_left(tmp_path, zarr_volume):
+    from cellseg_batch.config import RunConfig
+    from cellseg_batch.run.job import Run
+
+    cfg = RunConfig(str(zarr_volume), str(tmp_path / "o.zarr"), predictor="labels", labels=[str(zarr_volume)],
+                    classes=["cell"])  # fmt: skip
+    Run(cfg)._prepare()  # what a run does before its stages (no Ray needed): output and work store made
+    store = WorkStore(f"{cfg.out}.work")
+    save_npy(store.fragments_path(0), np.zeros(1, FRAGMENT))  # a slice an earlier run predicted...
+    store.run_path.write_bytes(store.run_path.read_bytes()[:20])  # ...with settings no longer known
+    again = Run(cfg)
+    assert again._prepare() == "fresh"
+    assert not store.slice_done(0) and any("run.json is damaged" in w for w in again.warnings)
+    assert store.read_run() is not None
+
+
+# -- end to end: Ray, zarr and the filesystem, all real --------------------------------------------------------------
+VOLUME = "synth:5x160x160,seed=3"
+ARGS = ["--predictor", "labels", "--labels", VOLUME, "--tile", 80, "--overlap", 16, "--no-progress", "--keep-tiles",
+        "--num-cpus", 2]  # fmt: skip
+
+
+def _result(out: Path) -> dict:
+    return {**{n: labels_of(out, n) for n in CLASSES}, "table": (out / "cellseg" / "objects.csv").read_text()}
+
+
+def test_a_corrupted_work_store_is_recomputed_to_the_clean_output_and_a_second_writer_is_refused(tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    first = subprocess.Popen([sys.executable, "-m", "cellseg_batch", "run", VOLUME, *map(str, ARGS), "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    t = time.monotonic()
+    while not lock_path(out).exists():
+        assert first.poll() is None and time.monotonic() - t < 120, first.communicate()
+        time.sleep(0.02)
+    # a second run on the same output while the first runs: refused, the first unharmed
+    assert cli.main([str(a) for a in ["run", VOLUME, *ARGS, "--out", out]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"another run (pid {first.pid}" in err[0], err
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    clean = _result(out)
+
+    store = WorkStore(f"{out}.work")
+    frag0 = store.fragments_path(0)
+    frag0.write_bytes(frag0.read_bytes()[: frag0.stat().st_size // 2])  # the issue's case: half of the file
+    chunks = sorted(p for p in store.cores_path.rglob("*") if p.is_file() and p.name[0].isdigit())
+    by_slice = {int(p.relative_to(store.cores_path).parts[0]): p for p in chunks}
+    by_slice[2].write_bytes(os.urandom(by_slice[2].stat().st_size))  # a garbage tile chunk (a missing one takes the
+    # same way, from the same StoreDamage: test_a_damaged_tile_chunk_raises_store_damage_and_is_never_read_as_zeros)
+
+    cli_subprocess("run", VOLUME, *ARGS, "--out", out, "--overwrite")  # re-merge from the kept predictions
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    again = " ".join(report["warnings"])
+    assert str(frag0) in again and str(by_slice[2]) in again, report["warnings"]
+    repaired = _result(out)
+    for key, value in clean.items():
+        assert np.array_equal(repaired[key], value) if key != "table" else repaired[key] == value, key
+
+
+def test_sigterm_while_the_output_is_finished_leaves_it_complete_never_half_finished(tmp_path):
+    from cellseg_batch.run.job import signals_held
+    from cellseg_batch.write import Output
+
+    def fresh(name: str) -> Output:
+        out = Output(tmp_path / name)
+        out.create((2, 32, 32), 16, ["cell"], None, None, {"version": "test"}, labels_dtype=np.uint32)
+        return out
+
+    previous = signal.signal(signal.SIGTERM, cli._terminate)  # what `cellseg-batch` installs: stop like Ctrl-C
+    try:
+        held = fresh("held.zarr")
+        with signals_held() as arrived:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered now, while finalize is to run
+            held.finalize(None)
+        assert arrived == [signal.SIGTERM] and Output(held.path).status == "complete"
+        assert zarr.open_group(str(held.path / "labels")).attrs["labels"] == ["cell"]
+        bare = fresh("bare.zarr")  # without holding: stopped before it says complete, so it reads as incomplete
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            bare.finalize(None)
+        assert Output(bare.path).status == "incomplete"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 600 KiB tmpfs (root only: skipped where mounting is not allowed), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_is_one_line_and_the_rerun_after_freeing_space_equals_a_clean_run(tmp_path,
+                                                                                                small_filesystem):  # fmt: skip
+    args = ["run", VOLUME, *ARGS]
+    full = cli_subprocess(*args, "--out", small_filesystem / "o.zarr", check=False)
+    assert full.returncode == 2 and "no space left on the device" in full.stderr and "Traceback" not in full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)  # space freed
+    cli_subprocess(*args, "--out", small_filesystem / "o.zarr")
+    assert json.loads((small_filesystem / "o.zarr" / "cellseg" / "report.json").read_text())["mode"] == "resume"
+    cli_subprocess(*args, "--out", tmp_path / "clean.zarr")
+    resumed, clean = _result(small_filesystem / "o.zarr"), _result(tmp_path / "clean.zarr")
+    assert all(np.array_equal(resumed[k], clean[k]) if k != "table" else resumed[k] == clean[k] for k in clean)
+
+
+def test_a_missing_band_chunk_of_a_tile_with_fragments_is_damage_not_zeros(tmp_path):
+    from cellseg_batch.write import ChunkIO
+
+    store, grid = _store(tmp_path)
+    bands = ChunkIO(store.bands())
+    bands.write((1, 0, 1), np.ones(bands.chunks, np.uint16))
+    store.check_bands(1, [(0, 1)])  # written: fine
+    (store.bands_path / "1" / "0" / "1").unlink()
+    with pytest.raises(StoreDamage) as info:
+        store.check_bands(1, [(0, 1)])
+    assert info.value.z == 1
