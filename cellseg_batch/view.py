@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -103,32 +100,43 @@ def _output_of_work_store(path: Path) -> Scene:
     return open_scene(out)
 
 
-class _Files(SimpleHTTPRequestHandler):
-    """Files under a folder, read-only, to any page (the viewer's comes from another port); no listings, no log."""
-
-    def end_headers(self):
-        self.send_header("Access-Control-Allow-Origin", "*")
-        super().end_headers()
-
-    def list_directory(self, path):
-        self.send_error(404)
-
-    def log_message(self, format, *args):
-        pass
-
-
 class FileServer:
-    """A folder over HTTP at ``bind``:``port`` (0: a free one), from a thread of this process, until ``close``."""
+    """A folder over HTTP at ``bind``:``port`` (0: a free one), from a thread of this process, until ``close``:
+    served by neuroglancer's static file handler (tornado's ``StaticFileHandler``: byte ranges, which the shard
+    index of a zarr v3 output is read with, and the CORS answers the viewer's page on another port needs), on the
+    port asked for."""
 
     def __init__(self, root: Path, bind: str = "127.0.0.1", port: int = 0):
-        self.server = ThreadingHTTPServer((bind, port), functools.partial(_Files, directory=str(root)))
-        self.port = self.server.server_port
-        self.url = f"http://{bind}:{self.port}"
-        threading.Thread(target=self.server.serve_forever, name="cellseg-view-files", daemon=True).start()
+        from urllib.parse import urlparse
+
+        self.server = _StaticFiles(str(root), bind, port)
+        self.url = self.server.url
+        self.port = urlparse(self.url).port
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
+
+
+def _StaticFiles(root: str, bind: str, port: int):
+    """neuroglancer's ``StaticFileServer`` (which always takes a free port) on ``port``, without its access log (the
+    viewer probes for files that need not exist: zarr v2 metadata in a v3 output)."""
+    import logging
+
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.web
+    from neuroglancer.static_file_server import CorsStaticFileHandler, StaticFileServer
+
+    class OnPort(StaticFileServer):
+        def _attempt_to_start_server(self):
+            app = tornado.web.Application([(r"/(.*)", CorsStaticFileHandler, {"path": self.static_dir})])
+            self.http_server = tornado.httpserver.HTTPServer(app)
+            sockets = tornado.netutil.bind_sockets(port=port, address=self.bind_address)
+            self.http_server.add_sockets(sockets)
+            self.url = f"http://{self.bind_address}:{sockets[0].getsockname()[1]}"
+
+    logging.getLogger("tornado.access").setLevel(logging.ERROR)
+    return OnPort(root, bind_address=bind, daemon=True)
 
 
 @dataclass
@@ -175,8 +183,8 @@ def neuroglancer_viewer(scene: Scene, bind: str = "127.0.0.1", port: int = 0) ->
     zyx = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units=units, scales=scales)
 
     def source(group: str, array, kind: str):
-        if files:
-            return f"zarr://{files.url}/{group}"
+        if files:  # zarr v3 (NGFF 0.5) named as such: neuroglancer would look for v2 metadata first
+            return f"{'zarr3' if (scene.path / 'zarr.json').exists() else 'zarr'}://{files.url}/{group}"
         return neuroglancer.LocalVolume(array, dimensions=zyx, volume_type=kind)
 
     arrays = [a for a in [scene.image, *scene.labels.values()] if a is not None]

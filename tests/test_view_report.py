@@ -5,6 +5,7 @@ one self-contained page that Chromium draws, with its figures and slices."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -254,3 +255,20 @@ def test_view_reads_ngff_05_zarr_v3_outputs(tmp_path):
     scene = open_scene(tmp_path / "v3.zarr")
     assert (scene.status, scene.ngff, scene.pixel_size_nm, list(scene.labels)) == ("complete", True, (50.0, 4.0, 4.0), ["cell"])
     assert scene.labels["cell"][1, 2, 3] == 3 and scene.image[0, 0, 0] == 9
+
+
+def test_view_shows_an_ngff_05_sharded_output_in_a_browser(synth_small, tmp_path, neuroglancer, chromium):
+    """Neuroglancer reads the zarr v3 output and its shards (``--format ngff-0.5``; a shard's index is read with a
+    byte range) as it reads 0.4."""
+    from cellseg_batch.view import neuroglancer_viewer, open_scene
+
+    out = tmp_path / "v05.zarr"
+    cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--tile", 128,
+        "--overlap", 16, "--chunk", 128, "--format", "ngff-0.5", "--out", out, "--no-progress")  # fmt: skip
+    assert json.loads((out / "labels" / "cell" / "0" / "zarr.json").read_text())["codecs"][0]["name"] == "sharding_indexed"
+    served = neuroglancer_viewer(open_scene(out))
+    assert served.viewer.state.layers["cell"].source[0].url == f"zarr3://{served.files.url}/labels/cell/"
+    rgb = screenshot(served, chromium)
+    assert [layer.name for layer in served.viewer.state.layers] == ["image", *CLASSES]
+    assert_not_blank(rgb)
+    assert near(rgb, class_colour(0), 0.5) > 1000
