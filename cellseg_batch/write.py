@@ -275,9 +275,9 @@ class Output:
                 block = block[::2, ::2] if name is not None else _mean2x2(block)
                 y0, x0 = y0 // 2, x0 // 2
 
-    def build_pyramid(self, z: int, from_level: int = 0) -> None:
+    def build_pyramid(self, z: int, from_level: int = 0, after_layer=None) -> None:
         """Levels above ``from_level`` of slice z for every layer, each from the level below, one chunk (or shard)
-        at a time."""
+        at a time; ``after_layer()`` is called after each layer's levels (fault tests)."""
         info = self.info
         levels = info["levels"]
         layers = [(self.labels, name, True) for name in info["classes"]]
@@ -293,6 +293,8 @@ class Output:
                         block = np.asarray(src[z, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
                         if block.any() or not is_label:
                             dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
+            if after_layer:
+                after_layer()
 
     # -- completion (driver) ------------------------------------------------------------------------------------
     def finalize(self, pixel_size_nm, z_offset: int = 0) -> None:

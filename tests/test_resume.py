@@ -136,14 +136,32 @@ def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(ref
     _assert_identical(out, reference)
 
 
+# the pyramid stage runs only where the output has more levels than a write block spans (4096 px at most): a tall,
+# narrow volume with small chunks (8 levels, blocks of 2048 px filling 6)
+PYRAMID_VOLUME = "synth:4x4608x128,seed=11"
+PYRAMID_ARGS = ["--predictor", "labels", "--labels", PYRAMID_VOLUME, *ARGS[4:], "--chunk", "64"]
+
+
+@pytest.fixture(scope="module")
+def pyramid_reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "pyramid.zarr"
+    cli("run", PYRAMID_VOLUME, *PYRAMID_ARGS, "--out", out)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4"])
-def test_kill_9_of_a_task_worker_during_stitch_or_write_does_not_change_the_result(reference, tmp_path, point):
-    """The worker running slice 4's stitch task (after stitching), or a write block of slice 4 (after its first class
-    layer), SIGKILLs itself once; Ray retries the task and the run ends with the uninterrupted output."""
+@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4", "pyramid-task:2"])
+def test_kill_9_of_a_task_worker_during_stitch_write_or_pyramid_does_not_change_the_result(tmp_path, point, request):
+    """The worker running slice 4's stitch task (after stitching), a write block of slice 4 (after its first class
+    layer), or slice 2's pyramid task (after the upper levels of its first class layer) SIGKILLs itself once; Ray
+    retries the task and the run ends with the uninterrupted output."""
     import os
 
+    volume, args, ref = VOLUME, ARGS, "reference"
+    if point.startswith("pyramid"):
+        volume, args, ref = PYRAMID_VOLUME, PYRAMID_ARGS, "pyramid_reference"
+        assert zarr.open_group(str(request.getfixturevalue(ref))).attrs["cellseg_batch"]["levels"] == 8
     out, killed = tmp_path / "out.zarr", tmp_path / "killed"
-    cli("run", VOLUME, *ARGS, "--out", out, env={**os.environ, "CELLSEG_KILL_AFTER": point, "CELLSEG_KILL_ONCE": killed})
+    cli("run", volume, *args, "--out", out, env={**os.environ, "CELLSEG_KILL_AFTER": point, "CELLSEG_KILL_ONCE": killed})
     assert killed.exists()  # the kill happened
-    _assert_identical(out, reference)
+    _assert_identical(out, request.getfixturevalue(ref))

@@ -185,7 +185,8 @@ def pyramid_task(out_path: str, z: int, from_level: int) -> None:
     """The levels above ``from_level`` of slice z, from that level (already small) for every layer."""
     from ..write import Output
 
-    Output(out_path).build_pyramid(z, from_level)
+    # fault tests: the levels of slice z half written (after the first layer)
+    Output(out_path).build_pyramid(z, from_level, after_layer=lambda: kill_point(f"pyramid-task:{z}"))
 
 
 def preview_task(out_path: str, z: int, path: str) -> None:
