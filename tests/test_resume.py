@@ -1,6 +1,7 @@
 """Interruptions: kill -9 of the driver (in predict; slow: in every stage), then the same command, gives the
 uninterrupted run's output; so does killing one predictor actor's process mid-run (Ray replaces it and retries its
-tiles) or (slow) a stitch or write task's worker; Ctrl-C stops cleanly."""
+tiles) or (slow) a stitch, write or pyramid task's worker, or (slow) a node of a two-node Ray; Ctrl-C stops
+cleanly."""
 
 import json
 import signal
@@ -165,3 +166,47 @@ def test_kill_9_of_a_task_worker_during_stitch_write_or_pyramid_does_not_change_
     cli("run", volume, *args, "--out", out, env={**os.environ, "CELLSEG_KILL_AFTER": point, "CELLSEG_KILL_ONCE": killed})
     assert killed.exists()  # the kill happened
     _assert_identical(out, request.getfixturevalue(ref))
+
+
+@pytest.mark.slow
+def test_losing_a_node_of_a_two_node_ray_cluster_mid_predict_does_not_change_the_result(reference, tmp_path,
+                                                                                           monkeypatch):
+    """A real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, 2 CPUs each: 4 predictor
+    actors); once actors run on both nodes and some slices are predicted, the second node is removed (its raylet
+    and workers killed). Its actors cannot come back (the head's CPUs are its own actors'): the driver gives their
+    batches to the head's actors (``PredictStage.worker_lost``), Ray retries tasks, and the run ends with the
+    uninterrupted output."""
+    from ray.cluster_utils import Cluster
+
+    # the test's cluster and the run's driver without token auth (a driver given an address would use this
+    # machine's token, which the test's cluster does not require: its actors then die unscheduled)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    ray_pids = {p.process.pid for ps in cluster.head_node.all_processes.values() for p in ps}
+    proc = None
+    try:
+        node = cluster.add_node(num_cpus=2)
+        ray_pids |= {p.process.pid for ps in node.all_processes.values() for p in ps}
+        cluster.wait_for_nodes()
+
+        def actors_on(n) -> list:
+            raylet = psutil.Process(n.all_processes["raylet"][0].process.pid)
+            return [c for c in raylet.children(recursive=True) if "PredictorWorker" in " ".join(c.cmdline())]
+
+        out = tmp_path / "out.zarr"
+        proc = _start(out, "--address", cluster.address)
+        _wait_for(lambda: _slices_done(out) >= 2 and actors_on(node) and actors_on(cluster.head_node), proc)
+        lost = [p.pid for p in actors_on(node)]
+        cluster.remove_node(node, allow_graceful=False)
+        assert _slices_done(out) < 16  # the node went in predict
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-5000:]
+        assert "predict: a worker was lost" in stderr  # the driver gave the lost actors' batches to the others
+        assert not _ray_processes_of(set(lost))
+        _assert_identical(out, reference)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.shutdown()
+    assert not _ray_processes_of(ray_pids), [p.name() for p in _ray_processes_of(ray_pids)]

@@ -81,6 +81,7 @@ class PredictStage(Stage):
         self.arrivals = [0.0, 0.0, 0]  # first result's time, last result's time, tiles after the first result
         self.progress: list[tuple[float, int]] = []  # (time, tiles) of each result: tiles/s over the run
         self.stolen = 0
+        self.lost: set[int] = set()  # actors given up on (unreachable: their node lost): their batches go to others
         self.actor_start_s = 0.0
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
         self.tiles_timed = 0
@@ -124,10 +125,26 @@ class PredictStage(Stage):
 
     def _refill(self) -> None:
         """Queue the next slices' batches while an actor (with positions) has fewer than two calls' worth queued."""
-        working = [q for q, share in zip(self.queues, self.shares) if share]
+        working = [q for a, (q, share) in enumerate(zip(self.queues, self.shares)) if share and a not in self.lost]
         while self.slices_left and min(len(q) for q in working) < 2 * self.per_actor:
             for queue, batches in zip(self.queues, self._slice_units(self.slices_left.popleft())):
                 queue.extend(batches)
+        for a in self.lost:  # a lost actor's batches, to the live actor with the fewest queued
+            while self.queues[a]:
+                min((self.queues[b] for b in range(len(self.queues)) if b not in self.lost), key=len).append(
+                    self.queues[a].popleft())
+
+    def worker_lost(self, unit) -> bool:
+        """Ray could not reach the unit's actor (its node lost) or it died too often: the actor is given up on, its
+        batches (this one first) go to the other actors; the run fails only where none is left."""
+        z, a, positions = unit
+        self.load[a] -= 1
+        self.lost.add(a)
+        if len(self.lost) == len(self.queues):
+            return False
+        min((self.queues[b] for b in range(len(self.queues)) if b not in self.lost), key=len).appendleft(unit)
+        self._refill()
+        return True
 
     @property
     def busy(self) -> bool:
@@ -141,7 +158,7 @@ class PredictStage(Stage):
             self._start_actors()
         out = []
         for a in range(len(self.queues)):
-            while self.load[a] < self.per_actor:
+            while a not in self.lost and self.load[a] < self.per_actor:
                 queue = self.queues[a]
                 if not queue:
                     self._refill()

@@ -9,6 +9,7 @@ still predicted, and no stage waits for another longer than its inputs require. 
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -16,6 +17,8 @@ from collections.abc import Hashable, Iterable
 from typing import Any, ClassVar
 
 from .. import distribute
+
+log = logging.getLogger("cellseg_batch")
 
 
 class Stage(ABC):
@@ -95,6 +98,11 @@ class Stage(ABC):
         """CPU time of the driver process (all its threads, Ray's included) over ``seconds``."""
         return max(0.0, self.cpu_at_finish - self.cpu_at_start)
 
+    def worker_lost(self, unit) -> bool:
+        """A unit's actor is gone (its node lost, or it died too often): True where the stage takes the unit back
+        to give it to another worker; by default the run fails."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional: stages holding workers release them here
         """Release what the stage holds (actors) once it has nothing left to do."""
 
@@ -109,6 +117,7 @@ class Local:
 def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
     """Run every stage's units to completion, each as soon as it is ready; a worker's error is raised here."""
     import ray
+    from ray.exceptions import RayActorError
 
     for stage in stages:
         stage.plan()
@@ -145,7 +154,13 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
                 stage.in_flight -= 1
                 try:
                     result = ray.get(ref)
-                except Exception as e:  # a worker's exception, or an actor that died too often
+                except RayActorError as e:  # an actor that died too often, or unreachable (its node lost)
+                    if stage.worker_lost(unit):
+                        log.warning("%s: a worker was lost (%s); its units go to the others", stage.name,
+                                    type(e).__name__)  # fmt: skip
+                        continue
+                    raise distribute.unwrap(e) from None
+                except Exception as e:  # a worker's exception
                     raise distribute.unwrap(e) from None
                 _finished(stage, unit, result)
             for stage in stages:
