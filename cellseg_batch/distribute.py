@@ -58,7 +58,9 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
                     "uses token authentication, set RAY_AUTH_TOKEN"
                 ) from e
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            # "local": a new Ray of our own. Without it, ray.init() joins the cluster that `ray start` last started on
+            # this machine (/tmp/ray/ray_current_cluster) or RAY_ADDRESS names, someone else's, even one since gone
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     finally:
         # ray.init installs its own SIGTERM handler (exit 15): keep ours, so that scancel stops the run cleanly
         if callable(sigterm):

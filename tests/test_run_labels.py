@@ -85,3 +85,15 @@ def test_tiff_export_and_object_table_match_the_labels(synth_small, tmp_path):
             bbox = (zz.min(), yy.min(), xx.min(), zz.max() + 1, yy.max() + 1, xx.max() + 1)
             assert tuple(row[k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")) == bbox
             assert abs(row["centroid_y"] - yy.mean()) < 1e-6 and row["first_slice"] == zz.min()
+
+
+def test_a_run_without_address_starts_its_own_ray_whatever_names_another(tmp_path):
+    """Without --address a run starts a Ray of its own: ray.init() alone would join the cluster that RAY_ADDRESS
+    names, or the one `ray start` last started on this machine (even one since gone: the run then waited forever)."""
+    import os
+
+    out = tmp_path / "out.zarr"
+    volume = "synth:2x256x256,seed=4"
+    cli("run", volume, "--predictor", "labels", "--labels", volume, "--tile", 128, "--overlap", 16, "--out", out,
+        "--no-progress", timeout=300, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # nothing listens there  # fmt: skip
+    assert json.loads((out / "cellseg" / "report.json").read_text())["status"] == "complete"
