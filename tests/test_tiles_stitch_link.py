@@ -107,14 +107,20 @@ def test_link_pair_is_class_aware():
     assert len(links) == 0
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
-    rng = np.random.default_rng(seed)
-    n, h, w = 12, 40, 50
+def _random_boxes(rng, n: int, h: int = 40, w: int = 50) -> np.ndarray:
+    """n overlapping rectangular masks of random size and place."""
     masks = np.zeros((n, h, w), bool)
     for i in range(n):
         y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
         masks[i, y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = True
+    return masks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
+    rng = np.random.default_rng(seed)
+    masks = _random_boxes(rng, 12)
+    n = len(masks)
     masks[3] = masks[2]  # an instance hidden under a higher-scoring twin of its class
     classes = rng.integers(0, 2, n)
     classes[3] = classes[2]
@@ -138,11 +144,8 @@ def test_paint_instances_highest_score_wins_and_ids_stay_dense(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped(seed):
     rng = np.random.default_rng(seed)
-    n, h, w = 14, 40, 50
-    masks = np.zeros((n, h, w), bool)
-    for i in range(n):
-        y, x = rng.integers(0, h - 5), rng.integers(0, w - 5)
-        masks[i, y : y + rng.integers(3, 20), x : x + rng.integers(3, 20)] = True
+    masks = _random_boxes(rng, 14)
+    n, h, w = masks.shape
     classes = rng.integers(0, 3, n)  # class 0 nests the others; classes 1 and 2 exclude one another: layer 1
     scores = rng.random(n)
     tile = paint_instances(masks, classes, scores, 3, layer_of=[0, 1, 1], min_visible=0.5)
