@@ -109,7 +109,7 @@ class FileServer:
     def __init__(self, root: Path, bind: str = "127.0.0.1", port: int = 0):
         from urllib.parse import urlparse
 
-        self.server = _StaticFiles(str(root), bind, port)
+        self.server = _static_files(str(root), bind, port)
         self.url = self.server.url
         self.port = urlparse(self.url).port
 
@@ -117,7 +117,7 @@ class FileServer:
         self.server.stop()
 
 
-def _StaticFiles(root: str, bind: str, port: int):
+def _static_files(root: str, bind: str, port: int):
     """neuroglancer's ``StaticFileServer`` (which always takes a free port) on ``port``, without its access log (the
     viewer probes for files that need not exist: zarr v2 metadata in a v3 output)."""
     import logging
