@@ -302,16 +302,17 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     store, grid, nz = run.store, run.grid, run.shape[0]
     job = TileJob(run.plan.spec, run.volume, grid, str(store.root), 0, 1)
     from cellseg_batch.run.link import LinkStage
-    from cellseg_batch.run.predict import ActorStart, PredictStage
+    from cellseg_batch.run.predict import ActorStart, CpuTasks, PredictStage
     from cellseg_batch.run.stitch import StitchStage
     from cellseg_batch.run.write import PyramidStage, WriteStage
 
     def stages():
         predict = PredictStage(store, grid, nz, 4, ActorStart(job, (2, 1, 0), 60))
-        stitch = StitchStage(store, grid, nz, 0.5, predict, 2)
+        tasks = CpuTasks(predict)
+        stitch = StitchStage(store, grid, nz, 0.5, predict, 2, tasks)
         link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch)
-        write = WriteStage(store, grid, nz, run.output, None, 0, link, 2)
-        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2)]
+        write = WriteStage(store, grid, nz, run.output, None, 0, link, 2, tasks)
+        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2, tasks)]
 
     for stage in stages():
         stage.plan()

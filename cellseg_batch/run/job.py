@@ -38,7 +38,7 @@ from ..tiles import TileGrid
 from ..write import Output, check_class_names
 from .link import LinkStage
 from .lock import OutputLock
-from .predict import ActorStart, PredictStage
+from .predict import ActorStart, CpuTasks, PredictStage
 from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
@@ -252,12 +252,13 @@ class Run:
         cfg, store, grid, nz = self.cfg, self.store, self.grid, self.shape[0]
         limit = 2 * max(1, self.resources["cpus"])
         predict = PredictStage(store, grid, nz, cfg.batch_size, self.actors, self.normalization)
-        stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit)
+        cpu_tasks = CpuTasks(predict)
+        stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit, cpu_tasks)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
-                           limit, self.plan.layer_of)  # fmt: skip
-        pyramid = PyramidStage(store, nz, self.output, write, limit)
-        preview = PreviewStage(nz, self.output, pyramid)
+                           limit, cpu_tasks, self.plan.layer_of)  # fmt: skip
+        pyramid = PyramidStage(store, nz, self.output, write, limit, cpu_tasks)
+        preview = PreviewStage(nz, self.output, pyramid, cpu_tasks)
         self.stages = [predict, stitch, link, write, pyramid, preview]
         count, cpus, gpus = self.actors.layout
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
@@ -267,6 +268,7 @@ class Run:
         self.counts["tiles_predicted_now"] = predict.remaining
         self.counts["batches_rebalanced"] = predict.stolen
         self.counts["tile_positions_read_back_for_z_overlaps"] = stitch.cores_read_back
+        self.counts["cpu_units_run_by_predictor_actors"] = cpu_tasks.by_actors
         self.times["actor_start"] = predict.actor_start_s
         for stage in self.stages:
             self.times[stage.name] = stage.seconds

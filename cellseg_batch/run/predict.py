@@ -44,6 +44,48 @@ class ActorStart:
         return self.actors
 
 
+class CpuTasks:
+    """Where the CPU work of the later stages (stitch, write, pyramid, preview: functions in ``remote``) runs: as Ray
+    tasks, except where CPU predictor actors hold every core. There a task would wait for the last tile, then start
+    a worker process of its own, so the actors run that work between their batches, in turn, and stay until the
+    last unit (measured on 2 cores, 16 x 1024 x 1024: the stitching after the last tile 1.4-1.9 -> 0.1 s)."""
+
+    def __init__(self, predict: PredictStage):
+        self.predict = predict
+        predict.cpu_tasks = self
+        self.users: list[Stage] = []
+        self.on_actors = True  # until an actor is lost running a unit: then tasks only
+        self.tasks: dict = {}
+        self.turn = 0
+        self.by_actors = 0  # units run on a predictor actor
+
+    def use(self, stage: Stage) -> None:
+        stage.cpu_tasks = self
+        self.users.append(stage)
+
+    def remote(self, fn, *args):
+        """``fn(*args)`` on the next predictor actor, or as a Ray task: an object ref either way."""
+        actors = self.predict.spare_actors() if self.on_actors else []
+        if actors:
+            self.turn += 1
+            self.by_actors += 1
+            return actors[self.turn % len(actors)].call.remote(fn, *args)
+        if fn not in self.tasks:
+            self.tasks[fn] = distribute.remote_task(fn)
+        return self.tasks[fn].remote(*args)
+
+    def need_actors(self) -> bool:
+        return self.on_actors and any(s.busy for s in self.users) and bool(self.predict.spare_actors())
+
+    def lost(self, stage: Stage, unit) -> bool:
+        """The actor running ``stage``'s unit is gone (died too often, or its node lost): the unit, and all later
+        work, goes to tasks."""
+        self.on_actors = False
+        self.by_actors -= 1
+        stage.todo.appendleft(unit)
+        return True
+
+
 class PredictStage(Stage):
     """Units are batches ``(z, actor, positions)`` of one slice's tiles. Positions are dealt to actors once
     (a run of neighbours in raster order each, so an actor's windows share input chunks) and each actor gets its
@@ -83,6 +125,8 @@ class PredictStage(Stage):
         self.stolen = 0
         self.lost: set[int] = set()  # actors given up on (unreachable: their node lost): their batches go to others
         self.actor_start_s = 0.0
+        self.hold_every_core = False  # CPU actors holding all of the cluster's cores: no task runs beside them
+        self.cpu_tasks: CpuTasks | None = None  # other stages' work the actors may run: kept while it needs them
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
         self.tiles_timed = 0
 
@@ -176,8 +220,17 @@ class PredictStage(Stage):
         return out
 
     def _start_actors(self) -> None:
+        import ray
+
         self.actors = self.starter.ready()
         self.actor_start_s = self.starter.seconds
+        self.hold_every_core = not self.layout[2] and ray.available_resources().get("CPU", 0) < 1
+
+    def spare_actors(self) -> list:
+        """The live predictor actors, where CPU actors hold every core (else none: tasks run beside them)."""
+        if not (self.hold_every_core and self.actors):
+            return []
+        return [actor for a, actor in enumerate(self.actors) if a not in self.lost]
 
     def start(self, unit):
         z, a, positions = unit
@@ -214,6 +267,8 @@ class PredictStage(Stage):
     def close(self) -> None:
         import ray
 
+        if self.cpu_tasks is not None and self.cpu_tasks.need_actors():
+            return  # they run the stages' last units, warm (a task would start a worker); closed once those are done
         for actor in self.starter.actors:  # free their cores (and GPUs) for the stages after this one
             ray.kill(actor)
         self.actors = self.starter.actors = []

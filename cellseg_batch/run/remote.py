@@ -94,6 +94,10 @@ class PredictorWorker:
         times["store"] = time.perf_counter() - t3  # cores, bands, fragment tables, z-overlaps
         return {"fragments": fragments, "zoverlaps": overlaps, "times": times}
 
+    def call(self, fn, *args):
+        """A later stage's task, run here between two batches (``run.predict.CpuTasks``)."""
+        return fn(*args)
+
     def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None) -> list:
         """Count the overlaps with the neighbouring slices' cores of this position held in memory, then keep
         this core (and forget older ones of the position: the pairs they could still make are settled)."""

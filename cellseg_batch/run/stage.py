@@ -29,6 +29,7 @@ class Stage(ABC):
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     limit: int = 1  # units in flight at once
+    cpu_tasks = None  # run.predict.CpuTasks, for stages whose units are CPU tasks
 
     def __init__(self):
         self.todo: deque = deque()
@@ -100,8 +101,8 @@ class Stage(ABC):
 
     def worker_lost(self, unit) -> bool:
         """A unit's actor is gone (its node lost, or it died too often): True where the stage takes the unit back
-        to give it to another worker; by default the run fails."""
-        return False
+        to give it to another worker; by default the run fails, unless the unit ran on a predictor actor."""
+        return self.cpu_tasks.lost(self, unit) if self.cpu_tasks is not None else False
 
     def close(self) -> None:  # noqa: B027 - optional: stages holding workers release them here
         """Release what the stage holds (actors) once it has nothing left to do."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import distribute
 from ..stitch import ZOVERLAP, tile_starts
 from ..tiles import TileGrid
-from .predict import PredictStage
+from .predict import CpuTasks, PredictStage
 from .remote import stitch_task
 from .stage import Stage
 from .store import WorkStore
@@ -15,20 +14,22 @@ from .store import WorkStore
 
 class StitchStage(Stage):
     """Unit: slice z, ready once z and z+1 are predicted. Its task reads only the slice's bands, plus the two cores
-    of any position whose z-overlaps no actor counted from memory; the driver joins those with the logged ones."""
+    of any position whose z-overlaps no actor counted from memory; the driver joins those with the logged ones.
+    Where CPU actors hold every core, a predictor actor runs it between two of its batches (``CpuTasks``)."""
 
     name = "stitch"
     reads = ("bands(z)", "fragments(z)", "zoverlaps(z)")
     writes = ("edges(z)",)
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, iou_min: float, predict: PredictStage,
-                 limit: int):  # fmt: skip
+                 limit: int, cpu_tasks: CpuTasks):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.iou_min = store, grid, n_slices, iou_min
         self.predict, self.limit = predict, limit
         # one core per task: tried without (to overlap stitching with CPU actors that hold every core), the actors
-        # lost more (torch shares the cores with the task) than the tail after the last tile gained
-        self.task = distribute.remote_task(stitch_task)
+        # lost more (torch shares the cores with the task) than the tail after the last tile gained; so there the
+        # actors stitch, one call among their batches (``CpuTasks``)
+        cpu_tasks.use(self)
         self.cores_read_back = 0  # tile positions whose z-overlaps had to read their cores again
 
     def units(self):
@@ -52,7 +53,7 @@ class StitchStage(Stage):
             self.store.check_bands(z, [p for p in self.grid.positions() if held[0][p[0] * self.grid.nx + p[1]]])
             missing = [(iy, ix, bool(held[0][iy * self.grid.nx + ix]), bool(held[1][iy * self.grid.nx + ix]))
                        for iy, ix in missing]  # fmt: skip
-        return self.task.remote(str(self.store.root), self.grid, z, self.iou_min, missing)
+        return self.cpu_tasks.remote(stitch_task, str(self.store.root), self.grid, z, self.iou_min, missing)
 
     def finish(self, z, result) -> None:
         logged = list(self.store.read_zoverlaps(z).values()) if z + 1 < self.n_slices else []

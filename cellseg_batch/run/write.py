@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import distribute
 from ..stitch import tile_starts
 from ..tiles import Box, TileGrid
 from ..write import Output, block_levels, label_dtype
 from .link import LinkStage
+from .predict import CpuTasks
 from .remote import preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
@@ -25,7 +25,8 @@ class WriteStage(Stage):
     writes = ("labels/<class>/0..k", "image 0..k")
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, volume, z_offset: int,
-                 link: LinkStage, limit: int, layer_of: tuple[int, ...] | None = None):  # fmt: skip
+                 link: LinkStage, limit: int, cpu_tasks: CpuTasks, layer_of: tuple[int, ...] | None = None
+                 ):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.output = store, grid, n_slices, output
         # where classes share a label layer (exclusive classes), each pixel goes to its object's class
@@ -35,7 +36,7 @@ class WriteStage(Stage):
         self.block_levels = block_levels(output.info["chunk"], self.levels)
         self.side = side = output.info["chunk"] * 2 ** (self.block_levels - 1)  # pixels
         self.blocks = [(by, bx) for by in range(-(-grid.height // side)) for bx in range(-(-grid.width // side))]
-        self.task = distribute.remote_task(write_block_task)
+        cpu_tasks.use(self)
         self.dtype: np.dtype | None = None
         self._luts: tuple | None = None
         self.left: dict[int, int] = {}  # blocks of a slice still to write
@@ -68,7 +69,7 @@ class WriteStage(Stage):
         tiles = g.cores_in(block)
         luts, classes = self._slice_luts(z)
         picked = [iy * g.nx + ix for iy, ix in tiles]
-        return self.task.remote(str(self.store.root), str(self.output.path), g, z, block, tiles,
+        return self.cpu_tasks.remote(write_block_task, str(self.store.root), str(self.output.path), g, z, block, tiles,
                                 [luts[i] for i in picked], self.block_levels, self.volume, self.z_offset,
                                 self.layer_of, [classes[i] for i in picked] if classes else None)  # fmt: skip
 
@@ -100,10 +101,11 @@ class PyramidStage(Stage):
     reads = ("labels/<class>/k", "image k")
     writes = ("labels/<class>/k+1..", "image k+1..")
 
-    def __init__(self, store: WorkStore, n_slices: int, output: Output, write: WriteStage, limit: int):
+    def __init__(self, store: WorkStore, n_slices: int, output: Output, write: WriteStage, limit: int,
+                 cpu_tasks: CpuTasks):  # fmt: skip
         super().__init__()
         self.store, self.n_slices, self.output, self.write, self.limit = store, n_slices, output, write, limit
-        self.task = distribute.remote_task(pyramid_task)
+        cpu_tasks.use(self)
         self.marks: set = set()
 
     def units(self):
@@ -120,7 +122,7 @@ class PyramidStage(Stage):
         return self.write.left.get(z, 0) == 0
 
     def start(self, z):
-        return self.task.remote(str(self.output.path), z, self.write.block_levels - 1)
+        return self.cpu_tasks.remote(pyramid_task, str(self.output.path), z, self.write.block_levels - 1)
 
     def finish(self, z, result) -> None:
         self.store.mark("pyramid", (z,))
@@ -138,11 +140,11 @@ class PreviewStage(Stage):
     reads = ("labels/<class>/k", "image k")
     writes = ("cellseg/preview.png",)
 
-    def __init__(self, n_slices: int, output: Output, pyramid: PyramidStage):
+    def __init__(self, n_slices: int, output: Output, pyramid: PyramidStage, cpu_tasks: CpuTasks):
         super().__init__()
         self.z, self.output, self.pyramid = n_slices // 2, output, pyramid
         self.path = output.meta_dir / "preview.png"
-        self.task = distribute.remote_task(preview_task)
+        cpu_tasks.use(self)
 
     def units(self):
         return [self.z]
@@ -154,4 +156,4 @@ class PreviewStage(Stage):
         return self.pyramid.slice_done(z)
 
     def start(self, z):
-        return self.task.remote(str(self.output.path), z, str(self.path))
+        return self.cpu_tasks.remote(preview_task, str(self.output.path), z, str(self.path))
