@@ -53,7 +53,7 @@ def demo(out: str | Path, iterations: int = 800, overwrite: bool = True) -> dict
         shutil.rmtree(model)
     step("train Mask R-CNN on the CPU", lambda: train(TrainConfig(
         train=str(coco["train"]), images=str(coco["images"]), val=str(coco["val"]), config=str(config),
-        out=str(model), max_iter=iterations, eval_period=0, tile=TILE, overlap=32,
+        out=str(model), max_iter=iterations, eval_period=0, tile=TILE, overlap=32, amp=True,
         pixel_size=",".join(str(v) for v in (40.0, 10.0, 10.0)))))  # fmt: skip
     test_data = step("synthesize a test volume", lambda: write_synthetic(out / "test", TEST_SHAPE, seed=2, overwrite=overwrite))
     seg = out / "test.seg.zarr"

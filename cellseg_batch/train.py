@@ -55,6 +55,7 @@ class TrainConfig:
     overlap: int | None = None
     pixel_size: str | None = None
     percentiles: tuple[float, float] = (1.0, 99.5)
+    amp: bool = False
     opts: list[str] = field(default_factory=list)
 
 
@@ -191,6 +192,7 @@ def build_cfg(tc: TrainConfig, classes: list[str], device: str):
     cfg.DATASETS.TEST = (VAL_SET,) if tc.val else ()
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
     cfg.MODEL.DEVICE = device
+    cfg.SOLVER.AMP.ENABLED = tc.amp and device.startswith("cuda")  # detectron2's AMPTrainer: CUDA only
     cfg.MODEL.WEIGHTS = resolve_weights(tc.weights) if tc.weights is not None else resolve_weights(cfg.MODEL.WEIGHTS)
     cfg.OUTPUT_DIR = str(Path(tc.out) / "train")
     if tc.max_iter:
@@ -212,11 +214,28 @@ def build_cfg(tc: TrainConfig, classes: list[str], device: str):
     return cfg
 
 
+def autocast_training_forward(model, dtype) -> None:
+    """Run ``model``'s training forward pass under CPU autocast to ``dtype`` (bfloat16): the losses come back in
+    float32 and the weights and their gradients stay float32; inference is left as it is."""
+    import torch
+
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        if not model.training:
+            return forward(*args, **kwargs)
+        with torch.autocast("cpu", dtype=dtype):
+            losses = forward(*args, **kwargs)
+        return {k: v.float() for k, v in losses.items()}
+
+    model.forward = autocast_forward
+
+
 class _TimeUp(Exception):
     """Raised by the time-limit hook; every rank stops at the same iteration."""
 
 
-def make_trainer(cfg, normalization: Normalization, max_minutes: float | None, has_val: bool):
+def make_trainer(cfg, normalization: Normalization, max_minutes: float | None, has_val: bool, cpu_amp=None):
     import torch
     import torch.distributed as dist
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -238,6 +257,13 @@ def make_trainer(cfg, normalization: Normalization, max_minutes: float | None, h
                 raise _TimeUp
 
     class Trainer(DefaultTrainer):
+        @classmethod
+        def build_model(cls, cfg):
+            model = super().build_model(cfg)
+            if cpu_amp is not None:  # detectron2's AMPTrainer needs CUDA
+                autocast_training_forward(model, cpu_amp)
+            return model
+
         @classmethod
         def build_train_loader(cls, cfg):
             return build_detection_train_loader(cfg, mapper=EMDatasetMapper(True, normalization))
@@ -282,7 +308,12 @@ def train_main(tc: TrainConfig, classes: list[str], device: str) -> None:
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     default_setup(cfg, _Args(tc))
     logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_time_up)
-    trainer = make_trainer(cfg, normalization, tc.max_minutes, bool(tc.val))
+    cpu_amp = None
+    if tc.amp and device == "cpu":
+        from .predict.detectron2_predictor import amp_dtype
+
+        cpu_amp = amp_dtype(device)
+    trainer = make_trainer(cfg, normalization, tc.max_minutes, bool(tc.val), cpu_amp)
     trainer.resume_or_load(resume=tc.resume)
     start_iter, t0 = trainer.start_iter, time.perf_counter()
     stopped_early = False
@@ -334,7 +365,7 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
             "config": str(tc.config), "weights": source.name, "iterations": int(iters), "last_iter": int(last_iter),
             "seconds": round(elapsed, 1), "iters_per_s": round(iters / elapsed, 4) if elapsed else None,
             "images_per_s": round(iters * cfg.SOLVER.IMS_PER_BATCH / elapsed, 3) if elapsed else None,
-            "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
+            "amp": tc.amp, "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
             "skipped": dict(train_set.skipped), "validation": metrics,
         },
     )  # fmt: skip

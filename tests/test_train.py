@@ -190,3 +190,42 @@ def test_exclusive_option_names_the_run_classes():
     with pytest.raises(UserError, match="--exclusive: vessel is not a class of m"):
         exclusive_groups(["mito,vessel"], classes, "m")
     assert exclusive_layers(classes, found) == (0, 1, 1)
+
+
+def test_amp_training_forward_runs_in_bfloat16_and_returns_float32_losses():
+    """``train --amp`` on a CPU: the training forward pass runs under bfloat16 autocast (the backbone's convolutions
+    give bfloat16), the losses come back as float32 and backpropagate into float32 weights; eval mode is untouched."""
+    import torch
+
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.train import autocast_training_forward
+
+    detectron2_ready()
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    autocast_training_forward(model, torch.bfloat16)
+    seen = []
+    model.backbone.bottom_up.stem.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 10:40, 12:44] = True
+    target = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[12.0, 10.0, 44.0, 40.0]])),
+                       gt_classes=torch.tensor([1]), gt_masks=BitMasks(mask))  # fmt: skip
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "instances": target, "height": 64, "width": 64}]
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    assert seen == [torch.bfloat16] and all(v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.backbone.bottom_up.stem.conv1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
+    assert seen[-1] == torch.float32
