@@ -192,7 +192,9 @@ def build_cfg(tc: TrainConfig, classes: list[str], device: str):
     cfg.DATASETS.TEST = (VAL_SET,) if tc.val else ()
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
     cfg.MODEL.DEVICE = device
-    cfg.SOLVER.AMP.ENABLED = tc.amp and device.startswith("cuda")  # detectron2's AMPTrainer: CUDA only
+    # detectron2's AMPTrainer needs CUDA: on a CPU, --amp is the bfloat16 forward of ``train_main`` instead (and a
+    # config's SOLVER.AMP.ENABLED alone is turned off there rather than fail at the first step)
+    cfg.SOLVER.AMP.ENABLED = bool(tc.amp or cfg.SOLVER.AMP.ENABLED) and device.startswith("cuda")
     cfg.MODEL.WEIGHTS = resolve_weights(tc.weights) if tc.weights is not None else resolve_weights(cfg.MODEL.WEIGHTS)
     cfg.OUTPUT_DIR = str(Path(tc.out) / "train")
     if tc.max_iter:
