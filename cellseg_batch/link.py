@@ -40,13 +40,14 @@ link, or per-slice evaluation).
 
 Memory and cost. Everything streams slice by slice from the work store: adjacent slices' overlaps were counted
 by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment tables of link_gap + 2 slices and one int per
-2D instance. Gap edges need the overlaps of z and z+2 (z+3, ...), which nobody counted. They are computed here, but
-only for the tile positions that hold a fragment of a free instance of one slice and any fragment of the other:
-the two tile cores (``cores.zarr``, tile-local ids) are read and counted with the same ``stitch.zoverlaps`` as the
-actors use, one tile position at a time, so memory stays one pair of tile cores. That is not a small share of the
-tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024, 256 px tiles) 522 of 600 tile
-positions were read and the link stage took 1.6 s instead of 0.08 s (``benchmarks/REPORT.md``), about 3 ms per
-tile position on the driver. Reads and time are in the run report (``gap_tiles_read``, ``gap_seconds``).
+2D instance. Gap edges need the overlaps of z and z+2 (z+3, ...), which nobody counted. The gap stage counts them
+(``gap_overlaps``, one unit per slice, off the driver, as soon as the slices it needs are stitched): only at the tile
+positions that hold a fragment of an instance without an adjacent partner in one slice and any fragment of the other,
+from the two tile cores (``cores.zarr``, tile-local ids), with the same ``stitch.zoverlaps`` as the actors use.
+That is not a small share of the tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024,
+256 px tiles) 522 of 600 tile positions were needed, about 3 ms each. Counted on the driver (as before the gap stage,
+and still where it did not run) the link stage took 1.6 s instead of 0.08 s there (``benchmarks/REPORT.md``). The run
+report has the positions used (``gap_positions``) and any the driver read itself (``gap_tiles_read``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class LinkStats:
     links: int = 0
     heal_links: int = 0
     gap_links: int = 0
-    gap_tiles_read: int = 0
+    gap_positions: int = 0  # tile positions whose overlaps gap edges used (counted by the gap stage, or here)
+    gap_tiles_read: int = 0  # of those, the ones whose cores the driver read (the gap stage did not run)
     gap_seconds: float = 0.0
     objects: int = 0
     max_tiles_per_instance: int = 0
@@ -210,25 +212,87 @@ def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
     return _aggregate(ia, ib, ov["count"])
 
 
-def _gap_overlaps(store, grid: TileGrid, za: int, a: _Slice, zb: int, b: _Slice, free_a: np.ndarray,
-                  free_b: np.ndarray) -> tuple[np.ndarray, int]:  # fmt: skip
-    """ZOVERLAP rows between slices za and zb, counted from the stored tile cores, only at the tile positions where
-    a fragment of a free instance of one slice and any fragment of the other have pixels; and how many positions."""
+def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, free_b: np.ndarray):
+    """The tile positions whose overlaps gap edges between slices a and b need: where a fragment of a free instance
+    of one slice and any fragment of the other have pixels; and, per slice, the positions whose cores were written
+    (a missing one is damage)."""
 
     def tiles(s: _Slice, free: np.ndarray | None) -> np.ndarray:
         f = s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
         return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
 
-    held_a, held_b = tiles(a, None), tiles(b, None)  # positions whose cores were written: a missing one is damage
+    held_a, held_b = tiles(a, None), tiles(b, None)
     todo = np.union1d(np.intersect1d(tiles(a, free_a), held_b), np.intersect1d(held_a, tiles(b, free_b)))
-    if len(todo) == 0:
-        return np.zeros(0, ZOVERLAP), 0
-    out = []
-    for t in todo:  # one position at a time: a thread pool halved the time but doubled the driver's peak memory
+    return todo, held_a, held_b
+
+
+def _count_gap_overlaps(store, grid: TileGrid, za: int, zb: int, todo: np.ndarray, held_a: np.ndarray,
+                        held_b: np.ndarray) -> np.ndarray:  # fmt: skip
+    """ZOVERLAP rows between slices za and zb at the positions ``todo`` (``_gap_positions``), counted from the
+    stored tile cores, one position at a time (memory: one pair of cores)."""
+    out = [np.zeros(0, ZOVERLAP)]
+    for t in todo:
         iy, ix = divmod(int(t), grid.nx)
         out.append(zoverlaps(store.core(grid, za, iy, ix, written=t in held_a),
                              store.core(grid, zb, iy, ix, written=t in held_b), iy, ix))  # fmt: skip
-    return np.concatenate(out), len(todo)
+    return np.concatenate(out)
+
+
+def _load_slice(store, grid: TileGrid, z: int, base: int = 0) -> tuple[_Slice, dict]:
+    """Slice z's 2D instances (its fragments joined by its stitch matches) with their class, area and score; and
+    its edges."""
+    frag = store.fragments(z)
+    edges = store.edges(z)
+    inst, n = slice_instances(frag, edges["pairs"], grid)
+    area = np.bincount(inst, weights=frag["area"], minlength=n).astype(np.int64)
+    score = np.bincount(inst, weights=frag["score"] * frag["area"], minlength=n) / np.maximum(area, 1)
+    cls = np.zeros(n, dtype=np.int16)
+    cls[inst] = frag["cls"]
+    return _Slice(frag, inst, cls, area, score, base, np.zeros(n, bool), np.zeros(n, bool)), edges
+
+
+def _adjacent_links(grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, overlaps: np.ndarray):
+    """Rules 1-2 between adjacent slices, from the overlaps the actors counted: edges and the branch/merge count."""
+    ia, ib, inter = _instance_overlaps(grid, a, b, overlaps)
+    return link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
+                     rule.ioa_min, a.score, b.score)  # fmt: skip
+
+
+def _gaps(rule: LinkRule, n_classes: int) -> np.ndarray:
+    gap = np.zeros(n_classes, np.int64)
+    gap[: len(rule.gap)] = rule.gap
+    return gap
+
+
+def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, rule: LinkRule
+                 ) -> dict[int, np.ndarray]:  # fmt: skip
+    """The z-overlaps gap edges from slice za may need, per distance d (za + d, d = 2 .. largest gap + 1), counted
+    from the tile cores; the gap stage's unit, run off the driver once slices za .. za + d are stitched.
+
+    ``build_objects`` frees an instance for a gap edge only where it has no edge to the next (previous) slice, and
+    those edges include gap edges made before; here only the adjacent edges are known, so its free instances (and
+    the positions that hold them) are a superset of what ``build_objects`` uses: it takes the rows at the positions
+    it needs, which are the same as if it had counted them itself."""
+    gap = _gaps(rule, n_classes)
+    last = min(za + int(gap.max(initial=0)) + 1, n_slices - 1)
+    if last < za + 2:
+        return {}
+    slices = {z: _load_slice(store, grid, z) for z in range(za, last + 1)}
+    a, a_edges = slices[za]
+    forward = np.zeros(len(a.area), bool)
+    forward[_adjacent_links(grid, rule, a, slices[za + 1][0], a_edges["overlaps"])[0][:, 0]] = True
+    out = {}
+    for zb in range(za + 2, last + 1):
+        d = zb - za
+        (prev, prev_edges), (b, _) = slices[zb - 1], slices[zb]
+        backward = np.zeros(len(b.area), bool)
+        backward[_adjacent_links(grid, rule, prev, b, prev_edges["overlaps"])[0][:, 1]] = True
+        bridged = gap >= d - 1
+        free_a = ~forward & (a.area > 0) & bridged[a.cls]
+        free_b = ~backward & (b.area > 0) & bridged[b.cls]
+        todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
+        out[d] = _count_gap_overlaps(store, grid, za, zb, todo, held_a, held_b)
+    return out
 
 
 def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
@@ -239,17 +303,12 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     stats = LinkStats()
     bases, areas, classes, zs, link_edges = [0], [], [], [], []
     window: list[_Slice] = []  # the last slices (up to the largest gap + 1), oldest first
-    gap = np.zeros(n_classes, np.int64)
-    gap[: len(rule.gap)] = rule.gap
+    gap = _gaps(rule, n_classes)
+    counted: dict[int, dict[int, np.ndarray] | None] = {}  # za -> the gap stage's rows per distance, where it ran
     prev_edges = None
     for z in range(n_slices):
-        frag = store.fragments(z)
-        edges = store.edges(z)
-        inst, n = slice_instances(frag, edges["pairs"], grid)
-        area = np.bincount(inst, weights=frag["area"], minlength=n).astype(np.int64)
-        score = np.bincount(inst, weights=frag["score"] * frag["area"], minlength=n) / np.maximum(area, 1)
-        cls = np.zeros(n, dtype=np.int16)
-        cls[inst] = frag["cls"]
+        here, edges = _load_slice(store, grid, z, bases[-1])
+        frag, inst, cls, area, n = here.frag, here.inst, here.cls, here.area, len(here.area)
         tiles_per = np.bincount(inst[frag["area"] > 0], minlength=n)
         stats.fragments += len(frag)
         stats.instances_2d += int((area > 0).sum())
@@ -257,19 +316,21 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         stats.max_tiles_per_instance = max(stats.max_tiles_per_instance, int(tiles_per.max(initial=0)))
         stats.instances_over_4_tiles += int((tiles_per > 4).sum())
         store.write_instances(z, inst)
-        here = _Slice(frag, inst, cls, area, score, bases[-1], np.zeros(n, bool), np.zeros(n, bool))
         if window and link != "none":
             prev = window[-1]
-            ia, ib, inter = _instance_overlaps(grid, prev, here, prev_edges["overlaps"])
-            pairs, heal = link_pair(rule.kinds(prev.cls), prev.area, rule.kinds(cls), area, ia, ib, inter,
-                                    rule.iou_min, rule.ioa_min, prev.score, score)  # fmt: skip
+            pairs, heal = _adjacent_links(grid, rule, prev, here, prev_edges["overlaps"])
             _add_edges(link_edges, pairs, prev, here)
             stats.links += len(pairs)
             stats.heal_links += heal
             for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
+                if z - d not in counted:
+                    counted[z - d] = store.gap_overlaps(z - d)
+                rows = counted[z - d]
                 stats.gap_links += _bridge(
-                    store, grid, z - d, window[-d], z, here, rule, link_edges, stats, gap >= d - 1
+                    store, grid, z - d, window[-d], z, here, rule, link_edges, stats, gap >= d - 1,
+                    None if rows is None else rows.get(d, np.zeros(0, ZOVERLAP)),
                 )
+            counted.pop(z - int(gap.max(initial=0)) - 1, None)
         window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
         prev_edges = edges
         areas.append(area)
@@ -305,21 +366,27 @@ def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
 
 
 def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats,
-            bridged: np.ndarray) -> int:  # fmt: skip
+            bridged: np.ndarray, counted: np.ndarray | None = None) -> int:  # fmt: skip
     """Gap edges between slices za and zb > za + 1: for the instances of za left without an edge to a later slice
     and those of zb left without one from an earlier slice (rules 1-2 with only these free), of the classes
-    ``bridged`` (per class index) allows."""
+    ``bridged`` (per class index) allows. Their overlaps come from ``counted`` (the gap stage's rows for the pair,
+    a superset) or, where that stage did not run, from the tile cores here."""
     free_a = ~a.forward & (a.area > 0) & bridged[a.cls]
     free_b = ~b.backward & (b.area > 0) & bridged[b.cls]
     if not (free_a.any() or free_b.any()):
         return 0
     t = time.perf_counter()
-    ov, tiles = _gap_overlaps(store, grid, za, a, zb, b, free_a, free_b)
+    todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
+    if counted is None:
+        ov = _count_gap_overlaps(store, grid, za, zb, todo, held_a, held_b)
+        stats.gap_tiles_read += len(todo)
+    else:
+        ov = counted[np.isin(counted["iy"].astype(np.int64) * grid.nx + counted["ix"], todo)]
+    stats.gap_positions += len(todo)
     ia, ib, inter = _instance_overlaps(grid, a, b, ov)
     pairs, _ = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
                          rule.ioa_min, a.score, b.score, free_a=free_a, free_b=free_b)  # fmt: skip
     _add_edges(out, pairs, a, b)
-    stats.gap_tiles_read += tiles
     stats.gap_seconds += time.perf_counter() - t
     return len(pairs)
 

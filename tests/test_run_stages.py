@@ -301,7 +301,7 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     run = Run(RunConfig(SYNTH, str(out), predictor="labels", labels=[SYNTH], tile=128, overlap=16))
     store, grid, nz = run.store, run.grid, run.shape[0]
     job = TileJob(run.plan.spec, run.volume, grid, str(store.root), 0, 1)
-    from cellseg_batch.run.link import LinkStage
+    from cellseg_batch.run.link import GapStage, LinkStage
     from cellseg_batch.run.predict import ActorStart, CpuTasks, PredictStage
     from cellseg_batch.run.stitch import StitchStage
     from cellseg_batch.run.write import PyramidStage, WriteStage
@@ -310,19 +310,21 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
         predict = PredictStage(store, grid, nz, 4, ActorStart(job, (2, 1, 0), 60))
         tasks = CpuTasks(predict)
         stitch = StitchStage(store, grid, nz, 0.5, predict, 2, tasks)
-        link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch)
+        gaps = GapStage(store, grid, nz, 4, "overlap", run.link_rule, 2, tasks)
+        link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch, gaps)
         write = WriteStage(store, grid, nz, run.output, None, 0, link, 2, tasks)
-        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2, tasks)]
+        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2, tasks), gaps]
 
     for stage in stages():
         stage.plan()
         assert not stage.busy, stage.name
     store.edges_path(2).unlink()
     store.marker("write", (1, 0, 0)).unlink()
-    predict, stitch, link, write, pyramid = stages()
-    for stage in (predict, stitch, link, write, pyramid):
+    predict, stitch, link, write, pyramid, gaps = stages()
+    for stage in (predict, stitch, link, write, pyramid, gaps):
         stage.plan()
     assert not predict.busy and list(stitch.todo) == [2] and list(write.todo) == [(1, 0, 0)]
+    assert not gaps.busy  # counted from slices that do not change: a stitch redone gives the same edges
     assert not link.busy  # the object table is still there: only a changed merge setting redoes it
     assert stitch.is_ready(2) and write.is_ready((1, 0, 0))
     store.fragments_path(3).unlink()  # slice 3 lost its fragment table: its tiles are predicted again

@@ -36,7 +36,7 @@ from ..read import Volume, open_volume
 from ..report_html import write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
-from .link import LinkStage
+from .link import GapStage, LinkStage
 from .lock import OutputLock
 from .predict import ActorStart, CpuTasks, PredictStage
 from .remote import TileJob
@@ -254,12 +254,13 @@ class Run:
         predict = PredictStage(store, grid, nz, cfg.batch_size, self.actors, self.normalization)
         cpu_tasks = CpuTasks(predict)
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit, cpu_tasks)
-        link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch)
+        gaps = GapStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, limit, cpu_tasks)
+        link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch, gaps)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
                            limit, cpu_tasks, self.plan.layer_of)  # fmt: skip
         pyramid = PyramidStage(store, nz, self.output, write, limit, cpu_tasks)
         preview = PreviewStage(nz, self.output, pyramid, cpu_tasks)
-        self.stages = [predict, stitch, link, write, pyramid, preview]
+        self.stages = [predict, stitch, gaps, link, write, pyramid, preview]
         count, cpus, gpus = self.actors.layout
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
         drive(self.stages, bar=self._bar)
@@ -349,11 +350,12 @@ class Run:
                 "objects_per_class": {self.classes[int(c)]: n for c, n in stats.per_class.items()},
                 "fragments": stats.fragments, "instances_2d": stats.instances_2d,
                 "stitch_matches": stats.stitch_matches, "z_links": stats.links, "z_links_healed": stats.heal_links,
-                "z_links_gap": stats.gap_links, "gap_tiles_read": stats.gap_tiles_read,
+                "z_links_gap": stats.gap_links, "gap_positions": stats.gap_positions,
+                "gap_tiles_read": stats.gap_tiles_read,
                 "gap_seconds": round(stats.gap_seconds, 3),
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
             },
-            "output": {"label_dtype": str(np.dtype(self.stages[3].dtype or "uint32"))},
+            "output": {"label_dtype": str(np.dtype(next(s for s in self.stages if s.name == "write").dtype or "uint32"))},
             "merge_quality": {
                 "touching_unmatched_at_tile_borders": touching,
                 "touching_unmatched_per_slice": touching_per_slice,

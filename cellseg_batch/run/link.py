@@ -8,25 +8,63 @@ import numpy as np
 
 from ..link import LinkRule, LinkStats, build_objects
 from ..tiles import TileGrid
+from .predict import CpuTasks
+from .remote import gap_task
 from .stage import Local, Stage
 from .stitch import StitchStage
 from .store import WorkStore, save_npy
 
 
+class GapStage(Stage):
+    """Unit: slice z, ready once z and the slices up to its largest gap + 1 below are stitched. Its task counts the
+    z-overlaps gap edges from z may need, from the tile cores at the positions that hold an instance without an
+    adjacent partner (``link.gap_overlaps``), so that the link stage on the driver reads none: many positions of a
+    dense volume qualify, and the tasks run beside prediction on every core instead of one after it on the driver."""
+
+    name = "gaps"
+    reads = ("fragments(z..z+g+1)", "edges(z..z+g+1)", "cores at gap positions")
+    writes = ("gap_overlaps(z)",)
+
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
+                 limit: int, cpu_tasks: CpuTasks):  # fmt: skip
+        super().__init__()
+        self.store, self.grid, self.n_slices, self.n_classes, self.rule = store, grid, n_slices, n_classes, rule
+        self.reach = max(rule.gap, default=0) + 1 if link != "none" else 0  # slices below z a unit reads
+        self.limit = limit
+        cpu_tasks.use(self)
+
+    def units(self):
+        return range(self.n_slices - 2) if self.reach >= 2 else []
+
+    def is_done(self, z) -> bool:
+        return self.store.gaps_path(z).exists()
+
+    def is_ready(self, z) -> bool:
+        return all(self.store.stitched(zz) for zz in range(z, min(z + self.reach, self.n_slices - 1) + 1))
+
+    def start(self, z):
+        return self.cpu_tasks.remote(gap_task, str(self.store.root), self.grid, z, self.n_slices, self.n_classes,
+                                     self.rule)  # fmt: skip
+
+    def finish(self, z, result) -> None:
+        self.store.write_gap_overlaps(z, result)
+
+
 class LinkStage(Stage):
-    """One unit (the volume). Streams the slices' fragment tables and edges; writes each slice's fragment ->
-    object id table and the object table. Memory grows with the number of 2D instances, not with voxels."""
+    """One unit (the volume). Streams the slices' fragment tables, edges and gap overlaps; writes each slice's
+    fragment -> object id table and the object table. Memory grows with the number of 2D instances, not with
+    voxels."""
 
     name = "link"
-    reads = ("fragments(z)", "edges(z)", "cores(z) at gap tiles")
+    reads = ("fragments(z)", "edges(z)", "gap_overlaps(z)")
     writes = ("lut(z)", "objects", "link_stats")
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
-                 stitch: StitchStage):  # fmt: skip
+                 stitch: StitchStage, gaps: GapStage):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.n_classes = store, grid, n_slices, n_classes
         self.link, self.rule = link, rule
-        self.stitch = stitch
+        self.stitch, self.gaps = stitch, gaps
         self.table: np.ndarray | None = None
         self.stats: LinkStats | None = None
 
@@ -41,7 +79,7 @@ class LinkStage(Stage):
         return False
 
     def is_ready(self, unit) -> bool:
-        return not self.stitch.busy
+        return not (self.stitch.busy or self.gaps.busy)
 
     def start(self, unit):
         table, stats = build_objects(self.store, self.grid, self.n_slices, self.n_classes, self.link, self.rule)

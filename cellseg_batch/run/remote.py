@@ -139,6 +139,13 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: 
             "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
 
 
+def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: int, rule) -> dict[int, np.ndarray]:
+    """The z-overlaps gap edges from slice z may need (``link.gap_overlaps``), counted from the tile cores."""
+    from ..link import gap_overlaps
+
+    return gap_overlaps(WorkStore(work_dir), grid, z, n_slices, n_classes, rule)
+
+
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
                      luts: list[np.ndarray], levels: int, volume, z_offset: int, layer_of=None,
                      classes: list[np.ndarray] | None = None) -> None:  # fmt: skip

@@ -134,6 +134,9 @@ class WorkStore:
     def edges_path(self, z: int) -> Path:
         return self._slice_file("post/edges", z, ".npz")
 
+    def gaps_path(self, z: int) -> Path:
+        return self._slice_file("post/gaps", z, ".npz")
+
     def instances_path(self, z: int) -> Path:
         return self._slice_file("post/inst", z, ".npy")
 
@@ -331,6 +334,15 @@ class WorkStore:
 
     def stitched(self, z: int) -> bool:
         return self.edges_path(z).exists()
+
+    def write_gap_overlaps(self, z: int, rows: dict[int, np.ndarray]) -> None:
+        save_npz(self.gaps_path(z), **{f"d{d}": r for d, r in rows.items()})
+
+    def gap_overlaps(self, z: int) -> dict[int, np.ndarray] | None:
+        """The gap stage's z-overlaps of slice z with slice z + d, per d; None where that stage did not run."""
+        if not self.gaps_path(z).exists():
+            return None
+        return {int(k[1:]): v for k, v in verified(_npz, self.gaps_path(z)).items()}
 
     def write_instances(self, z: int, instances: np.ndarray) -> None:
         save_npy(self.instances_path(z), instances)
