@@ -226,16 +226,21 @@ def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, fre
     return todo, held_a, held_b
 
 
-def _count_gap_overlaps(store, grid: TileGrid, za: int, zb: int, todo: np.ndarray, held_a: np.ndarray,
-                        held_b: np.ndarray) -> np.ndarray:  # fmt: skip
-    """ZOVERLAP rows between slices za and zb at the positions ``todo`` (``_gap_positions``), counted from the
-    stored tile cores, one position at a time (memory: one pair of cores)."""
-    out = [np.zeros(0, ZOVERLAP)]
-    for t in todo:
-        iy, ix = divmod(int(t), grid.nx)
-        out.append(zoverlaps(store.core(grid, za, iy, ix, written=t in held_a),
-                             store.core(grid, zb, iy, ix, written=t in held_b), iy, ix))  # fmt: skip
-    return np.concatenate(out)
+def _count_gap_overlaps(store, grid: TileGrid, za: int, held_a: np.ndarray,
+                        wanted: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, np.ndarray]:  # fmt: skip
+    """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, from
+    ``_gap_positions``, and zb's written positions), counted from the stored tile cores one position at a time: the
+    core of za is read once for every zb that needs it (memory: two cores)."""
+    out = {zb: [np.zeros(0, ZOVERLAP)] for zb in wanted}
+    sets = {zb: (set(todo.tolist()), set(held_b.tolist())) for zb, (todo, held_b) in wanted.items()}
+    written_a = set(held_a.tolist())
+    for t in sorted(set().union(*(todo for todo, _ in sets.values()))):
+        iy, ix = divmod(t, grid.nx)
+        core_a = store.core(grid, za, iy, ix, written=t in written_a)
+        for zb, (todo, written_b) in sets.items():
+            if t in todo:
+                out[zb].append(zoverlaps(core_a, store.core(grid, zb, iy, ix, written=t in written_b), iy, ix))
+    return {zb: np.concatenate(rows) for zb, rows in out.items()}
 
 
 def _load_slice(store, grid: TileGrid, z: int, base: int = 0) -> tuple[_Slice, dict]:
@@ -281,18 +286,17 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
     a, a_edges = slices[za]
     forward = np.zeros(len(a.area), bool)
     forward[_adjacent_links(grid, rule, a, slices[za + 1][0], a_edges["overlaps"])[0][:, 0]] = True
-    out = {}
+    wanted, held_a = {}, None
     for zb in range(za + 2, last + 1):
-        d = zb - za
         (prev, prev_edges), (b, _) = slices[zb - 1], slices[zb]
         backward = np.zeros(len(b.area), bool)
         backward[_adjacent_links(grid, rule, prev, b, prev_edges["overlaps"])[0][:, 1]] = True
-        bridged = gap >= d - 1
+        bridged = gap >= zb - za - 1
         free_a = ~forward & (a.area > 0) & bridged[a.cls]
         free_b = ~backward & (b.area > 0) & bridged[b.cls]
         todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
-        out[d] = _count_gap_overlaps(store, grid, za, zb, todo, held_a, held_b)
-    return out
+        wanted[zb] = (todo, held_b)
+    return {zb - za: rows for zb, rows in _count_gap_overlaps(store, grid, za, held_a, wanted).items()}
 
 
 def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
@@ -378,7 +382,7 @@ def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule,
     t = time.perf_counter()
     todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
     if counted is None:
-        ov = _count_gap_overlaps(store, grid, za, zb, todo, held_a, held_b)
+        ov = _count_gap_overlaps(store, grid, za, held_a, {zb: (todo, held_b)})[zb]
         stats.gap_tiles_read += len(todo)
     else:
         ov = counted[np.isin(counted["iy"].astype(np.int64) * grid.nx + counted["ix"], todo)]
