@@ -130,7 +130,7 @@ class ChunkIO:
             full[tuple(slice(0, d) for d in data.shape)] = data
             data = full
         raw = np.ascontiguousarray(data, dtype=self.dtype)
-        for f in self.filters:  # zarr v2: filters first (the work store's CRC32), then the compressor
+        for f in self.filters:  # zarr v2: filters first (the work store's CRC32C), then the compressor
             raw = f.encode(raw)
         blob = self.codec.encode(raw) if self.codec is not None else bytes(raw)
         self.store.set_sync(self.prefix + self.key(tuple(coords)), self.buffer.from_bytes(blob))

@@ -94,7 +94,7 @@ class LabelsPredictor(Predictor):
                 if len(mine) == n and offset == 0:
                     layers[layer] = local
                 else:
-                    layers[layer] += fastremap.remap(local, dict(enumerate(table.tolist())))  # disjoint pixels
+                    layers[layer] += np.take(table, local)  # disjoint pixels; a lut, faster than a dict remap
             classes.append(cls)
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)

@@ -23,7 +23,7 @@ Only the driver writes frag/, zov/ and post/; actors write tile chunks (one writ
 under a temporary name and renamed, and a tile counts as done only once its record is in the log, so killing any
 process at any moment leaves a state from which the same command continues. Everything is data (npy, npz, JSON,
 zarr): nothing in a work directory is executed or unpickled. Every file is read by a verified load: tile chunks
-carry a CRC32, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
+carry a CRC32C, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
 which the run forgets what depends on it and computes it again (``WorkStore.repair``): never used, never a traceback.
 """
 
@@ -72,7 +72,7 @@ def _lz4():
     return numcodecs.Blosc("lz4", 5, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
-# what numpy, zipfile, blosc and the CRC32 check raise for a file or chunk that is not what was written
+# what numpy, zipfile, blosc and the CRC32C check raise for a file or chunk that is not what was written
 DAMAGE = (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile)
 
 
@@ -191,7 +191,9 @@ class WorkStore:
         for d in ("frag", "zov", "post"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         m, h = grid.core_max, grid.band
-        common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(), filters=[numcodecs.CRC32()],
+        # CRC32C (google-crc32c, hardware-accelerated): 1.1 / 0.6 ms to encode / decode an 8 MB core, against
+        # 5.6 / 3.9 ms with zlib's CRC32, which took ~15% of the actors' time in a profile of the labels ceiling
+        common = dict(dtype="uint16", fill_value=0, zarr_format=2, compressors=_lz4(), filters=[numcodecs.CRC32C()],
                       chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
         if not self.cores_path.exists():
             zarr.create_array(str(self.cores_path), shape=(n_slices, n_classes, grid.ny * m, grid.nx * m),
