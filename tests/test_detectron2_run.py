@@ -64,3 +64,30 @@ def test_detectron2_predictor_runs_through_ray_and_writes_readable_ome_zarr(mode
     assert len(table) - 1 == report["counts"]["objects"]
     assert set(np.unique(ids[ids > 0])) <= set(range(1, report["counts"]["objects"] + 1))
     assert (out / "cellseg" / "preview.png").stat().st_size > 1000
+
+
+def test_detectron2_imports_without_torch_dynamo_and_roi_align_still_works():
+    """Actors import detectron2 without torch._dynamo (``d2compat._import_torchvision_ops``); RoIAlign runs, and a
+    later torch._dynamo import (torch.compile) is the real package, which torchvision's fallback check then uses."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from cellseg_batch.d2compat import detectron2_ready
+detectron2_ready()
+from detectron2.modeling import build_model  # noqa: F401
+assert "torch._dynamo" not in sys.modules, "torch._dynamo was imported"
+import torch
+from torchvision.ops import roi_align
+x = torch.arange(64.0).reshape(1, 1, 8, 8)
+out = roi_align(x, torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]]), (2, 2), aligned=True)
+assert out.shape == (1, 1, 2, 2) and torch.isfinite(out).all()
+import torch._dynamo.utils as real
+assert hasattr(real, "counters"), "a stand-in was left in place of torch._dynamo.utils"
+check = sys.modules["torchvision.ops.roi_align"].is_compile_supported
+assert check("cpu") == real.is_compile_supported("cpu")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
