@@ -214,32 +214,47 @@ def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
 
 def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, free_b: np.ndarray):
     """The tile positions whose overlaps gap edges between slices a and b need: where a fragment of a free instance
-    of one slice and any fragment of the other have pixels; and, per slice, the positions whose cores were written
-    (a missing one is damage)."""
+    of one slice and any fragment of the other have pixels; per such position, the box (y0, y1, x0, x1, volume
+    pixels) around the free fragments there; and, per slice, the positions whose cores were written (a missing
+    one is damage). Every pixel a pair with a free side shares lies in that box, and only such pairs can make a gap
+    edge (``link_pair``): counting the box alone gives them whole."""
 
-    def tiles(s: _Slice, free: np.ndarray | None) -> np.ndarray:
-        f = s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
+    def rows(s: _Slice, free: np.ndarray | None) -> np.ndarray:
+        return s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
+
+    def tiles(f: np.ndarray) -> np.ndarray:
         return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
 
-    held_a, held_b = tiles(a, None), tiles(b, None)
-    todo = np.union1d(np.intersect1d(tiles(a, free_a), held_b), np.intersect1d(held_a, tiles(b, free_b)))
-    return todo, held_a, held_b
+    held_a, held_b = tiles(rows(a, None)), tiles(rows(b, None))
+    fa, fb = rows(a, free_a), rows(b, free_b)
+    todo = np.union1d(np.intersect1d(tiles(fa), held_b), np.intersect1d(held_a, tiles(fb)))
+    free = np.concatenate([fa, fb])
+    where = free["iy"].astype(np.int64) * grid.nx + free["ix"]
+    boxes = {}
+    for t in todo.tolist():
+        f = free[where == t]
+        boxes[t] = (int(f["y0"].min()), int(f["y1"].max()), int(f["x0"].min()), int(f["x1"].max()))
+    return todo, held_a, held_b, boxes
 
 
 def _count_gap_overlaps(store, grid: TileGrid, za: int, held_a: np.ndarray,
-                        wanted: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, np.ndarray]:  # fmt: skip
-    """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, from
-    ``_gap_positions``, and zb's written positions), counted from the stored tile cores one position at a time: the
-    core of za is read once for every zb that needs it (memory: two cores)."""
+                        wanted: dict[int, tuple[np.ndarray, np.ndarray, dict]]) -> dict[int, np.ndarray]:  # fmt: skip
+    """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, zb's written
+    positions and the box to count at each position, from ``_gap_positions``), counted from the stored tile cores
+    one position at a time: the core of za is read once for every zb that needs it (memory: two cores)."""
     out = {zb: [np.zeros(0, ZOVERLAP)] for zb in wanted}
-    sets = {zb: (set(todo.tolist()), set(held_b.tolist())) for zb, (todo, held_b) in wanted.items()}
+    sets = {zb: (set(todo.tolist()), set(held_b.tolist()), boxes) for zb, (todo, held_b, boxes) in wanted.items()}
     written_a = set(held_a.tolist())
-    for t in sorted(set().union(*(todo for todo, _ in sets.values()))):
+    for t in sorted(set().union(*(todo for todo, _, _ in sets.values()))):
         iy, ix = divmod(t, grid.nx)
+        core = grid.core(iy, ix)
         core_a = store.core(grid, za, iy, ix, written=t in written_a)
-        for zb, (todo, written_b) in sets.items():
+        for zb, (todo, written_b, boxes) in sets.items():
             if t in todo:
-                out[zb].append(zoverlaps(core_a, store.core(grid, zb, iy, ix, written=t in written_b), iy, ix))
+                y0, y1, x0, x1 = boxes[t]
+                crop = (slice(None), slice(y0 - core.y0, y1 - core.y0), slice(x0 - core.x0, x1 - core.x0))
+                core_b = store.core(grid, zb, iy, ix, written=t in written_b)
+                out[zb].append(zoverlaps(core_a[crop], core_b[crop], iy, ix))
     return {zb: np.concatenate(rows) for zb, rows in out.items()}
 
 
@@ -294,8 +309,8 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
         bridged = gap >= zb - za - 1
         free_a = ~forward & (a.area > 0) & bridged[a.cls]
         free_b = ~backward & (b.area > 0) & bridged[b.cls]
-        todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
-        wanted[zb] = (todo, held_b)
+        todo, held_a, held_b, boxes = _gap_positions(grid, a, b, free_a, free_b)
+        wanted[zb] = (todo, held_b, boxes)
     return {zb - za: rows for zb, rows in _count_gap_overlaps(store, grid, za, held_a, wanted).items()}
 
 
@@ -380,9 +395,9 @@ def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule,
     if not (free_a.any() or free_b.any()):
         return 0
     t = time.perf_counter()
-    todo, held_a, held_b = _gap_positions(grid, a, b, free_a, free_b)
+    todo, held_a, held_b, boxes = _gap_positions(grid, a, b, free_a, free_b)
     if counted is None:
-        ov = _count_gap_overlaps(store, grid, za, held_a, {zb: (todo, held_b)})[zb]
+        ov = _count_gap_overlaps(store, grid, za, held_a, {zb: (todo, held_b, boxes)})[zb]
         stats.gap_tiles_read += len(todo)
     else:
         ov = counted[np.isin(counted["iy"].astype(np.int64) * grid.nx + counted["ix"], todo)]
