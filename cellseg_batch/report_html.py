@@ -148,7 +148,8 @@ def _objects(output, classes: list[str]) -> str:
         return "<p>no object table</p>"
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["class", "voxels", "first_slice", "last_slice"]).to_pydict()
+    # ParquetFile, not read_table: read_table imports pyarrow.dataset (0.16 s at the end of every run, measured)
+    t = pq.ParquetFile(path).read(columns=["class", "voxels", "first_slice", "last_slice"]).to_pydict()
     cls = np.array(t["class"], dtype=object)
     voxels, extent = np.array(t["voxels"]), np.array(t["last_slice"]) - np.array(t["first_slice"]) + 1
     rows = [(c, 0, int((cls == c).sum()), str(int((cls == c).sum())), class_colour_hex(k)) for k, c in enumerate(classes)]
