@@ -104,10 +104,12 @@ class PredictStage(Stage):
         self.starter, self.normalization = actors, normalization
         self.layout = actors.layout
         self.records = {z: store.read_fragment_log(z) for z in range(n_slices) if not store.slice_done(z)}
-        self.delivered: dict[int, set] = defaultdict(set)  # z -> positions whose overlaps with z+1 are logged
+        # z -> position -> its z-overlap rows with z+1, logged (by this run or the one before), until z is stitched:
+        # the stitch stage takes them from here instead of reading the log back
+        self.zoverlaps: dict[int, dict] = defaultdict(dict)
         for z in range(n_slices - 1):
             if not store.stitched(z):
-                self.delivered[z] = set(store.read_zoverlaps(z))
+                self.zoverlaps[z] = store.read_zoverlaps(z)
         for z, done in list(self.records.items()):
             if len(done) == len(grid):  # killed between the last record and the table
                 store.complete_slice(z, self.records.pop(z))
@@ -251,7 +253,7 @@ class PredictStage(Stage):
         self.tiles_timed += len(fragments)
         for key, rows in result["zoverlaps"]:
             self.unlogged_zov[key[0]].append((key, rows))
-            self.delivered[key[0]].add(key[1:])
+            self.zoverlaps[key[0]][key[1:]] = rows
         if len(self.records[z]) == len(self.grid):
             self.store.complete_slice(z, self.records.pop(z))
             self.unlogged.pop(z)

@@ -44,7 +44,7 @@ class StitchStage(Stage):
     def start(self, z):
         missing = []
         if z + 1 < self.n_slices:
-            delivered = self.predict.delivered.get(z, set())
+            delivered = self.predict.zoverlaps.get(z, {})
             missing = [p for p in self.grid.positions() if p not in delivered]
         self.cores_read_back += len(missing)
         if missing:  # slices predicted by an earlier run: with whether each core was written (the tile has
@@ -56,8 +56,8 @@ class StitchStage(Stage):
         return self.cpu_tasks.remote(stitch_task, str(self.store.root), self.grid, z, self.iou_min, missing)
 
     def finish(self, z, result) -> None:
-        logged = list(self.store.read_zoverlaps(z).values()) if z + 1 < self.n_slices else []
+        logged = list(self.predict.zoverlaps.get(z, {}).values()) if z + 1 < self.n_slices else []
         overlaps = np.concatenate([*logged, result["overlaps"]]) if logged else result["overlaps"]
         self.store.write_edges(z, result["pairs"], overlaps.astype(ZOVERLAP, copy=False),
                                result["touching_unmatched"])  # fmt: skip
-        self.predict.delivered.pop(z, None)
+        self.predict.zoverlaps.pop(z, None)
