@@ -93,12 +93,11 @@ def _patch_stack() -> None:
 def _import_torchvision_ops() -> None:
     """Import torchvision.ops without importing torch._dynamo (1.4 s of each actor's start, measured).
 
-    torchvision >= 0.2x's ``roi_align`` does ``from torch._dynamo.utils import is_compile_supported`` at import,
+    torchvision's ``roi_align`` (0.29 here) does ``from torch._dynamo.utils import is_compile_supported`` at import,
     for a fallback it takes only without its compiled ops or under deterministic algorithms on a GPU. While
     torchvision imports, that module is a stand-in whose function imports the real one when first called; it is
     removed right after, so any later ``import torch._dynamo`` (torch.compile) gets the real package. Where the
-    import goes any other way (torch._dynamo imported meanwhile, an error), what it added is undone and torchvision
-    is imported as usual."""
+    import fails with the stand-in, torchvision is imported as usual."""
     name = "torch._dynamo.utils"
     if "torchvision.ops" in sys.modules or name in sys.modules or importlib.util.find_spec("torchvision") is None:
         return
@@ -114,21 +113,19 @@ def _import_torchvision_ops() -> None:
 
     stand_in = types.ModuleType(name)
     stand_in.is_compile_supported = is_compile_supported
-    before = set(sys.modules)
     sys.modules[name] = stand_in
     try:
         import torchvision.ops  # noqa: F401
-
-        clean = "torch._dynamo" not in sys.modules
-    except Exception:
-        clean = False
+    except Exception:  # imported as usual below; modules that did import stay (their registrations ran once)
+        pass
     finally:
         if sys.modules.get(name) is stand_in:
             del sys.modules[name]
-    if not clean:
-        for module in set(sys.modules) - before:
-            del sys.modules[module]
-        import torchvision.ops  # noqa: F401, F811
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and getattr(dynamo, "utils", None) is stand_in:  # imported meanwhile: the real one
+        del dynamo.utils
+        importlib.import_module(name)
+    import torchvision.ops  # noqa: F401, F811  (nothing to do where the import above succeeded)
 
 
 class _ArraysOnly(pickle.Unpickler):
