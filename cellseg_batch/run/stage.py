@@ -63,7 +63,7 @@ class Stage(ABC):
         """Take the unit's result on the driver (small: tables and counts) and record it in the work store."""
 
     def flush(self) -> None:  # noqa: B027 - optional: stages that buffer their records
-        """Write what ``finish`` buffered (called once per batch of results: one fsync for many units)."""
+        """Write what ``finish`` buffered (called once per batch of results: one file append for many units)."""
 
     def take(self) -> list:
         """Units to start now: in order, while the head one is ready and there is room."""
