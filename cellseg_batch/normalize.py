@@ -25,6 +25,8 @@ class Normalization:
         """float32 in [0, 255]."""
         scale = 255.0 / max(self.high - self.low, 1e-12)
         out = (image.astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+        if image.dtype.kind == "f":  # NaN (no data in a float volume) becomes black: in the model, one NaN pixel
+            np.nan_to_num(out, copy=False, nan=0.0)  # spreads through every convolution and norm of its tile
         return np.clip(out, 0.0, 255.0, out=out)
 
     def to_dict(self) -> dict:

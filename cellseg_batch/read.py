@@ -1,11 +1,14 @@
-"""Read: open EM volumes and label stacks lazily (TIFF/BigTIFF, zarr v2/v3, OME-Zarr, synthetic) as 2D windows."""
+"""Read: open EM volumes and label stacks lazily (TIFF/BigTIFF/OME-TIFF, image sequences, zarr v2/v3, OME-Zarr, synthetic)
+as 2D windows."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,6 +61,17 @@ class Volume:
     def __repr__(self):
         return f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
+    def identity(self) -> list:
+        """What tells this input from an edited one (the resume check): a file's size and modification time."""
+        p = Path(self.path)
+        return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else []
+
+    @property
+    def rgb(self) -> bool:
+        """Stored as RGB/RGBA: windows are read as the mean of R, G and B."""
+        axes = getattr(self, "_axes", None)
+        return axes is not None and axes.rgb
+
     def read(self, z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The window [y0:y1, x0:x1] of slice z, as a 2D array of the volume's dtype."""
         raise NotImplementedError
@@ -73,34 +87,58 @@ def _check_dtype(dtype: np.dtype, path: str) -> np.dtype:
     return dtype
 
 
-def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], tuple]:
-    """Map an array's axes to (Z, Y, X): singleton extra axes are dropped, a missing Z becomes one slice."""
+@dataclass(frozen=True)
+class AxisMap:
+    """Where Z, Y and X (and an RGB sample axis) sit in a stored array, and how a 2D window is cut from it.
+
+    ``template`` has one entry per stored axis: "Z", "Y", "X", "S" (RGB/RGBA samples), or 0 for a singleton axis."""
+
+    template: tuple
+
+    def window(self, z: int, y0: int, y1: int, x0: int, x1: int) -> tuple:
+        cut = {"Z": z, "Y": slice(y0, y1), "X": slice(x0, x1), "S": slice(0, 3)}  # alpha is not image
+        return tuple(cut[a] if isinstance(a, str) else a for a in self.template)
+
+    @property
+    def rgb(self) -> bool:
+        return "S" in self.template
+
+    def grey(self, window: np.ndarray) -> np.ndarray:
+        """A window as cut, as 2D greyscale: RGB becomes the mean of R, G and B (ImageJ's unweighted conversion;
+        greyscale EM saved as RGB has three equal channels, so its values come back unchanged)."""
+        if not self.rgb:
+            return window
+        kept = [a for a in self.template if a in ("Y", "X", "S")]
+        mean = window.mean(axis=kept.index("S"))
+        return np.rint(mean).astype(window.dtype) if window.dtype.kind in "ui" else mean.astype(window.dtype)
+
+
+def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], AxisMap]:
+    """Map an array's axes to (Z, Y, X): singleton extra axes are dropped wherever they are, a missing Z becomes
+    one slice, and RGB/RGBA samples (3 or 4) are kept for ``AxisMap.grey``."""
     axes = axes.upper()
     if len(axes) != len(shape):
         raise UserError(f"{path}: {len(shape)}D data with axes {axes!r}; {hint}")
-    if "S" in axes and shape[axes.index("S")] > 1:
-        raise UserError(f"{path} is RGB/multi-sample ({shape}); convert it to a greyscale stack")
-    if not axes.endswith("YX"):
-        raise UserError(f"{path} has axes {axes!r}; the last two axes must be Y and X ({hint})")
-    index: list = []
-    z_axis = None
-    for i, a in enumerate(axes[:-2]):
-        if shape[i] == 1:
-            index.append(0)
-        elif z_axis is None and a in "ZQIT":
-            z_axis = i
-            index.append(slice(None))
-        else:
-            raise UserError(
-                f"{path} has shape {shape} with axes {axes!r}: more than one non-singleton axis besides Y and X; "
-                f"{hint}"
-            )
     if 0 in shape:
         raise UserError(f"{path} is empty (shape {shape})")
-    zyx = (shape[z_axis] if z_axis is not None else 1, shape[-2], shape[-1])
-    if z_axis is None:
-        index.append(None)  # adds the one-slice Z axis back
-    return zyx, tuple(index)
+    kept = [a for a, n in zip(axes, shape) if n > 1 or a in "YX"]
+    if "S" in kept and shape[axes.index("S")] not in (3, 4):
+        raise UserError(f"{path} is multi-sample ({shape}); convert it to a greyscale stack")
+    rest = [a for a in kept if a != "S"]
+    if "S" in kept and len(rest) == 2 and axes.index("S") < axes.index("Y"):
+        # tifffile (and others) store a (3, Y, X) or (4, Y, X) array as one planar RGB image by default: that is far
+        # more often a 3-slice stack than a colour image
+        raise UserError(f"{path} is one planar RGB image of shape {shape}; if its planes are slices, save it as a "
+                        "greyscale stack (tifffile: photometric='minisblack')")  # fmt: skip
+    if rest[-2:] != ["Y", "X"]:
+        raise UserError(f"{path} has axes {axes!r}; the last two axes must be Y and X ({hint})")
+    if len(rest) > 3 or (len(rest) == 3 and rest[0] not in "ZQIT"):
+        raise UserError(
+            f"{path} has shape {shape} with axes {axes!r}: more than one non-singleton axis besides Y and X; {hint}"
+        )
+    template = tuple((a if a in "YXS" else "Z") if (n > 1 or a in "YX") else 0 for a, n in zip(axes, shape))
+    size = dict(zip(template, shape))
+    return (size.get("Z", 1), size["Y"], size["X"]), AxisMap(template)
 
 
 class TiffVolume(Volume):
@@ -119,9 +157,10 @@ class TiffVolume(Volume):
                     raise UserError(f"{self.path} is a {series.shape[0]}-channel ImageJ stack; save one channel")
                 if axes[0] == "C" and len(axes) == 3:
                     axes = "Z" + axes[1:]  # an ImageJ stack saved without hyperstack axes reads as channels
-                zyx, self._index = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
+                zyx, self._axes = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
                 dtype = _check_dtype(series.dtype, self.path)
                 self._check_complete(tf, series)
+                self._check_codec(series)
                 pixel = _tiff_pixel_size(tf)
         except UserError:
             raise
@@ -140,7 +179,7 @@ class TiffVolume(Volume):
         said = None
         if tf.is_shaped:
             shape = ((tf.shaped_metadata or [{}])[0] or {}).get("shape") or [0, 0, 0]
-            said = math.prod(shape[:-3] if "S" in series.axes else shape[:-2])
+            said = math.prod(shape) // max(1, math.prod(series.keyframe.shape))  # its shape over one page's
         elif tf.is_imagej:
             said = (tf.imagej_metadata or {}).get("images", 1)
         if said is not None and (said != images or series.kind.lower() not in ("shaped", "imagej")):
@@ -152,6 +191,18 @@ class TiffVolume(Volume):
             ends.append(series.dataoffset + series.nbytes)
         if any(end > size for end in ends):
             raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
+
+    def _check_codec(self, series) -> None:
+        """A compression tifffile cannot decode here fails now, not at the first tile of a started run."""
+        import tifffile
+
+        compression = series.keyframe.compression
+        try:
+            tifffile.TIFF.DECOMPRESSORS[compression]
+        except KeyError as e:
+            name = tifffile.COMPRESSION(compression).name if compression in set(tifffile.COMPRESSION) else compression
+            raise UserError(f"{self.path} is {name}-compressed, which needs the imagecodecs package here: pip install "
+                            "imagecodecs (it is a dependency of cellseg-batch; reinstall it)") from e  # fmt: skip
 
     def _array(self):
         arr = getattr(self._local, "arr", None)
@@ -169,24 +220,30 @@ class TiffVolume(Volume):
 
     def read(self, z, y0, y1, x0, x1):
         arr = self._array()
-        index = [z if isinstance(i, slice) else i for i in self._index if i is not None]
-        if self.shape[0] == 1 and None in self._index:
-            index = [i for i in self._index if i is not None]
         try:
-            return np.asarray(arr[tuple(index) + (slice(y0, y1), slice(x0, x1))])
+            return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:  # tifffile/zarr raise many types for damaged data
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
+NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "micron": 1000.0, "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1,
+               "pm": 1e-3}  # fmt: skip
+
+
 def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:
-    """(z, y, x) in nm from the X/YResolution tags and ImageJ's unit and spacing; z is None where not recorded."""
+    """(z, y, x) in nm from OME-XML (PhysicalSize*), else the X/YResolution tags and ImageJ's unit and spacing; z is
+    None where not recorded."""
+    if tf.is_ome:
+        ome = _ome_pixel_size(tf)
+        if ome:
+            return ome
     tags = tf.pages[0].tags
     if "XResolution" not in tags:
         return None
     num, den = tags["XResolution"].value
     ij = tf.imagej_metadata or {}
     unit = str(ij.get("unit", "")).replace("\\u00B5", "u").replace("µ", "u")
-    nm_per_unit = {"um": 1000.0, "micron": 1000.0, "nm": 1.0, "mm": 1e6}.get(unit)
+    nm_per_unit = NM_PER_UNIT.get(unit)
     if nm_per_unit is None and "ResolutionUnit" in tags:
         nm_per_unit = {2: 2.54e7, 3: 1e7}.get(int(tags["ResolutionUnit"].value))  # per inch, per cm
     if not nm_per_unit or not num:
@@ -194,6 +251,27 @@ def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:
     xy = nm_per_unit * den / num
     z = float(ij["spacing"]) * nm_per_unit if "spacing" in ij and ij.get("unit") else None
     return (z, xy, xy)
+
+
+def _ome_pixel_size(tf) -> tuple[float | None, float, float] | None:
+    import tifffile
+
+    try:
+        image = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+    except Exception:  # OME-XML that does not parse or lacks an image: no pixel size, as without OME
+        return None
+
+    def size(axis: str) -> float | None:
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = NM_PER_UNIT.get(str(pixels.get(f"PhysicalSize{axis}Unit", "µm")))  # OME's default unit is µm
+        try:
+            return float(value) * unit if value is not None and unit and float(value) > 0 else None
+        except (TypeError, ValueError):
+            return None
+
+    y, x = size("Y"), size("X")
+    return (size("Z"), y, x) if y and x else None
 
 
 class ZarrVolume(Volume):
@@ -221,7 +299,7 @@ class ZarrVolume(Volume):
             pixel = ngff_pixel_size(ms, level0)
         if axes is None or len(axes) != node.ndim:
             axes = {2: "YX", 3: "ZYX"}.get(node.ndim, "?" * node.ndim)
-        zyx, self._index = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
+        zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
         return zyx, _check_dtype(node.dtype, self.path), pixel
 
     def _array(self):
@@ -235,12 +313,11 @@ class ZarrVolume(Volume):
     CACHE_BYTES = 128 * 2**20  # decoded chunks kept per thread: a row of tiles reads each chunk once
 
     def read(self, z, y0, y1, x0, x1):
-        index = [z if isinstance(i, slice) else i for i in self._index if i is not None]
         arr = self._array()
         try:
-            if arr.ndim == 3 and arr.chunks[0] == 1 and self._index == (slice(None),):  # Z, Y, X
+            if arr.chunks[0] == 1 and self._axes.template == ("Z", "Y", "X"):
                 return self._read_chunks(arr, z, y0, y1, x0, x1)
-            return np.asarray(arr[tuple(index) + (slice(y0, y1), slice(x0, x1))])
+            return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); a chunk may be missing or corrupt") from e
 
@@ -314,6 +391,133 @@ def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None
     return (out.get("z", out["y"]), out["y"], out["x"])
 
 
+SEQUENCE_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+def _natural_key(name: str) -> list:
+    """slice_2 before slice_10: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def sequence_files(path: str) -> list[Path] | None:
+    """The 2D images a folder (or a glob pattern such as ``sections/*.tif``) holds, in natural order; None where
+    ``path`` is neither."""
+    p = Path(path)
+    if any(c in p.name for c in "*?["):
+        files = [f for f in p.parent.glob(p.name) if f.is_file() and not f.name.startswith(".")]
+        if not files:
+            raise UserError(f"no file matches {path}")
+    elif p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                 and f.suffix.lower() in SEQUENCE_SUFFIXES]  # fmt: skip
+        if not files:
+            return None
+    else:
+        return None
+    kinds = sorted({".tif" if f.suffix.lower() == ".tiff" else f.suffix.lower() for f in files})
+    if len(kinds) > 1 or kinds[0] not in SEQUENCE_SUFFIXES:
+        raise UserError(f"{path} holds {', '.join(kinds)} files; an image sequence is one kind of 2D image (.tif or "
+                        ".png): move the others out or give a pattern such as {p / '*.tif'}")  # fmt: skip
+    return sorted(files, key=lambda f: _natural_key(f.name))
+
+
+class ImageSequence(Volume):
+    """A folder (or glob pattern) of 2D TIFF or PNG images, one slice per file in natural order: what FIB-SEM and
+    serial-section acquisitions often write. Every file's header is checked when it opens (same size and pixel
+    type); a window is cut from the slice decoded last by this thread (tiles of one slice are read in a row)."""
+
+    def _inspect(self):
+        self.files = [str(f) for f in sequence_files(self.path)]
+        first = _one_slice(self.files[0])
+        shape, dtype = first.shape[1:], first.dtype
+        for f in self.files[1:]:
+            other = _slice_header(f)
+            if other != (shape, dtype):
+                raise UserError(f"{f} is {other[0][0]}x{other[0][1]} {other[1]}, but {self.files[0]} is "
+                                f"{shape[0]}x{shape[1]} {dtype}: every slice of a sequence must match")  # fmt: skip
+        if first.rgb:
+            self.rgb_files = True
+        return (len(self.files), *shape), dtype, first.pixel_size_nm
+
+    @property
+    def rgb(self) -> bool:
+        return getattr(self, "rgb_files", False)
+
+    def identity(self) -> list:
+        stats = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files]
+        return [hashlib.sha256(repr(stats).encode()).hexdigest()[:16]]
+
+    def read(self, z, y0, y1, x0, x1):
+        held = getattr(self._local, "slice", None)
+        if held is None or held[0] != z:
+            volume = _one_slice(self.files[z])
+            held = self._local.slice = (z, volume.read(0, 0, volume.shape[1], 0, volume.shape[2]))
+        return held[1][y0:y1, x0:x1]
+
+
+PNG_MODES = {"L": ("u1", 1), "I;16": ("<u2", 1), "I;16B": (">u2", 1), "I": ("<i4", 1), "F": ("<f4", 1),
+             "RGB": ("u1", 3), "RGBA": ("u1", 4), "LA": ("u1", 2)}  # Pillow's modes: pixel type, samples
+
+
+class PngImage(Volume):
+    """One 2D PNG as a one-slice volume (greyscale 8/16-bit; RGB read as grey), decoded at its first read."""
+
+    def _inspect(self):
+        (ny, nx), dtype, samples = _png_header(self.path)
+        shape, axes = ((ny, nx), "YX") if samples == 1 else ((ny, nx, samples), "YXS")  # as Pillow gives the pixels
+        zyx, self._axes = _to_zyx(shape, axes, self.path, "save greyscale images")
+        return zyx, _check_dtype(dtype, self.path), None
+
+    def read(self, z, y0, y1, x0, x1):
+        data = getattr(self._local, "data", None)
+        if data is None:
+            from PIL import Image
+
+            try:
+                with Image.open(self.path) as im:
+                    pixels = np.asarray(im)
+                data = self._local.data = self._axes.grey(pixels[self._axes.window(0, 0, None, 0, None)])
+            except Exception as e:
+                raise UserError(f"cannot read {self.path} as PNG ({e}); the file may be truncated or corrupt") from e
+        return data[y0:y1, x0:x1]
+
+
+def _png_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size, mode = (im.height, im.width), im.mode
+    except Exception as e:
+        raise UserError(f"cannot read {path} as an image ({e}); check that it is a complete PNG file") from e
+    if mode not in PNG_MODES:
+        raise UserError(f"{path} is a PNG of mode {mode} (palette or 1-bit); save it as 8/16-bit greyscale")
+    dtype, samples = PNG_MODES[mode]
+    return size, np.dtype(dtype), samples
+
+
+def _one_slice(path: str) -> Volume:
+    volume = PngImage(path) if path.lower().endswith(".png") else TiffVolume(path)
+    if volume.shape[0] != 1:
+        raise UserError(f"{path} holds {volume.shape[0]} slices; an image sequence holds one 2D image per file")
+    return volume
+
+
+def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype]:
+    """(Y, X) and pixel type from a file's header alone (thousands of files are checked when a sequence opens)."""
+    if path.lower().endswith(".png"):
+        size, dtype, _ = _png_header(path)
+        return size, dtype
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            return (page.imagelength, page.imagewidth), np.dtype(page.dtype)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as TIFF ({e}); check that it is a complete TIFF file") from e
+
+
 class ArrayVolume(Volume):
     """An in-memory array as a Volume (tests, small label sets built on the fly)."""
 
@@ -341,6 +545,7 @@ register_opener(".tif", TiffVolume)
 register_opener(".tiff", TiffVolume)
 register_opener(".btf", TiffVolume)
 register_opener(".zarr", ZarrVolume)
+register_opener(".png", PngImage)
 # synth imports this module, so its entries are imported only when a synth: URI is opened
 VOLUME_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic")
 LABEL_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic_labels")
@@ -357,6 +562,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if scheme:
         return VOLUME_OPENERS[scheme](path)
     p = Path(path)
+    if any(c in p.name for c in "*?["):
+        return ImageSequence(path)
     if not p.exists():
         raise UserError(f"{path} does not exist")
     suffixes = [m for m in VOLUME_OPENERS if not m.endswith(":") and p.name.lower().endswith(m)]
@@ -366,9 +573,12 @@ def open_volume(path: str | os.PathLike) -> Volume:
         return ZarrVolume(path)
     if p.is_dir() and any(part.lower().endswith(".zarr") for part in p.parts):
         return ZarrVolume(path)
+    if p.is_dir() and sequence_files(path):
+        return ImageSequence(path)
     if p.is_file() and p.stat().st_size == 0:
         raise UserError(f"{path} is an empty file")
-    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF) or a .zarr")
+    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, or a folder "
+                    "of 2D .tif or .png slices")  # fmt: skip
 
 
 # -- label stacks ------------------------------------------------------------------------------------------------
@@ -464,6 +674,9 @@ def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLay
             layers.extend(group)
             continue
         volume = open_volume(path)
+        if volume.rgb:
+            raise UserError(f"{path} is RGB; a label stack holds one integer id per pixel: save it as a greyscale "
+                            "(Z, Y, X) stack")  # fmt: skip
         if volume.dtype.kind not in "ui":
             raise UserError(f"{path} holds {volume.dtype} values; a label stack must hold integer ids")
         layers.append(LabelLayer(volume, read_class_map(next(specs))))

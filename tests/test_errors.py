@@ -36,9 +36,12 @@ def test_missing_file(tmp_path):
     _expect_error(tmp_path, "run", tmp_path / "nope.tif", *_labels_args(tmp_path), match="does not exist")
 
 
-def test_rgb_tiff(tmp_path):
-    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8), photometric="rgb")
-    _expect_error(tmp_path, "run", tmp_path / "rgb.tif", *_labels_args(tmp_path), match="RGB")
+def test_rgb_label_stack(tmp_path):
+    """An RGB image volume is read as grey (test_read.py); RGB labels have no ids to read."""
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 64, 64, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "vol.tif", np.zeros((3, 64, 64), np.uint8), photometric="minisblack")
+    _expect_error(tmp_path, "run", tmp_path / "vol.tif", "--predictor", "labels", "--labels", tmp_path / "rgb.tif",
+                  "--classes", "cell", match="is RGB; a label stack holds one integer id per pixel")  # fmt: skip
 
 
 def test_4d_without_axes(tmp_path):

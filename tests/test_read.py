@@ -1,4 +1,5 @@
-"""Readers: TIFF (multi-page, BigTIFF, 2D, ImageJ, tiled), zarr v2/v3 and OME-Zarr, read window by window."""
+"""Readers: TIFF (multi-page, BigTIFF, 2D, ImageJ, OME, tiled, RGB), image sequences, zarr v2/v3 and OME-Zarr, read window
+by window."""
 
 import numpy as np
 import pytest
@@ -31,6 +32,118 @@ def test_2d_tiff_is_one_slice(tmp_path):
     v = open_volume(tmp_path / "v.tif")
     assert v.shape == (1, 130, 150)
     np.testing.assert_array_equal(v.read(0, 5, 9, 5, 9), DATA[0, 5:9, 5:9])
+
+
+@pytest.mark.parametrize("kwargs", [{"compression": "lzw"}, {"compression": "zstd", "tile": (64, 64)},
+                                    {"compression": "lzw", "predictor": True}, {"byteorder": ">"}])  # fmt: skip
+def test_tiff_codecs_and_byte_orders_microscopes_write(tmp_path, kwargs):
+    tifffile.imwrite(tmp_path / "v.tif", DATA, photometric="minisblack", **kwargs)
+    _check(tmp_path / "v.tif")
+
+
+def test_a_tiff_codec_missing_here_is_named_when_the_volume_opens(tmp_path):
+    """Without imagecodecs tifffile cannot decode LZW: the error says so at open, not at the run's first tile."""
+    import subprocess
+    import sys
+
+    tifffile.imwrite(tmp_path / "v.tif", DATA, photometric="minisblack", compression="lzw")
+    code = ("import sys; sys.modules['imagecodecs'] = None\n"
+            "from cellseg_batch.read import open_volume\n"
+            f"open_volume({str(tmp_path / 'v.tif')!r})")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "LZW-compressed, which needs the imagecodecs package" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_rgb_em_is_read_as_the_mean_of_its_channels(tmp_path, planar):
+    """Greyscale EM exported as RGB (three equal channels) reads back as the grey values; colour as their mean."""
+    grey = (DATA // 16).astype(np.uint8)
+    rgb = np.stack([grey, grey, grey], axis=1 if planar else -1)  # (Z, S, Y, X) or (Z, Y, X, S)
+    tifffile.imwrite(tmp_path / "grey.tif", rgb, photometric="rgb", planarconfig="separate" if planar else "contig")
+    _check(tmp_path / "grey.tif", grey)
+    assert open_volume(tmp_path / "grey.tif").rgb
+    colour = np.stack([grey, grey // 2, np.zeros_like(grey)], axis=-1)
+    tifffile.imwrite(tmp_path / "colour.tif", colour, photometric="rgb")
+    expected = np.rint(colour.astype(np.float64).mean(axis=-1)).astype(np.uint8)
+    _check(tmp_path / "colour.tif", expected)
+
+
+def test_three_planes_stored_as_one_planar_rgb_image_are_refused(tmp_path):
+    """tifffile writes a (3, Y, X) array as one planar RGB image by default: more likely 3 slices than colour."""
+    tifffile.imwrite(tmp_path / "v.tif", (DATA[:3] // 16).astype(np.uint8))
+    with pytest.raises(UserError, match="one planar RGB image of shape .* save it as a greyscale stack"):
+        open_volume(tmp_path / "v.tif")
+
+
+def test_singleton_axes_anywhere_are_dropped(tmp_path):
+    tifffile.imwrite(tmp_path / "v.tif", DATA[..., None], photometric="minisblack")  # (Z, Y, X, 1)
+    _check(tmp_path / "v.tif")
+    tifffile.imwrite(tmp_path / "w.tif", DATA[:, None], photometric="minisblack")  # (Z, 1, Y, X)
+    _check(tmp_path / "w.tif")
+
+
+def test_ome_tiff_pixel_size(tmp_path):
+    tifffile.imwrite(tmp_path / "v.ome.tif", DATA, photometric="minisblack",
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4.0,
+                               "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.05})  # fmt: skip
+    v = open_volume(tmp_path / "v.ome.tif")
+    assert v.pixel_size_nm == (50.0, 4.0, 4.0)  # PhysicalSizeZ without a unit: OME's default, µm
+    _check(tmp_path / "v.ome.tif")
+
+
+def _write_sequence(folder, data, kind):
+    from PIL import Image
+
+    folder.mkdir()
+    for z, image in enumerate(data):  # unpadded numbers: natural order must put slice_2 before slice_10
+        if kind == "png":
+            Image.fromarray(image).save(folder / f"slice_{z}.png")
+        else:
+            tifffile.imwrite(folder / f"slice_{z}.tif", image, photometric="minisblack",
+                             **({"compression": "lzw"} if kind == "lzw" else {}))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["tif", "lzw", "png"])
+def test_a_folder_of_2d_images_is_a_volume_in_natural_order(tmp_path, kind):
+    data = np.concatenate([DATA, DATA // 2, DATA[:2] // 3])  # 12 slices: slice_10, slice_11 exist
+    _write_sequence(tmp_path / "seq", data, kind)
+    (tmp_path / "seq" / "notes.txt").write_text("acquisition log")  # other files in the folder are not slices
+    _check(tmp_path / "seq", data)
+    for z in (2, 10, 11):
+        np.testing.assert_array_equal(open_volume(tmp_path / "seq").read(z, 0, 130, 0, 150), data[z])
+    suffix = "png" if kind == "png" else "tif"
+    _check(f"{tmp_path / 'seq'}/slice_*.{suffix}", data)  # a glob pattern
+    picked = open_volume(f"{tmp_path / 'seq'}/slice_1?.{suffix}")  # slice_10, slice_11
+    np.testing.assert_array_equal(picked.read(1, 0, 130, 0, 150), data[11])
+
+
+def test_an_image_sequence_that_does_not_fit_together_is_refused_naming_the_file(tmp_path):
+    _write_sequence(tmp_path / "seq", DATA, "tif")
+    tifffile.imwrite(tmp_path / "seq" / "slice_9.tif", DATA[0, :100], photometric="minisblack")
+    with pytest.raises(UserError, match=r"slice_9.tif is 100x150 uint16, but .*slice_0.tif is 130x150 uint16"):
+        open_volume(tmp_path / "seq")
+    (tmp_path / "seq" / "slice_9.tif").unlink()
+    tifffile.imwrite(tmp_path / "seq" / "slice_5.png", (DATA[0] // 256).astype(np.uint8))
+    with pytest.raises(UserError, match=r"holds .png, .tif files"):
+        open_volume(tmp_path / "seq")
+    (tmp_path / "seq" / "slice_5.png").unlink()
+    tifffile.imwrite(tmp_path / "seq" / "slice_0.tif", DATA[:2], photometric="minisblack")
+    with pytest.raises(UserError, match="slice_0.tif holds 2 slices; an image sequence holds one 2D image per file"):
+        open_volume(tmp_path / "seq")
+    with pytest.raises(UserError, match="no file matches"):
+        open_volume(tmp_path / "seq" / "*.png")
+
+
+def test_an_edited_slice_changes_a_sequence_identity(tmp_path):
+    """The resume check compares it: a re-exported slice must not be taken for the one a work store holds."""
+    import os
+
+    _write_sequence(tmp_path / "seq", DATA, "tif")
+    before = open_volume(tmp_path / "seq").identity()
+    assert open_volume(tmp_path / "seq").identity() == before
+    path = tmp_path / "seq" / "slice_3.tif"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert open_volume(tmp_path / "seq").identity() != before
 
 
 @pytest.mark.parametrize("fmt", [2, 3])
@@ -73,6 +186,19 @@ def test_normalization_is_the_same_for_8_and_16_bit_versions_of_a_volume(tmp_pat
     np.testing.assert_allclose(na.apply(base[0]), nb.apply(base[0].astype(np.uint16) * 257), atol=1e-3)
     n = Normalization(10, 110)
     np.testing.assert_allclose(n.apply(np.array([0, 10, 60, 110, 200])), [0, 0, 127.5, 255, 255])
+
+
+def test_nan_in_a_float_volume_reaches_the_model_as_black(tmp_path):
+    """No-data NaN (stitched mosaics, masked acquisitions) must not reach the model: one NaN pixel spreads through
+    every convolution and group norm of its tile and wipes out the tile's detections."""
+    data = DATA.astype(np.float32)
+    data[1, 20:40, 30:60] = np.nan
+    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
+    n = estimate(open_volume(tmp_path / "v.tif"))
+    assert np.isfinite([n.low, n.high]).all()
+    image = n.apply(data[1])
+    assert np.isfinite(image).all() and (image[20:40, 30:60] == 0).all()
+    np.testing.assert_array_equal(image[60:], n.apply(DATA[1, 60:].astype(np.float32)))
 
 
 @pytest.mark.parametrize("text,match", [("{", "not valid JSON"), ('{"a": "x"}', "not a label id"),

@@ -69,6 +69,23 @@ def test_nested_classes_from_separate_stacks(synth_small, tmp_path):
     assert (labels_of(out, "cell")[organelles > 0] > 0).all()
 
 
+def test_a_folder_of_tiff_slices_runs_like_the_stack(synth_small, tmp_path):
+    """Volume and labels as one 2D TIFF per slice (as FIB-SEM acquisitions write them): the truth is reproduced."""
+    from cellseg_batch.read import open_volume
+
+    volume = open_volume(synth_small["volume"])
+    for folder, layer in (("volume", None), ("cells", "cell")):
+        (tmp_path / folder).mkdir()
+        for z in range(volume.shape[0]):
+            image = volume.read(z, 0, volume.shape[1], 0, volume.shape[2]) if layer is None else labels_of(
+                synth_small["truth"], layer)[z].astype(np.uint32)
+            tifffile.imwrite(tmp_path / folder / f"section_{z}.tif", image, photometric="minisblack")
+    out = tmp_path / "out.zarr"
+    cli("run", tmp_path / "volume", "--predictor", "labels", "--labels", tmp_path / "cells", "--classes", "cell",
+        "--tile", 128, "--overlap", 16, "--out", out, "--no-progress")  # fmt: skip
+    assert_same_instances(labels_of(out, "cell"), labels_of(synth_small["truth"], "cell"))
+
+
 ISBI = SHARED_DATA / "isbi2012-drosophila-sstem"
 
 

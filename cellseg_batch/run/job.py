@@ -84,8 +84,7 @@ def _fingerprint(data) -> str:
 
 def _volume_identity(volume: Volume) -> list:
     p = Path(volume.path)
-    stat = [p.stat().st_size, p.stat().st_mtime_ns] if p.exists() and p.is_file() else []
-    return [str(p.resolve()) if p.exists() else volume.path, list(volume.shape), str(volume.dtype), *stat]
+    return [str(p.resolve()) if p.exists() else volume.path, list(volume.shape), str(volume.dtype), *volume.identity()]
 
 
 class Run:
@@ -110,6 +109,9 @@ class Run:
                                   tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.warnings: list[str] = []
+        if self.volume.rgb:
+            self.warnings.append(f"{cfg.volume} is RGB: read as the mean of its R, G and B channels")
+            log.warning(self.warnings[-1])
         self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
         inputs = [cfg.volume, *cfg.labels, *(c for c in cfg.classes if c.lower().endswith(".json")), cfg.model]
