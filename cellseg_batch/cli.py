@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="segment a volume into 3D instances (OME-Zarr labels, object table, report)")
-    r.add_argument("volume", help="TIFF/BigTIFF/OME-TIFF, zarr array, OME-Zarr image, a folder (or quoted glob "
-                   "pattern) of 2D .tif/.png slices, or synth:ZxYxX[,seed=N]")
+    r.add_argument("volume", help="TIFF/BigTIFF/OME-TIFF, zarr array, OME-Zarr image, HDF5 (file.h5[/dataset]), a "
+                   "folder (or quoted glob pattern) of 2D .tif/.png slices, or synth:ZxYxX[,seed=N]")
     r.add_argument("--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
     r.add_argument("--predictor", help="detectron2 or labels (default %(default)s)")
     r.add_argument("--model", help="model directory (from `cellseg-batch train`)")

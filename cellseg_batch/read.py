@@ -1,5 +1,5 @@
-"""Read: open EM volumes and label stacks lazily (TIFF/BigTIFF/OME-TIFF, image sequences, zarr v2/v3, OME-Zarr, synthetic)
-as 2D windows."""
+"""Read: open EM volumes and label stacks lazily (TIFF/BigTIFF/OME-TIFF, image sequences, HDF5, zarr v2/v3, OME-Zarr,
+synthetic) as 2D windows."""
 
 from __future__ import annotations
 
@@ -391,6 +391,87 @@ def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None
     return (out.get("z", out["y"]), out["y"], out["x"])
 
 
+HDF5_PATH = re.compile(r"^(?P<file>.*\.(?:h5|hdf5|hdf))(?:[:/](?P<dataset>.+))?$", re.IGNORECASE)
+
+
+class Hdf5Volume(Volume):
+    """A 3D (or 2D) dataset of an HDF5 file (CREMI, ilastik, Fiji's HDF5 export): ``file.h5`` where it holds one such
+    dataset, else ``file.h5/group/name`` (or ``file.h5:group/name``). Pixel size from ``resolution`` (nm, CREMI) or
+    ``element_size_um`` (ilastik, Fiji); axes from ilastik's ``axistags``."""
+
+    def _inspect(self):
+        import h5py
+
+        match = HDF5_PATH.match(self.path)
+        self._file, name = match["file"], match["dataset"]
+        if not os.path.isfile(self._file):
+            raise UserError(f"{self._file} does not exist")
+        try:
+            with h5py.File(self._file, "r") as f:
+                images = []
+                f.visititems(lambda key, node: images.append(key) if isinstance(node, h5py.Dataset)
+                             and node.ndim in (2, 3, 4) else None)  # fmt: skip
+                if name is None:
+                    if len(images) != 1:
+                        listed = ", ".join(images[:8]) or "none"
+                        raise UserError(f"{self.path} holds {len(images)} image datasets ({listed}); name one: "
+                                        f"{self._file}/DATASET")  # fmt: skip
+                    name = images[0]
+                node = f.get(name)
+                if not isinstance(node, h5py.Dataset):
+                    raise UserError(f"{self._file} has no dataset {name!r}; its image datasets: "
+                                    f"{', '.join(images[:8]) or 'none'}")  # fmt: skip
+                self._dataset = name
+                axes = _hdf5_axes(node)
+                zyx, self._axes = _to_zyx(node.shape, axes, self.path, "name a (Z, Y, X) dataset")
+                return zyx, _check_dtype(node.dtype, self.path), _hdf5_pixel_size(node.attrs)
+        except UserError:
+            raise
+        except Exception as e:  # h5py raises OSError for a file that is not HDF5, KeyError/ValueError for odd nodes
+            raise UserError(f"cannot read {self.path} as HDF5 ({e}); check that it is a complete HDF5 file") from e
+
+    def identity(self) -> list:
+        stat = os.stat(self._file)
+        return [self._dataset, stat.st_size, stat.st_mtime_ns]
+
+    def read(self, z, y0, y1, x0, x1):
+        dataset = getattr(self._local, "dataset", None)
+        try:
+            if dataset is None:
+                import h5py
+
+                dataset = self._local.dataset = h5py.File(self._file, "r")[self._dataset]
+            return self._axes.grey(np.asarray(dataset[self._axes.window(z, y0, y1, x0, x1)]))
+        except Exception as e:
+            raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
+
+
+def _hdf5_axes(node) -> str:
+    tags = node.attrs.get("axistags")  # ilastik: JSON {"axes": [{"key": "z"}, ...]}
+    if tags is not None:
+        try:
+            keys = "".join(a["key"] for a in json.loads(tags)["axes"]).upper().replace("C", "S")
+            if len(keys) == node.ndim:
+                return keys
+        except (ValueError, KeyError, TypeError):
+            pass
+    if node.ndim == 4:  # one singleton extra axis, first or last (channels of a greyscale export)
+        return "QZYX" if node.shape[0] == 1 else "ZYXQ"
+    return {2: "YX", 3: "ZYX"}[node.ndim]
+
+
+def _hdf5_pixel_size(attrs) -> tuple[float | None, float, float] | None:
+    for key, nm in (("resolution", 1.0), ("element_size_um", 1000.0)):
+        value = attrs.get(key)
+        try:
+            sizes = [float(v) * nm for v in np.ravel(value)] if value is not None else []
+        except (TypeError, ValueError):
+            continue
+        if len(sizes) in (2, 3) and all(v > 0 for v in sizes):
+            return (sizes[0], sizes[1], sizes[2]) if len(sizes) == 3 else (None, sizes[0], sizes[1])
+    return None
+
+
 SEQUENCE_SUFFIXES = (".tif", ".tiff", ".png")
 
 
@@ -562,6 +643,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if scheme:
         return VOLUME_OPENERS[scheme](path)
     p = Path(path)
+    if HDF5_PATH.match(path):
+        return Hdf5Volume(path)
     if any(c in p.name for c in "*?["):
         return ImageSequence(path)
     if not p.exists():
@@ -577,8 +660,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
         return ImageSequence(path)
     if p.is_file() and p.stat().st_size == 0:
         raise UserError(f"{path} is an empty file")
-    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, or a folder "
-                    "of 2D .tif or .png slices")  # fmt: skip
+    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, an .h5, or "
+                    "a folder of 2D .tif or .png slices")  # fmt: skip
 
 
 # -- label stacks ------------------------------------------------------------------------------------------------

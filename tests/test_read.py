@@ -1,6 +1,8 @@
 """Readers: TIFF (multi-page, BigTIFF, 2D, ImageJ, OME, tiled, RGB), image sequences, zarr v2/v3 and OME-Zarr, read window
 by window."""
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -144,6 +146,31 @@ def test_an_edited_slice_changes_a_sequence_identity(tmp_path):
     path = tmp_path / "seq" / "slice_3.tif"
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert open_volume(tmp_path / "seq").identity() != before
+
+
+def test_hdf5_datasets_as_cremi_ilastik_and_fiji_write_them(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "cremi.hdf", "w") as f:  # CREMI: volumes/raw with resolution in nm, labels beside it
+        f.create_dataset("volumes/raw", data=DATA, chunks=(1, 64, 64), compression="gzip")
+        f["volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
+        f.create_dataset("volumes/labels/neuron_ids", data=DATA.astype(np.uint64))
+    for path in (f"{tmp_path / 'cremi.hdf'}/volumes/raw", f"{tmp_path / 'cremi.hdf'}:volumes/raw"):
+        _check(path)
+        assert open_volume(path).pixel_size_nm == (40.0, 4.0, 4.0)
+    with pytest.raises(UserError, match=r"holds 2 image datasets \(volumes/labels/neuron_ids, volumes/raw\); name one"):
+        open_volume(tmp_path / "cremi.hdf")
+    with pytest.raises(UserError, match="has no dataset 'volumes/rwa'; its image datasets: volumes/labels"):
+        open_volume(f"{tmp_path / 'cremi.hdf'}/volumes/rwa")
+    with h5py.File(tmp_path / "ilastik.h5", "w") as f:  # one dataset, z y x c with c = 1, axistags
+        f.create_dataset("exported_data", data=DATA[..., None])
+        f["exported_data"].attrs["axistags"] = json.dumps({"axes": [{"key": k} for k in "zyxc"]})
+        f["exported_data"].attrs["element_size_um"] = (0.05, 0.005, 0.005)
+    _check(tmp_path / "ilastik.h5")
+    assert open_volume(tmp_path / "ilastik.h5").pixel_size_nm == (50.0, 5.0, 5.0)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(UserError, match="cannot read .*text.h5 as HDF5"):
+        open_volume(tmp_path / "text.h5")
 
 
 @pytest.mark.parametrize("fmt", [2, 3])
