@@ -3,7 +3,8 @@
 Intensity p_low (default the 1st percentile) maps to 0 and p_high (99.5th) to 255, clipped. For ``run`` the
 percentiles come from a deterministic sample of the volume being segmented (evenly spaced slices, fixed windows), so
 8-bit, 16-bit and float acquisitions reach the model on the same scale; ``train`` computes them the same way over
-its training images. Models therefore see contrast-stretched greyscale, replicated to 3 channels.
+its training images. Models therefore see contrast-stretched greyscale, replicated to 3 channels. Zero fill around
+registered sections and NaN (no data) are left out of the percentiles, and NaN reaches the model as black.
 """
 
 from __future__ import annotations
@@ -33,15 +34,29 @@ class Normalization:
         return asdict(self)
 
 
+PADDING_SHARE = 0.05  # zeros this common are fill around registered sections, not tissue
+
+
 def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:
     values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
     finite = values[np.isfinite(values)]
+    finite = _without_padding(finite)
     if finite.size == 0:
         return Normalization(0.0, 1.0, tuple(percentiles))
     low, high = np.percentile(finite, percentiles)
     if high <= low:  # a constant image: keep it constant instead of dividing by zero
         high = low + 1.0
     return Normalization(float(low), float(high), tuple(float(p) for p in percentiles))
+
+
+def _without_padding(values: np.ndarray) -> np.ndarray:
+    """Registered or stitched sections are filled out to a rectangle with 0 (TrakEM2, elastix, Fiji): where 0 makes up
+    at least ``PADDING_SHARE`` of the sample, it is left out of the percentiles, which would otherwise follow the
+    fill's share instead of the tissue's contrast. (Saturated bright pixels are kept: they are image.)"""
+    fill = values == 0
+    if values.size and fill.mean() >= PADDING_SHARE and not fill.all():
+        return values[~fill]
+    return values
 
 
 def sample_volume(volume: Volume, max_slices: int = 16, window: int = 512, per_slice: int = 4) -> list[np.ndarray]:

@@ -215,6 +215,23 @@ def test_normalization_is_the_same_for_8_and_16_bit_versions_of_a_volume(tmp_pat
     np.testing.assert_allclose(n.apply(np.array([0, 10, 60, 110, 200])), [0, 0, 127.5, 255, 255])
 
 
+def test_zero_fill_around_registered_sections_does_not_move_the_normalization(tmp_path):
+    """Aligned ssTEM stacks are padded with 0 to a common rectangle: the tissue's percentiles must stay what they
+    are without the padding (a 1st percentile of 0 would dim every slice the model sees)."""
+    tissue = np.random.default_rng(3).integers(60, 220, (4, 400, 400)).astype(np.uint8)
+    padded = tissue.copy()
+    padded[:, :, :120] = 0  # 30% of every slice is fill
+    for name, data in (("tissue", tissue), ("padded", padded)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, photometric="minisblack")
+    plain, filled = estimate(open_volume(tmp_path / "tissue.tif")), estimate(open_volume(tmp_path / "padded.tif"))
+    assert abs(filled.low - plain.low) <= 2 and abs(filled.high - plain.high) <= 2, (plain, filled)
+    assert filled.low >= 60
+    dark = tissue.copy()
+    dark[:, :2, :2] = 0  # a few black pixels are image, not fill: they still count
+    tifffile.imwrite(tmp_path / "dark.tif", dark, photometric="minisblack")
+    assert estimate(open_volume(tmp_path / "dark.tif")).low == plain.low
+
+
 def test_nan_in_a_float_volume_reaches_the_model_as_black(tmp_path):
     """No-data NaN (stitched mosaics, masked acquisitions) must not reach the model: one NaN pixel spreads through
     every convolution and group norm of its tile and wipes out the tile's detections."""
