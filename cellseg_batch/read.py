@@ -505,7 +505,8 @@ def sequence_files(path: str) -> list[Path] | None:
 class ImageSequence(Volume):
     """A folder (or glob pattern) of 2D TIFF or PNG images, one slice per file in natural order: what FIB-SEM and
     serial-section acquisitions often write. Every file's header is checked when it opens (same size and pixel
-    type); a window is cut from the slice decoded last by this thread (tiles of one slice are read in a row)."""
+    type). Windows are read from the slice's file as from a one-slice stack (memory-mapped where uncompressed); the
+    file read last stays open in each thread."""
 
     def _inspect(self):
         self.files = [str(f) for f in sequence_files(self.path)]
@@ -531,9 +532,8 @@ class ImageSequence(Volume):
     def read(self, z, y0, y1, x0, x1):
         held = getattr(self._local, "slice", None)
         if held is None or held[0] != z:
-            volume = _one_slice(self.files[z])
-            held = self._local.slice = (z, volume.read(0, 0, volume.shape[1], 0, volume.shape[2]))
-        return held[1][y0:y1, x0:x1]
+            held = self._local.slice = (z, _one_slice(self.files[z]))
+        return held[1].read(0, y0, y1, x0, x1)
 
 
 PNG_MODES = {"L": ("u1", 1), "I;16": ("<u2", 1), "I;16B": (">u2", 1), "I": ("<i4", 1), "F": ("<f4", 1),
