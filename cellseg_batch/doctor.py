@@ -16,7 +16,8 @@ def _version(name: str) -> str:
 
 def report() -> str:
     lines = [f"cellseg-batch {_version('cellseg-batch')}", f"python       {platform.python_version()} ({platform.machine()})"]
-    for name in ("numpy", "torch", "torchvision", "detectron2", "ray", "zarr", "tifffile", "pycocotools", "ome-zarr"):
+    for name in ("numpy", "torch", "torchvision", "detectron2", "ray", "zarr", "tifffile", "imagecodecs", "h5py",
+                 "pycocotools", "ome-zarr"):
         lines.append(f"{name:12s} {_version(name)}")
     lines.append(f"cpu cores    {os.cpu_count()}")
     try:
