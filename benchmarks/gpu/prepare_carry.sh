@@ -63,9 +63,12 @@ echo "== requirements: the project's and detectron2's, for cp312 manylinux x86_6
 mapfile -t PROJECT_DEPS < <("$PY" - <<'PYEOF'
 import tomllib
 for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
-    print(dep)
+    if not dep.startswith("imagecodecs"):  # see below
+        print(dep)
 PYEOF
 )
+# imagecodecs (26 MB) is not carried: the check reads an uncompressed synthetic TIFF, which tifffile reads without it,
+# and with it the parts would need a third device call. install.sh does not ask for it either.
 # Ray without its [default] extra: cellseg-batch starts Ray with include_dashboard=False, and the extra's packages
 # (virtualenv, cryptography, py-spy, pydantic, opencensus, opentelemetry, ... about 18 MB) would push the part
 # with ray over the limit. Set RAY_EXTRA=default to carry them anyway (then split the parts by hand).
