@@ -517,8 +517,7 @@ class ImageSequence(Volume):
             if other != (shape, dtype):
                 raise UserError(f"{f} is {other[0][0]}x{other[0][1]} {other[1]}, but {self.files[0]} is "
                                 f"{shape[0]}x{shape[1]} {dtype}: every slice of a sequence must match")  # fmt: skip
-        if first.rgb:
-            self.rgb_files = True
+        self.rgb_files = first.rgb  # the run report's warning; each file is read as what it is
         return (len(self.files), *shape), dtype, first.pixel_size_nm
 
     @property
