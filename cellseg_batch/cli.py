@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's, found in its training annotations)")  # fmt: skip
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
+    g.add_argument("--rescale", action="store_true", help="resize tiles to the model's pixel size before the model "
+                   "(its instances come back at the volume's pixels); --tile and --overlap stay in volume pixels")
     g = r.add_argument_group("merging")
     g.add_argument("--stitch-iou", type=float, help="IoU in the shared window to merge tile instances "
                    "(default %(default)s)")  # fmt: skip

@@ -36,6 +36,7 @@ class RunConfig:
     min_slices: str | None = None
     slices: str | None = None
     pixel_size: str | None = None
+    rescale: bool = False
     normalization: str | None = None
     write_image: bool = True
     chunk: int = 1024

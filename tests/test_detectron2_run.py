@@ -91,3 +91,60 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_rescale_feeds_the_model_tiles_at_its_pixel_size_and_paints_masks_at_the_volume_s(model_dir, synth_small,
+                                                                                           tmp_path):  # fmt: skip
+    """--rescale on a volume whose pixels are half the model's: tiles of twice the model's size in volume pixels,
+    shrunk to the model's size before the forward pass; instances come back at the volume's pixels."""
+    out = tmp_path / "rescaled.zarr"
+    cli("run", synth_small["volume"], "--model", model_dir, "--out", out, "--slices", "2:4", "--pixel-size",
+        "40,5,5", "--rescale", "--score-threshold", 0.2, "--no-progress")  # fmt: skip
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["plan"]["tile"] == 192 and report["plan"]["overlap"] == 32  # the model's 96 / 16, in volume pixels
+    assert report["plan"]["zoom"] == [0.5, 0.5]
+    assert not any("pixel size" in w for w in report["warnings"])
+    assert report["counts"]["objects"] > 0
+    assert labels_of(out, "cell").shape == (2, 384, 384)
+    enlarged = tmp_path / "enlarged.zarr"  # pixels twice the model's: tiles enlarged, which the report warns about
+    cli("run", synth_small["volume"], "--model", model_dir, "--out", enlarged, "--slices", "2:3", "--pixel-size",
+        "40,20,20", "--rescale", "--no-progress")  # fmt: skip
+    report = json.loads((enlarged / "cellseg" / "report.json").read_text())
+    assert report["plan"]["tile"] == 48 and report["plan"]["zoom"] == [2.0, 2.0]
+    assert any("--rescale enlarges tiles 2x" in w for w in report["warnings"])
+
+    from cellseg_batch.predict import PredictorSpec, build_predictor
+    from cellseg_batch.tiles import Box
+
+    predictor = build_predictor(PredictorSpec("detectron2", {"model_dir": str(model_dir), "device": "cpu",
+                                                             "score_threshold": 0.2, "zoom": [0.5, 0.5]}))
+    seen = []
+    forward = predictor.model.forward
+    predictor.model.forward = lambda inputs: seen.extend(i["image"].shape for i in inputs) or forward(inputs)
+    image = np.random.default_rng(0).uniform(0, 255, (192, 200)).astype(np.float32)
+    (tile,) = predictor.predict(0, [Box(0, 192, 0, 200)], [image])
+    assert seen == [(3, 96, 100)]  # what the model saw: the window at its pixel size
+    assert tile.labels.shape == (2, 192, 200) and tile.count > 0  # what comes back: the window's pixels
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--pixel-size", "40,5,5", "--predictor", "labels", "--labels", "LABELS"),
+     "labels predictor does not resize"),
+    (("--pixel-size", "40,352777,352777"), "beyond 1/8..8"),
+])  # fmt: skip
+def test_rescale_refuses_what_it_cannot_do(model_dir, synth_small, tmp_path, args, message):
+    args = [str(synth_small["truth"]) if a == "LABELS" else a for a in args]
+    r = cli("run", synth_small["volume"], "--model", model_dir, "--out", tmp_path / "o.zarr", "--rescale", *args,
+            "--no-progress", check=False)  # fmt: skip
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_rescale_needs_the_volume_s_pixel_size(model_dir, tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((2, 96, 96), np.uint8))  # no resolution recorded
+    r = cli("run", tmp_path / "plain.tif", "--model", model_dir, "--out", tmp_path / "o.zarr", "--rescale",
+            "--no-progress", check=False)  # fmt: skip
+    assert r.returncode != 0 and "plain.tif records no pixel size; give it with --pixel-size" in r.stderr
+    assert not (tmp_path / "o.zarr").exists()

@@ -61,6 +61,7 @@ class Plan:
     identity: dict[str, Any] = field(default_factory=dict)  # what a resume must find unchanged (files, sizes)
     layer_of: tuple[int, ...] | None = None  # class -> its label layer, where classes exclude one another (TileLabels)
     uses_gpu: bool = False  # actors get one GPU each where the cluster has GPUs
+    zoom: tuple[float, float] = (1.0, 1.0)  # (y, x) volume pixels -> model pixels (--rescale; ``Predictor.rescaled``)
 
 
 class Predictor(ABC):
@@ -72,6 +73,7 @@ class Predictor(ABC):
 
     name: ClassVar[str]
     needs_image: ClassVar[bool] = True
+    rescales: ClassVar[bool] = False  # whether ``rescaled`` can feed it tiles at the model's pixel size (--rescale)
     classes: list[str]
 
     @classmethod
@@ -82,6 +84,13 @@ class Predictor(ABC):
     @abstractmethod
     def predict(self, z: int, windows: list[Box], images: list[np.ndarray] | None) -> list[TileLabels]:
         """Instances of the windows of slice z; ``images`` are float32 (h, w) in [0, 255] after normalization."""
+
+    @classmethod
+    def rescaled(cls, plan: Plan, zoom: tuple[float, float], options) -> Plan:
+        """``plan`` for a volume whose pixels are ``zoom`` (y, x) times the model's in size (--rescale): windows
+        are resized by ``zoom`` before the model and its instances come back at the volume's pixels. Tile and
+        overlap not given by the user are scaled so that the model sees tiles of its own size."""
+        raise NotImplementedError(f"{cls.name} sets rescales but does not implement rescaled")
 
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""

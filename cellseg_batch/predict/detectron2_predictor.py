@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -69,8 +70,11 @@ def load_config(model: ModelDir, device: str = "cpu", score_threshold: float | N
 
 @register("detectron2")
 class Detectron2Predictor(Predictor):
+    rescales = True
+
     def __init__(self, model_dir: str, device: str = "auto", score_threshold: float | None = None, amp: bool = False,
-                 exclusive: list[list[str]] | None = None, min_visible: float = MIN_VISIBLE):  # fmt: skip
+                 exclusive: list[list[str]] | None = None, min_visible: float = MIN_VISIBLE,
+                 zoom: tuple[float, float] | None = None):  # fmt: skip
         import torch
 
         detectron2_ready()
@@ -89,6 +93,7 @@ class Detectron2Predictor(Predictor):
         self.times = {"forward": 0.0, "paint": 0.0}
         self.layer_of = np.array(exclusive_layers(self.classes, exclusive or []))
         self.min_visible = min_visible
+        self.zoom = tuple(zoom) if zoom and tuple(zoom) != (1.0, 1.0) else None
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
@@ -118,6 +123,18 @@ class Detectron2Predictor(Predictor):
             layer_of=exclusive_layers(model.classes, exclusive),
         )
 
+    @classmethod
+    def rescaled(cls, plan: Plan, zoom: tuple[float, float], options) -> Plan:
+        def volume_pixels(model_pixels: int, even: bool) -> int:
+            step = 2 if even else 1
+            return max(step, step * round(model_pixels / min(zoom) / step))
+
+        return replace(
+            plan, zoom=tuple(zoom), spec=replace(plan.spec, options={**plan.spec.options, "zoom": list(zoom)}),
+            tile=options.tile or volume_pixels(plan.tile, False),
+            overlap=options.overlap if options.overlap is not None else volume_pixels(plan.overlap, True),
+        )  # fmt: skip
+
     def set_threads(self, threads: int) -> None:
         self._torch.set_num_threads(max(1, threads))
 
@@ -127,7 +144,12 @@ class Detectron2Predictor(Predictor):
         for image in images:
             # greyscale -> the 3 channels the backbone was built for; the tile is used at its own size (no resize)
             t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-            inputs.append({"image": t.expand(3, *t.shape), "height": t.shape[0], "width": t.shape[1]})
+            height, width = t.shape
+            if self.zoom:  # to the model's pixel size; detectron2 pastes the masks back at (height, width)
+                size = (max(1, round(height * self.zoom[0])), max(1, round(width * self.zoom[1])))
+                t = torch.nn.functional.interpolate(t[None, None], size=size, mode="bilinear", antialias=True,
+                                                    align_corners=False)[0, 0]  # fmt: skip
+            inputs.append({"image": t.expand(3, *t.shape), "height": height, "width": width})
         t0 = time.perf_counter()
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         with torch.inference_mode(), torch.autocast(device_type, self.amp_dtype, enabled=self.amp_dtype is not None):

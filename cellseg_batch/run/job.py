@@ -46,6 +46,9 @@ from .store import StoreDamage, WorkStore
 from .write import PreviewStage, PyramidStage, WriteStage
 
 log = logging.getLogger("cellseg_batch")
+# --rescale refuses factors beyond this: a volume 8x finer or coarser than the model's training data is more likely
+# a wrong pixel size in the file than data the model can see at all
+MAX_ZOOM = 8.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,15 @@ class Run:
         predictor = resolve_predictor(cfg.predictor)
         self.plan: Plan = predictor.plan(cfg, self.volume)
         self.plan.spec = replace(self.plan.spec, module=predictor.__module__)  # the workers import it too
+        self.warnings: list[str] = []
+        if self.volume.rgb:
+            self.warnings.append(f"{cfg.volume} is RGB: read as the mean of its R, G and B channels")
+            log.warning(self.warnings[-1])
+        self.pixel_size = self._pixel_size()
+        if cfg.rescale:
+            if not predictor.rescales:
+                raise UserError(f"--rescale: the {predictor.name} predictor does not resize tiles")
+            self.plan = predictor.rescaled(self.plan, self._zoom(), cfg)
         self.classes = self.plan.classes
         check_class_names(self.classes)
         self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
@@ -108,11 +120,6 @@ class Run:
                                   parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"),
                                   tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
-        self.warnings: list[str] = []
-        if self.volume.rgb:
-            self.warnings.append(f"{cfg.volume} is RGB: read as the mean of its R, G and B channels")
-            log.warning(self.warnings[-1])
-        self.pixel_size = self._pixel_size()
         self.output = Output(cfg.out)
         inputs = [cfg.volume, *cfg.labels, *(c for c in cfg.classes if c.lower().endswith(".json")), cfg.model]
         check_output_path(cfg.out, inputs)
@@ -144,12 +151,32 @@ class Run:
             if size[0] is None:
                 self.warnings.append("the volume does not record its z spacing; pass --pixel-size Z,Y,X")
                 size = (size[1], size[1], size[2])
-        if model and abs(size[2] - model[2]) > 0.1 * model[2]:
+        if model and abs(size[2] - model[2]) > 0.1 * model[2] and not self.cfg.rescale:
             self.warnings.append(
                 f"the volume's pixel size ({size[2]:g} nm) differs from the model's ({model[2]:g} nm); tiles are not "
-                "resized, so resample the volume to the model's pixel size for reliable results"
+                "resized: pass --rescale to resize them to the model's pixel size"
             )
         return size
+
+    def _zoom(self) -> tuple[float, float]:
+        """--rescale: the factor (y, x) that takes the volume's pixels to the model's; refused where either pixel
+        size is unknown, or where they differ so much that a pixel size is more likely wrong than the data."""
+        model = self.plan.pixel_size_nm
+        if not model:
+            raise UserError("--rescale: the model records no pixel size; give it when training (train --pixel-size)")
+        if not self.cfg.pixel_size and not (self.volume.pixel_size_nm and self.volume.pixel_size_nm[2]):
+            raise UserError(f"--rescale: {self.cfg.volume} records no pixel size; give it with --pixel-size Z,Y,X (nm)")
+        zoom = (self.pixel_size[1] / model[1], self.pixel_size[2] / model[2])
+        if not all(1 / MAX_ZOOM <= f <= MAX_ZOOM for f in zoom):
+            raise UserError(
+                f"--rescale: the volume's pixel size ({self.pixel_size[2]:g} nm) is {zoom[1]:.3g} times the model's "
+                f"({model[2]:g} nm), beyond 1/{MAX_ZOOM:g}..{MAX_ZOOM:g}; check it (a TIFF's 72 dpi is not a pixel size) "
+                "and give the right one with --pixel-size Z,Y,X"
+            )
+        if min(zoom) > 1.1:  # measured on synthetic EM: shrinking helped, enlarging did not (benchmarks/REPORT.md)
+            self.warnings.append(f"--rescale enlarges tiles {min(zoom):.2g}x to the model's pixel size, which adds "
+                                 "no detail; compare with a run without it")  # fmt: skip
+        return zoom
 
     def _timed(self, name: str, fn, *args):
         t = time.perf_counter()
@@ -335,7 +362,7 @@ class Run:
                       "slices": [self.z0, self.z1], "pixel_size_nm": self.pixel_size},
             "config": asdict(cfg),
             "plan": {"predictor": cfg.predictor, "classes": self.classes, "tile": self.grid.tile,
-                     "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid),
+                     "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid), "zoom": list(self.plan.zoom),
                      "normalization": self.normalization.to_dict() if self.normalization else None},
             "cluster": self.resources,
             "stages": [{"name": s.name, "reads": list(s.reads), "writes": list(s.writes), "units": s.total,
