@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="synthesize, train, run and evaluate on synthetic EM (CPU, minutes)")
     m.add_argument("out", nargs="?", default="demo", help="folder for everything the demo makes (default demo/)")
-    m.add_argument("--iterations", type=int, default=800, help="training iterations (default 800)")
+    m.add_argument("--iterations", type=int, default=720, help="training iterations (default 720)")
     m.set_defaults(func=_demo)
 
     v = sub.add_parser("view", help="look at a result (or a run still going, or an input volume) in neuroglancer")

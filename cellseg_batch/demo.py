@@ -20,7 +20,7 @@ TILE = 256
 LINK_GAP = "cell=0,2"
 
 
-def demo(out: str | Path, iterations: int = 800, overwrite: bool = True) -> dict:
+def demo(out: str | Path, iterations: int = 720, overwrite: bool = True) -> dict:
     from .coco import labels_to_coco
     from .config import RunConfig
     from .evaluate import evaluate_paths, format_table
