@@ -142,7 +142,7 @@ class Detectron2Predictor(Predictor):
         torch = self._torch
         inputs = []
         for image in images:
-            # greyscale -> the 3 channels the backbone was built for; the tile is used at its own size (no resize)
+            # greyscale -> the 3 channels the backbone was built for; the tile keeps its size unless --rescale
             t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
             height, width = t.shape
             if self.zoom:  # to the model's pixel size; detectron2 pastes the masks back at (height, width)
