@@ -11,15 +11,11 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, save, segment_and_score  # noqa: E402
 
-from cellseg_batch.config import RunConfig  # noqa: E402
-from cellseg_batch.evaluate import evaluate_paths  # noqa: E402
-from cellseg_batch.run import run  # noqa: E402
 from cellseg_batch.synth import write_synthetic  # noqa: E402
 
 SHAPE = (10, 768, 768)  # the demo's test volume at scale 1 (10 nm pixels)
@@ -28,12 +24,7 @@ LINK_GAP = "cell=0,2"  # as the demo (its synthetic cells are stacked one empty 
 
 
 def one(model: str, data: dict, out: Path, rescale: bool) -> dict:
-    t = time.perf_counter()
-    run(RunConfig(volume=str(data["volume"]), model=model, out=str(out), overwrite=True, link_gap=LINK_GAP,
-                  rescale=rescale, progress=False))  # fmt: skip
-    seconds = time.perf_counter() - t
-    report = json.loads((out / "cellseg" / "report.json").read_text())
-    result = evaluate_paths(str(out), str(data["truth"]))
+    seconds, report, result = segment_and_score(data, out, model=model, link_gap=LINK_GAP, rescale=rescale)
     return {"rescale": rescale, "seconds": round(seconds, 1), "tile": report["plan"]["tile"],
             "overlap": report["plan"]["overlap"], "tiles_per_slice": report["plan"]["tiles_per_slice"],
             "mask_ap50_mean": round(result["mean"]["ap50"], 3), "f1_3d_mean": round(result["mean"]["f1@0.5"], 3),

@@ -97,6 +97,20 @@ def run_measured(args: list[str], sample_s: float = 0.1, env: dict | None = None
             "worker_peak_rss_mb": peak["any_worker"] / 2**20}  # fmt: skip
 
 
+def segment_and_score(data: dict, out: Path, **config) -> tuple[float, dict, dict]:
+    """``run`` of a synthetic volume (``data``: its volume and truth) with these RunConfig fields, timed; its report,
+    and ``eval`` against the truth."""
+    from cellseg_batch.config import RunConfig
+    from cellseg_batch.evaluate import evaluate_paths
+    from cellseg_batch.run import run
+
+    t = time.perf_counter()
+    run(RunConfig(volume=str(data["volume"]), out=str(out), overwrite=True, progress=False, **config))
+    seconds = time.perf_counter() - t
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    return seconds, report, evaluate_paths(str(out), str(data["truth"]))
+
+
 def save(name: str, data: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"

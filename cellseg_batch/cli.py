@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("merging")
     g.add_argument("--stitch-iou", type=float, help="IoU in the shared window to merge tile instances "
                    "(default %(default)s)")  # fmt: skip
+    g.add_argument("--no-border-fill", dest="border_fill", action="store_false", help="keep each tile's core as "
+                   "its model saw it, even where it missed an object its neighbour saw crossing their border")  # fmt: skip
     g.add_argument("--link", choices=["overlap", "none"], help="link slices into 3D, or not (default %(default)s)")
     g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
     g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "

@@ -28,6 +28,7 @@ class RunConfig:
     amp: bool = False
     exclusive: list[str] | None = None  # None: the model directory's groups; ["none"]: no class excludes another
     stitch_iou: float = 0.5
+    border_fill: bool = True
     link: str = "overlap"
     link_iou: float = 0.25
     link_ioa: float = 0.5

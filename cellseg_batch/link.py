@@ -77,6 +77,7 @@ class LinkStats:
     fragments: int = 0
     instances_2d: int = 0
     stitch_matches: int = 0
+    fill_pixels: int = 0  # border fills (stitch rule 4): core pixels a neighbouring tile's instance filled
     links: int = 0
     heal_links: int = 0
     gap_links: int = 0
@@ -352,7 +353,11 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             counted.pop(z - int(gap.max(initial=0)) - 1, None)
         window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
         prev_edges = edges
-        areas.append(area)
+        # clean-up and the class vote count the border fill pixels an instance lent (linking's overlaps do not)
+        fills = store.fills_of(edges)
+        stats.fill_pixels += fills.pixels
+        filled, filled_inst = _with_fills(frag, inst, fills, grid)
+        areas.append(np.bincount(filled_inst, weights=filled["area"], minlength=n).astype(np.int64))
         classes.append(cls)
         zs.append(np.full(n, z, np.int64))
         bases.append(bases[-1] + n)
@@ -450,6 +455,17 @@ def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, rule: LinkRule, s
     return ok
 
 
+def _with_fills(frag: np.ndarray, per_row: np.ndarray, fills, grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
+    """A slice's fragment rows followed by its border fills' (``stitch`` rule 4) as rows of the fragments that
+    lent them (their class and score), and ``per_row`` (a value per fragment row) extended to match."""
+    extra = fills.fragments()
+    if len(extra) == 0:
+        return frag, per_row
+    rows = fragment_rows(frag, grid)(extra["iy"], extra["ix"], extra["local"])
+    extra["cls"], extra["score"] = frag["cls"][rows], frag["score"][rows]
+    return np.concatenate([frag, extra]), np.concatenate([per_row, per_row[rows]])
+
+
 def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> np.ndarray:
     """The OBJECT table (ids 1..N, ``object_cls`` their classes) from the fragments; writes each slice's lut."""
     n_obj = int(object_id.max(initial=0))
@@ -464,6 +480,7 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> 
         inst = store.instances(z)
         obj = object_id[comp[bases[z] + inst]] if len(inst) else np.zeros(0, np.uint64)
         store.write_lut(z, obj)
+        frag, obj = _with_fills(frag, obj, store.fills(z), grid)
         own = (frag["area"] > 0) & (obj > 0)
         o, f = obj[own].astype(np.int64), frag[own]
         a = f["area"].astype(np.float64)

@@ -9,13 +9,25 @@ The rule, deterministic and class-aware:
    neighbour (Hungarian on IoU, needed only below 0.5, where it stays one-to-one).
 3. Union: fragments joined by matches form one 2D instance (connected components), so an object cut by tile
    borders, or seen whole by several tiles, or larger than a tile, comes out once.
+4. Border fill: a detector often misses an object that enters its window only as a sliver. Where an object crosses
+   the border between two edge neighbours and ends inside the band on the owner's side (the neighbour saw all of
+   that part), and the owner has nothing there (no match, background), the owner's background pixels in the band
+   take the neighbour's instance, so the object is not cut straight along the border. An object that runs on to
+   the neighbour's window edge fills nothing: the owner saw more of it than the neighbour and said no. The owner's
+   own pixels are never overwritten, and a detection the neighbour made only past its core (one the ownership rule
+   drops) fills nothing. Where two neighbours fill the same pixel (a core's corner), the one first in raster order
+   keeps it. Fill pixels count in the object table and the output, not in the z-overlaps that linking uses (those
+   are counted from the cores).
 
 What runs where: the actor that predicts a tile computes its fragment table, cuts its *bands* (the labels within
 the band of each core border, ``tile_bands``) and, from the previous slice's core still in its memory, the z-overlaps.
-Stitching a slice then reads only bands (``stitch_slice``); only fragment tables and match lists reach the driver.
+Stitching a slice then reads only bands (``stitch_slice``); only fragment tables, match lists and border fills reach
+the driver.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import cc3d
 import numpy as np
@@ -38,6 +50,63 @@ FRAGMENT = np.dtype(
 PAIR = np.dtype([("iy_a", "<u4"), ("ix_a", "<u4"), ("a", "<u2"), ("iy_b", "<u4"), ("ix_b", "<u4"), ("b", "<u2")])
 # Shared pixels of fragment a (slice z) and fragment b (slice z+1) at the same tile position.
 ZOVERLAP = np.dtype([("iy", "<u4"), ("ix", "<u4"), ("a", "<u2"), ("b", "<u2"), ("count", "<i8")])
+# A border fill (rule 4): in layer ``layer`` of the core of tile (iy, ix), the box [y0, y1) x [x0, x1) takes the
+# local ids of tile (jy, jx) held at ``Fills.ids[start : start + box size]`` (row-major; 0: not filled).
+FILL = np.dtype(
+    [
+        ("iy", "<u4"), ("ix", "<u4"), ("jy", "<u4"), ("jx", "<u4"), ("layer", "<u2"),
+        ("y0", "<i4"), ("y1", "<i4"), ("x0", "<i4"), ("x1", "<i4"), ("start", "<i8"),
+    ]
+)  # fmt: skip
+
+
+class Fills(NamedTuple):
+    """A slice's border fills: FILL rows and the local ids they hold."""
+
+    patches: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Fills:
+        return cls(np.zeros(0, FILL), np.zeros(0, np.uint16))
+
+    def patch(self, k: int) -> np.ndarray:
+        """Patch k's ids as a 2D array over its box."""
+        p = self.patches[k]
+        h, w = int(p["y1"] - p["y0"]), int(p["x1"] - p["x0"])
+        return self.ids[int(p["start"]) : int(p["start"]) + h * w].reshape(h, w)
+
+    @property
+    def pixels(self) -> int:
+        return int(np.count_nonzero(self.ids))
+
+    def fragments(self) -> np.ndarray:
+        """FRAGMENT rows of the filled pixels, keyed by the tile that lent them (iy, ix, local: the source), with
+        their area, coordinate sums and boxes in slice coordinates (class and score are the source's)."""
+        out = []
+        for k, p in enumerate(self.patches):
+            ids = self.patch(k)
+            stats = _layer_statistics(ids, int(ids.max(initial=0)))
+            if stats is None:
+                continue
+            here, area, cy, cx, y0, y1, x0, x1 = stats
+            rows = np.zeros(len(here), dtype=FRAGMENT)
+            rows["iy"], rows["ix"], rows["local"] = p["jy"], p["jx"], here + 1
+            rows["area"] = area
+            rows["sy"], rows["sx"] = (cy + p["y0"]) * area, (cx + p["x0"]) * area
+            rows["y0"], rows["y1"] = y0 + p["y0"], y1 + p["y0"]
+            rows["x0"], rows["x1"] = x0 + p["x0"], x1 + p["x0"]
+            out.append(rows)
+        return np.concatenate(out) if out else np.zeros(0, FRAGMENT)
+
+
+class SliceStitch(NamedTuple):
+    """What stitching a slice gives: matches (PAIR rows), the count of same-class fragment pairs touching across a
+    core border without a match, and the border fills."""
+
+    pairs: np.ndarray
+    touching_unmatched: int
+    fills: Fills
 
 
 def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray:
@@ -184,11 +253,12 @@ def _held(grid: TileGrid, iy: int, ix: int, side: int) -> Box | None:
     return grid.band_box(iy, ix, side).intersect(grid.window(iy, ix))
 
 
-def stitch_slice(band_row, grid: TileGrid, iou_min: float) -> tuple[np.ndarray, int]:
-    """Matches (PAIR rows) between all neighbouring tiles of a slice, and the count of same-class fragment pairs
-    that touch across a core border without matching (possible splits; reported, never merged). Reads the slice's
-    bands one tile row at a time: ``band_row(iy)`` -> (NX, 4, classes, 2h, tile), ``tile_bands`` of each tile."""
-    pairs, touching = [], 0
+def stitch_slice(band_row, grid: TileGrid, iou_min: float, fill: bool = True) -> SliceStitch:
+    """Matches (PAIR rows) between all neighbouring tiles of a slice, the count of same-class fragment pairs that
+    touch across a core border without matching (possible splits; reported, never merged), and the border fills
+    (rule 4; none where ``fill`` is False). Reads the slice's bands one tile row at a time: ``band_row(iy)`` ->
+    (NX, 4, classes, 2h, tile), ``tile_bands`` of each tile."""
+    pairs, touching, fills = [], 0, []
     row = band_row(0)
     for iy in range(grid.ny):
         below = band_row(iy + 1) if iy + 1 < grid.ny else None
@@ -212,6 +282,8 @@ def stitch_slice(band_row, grid: TileGrid, iou_min: float) -> tuple[np.ndarray, 
                     pairs.append(rows)
                 if jy == iy or jx == ix:  # edge neighbours share a border line
                     cb = grid.core(jy, jx)
+                    if fill and shared is not None:
+                        fills += _border_fills(la, lb, shared, (iy, ix, ca), (jy, jx, cb), m)
                     if east:
                         y0, y1 = max(ca.y0, cb.y0), min(ca.y1, cb.y1)
                         edge_a, edge_b = Box(y0, y1, ca.x1 - 1, ca.x1), Box(y0, y1, cb.x0, cb.x0 + 1)
@@ -225,7 +297,56 @@ def stitch_slice(band_row, grid: TileGrid, iou_min: float) -> tuple[np.ndarray, 
                         ia, ib, _ = contingency(layer_a.ravel(), layer_b.ravel())
                         touching += sum((int(a), int(b)) not in matched for a, b in zip(ia, ib))
         row = below
-    return (np.concatenate(pairs) if pairs else np.zeros(0, PAIR)), touching
+    return SliceStitch(np.concatenate(pairs) if pairs else np.zeros(0, PAIR), touching, _resolve_fills(fills))
+
+
+def _border_fills(la: np.ndarray, lb: np.ndarray, shared: Box, a: tuple[int, int, Box], b: tuple[int, int, Box],
+                  matches: np.ndarray) -> list[tuple]:  # fmt: skip
+    """Rule 4 between edge neighbours a and b (iy, ix, core) over the band region both saw (``la``, ``lb``: their
+    labels there; ``matches``: their (a, b) matches): (owner iy, ix, layer, source jy, jx, box, ids) for each
+    layer and direction with a fill."""
+    out = []
+    for own, other, (oy, ox, own_core), (sy, sx, other_core), matched in ((la, lb, a, b, matches[:, 1]),
+                                                                          (lb, la, b, a, matches[:, 0])):  # fmt: skip
+        part, theirs = shared.intersect(own_core), shared.intersect(other_core)
+        if part is None or theirs is None:
+            continue
+        ps, ts = part.relative_to(shared), theirs.relative_to(shared)
+        # the band's far edge on the owner's side: the edge of the neighbour's window, or as far as the band reaches
+        far = ((slice(None), slice(0, 1)) if part.x1 <= theirs.x0 else (slice(None), slice(-1, None)) if
+               part.x0 >= theirs.x1 else (slice(0, 1), slice(None)) if part.y1 <= theirs.y0 else
+               (slice(-1, None), slice(None)))  # fmt: skip
+        for layer in range(own.shape[0]):
+            candidate = np.where(own[layer][ps] == 0, other[layer][ps], 0)
+            if not candidate.any():
+                continue
+            allowed = np.zeros(2**16, bool)  # source ids with pixels on their own side of the border, unmatched,
+            allowed[other[layer][ts]] = True  # and ending before the far edge (the neighbour saw where they end)
+            allowed[0] = False
+            allowed[matched] = False
+            allowed[other[layer][ps][far]] = False
+            ids = np.where(allowed[candidate], candidate, 0).astype(np.uint16)
+            if ids.any():
+                out.append((oy, ox, layer, sy, sx, part, ids))
+    return out
+
+
+def _resolve_fills(fills: list[tuple]) -> Fills:
+    """One Fills of a slice, each pixel filled once: the patches of one owner and layer meet only in a core's
+    corner, where the source first in raster order keeps it."""
+    fills.sort(key=lambda f: f[:5])
+    start, rows, chunks = 0, [], []
+    for k, (oy, ox, layer, sy, sx, box, ids) in enumerate(fills):
+        for prev in fills[max(0, k - 3) : k]:  # at most 4 neighbours fill one core's layer
+            if prev[:3] == (oy, ox, layer) and (both := box.intersect(prev[5])) is not None:
+                ids[both.relative_to(box)][prev[6][both.relative_to(prev[5])] > 0] = 0
+        if ids.any():
+            rows.append((oy, ox, sy, sx, layer, box.y0, box.y1, box.x0, box.x1, start))
+            chunks.append(ids.ravel())
+            start += ids.size
+    if not rows:
+        return Fills.empty()
+    return Fills(np.array(rows, dtype=FILL), np.concatenate(chunks))
 
 
 def zoverlaps(core_a: np.ndarray, core_b: np.ndarray, iy: int, ix: int) -> np.ndarray:

@@ -131,3 +131,92 @@ def test_a_run_without_address_starts_its_own_ray_whatever_names_another(tmp_pat
     cli("run", volume, "--predictor", "labels", "--labels", volume, "--tile", 128, "--overlap", 16, "--out", out,
         "--no-progress", timeout=300, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # nothing listens there  # fmt: skip
     assert json.loads((out / "cellseg" / "report.json").read_text())["status"] == "complete"
+
+
+# The labels, less what a detector misses at a tile's edge: every instance that touches a cut edge of the window
+# (one inside the slice) and has no pixel farther than OVERLAP px from the cut edges.
+EDGE_SHY = '''
+from dataclasses import replace
+
+import numpy as np
+
+from cellseg_batch.predict import register
+from cellseg_batch.predict.labels_predictor import LabelsPredictor
+
+MARGIN = 32  # the overlap: a missed object reaches up to 16 px into the core
+
+
+@register("edge_shy")
+class EdgeShy(LabelsPredictor):
+    @classmethod
+    def plan(cls, options, volume):
+        plan = super().plan(options, volume)
+        plan.spec = replace(plan.spec, name="edge_shy")
+        return plan
+
+    def predict(self, z, windows, images=None):
+        height, width = self.layers[0].volume.shape[1:]
+        tiles = super().predict(z, windows, images)
+        for window, tile in zip(windows, tiles):
+            h, w = tile.labels.shape[1:]
+            deep = np.ones((h, w), bool)
+            cut = np.zeros((h, w), bool)
+            for inside, near, far in ((window.y0 > 0, np.s_[:MARGIN, :], np.s_[:1, :]),
+                                      (window.y1 < height, np.s_[-MARGIN:, :], np.s_[-1:, :]),
+                                      (window.x0 > 0, np.s_[:, :MARGIN], np.s_[:, :1]),
+                                      (window.x1 < width, np.s_[:, -MARGIN:], np.s_[:, -1:])):
+                if inside:
+                    deep[near] = False
+                    cut[far] = True
+            for layer in tile.labels:
+                shy = np.setdiff1d(np.unique(layer[cut]), np.unique(layer[deep]))
+                layer[np.isin(layer, shy[shy > 0])] = 0
+        return tiles
+'''
+
+
+def test_border_fill_completes_objects_a_tile_missed_at_its_edge(synth_small, tmp_path):
+    """A predictor that misses the slivers at its window's edge: without border fill the owner's core cuts those
+    objects along the border; with it, the band's pixels come from the neighbour that saw the object cross. Every
+    filled pixel is true foreground of the object it joins, nothing else changes, and the object table counts it."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    (tmp_path / "edge_shy_mod.py").write_text(EDGE_SHY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    outs = {}
+    for name, extra in (("fill", []), ("nofill", ["--no-border-fill"])):
+        outs[name] = out = tmp_path / f"{name}.zarr"
+        cmd = [sys.executable, "-m", "cellseg_batch", "run", str(synth_small["volume"]), "--predictor",
+               "edge_shy_mod:edge_shy", "--labels", str(synth_small["truth"]), "--tile", "96", "--overlap", "32",
+               "--link", "none", "--out", str(out), "--no-progress", "--no-image", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    report = {k: json.loads((o / "cellseg" / "report.json").read_text()) for k, o in outs.items()}
+    filled = report["fill"]["merge_quality"]["border_fill_pixels"]
+    assert report["nofill"]["merge_quality"]["border_fill_pixels"] == 0 and filled > 100
+    assert report["fill"]["counts"]["objects"] == report["nofill"]["counts"]["objects"]
+    table = pq.read_table(outs["fill"] / "cellseg" / "objects.parquet").to_pydict()
+    voxels = dict(zip(table["id"], table["voxels"]))
+    changed, missed = 0, {}
+    for name in CLASSES:
+        truth = labels_of(synth_small["truth"], name)
+        a, b = labels_of(outs["nofill"], name), labels_of(outs["fill"], name)
+        diff = a != b
+        changed += int(diff.sum())
+        assert (a[diff] == 0).all() and (truth[diff] > 0).all()  # only background became foreground, rightly
+        # each filled pixel joins the object that holds the rest of its true object's pixels in that slice
+        for z in range(truth.shape[0]):
+            for t in np.unique(truth[z][diff[z]]):
+                assert len(np.unique(b[z][(truth[z] == t) & (b[z] > 0)])) == 1
+        missed[name] = (int(((a == 0) & (truth > 0)).sum()), int(((b == 0) & (truth > 0)).sum()))
+        ids, counts = np.unique(b[b > 0], return_counts=True)
+        assert [voxels[i] for i in ids.tolist()] == counts.tolist()
+    assert changed == filled
+    lost_before = sum(m[0] for m in missed.values())
+    lost_after = sum(m[1] for m in missed.values())
+    # the predictor's misses reach at most 16 px (the band) into a core, and a neighbour saw each of them cross
+    assert lost_before > 1000 and lost_after == 0, missed

@@ -16,7 +16,7 @@ from cellseg_batch.run.remote import PredictorWorker, TileJob, stitch_task
 from cellseg_batch.run.stage import Local, Stage, drive
 from cellseg_batch.run.store import WorkStore
 from cellseg_batch.run.write import block_levels
-from cellseg_batch.stitch import FRAGMENT, ZOVERLAP, match_tiles, stitch_slice, tile_bands
+from cellseg_batch.stitch import FRAGMENT, PAIR, ZOVERLAP, Fills, SliceStitch, match_tiles, stitch_slice, tile_bands
 from cellseg_batch.tiles import EAST, NORTH, SOUTH, WEST, TileGrid
 from cellseg_batch.write import Output, label_dtype
 from conftest import cli, labels_of
@@ -50,7 +50,7 @@ def test_store_logs_round_trip_and_ignore_a_record_cut_short(tmp_path):
     ov = np.zeros(2, ZOVERLAP)
     store.append_zoverlaps(1, [((1, 0, 1), ov), ((1, 1, 1), ov[:0])])
     assert sorted(store.read_zoverlaps(1)) == [(0, 1), (1, 1)]
-    store.write_edges(1, np.zeros(0), ov, 3)
+    store.write_edges(1, SliceStitch(np.zeros(0, PAIR), 3, Fills.empty()), ov)
     assert store.stitched(1) and not store.zoverlaps_log(1).exists()
     assert int(store.edges(1)["touching_unmatched"]) == 3
 
@@ -202,7 +202,9 @@ def test_stitching_from_bands_matches_stitching_full_windows_in_the_band(shape, 
     store.create(1, grid, len(predictor.classes))
     for (iy, ix), t in tiles.items():
         store.write_bands(0, iy, ix, tile_bands(t.labels, grid, iy, ix))
-    pairs, _ = stitch_slice(lambda iy: store.band_row(grid, 0, iy), grid, 0.5)
+    stitched = stitch_slice(lambda iy: store.band_row(grid, 0, iy), grid, 0.5)
+    assert stitched.fills.pixels == 0  # every tile saw the same labels: no tile missed what a neighbour saw
+    pairs = stitched.pairs
     got = {(int(p["iy_a"]), int(p["ix_a"]), int(p["a"]), int(p["iy_b"]), int(p["ix_b"]), int(p["b"])) for p in pairs}
     want = set()
     for (iy, ix) in grid.positions():
@@ -233,7 +235,7 @@ def test_actor_counts_z_overlaps_from_memory_as_the_store_would(tmp_path):
     second = worker.predict(1, positions)
     assert sorted(k[1:] for k, _ in second["zoverlaps"]) == sorted(positions)
     from_memory = np.concatenate([rows for _, rows in second["zoverlaps"]])
-    read_back = stitch_task(str(store.root), grid, 0, 0.5, [(*p, False, False) for p in positions])["overlaps"]
+    read_back = stitch_task(str(store.root), grid, 0, 0.5, True, [(*p, False, False) for p in positions])["overlaps"]
     assert from_memory.tolist() == read_back.tolist() and len(read_back) > 0
     # a slice out of order (an actor stole it) still pairs with what is held, in either direction
     third = worker.predict(2, positions[:1])
@@ -309,7 +311,7 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     def stages():
         predict = PredictStage(store, grid, nz, 4, ActorStart(job, (2, 1, 0), 60))
         tasks = CpuTasks(predict)
-        stitch = StitchStage(store, grid, nz, 0.5, predict, 2, tasks)
+        stitch = StitchStage(store, grid, nz, 0.5, True, predict, 2, tasks)
         gaps = GapStage(store, grid, nz, 4, "overlap", run.link_rule, 2, tasks)
         link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch, gaps)
         write = WriteStage(store, grid, nz, run.output, None, 0, link, 2, tasks)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from cellseg_batch import cli
 from cellseg_batch.run.lock import OutputLock, lock_path
 from cellseg_batch.run.store import StoreDamage, WorkStore, save_npy
-from cellseg_batch.stitch import FRAGMENT
+from cellseg_batch.stitch import FRAGMENT, PAIR, Fills, SliceStitch
 from cellseg_batch.synth import CLASSES
 from cellseg_batch.tiles import TileGrid
 from conftest import cli as cli_subprocess
@@ -66,7 +66,8 @@ def test_a_damaged_store_file_raises_store_damage_naming_it(tmp_path, damage, wh
         "lut": (lambda: store.write_lut(1, np.arange(40, dtype=np.uint32)), lambda: store.lut(1), store.lut_path(1), None),
         "instances": (lambda: store.write_instances(1, np.arange(40)), lambda: store.instances(1),
                       store.instances_path(1), None),
-        "edges": (lambda: store.write_edges(1, np.zeros((3, 2), np.int64), np.zeros(0), 4), lambda: store.edges(1),
+        "edges": (lambda: store.write_edges(1, SliceStitch(np.zeros(3, PAIR), 4, Fills.empty()), np.zeros(0)),
+                  lambda: store.edges(1),
                   store.edges_path(1), None),
         "objects": (lambda: save_npy(store.objects_path, np.arange(40)), store.objects, store.objects_path, None),
         "link_stats": (lambda: store.write_link_stats({"objects": 3, "fragments": 9}), store.link_stats,

@@ -166,3 +166,67 @@ def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped
     ids = np.unique(tile.labels[tile.labels > 0])
     assert list(ids) == list(range(1, tile.count + 1))
     assert (tile.classes == np.array([classes[np.flatnonzero(np.isclose(scores, s))[0]] for s in tile.scores])).all()
+
+
+def _stitch_tiles(truth: np.ndarray, grid: TileGrid, missed: dict, fill: bool = True):
+    """stitch_slice over tiles that show ``truth`` (1, H, W) in their windows, less the ids ``missed[(iy, ix)]``
+    (a detector that missed them there)."""
+    from cellseg_batch.stitch import stitch_slice, tile_bands
+
+    rows = {}
+    for iy, ix in grid.positions():
+        w = grid.window(iy, ix)
+        labels = truth[:, w.y0 : w.y1, w.x0 : w.x1].copy()
+        labels[np.isin(labels, missed.get((iy, ix), []))] = 0
+        rows.setdefault(iy, []).append(tile_bands(labels, grid, iy, ix))
+    return stitch_slice(lambda iy: np.stack(rows[iy]), grid, 0.5, fill)
+
+
+def test_border_fill_completes_an_object_the_owner_missed_and_nothing_else():
+    """Rule 4: the east tile saw object 1 cross the border and end 10 px past it; the west tile missed it: the west
+    core's background in the band takes it. Object 5 crosses too but runs on to the east window's edge (the west
+    tile saw more of it than the east one and said no): no fill. Object 2 (only in the west core, seen by the east
+    tile past its own core) fills nothing; object 3, which both saw (matched), keeps the owner's own mask."""
+    grid = TileGrid(100, 200, 128, 32)  # cores x [0, 100) and [100, 200); the band both saw: x [84, 116)
+    truth = np.zeros((1, 100, 200), np.uint16)
+    truth[0, 10:30, 90:180] = 1  # crosses the border, 10 px into the west core
+    truth[0, 40:50, 86:98] = 2  # west core only, inside the east window's margin
+    truth[0, 60:90, 40:160] = 3  # crosses; both tiles see it
+    truth[0, 52:58, 60:150] = 5  # crosses, and reaches past the east window's edge (x 84)
+    fills = _stitch_tiles(truth, grid, {(0, 0): [1, 2, 5]}).fills
+    assert len(fills.patches) == 1
+    p = fills.patches[0]
+    assert (p["iy"], p["ix"], p["jy"], p["jx"], p["layer"]) == (0, 0, 0, 1, 0)
+    filled = np.zeros((100, 200), np.uint16)
+    filled[p["y0"] : p["y1"], p["x0"] : p["x1"]] = fills.patch(0)
+    east_local_of_1 = int(np.unique(fills.patch(0)[fills.patch(0) > 0])[0])
+    assert ((filled > 0) == (truth[0] == 1) & (np.arange(200) < 100)).all()  # all of object 1 in the west core
+    assert fills.pixels == 20 * 10
+    rows = fills.fragments()
+    assert len(rows) == 1 and rows[0]["local"] == east_local_of_1 and rows[0]["area"] == 200
+    assert (rows[0]["y0"], rows[0]["y1"], rows[0]["x0"], rows[0]["x1"]) == (10, 30, 90, 100)
+    assert rows[0]["sx"] / rows[0]["area"] == pytest.approx(94.5)
+    # the same tiles with the rule off, or with nothing missed: no fill
+    assert _stitch_tiles(truth, grid, {(0, 0): [1, 2, 5]}, fill=False).fills.pixels == 0
+    assert _stitch_tiles(truth, grid, {}).fills.pixels == 0
+
+
+def test_border_fill_gives_a_corner_pixel_once():
+    """An object across a four-core corner that only the north-west tile missed: its east and south neighbours
+    each saw its part in that core's corner (within both their bands). Each pixel is filled once, from the east
+    one (first in raster order)."""
+    grid = TileGrid(200, 200, 128, 32)  # cores [0, 100) and [100, 200) on both axes; bands 16 px deep
+    truth = np.zeros((1, 200, 200), np.uint16)
+    truth[0, 88:160, 88:160] = 7
+
+    def sources(fills):
+        return {(int(p["iy"]), int(p["ix"]), int(p["jy"]), int(p["jx"])) for p in fills.patches}
+
+    south_only = _stitch_tiles(truth, grid, {(0, 0): [7], (0, 1): [7]}).fills  # the east one missed it too
+    assert sources(south_only) == {(0, 0, 1, 0), (0, 1, 1, 1)} and south_only.pixels == 12 * 12 + 12 * 60
+    fills = _stitch_tiles(truth, grid, {(0, 0): [7]}).fills
+    assert sources(fills) == {(0, 0, 0, 1)} and fills.pixels == 12 * 12
+    filled = np.zeros((200, 200), np.int64)
+    for k, p in enumerate(fills.patches):
+        filled[p["y0"] : p["y1"], p["x0"] : p["x1"]] += fills.patch(k) > 0
+    assert (filled[88:100, 88:100] == 1).all() and filled.sum() == 12 * 12

@@ -201,7 +201,7 @@ class Run:
             "normalization": self.normalization.to_dict() if self.normalization else None, "store": 5,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
-        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.link, asdict(self.link_rule), cfg.write_image,
+        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.border_fill, cfg.link, asdict(self.link_rule), cfg.write_image,
                                cfg.chunk, cfg.format])
         previous = self.store.read_run()
         if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
@@ -282,7 +282,7 @@ class Run:
         limit = 2 * max(1, self.resources["cpus"])
         predict = PredictStage(store, grid, nz, cfg.batch_size, self.actors, self.normalization)
         cpu_tasks = CpuTasks(predict)
-        stitch = StitchStage(store, grid, nz, cfg.stitch_iou, predict, limit, cpu_tasks)
+        stitch = StitchStage(store, grid, nz, cfg.stitch_iou, cfg.border_fill, predict, limit, cpu_tasks)
         gaps = GapStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, limit, cpu_tasks)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch, gaps)
         write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
@@ -390,8 +390,10 @@ class Run:
                 "touching_unmatched_per_slice": touching_per_slice,
                 "max_tiles_per_2d_instance": stats.max_tiles_per_instance,
                 "instances_spanning_more_than_4_tiles": stats.instances_over_4_tiles,
+                "border_fill_pixels": stats.fill_pixels,
                 "note": "touching_unmatched counts same-class fragments that touch across a tile border without "
-                        "matching: possible splits. Raise --overlap if it is large.",
+                        "matching: possible splits. Raise --overlap if it is large. border_fill_pixels: pixels of a "
+                        "tile's core where it saw nothing and its neighbour's object crossing the border went on.",
             },
             "time_s": {**{k: round(v, 3) for k, v in self.times.items()}, "total": round(elapsed, 3)},
             "throughput": {

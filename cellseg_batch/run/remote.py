@@ -122,21 +122,20 @@ class PredictorWorker:
         self.cache_size -= core.nbytes if core is not None else 0
 
 
-def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, missing: list[tuple[int, int, bool, bool]]
-                ) -> dict:  # fmt: skip
-    """Matches within slice z (from its bands), and the z-overlaps with slice z+1 at the positions no actor could
-    count from memory (an actor restart, a resumed run): those read the two cores back (``missing``: iy, ix, and
-    whether each core was written)."""
+def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, fill: bool,
+                missing: list[tuple[int, int, bool, bool]]) -> dict:  # fmt: skip
+    """Matches and border fills within slice z (from its bands), and the z-overlaps with slice z+1 at the positions
+    no actor could count from memory (an actor restart, a resumed run): those read the two cores back
+    (``missing``: iy, ix, and whether each core was written)."""
     store = WorkStore(work_dir)
-    pairs, touching = verified(lambda _: stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min),
-                               store.bands_path / str(z), z)  # fmt: skip
+    stitched = verified(lambda _: stitch_slice(lambda iy: store.band_row(grid, z, iy), grid, iou_min, fill),
+                        store.bands_path / str(z), z)  # fmt: skip
     kill_point(f"stitch-task:{z}")
     counted = []
     for iy, ix, written_a, written_b in missing:
         a, b = store.core(grid, z, iy, ix, written_a), store.core(grid, z + 1, iy, ix, written_b)
         counted.append(zoverlaps(a, b, iy, ix))
-    return {"pairs": pairs, "touching_unmatched": touching,
-            "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}  # fmt: skip
+    return {"stitched": stitched, "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}
 
 
 def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: int, rule) -> dict[int, np.ndarray]:
@@ -148,9 +147,10 @@ def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: in
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
                      luts: list[np.ndarray], levels: int, volume, z_offset: int, layer_of=None,
-                     classes: list[np.ndarray] | None = None) -> None:  # fmt: skip
+                     classes: list[np.ndarray] | None = None, fills: list[tuple] = ()) -> None:  # fmt: skip
     """One block of output chunks of slice z, written once: the tile cores it meets with fragment ids replaced by
-    object ids (``luts``, one per tile), every class layer and the image copy at level 0 and at the
+    object ids (``luts``, one per tile), then the border fills inside it (``fills``: box, layer, object ids, their
+    classes or None; only on background), every class layer and the image copy at level 0 and at the
     ``levels - 1`` levels above it, built from the block in memory. The block is aligned to those levels' chunks,
     so no other writer shares them. Where classes share a layer (``layer_of``), class c's output takes the pixels
     of its layer whose object is of class c (``classes``: per tile, local id -> its object's class)."""
@@ -176,6 +176,11 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
                 labels[where] = 0
             elif classes is not None:
                 labels[where][classes[i][ids[layer]] != c] = 0  # pixels of objects of another class
+        for box, fill_layer, objects, fill_cls in fills:
+            if fill_layer == layer:
+                into = labels[box.relative_to(block)]
+                take = (objects > 0) & (into == 0) & (True if fill_cls is None else fill_cls == c)
+                into[take] = objects[take]
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
         kill_point(f"write-task:{z}")  # fault tests: a block half written
     if volume is not None:

@@ -1,4 +1,5 @@
-"""The stitch stage: per slice, matches between neighbouring tiles from their bands, and the complete z-overlaps."""
+"""The stitch stage: per slice, matches and border fills between neighbouring tiles from their bands, and the complete
+z-overlaps."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ class StitchStage(Stage):
     reads = ("bands(z)", "fragments(z)", "zoverlaps(z)")
     writes = ("edges(z)",)
 
-    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, iou_min: float, predict: PredictStage,
-                 limit: int, cpu_tasks: CpuTasks):  # fmt: skip
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, iou_min: float, fill: bool,
+                 predict: PredictStage, limit: int, cpu_tasks: CpuTasks):  # fmt: skip
         super().__init__()
-        self.store, self.grid, self.n_slices, self.iou_min = store, grid, n_slices, iou_min
+        self.store, self.grid, self.n_slices, self.iou_min, self.fill = store, grid, n_slices, iou_min, fill
         self.predict, self.limit = predict, limit
         # one core per task: tried without (to overlap stitching with CPU actors that hold every core), the actors
         # lost more (torch shares the cores with the task) than the tail after the last tile gained; so there the
@@ -53,11 +54,11 @@ class StitchStage(Stage):
             self.store.check_bands(z, [p for p in self.grid.positions() if held[0][p[0] * self.grid.nx + p[1]]])
             missing = [(iy, ix, bool(held[0][iy * self.grid.nx + ix]), bool(held[1][iy * self.grid.nx + ix]))
                        for iy, ix in missing]  # fmt: skip
-        return self.cpu_tasks.remote(stitch_task, str(self.store.root), self.grid, z, self.iou_min, missing)
+        return self.cpu_tasks.remote(stitch_task, str(self.store.root), self.grid, z, self.iou_min, self.fill,
+                                     missing)
 
     def finish(self, z, result) -> None:
         logged = list(self.predict.zoverlaps.get(z, {}).values()) if z + 1 < self.n_slices else []
         overlaps = np.concatenate([*logged, result["overlaps"]]) if logged else result["overlaps"]
-        self.store.write_edges(z, result["pairs"], overlaps.astype(ZOVERLAP, copy=False),
-                               result["touching_unmatched"])  # fmt: skip
+        self.store.write_edges(z, result["stitched"], overlaps.astype(ZOVERLAP, copy=False))
         self.predict.zoverlaps.pop(z, None)

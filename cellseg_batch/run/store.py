@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stitch import FRAGMENT, ZOVERLAP
+from ..stitch import FRAGMENT, ZOVERLAP, Fills, SliceStitch
 from ..tiles import TileGrid
 
 
@@ -325,15 +325,26 @@ class WorkStore:
         return {(iy, ix): rows for (_, iy, ix), rows in self._read(self.zoverlaps_log(z), ZOVERLAP)}
 
     # -- stitch and link products (driver only) -----------------------------------------------------------------
-    def write_edges(self, z: int, pairs: np.ndarray, overlaps: np.ndarray, touching_unmatched: int) -> None:
-        save_npz(self.edges_path(z), pairs=pairs, overlaps=overlaps, touching_unmatched=np.array(touching_unmatched))
+    def write_edges(self, z: int, stitched: SliceStitch, overlaps: np.ndarray) -> None:
+        """Slice z's stitch products (``stitch.SliceStitch``) and its complete z-overlaps with slice z+1."""
+        save_npz(self.edges_path(z), pairs=stitched.pairs, overlaps=overlaps,
+                 touching_unmatched=np.array(stitched.touching_unmatched), fill_patches=stitched.fills.patches,
+                 fill_ids=stitched.fills.ids)  # fmt: skip
         self.zoverlaps_log(z).unlink(missing_ok=True)
 
     def edges(self, z: int) -> dict[str, np.ndarray]:
         edges = verified(_npz, self.edges_path(z))
-        if {"pairs", "overlaps", "touching_unmatched"} - set(edges):
+        if {"pairs", "overlaps", "touching_unmatched", "fill_patches", "fill_ids"} - set(edges):
             raise StoreDamage(self.edges_path(z))
         return edges
+
+    def fills(self, z: int) -> Fills:
+        """Slice z's border fills (``stitch`` rule 4)."""
+        return self.fills_of(self.edges(z))
+
+    @staticmethod
+    def fills_of(edges: dict[str, np.ndarray]) -> Fills:
+        return Fills(edges["fill_patches"], edges["fill_ids"])
 
     def stitched(self, z: int) -> bool:
         return self.edges_path(z).exists()

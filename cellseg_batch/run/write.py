@@ -21,7 +21,7 @@ class WriteStage(Stage):
     (``write.shard_sides``): no shard has two writers."""
 
     name = "write"
-    reads = ("cores(z)", "fragments(z)", "lut(z)", "volume")
+    reads = ("cores(z)", "fragments(z)", "lut(z)", "edges(z)", "volume")
     writes = ("labels/<class>/0..k", "image 0..k")
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, volume, z_offset: int,
@@ -67,15 +67,18 @@ class WriteStage(Stage):
         s, g = self.side, self.grid
         block = Box(by * s, min((by + 1) * s, g.height), bx * s, min((bx + 1) * s, g.width))
         tiles = g.cores_in(block)
-        luts, classes = self._slice_luts(z)
+        luts, classes, fills = self._slice_luts(z)
         picked = [iy * g.nx + ix for iy, ix in tiles]
+        fills = [(inside, layer, ids[inside.relative_to(box)], None if cls is None else cls[inside.relative_to(box)])
+                 for box, layer, ids, cls in fills if (inside := box.intersect(block)) is not None]  # fmt: skip
         return self.cpu_tasks.remote(write_block_task, str(self.store.root), str(self.output.path), g, z, block, tiles,
                                 [luts[i] for i in picked], self.block_levels, self.volume, self.z_offset,
-                                self.layer_of, [classes[i] for i in picked] if classes else None)  # fmt: skip
+                                self.layer_of, [classes[i] for i in picked] if classes else None, fills)  # fmt: skip
 
-    def _slice_luts(self, z: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype; and where classes
-        share layers, local id -> its object's class (-1: none)."""
+    def _slice_luts(self, z: int) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[tuple]]:
+        """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype; where classes share
+        layers, local id -> its object's class (-1: none); and the slice's border fills (``stitch`` rule 4) as
+        (box, layer, object ids, their classes or None)."""
         if self._luts is None or self._luts[0] != z:
             objects = self.store.lut(z)
             start = tile_starts(self.store.fragments(z), self.grid)
@@ -85,8 +88,14 @@ class WriteStage(Stage):
             if self.layer_of:
                 object_cls = np.concatenate([[-1], self.link.table["cls"]]).astype(np.int16)
                 classes = [np.concatenate([[-1], object_cls[o.astype(np.int64)]]).astype(np.int16) for o in cut]
-            self._luts = (z, luts, classes)
-        return self._luts[1], self._luts[2]
+            fills = self.store.fills(z)
+            patches = []
+            for k, p in enumerate(fills.patches):
+                ids, source = fills.patch(k), int(p["jy"]) * self.grid.nx + int(p["jx"])
+                patches.append((Box(int(p["y0"]), int(p["y1"]), int(p["x0"]), int(p["x1"])), int(p["layer"]),
+                                luts[source][ids], classes[source][ids] if classes else None))  # fmt: skip
+            self._luts = (z, luts, classes, patches)
+        return self._luts[1], self._luts[2], self._luts[3]
 
     def finish(self, unit, result) -> None:
         self.store.mark("write", unit)
