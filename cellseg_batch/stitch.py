@@ -320,12 +320,12 @@ def _border_fills(la: np.ndarray, lb: np.ndarray, shared: Box, a: tuple[int, int
             candidate = np.where(own[layer][ps] == 0, other[layer][ps], 0)
             if not candidate.any():
                 continue
-            allowed = np.zeros(2**16, bool)  # source ids with pixels on their own side of the border, unmatched,
-            allowed[other[layer][ts]] = True  # and ending before the far edge (the neighbour saw where they end)
-            allowed[0] = False
-            allowed[matched] = False
-            allowed[other[layer][ps][far]] = False
-            ids = np.where(allowed[candidate], candidate, 0).astype(np.uint16)
+            # source ids with pixels on their own side of the border, unmatched, and ending before the far edge
+            # (the neighbour saw where they end)
+            allowed = np.setdiff1d(np.unique(other[layer][ts]), [0, *matched.tolist(), *np.unique(other[layer][ps][far])])
+            if len(allowed) == 0:
+                continue
+            ids = np.where(np.isin(candidate, allowed), candidate, 0).astype(np.uint16)
             if ids.any():
                 out.append((oy, ox, layer, sy, sx, part, ids))
     return out
