@@ -29,7 +29,8 @@ between slices stays one object. For two slices a, b (adjacent, or across a gap)
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
    takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
-   ``min_slices`` slices are dropped (their pixels become background; the run report counts them).
+   ``min_slices`` slices are dropped (their pixels become background; the run report counts them). An object in
+   the run's first or last slice is never dropped for its slices: the volume's end cut it.
    Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
 
 Scores break ties only (equal IoU, equal IoA: the higher-scored partner, then the lower index), so the result
@@ -373,7 +374,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     comp_cls = _component_classes(comp, cls_all, area_all, len(voxels), n_classes)
     kept = voxels > 0
     if total and (any(rule.min_voxels) or any(rule.min_slices)):
-        kept &= _clean_up(comp, comp_cls, area_all, np.concatenate(zs), voxels, n_classes, rule, stats)
+        kept &= _clean_up(comp, comp_cls, area_all, np.concatenate(zs), voxels, n_classes, n_slices, rule, stats)
     object_id = np.zeros(len(voxels), dtype=np.uint64)
     object_id[kept] = np.arange(1, kept.sum() + 1, dtype=np.uint64)
     table = _object_table(store, grid, n_slices, bases, comp, object_id, comp_cls[kept])
@@ -434,8 +435,11 @@ def _component_classes(comp: np.ndarray, cls: np.ndarray, area: np.ndarray, n: i
     return out
 
 
-def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, rule: LinkRule, stats: LinkStats) -> np.ndarray:
-    """Per component: whether it meets its class's minimum voxels and slices; counts what is dropped."""
+def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, n_slices: int, rule: LinkRule, stats: LinkStats
+              ) -> np.ndarray:  # fmt: skip
+    """Per component: whether it meets its class's minimum voxels and slices; counts what is dropped. An object in
+    the first or last slice meets the minimum slices whatever its extent: the volume's end cut it, its true extent is
+    unknown."""
     n = len(voxels)
     z0 = np.full(n, np.iinfo(np.int64).max)
     z1 = np.full(n, -1)
@@ -446,7 +450,7 @@ def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, rule: LinkRule, s
     min_sl = np.zeros(n_classes, np.int64)
     min_vox[: len(rule.min_voxels)] = rule.min_voxels
     min_sl[: len(rule.min_slices)] = rule.min_slices
-    ok = (voxels >= min_vox[comp_cls]) & (z1 - z0 + 1 >= min_sl[comp_cls])
+    ok = (voxels >= min_vox[comp_cls]) & ((z1 - z0 + 1 >= min_sl[comp_cls]) | (z0 == 0) | (z1 == n_slices - 1))
     drop = ~ok & (voxels > 0)
     for c in range(n_classes):
         mine = drop & (comp_cls == c)
