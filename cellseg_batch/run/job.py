@@ -201,8 +201,8 @@ class Run:
             "normalization": self.normalization.to_dict() if self.normalization else None, "store": 5,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
-        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.border_fill, cfg.link, asdict(self.link_rule), cfg.write_image,
-                               cfg.chunk, cfg.format])
+        post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.border_fill, cfg.link, asdict(self.link_rule),
+                               cfg.write_image, cfg.chunk, cfg.format])
         previous = self.store.read_run()
         if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
             self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
@@ -393,7 +393,8 @@ class Run:
                 "border_fill_pixels": stats.fill_pixels,
                 "note": "touching_unmatched counts same-class fragments that touch across a tile border without "
                         "matching: possible splits. Raise --overlap if it is large. border_fill_pixels: pixels of a "
-                        "tile's core where it saw nothing and its neighbour's object crossing the border went on.",
+                        "tile's core where it found nothing and took the object its neighbour saw cross their "
+                        "border and end (stitching rule 4).",
             },
             "time_s": {**{k: round(v, 3) for k, v in self.times.items()}, "total": round(elapsed, 3)},
             "throughput": {
