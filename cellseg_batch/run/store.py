@@ -100,9 +100,10 @@ def _npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+def _npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The file's arrays (``keys``: only those; a missing one is damage)."""
     with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}  # read now: a damaged member fails here, not where it is used
+        return {k: f[k] for k in (keys or f.files)}  # read now: a damaged member fails here, not where it is used
 
 
 class WorkStore:
@@ -339,8 +340,8 @@ class WorkStore:
         return edges
 
     def fills(self, z: int) -> Fills:
-        """Slice z's border fills (``stitch`` rule 4)."""
-        return self.fills_of(self.edges(z))
+        """Slice z's border fills (``stitch`` rule 4), without reading the rest of its edges (the z-overlaps)."""
+        return self.fills_of(verified(lambda p: _npz(p, ("fill_patches", "fill_ids")), self.edges_path(z)))
 
     @staticmethod
     def fills_of(edges: dict[str, np.ndarray]) -> Fills:
