@@ -301,6 +301,7 @@ def test_a_failing_run_fails_the_job_with_its_status_and_leaves_no_ray_process(s
 CANCEL_VOLUME = "synth:16x1024x1024,seed=3"
 
 
+@pytest.mark.slow  # 90 s; the other SLURM jobs check that no Ray process is left after a job
 def test_cancelled_slurm_jobs_tear_down_ray_and_the_run_resumes(slurm, tmp_path):
     out = tmp_path / "big.seg.zarr"
     frag = Path(f"{out}.work") / "frag"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..distribute import kill_point
+from ..distribute import kill_point, reuse_freed_memory
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from ..write import ChunkIO
@@ -46,6 +46,7 @@ class PredictorWorker:
     def __init__(self, job: TileJob):
         from ..predict import build_predictor
 
+        reuse_freed_memory()  # before the model's first allocations
         self.job = job
         self.predictor = build_predictor(job.predictor)
         self.predictor.set_threads(job.threads)
@@ -164,9 +165,8 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
         inside = core.intersect(block)
         ids = store.core(grid, z, iy, ix, written=len(lut) > 1)[(slice(None), *inside.relative_to(core))]
         parts.append((inside.relative_to(block), ids))
-    # one buffer for every layer, each pixel set by the core that owns it (the cores meeting a block cover it):
-    # a fresh zeroed array per layer cost its first touch, page by page, on every layer
-    labels = np.empty(block.shape, dtype=luts[0].dtype if luts else np.uint32)
+    # one buffer for every layer, each pixel set by the core that owns it (the cores meeting a block cover it)
+    labels = _block_buffer(block.shape, luts[0].dtype if luts else np.uint32)
     if sum(ids[0].size for _, ids in parts) != labels.size:  # the tile grid's cores partition every slice
         raise ValueError(f"the tile cores do not cover block {block} of slice {z}")
     for c, name in enumerate(out.info["classes"]):
@@ -185,6 +185,18 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
         kill_point(f"write-task:{z}")  # fault tests: a block half written
     if volume is not None:
         out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
+
+
+_buffers = threading.local()
+
+
+def _block_buffer(shape: tuple[int, int], dtype) -> np.ndarray:
+    """This thread's block array, reused by its next block of the same shape: a fresh one (64 MiB for a 4096 px
+    block of uint32, above what malloc keeps for reuse) is faulted in page by page on its first touch, each block."""
+    key = (tuple(shape), np.dtype(dtype))
+    if getattr(_buffers, "key", None) != key:
+        _buffers.key, _buffers.array = key, np.empty(shape, dtype)
+    return _buffers.array
 
 
 def relabel_into(target: np.ndarray, ids: np.ndarray, lut: np.ndarray) -> bool:
