@@ -63,14 +63,15 @@ def label_stacks(shape: tuple[int, int, int], seed: int = 7) -> dict[str, Path]:
     return paths
 
 
-def run_measured(args: list[str], sample_s: float = 0.1, env: dict | None = None) -> dict:
+def run_measured(args: list[str], sample_s: float = 0.1, env: dict | None = None, cwd: str | None = None) -> dict:
     """Run ``cellseg-batch ARGS``; wall time, the peak resident memory of the driver and of every process, and the
-    driver's CPU seconds (sampled, so up to ``sample_s`` short)."""
+    driver's CPU seconds (sampled, so up to ``sample_s`` short). ``cwd``: a checkout whose code runs instead of the
+    installed one (``python -m`` imports from the folder it starts in; Ray's workers start in the driver's)."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
     peak = {"driver": 0, "any_worker": 0, "driver_cpu_s": 0.0}
 
     def sample():
