@@ -30,6 +30,8 @@ SCENARIOS = {  # name: (shape, seed, dropout, shift)
     "dropout 5%": ((24, 480, 480), 12, 0.05, 0.0),
     "dropout 10%": ((24, 480, 480), 13, 0.10, 0.0),
     "shifted slices 20% + dropout 5%": ((24, 480, 480), 14, 0.05, 0.2),
+    "dropout 5%, the test's volume": ((24, 640, 640), 1, 0.05, 0.0),  # tests/test_linking.py
+    "shifted slices 20% + dropout 10%": ((24, 640, 640), 15, 0.10, 0.2),
 }
 KEYS = ("n_pred", "n_gt", "f1@0.5", "f1@0.5:0.95", "vi_split", "vi_merge")
 
@@ -46,14 +48,15 @@ def stitch3d():
         return str(e)
 
 
-BASE = os.environ.get("BASE_REF", "04dad6e")  # main when this branch started: the rule before
+BASE = os.environ.get("BASE_REF", "04dad6e")  # main when the graph linking began: the rule before
+DRIFT_BASE = os.environ.get("DRIFT_BASE_REF", "b101352")  # gap edges without drift, the last commit before it
 
 
-def base_checkout(tmp: Path) -> Path:
-    """The package as of BASE_REF, exported (git archive) to run "before" in a subprocess."""
-    out = tmp / "base"
+def base_checkout(tmp: Path, ref: str) -> Path:
+    """The package as of ``ref``, exported (git archive) to run in a subprocess."""
+    out = tmp / f"base-{ref}"
     out.mkdir()
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", BASE, "cellseg_batch"], check=True,
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", ref, "cellseg_batch"], check=True,
                              capture_output=True).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
@@ -91,16 +94,18 @@ def main() -> None:
     peer = stitch3d()
     results = {"peer": "cellpose.utils.stitch3D(stitch_threshold=0.25)" if callable(peer) else f"unavailable: {peer}"}
     with tempfile.TemporaryDirectory() as tmp:
-        base = base_checkout(Path(tmp))
+        runs = {"before": (None, base_checkout(Path(tmp), BASE)),
+                "gap 2, no drift": (None, base_checkout(Path(tmp), DRIFT_BASE))}  # fmt: skip
+        runs |= {"after, gap 0": (0, None), "after, gap 1": (1, None), "after, gap 2 (default)": (2, None)}
         results["before"] = f"the package at {BASE} (git archive), same pipeline and options"
+        results["gap 2, no drift"] = f"the package at {DRIFT_BASE} (gap edges without drift), default options"
         for name, (shape, seed, dropout, shift) in SCENARIOS.items():
             paths = write_linking_cases(Path(tmp) / f"s{seed}", shape, seed, dropout, shift)
             truth = {c: np.asarray(zarr.open_array(str(paths["truth"] / "labels" / c / "0"), mode="r")[:])
                      for c in LINK_CLASSES}  # fmt: skip
             row = {"shape": shape, "seed": seed, "dropout": dropout, "shift": shift}
-            for label, gap in (("before", None), ("after, gap 0", 0), ("after, gap 1", 1),
-                               ("after, gap 2 (default)", 2)):  # fmt: skip
-                pred, link = pipeline(paths, Path(tmp) / f"out{seed}_{gap}.zarr", gap, base if gap is None else None)
+            for i, (label, (gap, base)) in enumerate(runs.items()):
+                pred, link = pipeline(paths, Path(tmp) / f"out{seed}_{i}.zarr", gap, base)
                 row[label] = scores(pred, truth) | {"link_stage_s": link["seconds"]}
             if callable(peer):
                 det = tifffile.imread(paths["detections"])

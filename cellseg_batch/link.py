@@ -20,10 +20,14 @@ between slices stays one object. For two slices a, b (adjacent, or across a gap)
    or the object's end) and an instance of z+2 with no edge from z+1 (a missed detection, or a start) are *free*
    between z and z+2: rules 1-2 run again between these slices, the Hungarian on free pairs only, and a free
    instance left unpaired may join any instance it lies mostly inside. Then z and z+3, and so on up to
-   z+1+link_gap, nearer slices first. One or two missed 2D instances in a row no longer cut an object in two, a
-   missed section at a branch point included. The default is 2 because at a 5 % miss rate two misses in a row are
+   z+1+link_gap, nearer slices first. Drift: a free instance with a partner on its other side (z-1, or the one
+   after the far slice) has a step from its centroid to its partners' (area-weighted; none if longer than its
+   radius); a pair's overlap is the larger of where the two lie and where the free one lies moved on by its drift
+   over the gap (``gap_overlaps``: MOVED rows). One or two missed 2D instances in a row no longer cut an object in
+   two, a missed section at a branch point or of an oblique arm just before it joins its sibling included. The default is 2 because at a 5 % miss rate two misses in a row are
    common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking). The price: two distinct objects
-   of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``), become one.
+   of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``, where the
+   first's drift carries it), become one.
    Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
    set its gap to 0, e.g. ``--link-gap cell=0,2``.
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
@@ -44,10 +48,11 @@ by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment table
 2D instance. Gap edges need the overlaps of z and z+2 (z+3, ...), which nobody counted. The gap stage counts them
 (``gap_overlaps``, one unit per slice, off the driver, as soon as the slices it needs are stitched): only at the tile
 positions that hold a fragment of an instance without an adjacent partner in one slice and any fragment of the other,
-from the two tile cores (``cores.zarr``, tile-local ids), with the same ``stitch.zoverlaps`` as the actors use.
-That is not a small share of the tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024,
+from the two tile cores (``cores.zarr``, tile-local ids), with the same ``stitch.zoverlaps`` as the actors use;
+and, for each free instance its drift moves by a pixel or more, in the box around it moved, from the cores that box
+meets (a few cores are kept while neighbouring boxes are read). That is not a small share of the tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024,
 256 px tiles) 522 of 600 tile positions were needed, about 3 ms each. Counted on the driver (as before the gap stage,
-and still where it did not run) the link stage took 1.6 s instead of 0.08 s there (``benchmarks/REPORT.md``). The run
+and still where it did not run: the same unit, run by the driver) the link stage took 1.6 s instead of 0.08 s there (``benchmarks/REPORT.md``). The run
 report has the positions used (``gap_positions``) and any the driver read itself (``gap_tiles_read``).
 """
 
@@ -62,7 +67,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .stitch import ZOVERLAP, fragment_rows, slice_instances, zoverlaps
-from .tiles import TileGrid
+from .tiles import Box, TileGrid
 
 OBJECT = np.dtype(
     [
@@ -71,6 +76,11 @@ OBJECT = np.dtype(
         ("cz", "<f8"), ("cy", "<f8"), ("cx", "<f8"),
     ]
 )  # fmt: skip
+
+
+# Shared pixels of 2D instance a (slice z) and b (slice z + d) with one of them moved along its drift (``side``: 0
+# a moved forward, 1 b moved back); indices as ``_load_slice`` numbers a slice's instances.
+MOVED = np.dtype([("a", "<i8"), ("b", "<i8"), ("count", "<i8"), ("side", "<i1")])
 
 
 @dataclass
@@ -191,6 +201,16 @@ def _aggregate(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
     return uniq[:, 0], uniq[:, 1], np.bincount(inverse.ravel(), weights=counts).astype(np.int64)
 
 
+def _strongest(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
+    """The largest count of each (a, b) pair."""
+    if len(counts) == 0:
+        return keys_a[:0], keys_b[:0], counts[:0]
+    uniq, inverse = np.unique(np.stack([keys_a, keys_b], axis=1), axis=0, return_inverse=True)
+    best = np.zeros(len(uniq), np.int64)
+    np.maximum.at(best, inverse.ravel(), counts)
+    return uniq[:, 0], uniq[:, 1], best
+
+
 @dataclass
 class _Slice:
     """What linking keeps of one slice while it streams: fragments, fragment -> instance, and per instance its
@@ -216,48 +236,154 @@ def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
 
 def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, free_b: np.ndarray):
     """The tile positions whose overlaps gap edges between slices a and b need: where a fragment of a free instance
-    of one slice and any fragment of the other have pixels; per such position, the box (y0, y1, x0, x1, volume
-    pixels) around the free fragments there; and, per slice, the positions whose cores were written (a missing
-    one is damage). Every pixel a pair with a free side shares lies in that box, and only such pairs can make a gap
+    of one slice and any fragment of the other have pixels; and per such position, the box (y0, y1, x0, x1, volume
+    pixels) around the free fragments there. Every pixel a pair with a free side shares lies in that box, and only such pairs can make a gap
     edge (``link_pair``): counting the box alone gives them whole."""
 
     def rows(s: _Slice, free: np.ndarray | None) -> np.ndarray:
         return s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
 
-    def tiles(f: np.ndarray) -> np.ndarray:
-        return np.unique(f["iy"].astype(np.int64) * grid.nx + f["ix"])
-
-    held_a, held_b = tiles(rows(a, None)), tiles(rows(b, None))
+    held_a, held_b = _positions(grid, rows(a, None)), _positions(grid, rows(b, None))
     fa, fb = rows(a, free_a), rows(b, free_b)
-    todo = np.union1d(np.intersect1d(tiles(fa), held_b), np.intersect1d(held_a, tiles(fb)))
+    todo = np.union1d(np.intersect1d(_positions(grid, fa), held_b), np.intersect1d(held_a, _positions(grid, fb)))
     free = np.concatenate([fa, fb])
     where = free["iy"].astype(np.int64) * grid.nx + free["ix"]
     boxes = {}
     for t in todo.tolist():
         f = free[where == t]
         boxes[t] = (int(f["y0"].min()), int(f["y1"].max()), int(f["x0"].min()), int(f["x1"].max()))
-    return todo, held_a, held_b, boxes
+    return todo, boxes
 
 
-def _count_gap_overlaps(store, grid: TileGrid, za: int, held_a: np.ndarray,
-                        wanted: dict[int, tuple[np.ndarray, np.ndarray, dict]]) -> dict[int, np.ndarray]:  # fmt: skip
-    """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, zb's written
-    positions and the box to count at each position, from ``_gap_positions``), counted from the stored tile cores
-    one position at a time: the core of za is read once for every zb that needs it (memory: two cores)."""
+class _Cores:
+    """The tile cores of a few slices, read once each and kept while near ones are read (``keep`` of them): as
+    stored (tile-local ids), or as 2D instance indices + 1 (0: none) over any box of a slice, from the cores it meets.
+    A position of a slice without fragments reads as zeros; a missing core where it has some is damage."""
+
+    def __init__(self, store, grid: TileGrid, slices: dict[int, _Slice], keep: int = 8):
+        self.store, self.grid, self.slices, self.keep = store, grid, slices, keep
+        self.cache: dict[tuple[int, int, int], np.ndarray] = {}
+        self.rows = {z: fragment_rows(s.frag, grid) for z, s in slices.items()}
+        self.held = {z: set(_positions(grid, s.frag[s.frag["area"] > 0]).tolist()) for z, s in slices.items()}
+
+    def raw(self, z: int, iy: int, ix: int) -> np.ndarray:
+        key = (z, iy, ix)
+        if key not in self.cache:
+            if len(self.cache) >= self.keep:
+                del self.cache[next(iter(self.cache))]  # the oldest: reads go in raster order
+            self.cache[key] = self.store.core(self.grid, z, iy, ix, written=iy * self.grid.nx + ix in self.held[z])
+        return self.cache[key]
+
+    def instances(self, z: int, box: Box) -> np.ndarray:
+        out = None
+        for iy, ix in self.grid.cores_in(box):
+            core = self.grid.core(iy, ix)
+            part = box.intersect(core)
+            local = self.raw(z, iy, ix)[(slice(None), *part.relative_to(core))]
+            if out is None:
+                out = np.zeros((len(local), *box.shape), np.int64)
+            ids = out[(slice(None), *part.relative_to(box))]
+            on = local > 0
+            ids[on] = self.slices[z].inst[self.rows[z](iy, ix, local[on])] + 1
+        return out
+
+
+def _positions(grid: TileGrid, frag: np.ndarray) -> np.ndarray:
+    return np.unique(frag["iy"].astype(np.int64) * grid.nx + frag["ix"])
+
+
+def _count_gap_overlaps(cores: _Cores, grid: TileGrid, za: int, wanted: dict[int, dict]) -> dict[int, np.ndarray]:
+    """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, each with the
+    box to count there, from ``_gap_positions``), counted from the stored tile cores one position at a time:
+    the core of za is read once for every zb that needs it."""
     out = {zb: [np.zeros(0, ZOVERLAP)] for zb in wanted}
-    sets = {zb: (set(todo.tolist()), set(held_b.tolist()), boxes) for zb, (todo, held_b, boxes) in wanted.items()}
-    written_a = set(held_a.tolist())
-    for t in sorted(set().union(*(todo for todo, _, _ in sets.values()))):
+    for t in sorted(set().union(*wanted.values())):
         iy, ix = divmod(t, grid.nx)
         core = grid.core(iy, ix)
-        core_a = store.core(grid, za, iy, ix, written=t in written_a)
-        for zb, (todo, written_b, boxes) in sets.items():
-            if t in todo:
+        for zb, boxes in wanted.items():
+            if t in boxes:
                 y0, y1, x0, x1 = boxes[t]
                 crop = (slice(None), slice(y0 - core.y0, y1 - core.y0), slice(x0 - core.x0, x1 - core.x0))
-                core_b = store.core(grid, zb, iy, ix, written=t in written_b)
-                out[zb].append(zoverlaps(core_a[crop], core_b[crop], iy, ix))
+                out[zb].append(zoverlaps(cores.raw(za, iy, ix)[crop], cores.raw(zb, iy, ix)[crop], iy, ix))
     return {zb: np.concatenate(rows) for zb, rows in out.items()}
+
+
+def _centroids(s: _Slice) -> np.ndarray:
+    n, area = len(s.area), np.maximum(s.area, 1)
+    return np.stack([np.bincount(s.inst, weights=s.frag[k], minlength=n) / area for k in ("sy", "sx")], axis=1)
+
+
+def _drift(here: _Slice, other: _Slice, pairs: np.ndarray) -> np.ndarray:
+    """Per instance of ``here``: the step (dy, dx) from its centroid to its partners' (``pairs``: here, other) in
+    the adjacent slice ``other``, all partners together, area-weighted; NaN where it has none, or where the step is
+    longer than its radius (a jump of the detection, not the object's motion)."""
+    n = len(here.area)
+    out = np.full((n, 2), np.nan)
+    if len(pairs) == 0:
+        return out
+    i, j = pairs[:, 0], pairs[:, 1]
+    weight = other.area[j].astype(np.float64)
+    total = np.bincount(i, weights=weight, minlength=n)
+    has = total > 0
+    c_here, c_other = _centroids(here), _centroids(other)
+    for k in (0, 1):
+        out[has, k] = np.bincount(i, weights=weight * c_other[j, k], minlength=n)[has] / total[has] - c_here[has, k]
+    out[np.hypot(out[:, 0], out[:, 1]) > np.sqrt(here.area / np.pi)] = np.nan
+    return out
+
+
+def _boxes(s: _Slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per fragment with pixels: its instance and its box (y0, y1, x0, x1); per instance: its box."""
+    valid = s.frag["area"] > 0
+    inst, f = s.inst[valid], s.frag[valid]
+    frag_box = np.stack([f[k].astype(np.int64) for k in ("y0", "y1", "x0", "x1")], axis=1)
+    box = np.tile(np.array([np.iinfo(np.int64).max, -1]), (len(s.area), 2))
+    for k, reduce in enumerate((np.minimum, np.maximum) * 2):
+        reduce.at(box[:, k], inst, frag_box[:, k])
+    return inst, frag_box, box
+
+
+def _moved_overlaps(cores: _Cores, grid: TileGrid, rule: LinkRule, z_own: int, z_other: int, who: np.ndarray,
+                    shifts: np.ndarray, side: int) -> np.ndarray:  # fmt: skip
+    """MOVED rows: each instance ``who`` of slice z_own, its pixels moved by ``shifts`` (dy, dx), against the
+    instances of slice z_other under them (pixels moved out of the slice are lost). Only where a fragment of a
+    candidate (same class, or layer) meets the moved box are cores read: most moved ends meet nothing."""
+    own, other = cores.slices[z_own], cores.slices[z_other]
+    box = _boxes(own)[2]
+    other_inst, other_box, _ = _boxes(other)
+    other_kind = rule.kinds(other.cls)[other_inst]
+    kind = rule.kinds(own.cls)
+    moved = box[who] + np.repeat(shifts, 2, axis=1)
+    moved[:, 0::2] = np.maximum(moved[:, 0::2], 0)
+    moved[:, 1] = np.minimum(moved[:, 1], grid.height)
+    moved[:, 3] = np.minimum(moved[:, 3], grid.width)
+    # the cores are read in raster order of the boxes: a few kept serve neighbouring ones
+    order = np.lexsort((np.searchsorted(grid.x_cuts, moved[:, 2], "right"),
+                        np.searchsorted(grid.y_cuts, moved[:, 0], "right")))  # fmt: skip
+    out = [np.zeros(0, MOVED)]
+    for k in order.tolist():
+        i, (dy, dx), (y0, y1, x0, x1) = int(who[k]), shifts[k].tolist(), moved[k].tolist()
+        near = (other_kind == kind[i]) & (other_box[:, 0] < y1) & (other_box[:, 1] > y0) & (other_box[:, 2] < x1)
+        if y0 >= y1 or x0 >= x1 or not (near & (other_box[:, 3] > x0)).any():
+            continue
+        target = Box(y0, y1, x0, x1)
+        mask = cores.instances(z_own, Box(y0 - dy, y1 - dy, x0 - dx, x1 - dx)) == i + 1
+        under = cores.instances(z_other, target)[mask]
+        j, count = np.unique(under[under > 0] - 1, return_counts=True)
+        rows = np.zeros(len(j), MOVED)
+        rows["a"], rows["b"] = (i, j) if side == 0 else (j, i)
+        rows["count"], rows["side"] = count, side
+        out.append(rows)
+    return np.concatenate(out)
+
+
+def _moving(drift: np.ndarray, free: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The free instances whose drift carried over ``d`` slices moves them by a pixel or more, and that move."""
+    shift = np.rint(-drift * d)
+    who = np.flatnonzero(free & np.isfinite(shift).all(axis=1))
+    shift = shift[who].astype(np.int64)
+    keep = shift.any(axis=1)
+    return who[keep], shift[keep]
 
 
 def _load_slice(store, grid: TileGrid, z: int, base: int = 0) -> tuple[_Slice, dict]:
@@ -287,33 +413,45 @@ def _gaps(rule: LinkRule, n_classes: int) -> np.ndarray:
 
 
 def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, rule: LinkRule
-                 ) -> dict[int, np.ndarray]:  # fmt: skip
-    """The z-overlaps gap edges from slice za may need, per distance d (za + d, d = 2 .. largest gap + 1), counted
-    from the tile cores; the gap stage's unit, run off the driver once slices za .. za + d are stitched.
+                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """What gap edges from slice za may need, per distance d (za + d, d = 2 .. largest gap + 1): the z-overlaps
+    (ZOVERLAP rows) counted from the tile cores, and the MOVED rows of free instances carried along their drift;
+    the gap stage's unit, run off the driver once slices za - 1 .. za + d + 1 are stitched.
 
     ``build_objects`` frees an instance for a gap edge only where it has no edge to the next (previous) slice, and
     those edges include gap edges made before; here only the adjacent edges are known, so its free instances (and
-    the positions that hold them) are a superset of what ``build_objects`` uses: it takes the rows at the positions
-    it needs, which are the same as if it had counted them itself."""
+    the positions that hold them) are a superset of what ``build_objects`` uses: it takes the rows it needs, which
+    are the same as if it had counted them itself. Drift comes from adjacent edges alone, so both agree on it."""
     gap = _gaps(rule, n_classes)
     last = min(za + int(gap.max(initial=0)) + 1, n_slices - 1)
     if last < za + 2:
         return {}
-    slices = {z: _load_slice(store, grid, z) for z in range(za, last + 1)}
-    a, a_edges = slices[za]
+    loaded = {z: _load_slice(store, grid, z) for z in range(max(za - 1, 0), min(last + 1, n_slices - 1) + 1)}
+    slices = {z: s for z, (s, _) in loaded.items()}
+    adjacent = {z: _adjacent_links(grid, rule, slices[z], slices[z + 1], edges["overlaps"])[0]
+                for z, (_, edges) in loaded.items() if z + 1 in slices}  # fmt: skip
+    cores = _Cores(store, grid, slices)
+    a = slices[za]
     forward = np.zeros(len(a.area), bool)
-    forward[_adjacent_links(grid, rule, a, slices[za + 1][0], a_edges["overlaps"])[0][:, 0]] = True
-    wanted, held_a = {}, None
+    forward[adjacent[za][:, 0]] = True
+    drift_a = _drift(a, slices[za - 1], adjacent[za - 1][:, ::-1]) if za > 0 else np.full((len(a.area), 2), np.nan)
+    wanted, free = {}, {}
     for zb in range(za + 2, last + 1):
-        (prev, prev_edges), (b, _) = slices[zb - 1], slices[zb]
+        b = slices[zb]
         backward = np.zeros(len(b.area), bool)
-        backward[_adjacent_links(grid, rule, prev, b, prev_edges["overlaps"])[0][:, 1]] = True
+        backward[adjacent[zb - 1][:, 1]] = True
         bridged = gap >= zb - za - 1
-        free_a = ~forward & (a.area > 0) & bridged[a.cls]
-        free_b = ~backward & (b.area > 0) & bridged[b.cls]
-        todo, held_a, held_b, boxes = _gap_positions(grid, a, b, free_a, free_b)
-        wanted[zb] = (todo, held_b, boxes)
-    return {zb - za: rows for zb, rows in _count_gap_overlaps(store, grid, za, held_a, wanted).items()}
+        free[zb] = (~forward & (a.area > 0) & bridged[a.cls], ~backward & (b.area > 0) & bridged[b.cls])
+        wanted[zb] = _gap_positions(grid, a, b, *free[zb])[1]
+    rows = _count_gap_overlaps(cores, grid, za, wanted)
+    out = {}
+    for zb, (free_a, free_b) in free.items():
+        b, d = slices[zb], zb - za
+        drift_b = _drift(b, slices[zb + 1], adjacent[zb]) if zb + 1 in slices else np.full((len(b.area), 2), np.nan)
+        moved = [_moved_overlaps(cores, grid, rule, za, zb, *_moving(drift_a, free_a, d), 0),
+                 _moved_overlaps(cores, grid, rule, zb, za, *_moving(drift_b, free_b, d), 1)]  # fmt: skip
+        out[d] = (rows[zb], np.concatenate(moved))
+    return out
 
 
 def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
@@ -325,7 +463,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     bases, areas, classes, zs, link_edges = [0], [], [], [], []
     window: list[_Slice] = []  # the last slices (up to the largest gap + 1), oldest first
     gap = _gaps(rule, n_classes)
-    counted: dict[int, dict[int, np.ndarray] | None] = {}  # za -> the gap stage's rows per distance, where it ran
+    counted: dict[int, tuple[dict, bool]] = {}  # za -> the gap unit's rows per distance; counted by the driver?
     prev_edges = None
     for z in range(n_slices):
         here, edges = _load_slice(store, grid, z, bases[-1])
@@ -345,12 +483,15 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             stats.heal_links += heal
             for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
                 if z - d not in counted:
-                    counted[z - d] = store.gap_overlaps(z - d)
-                rows = counted[z - d]
-                stats.gap_links += _bridge(
-                    store, grid, z - d, window[-d], z, here, rule, link_edges, stats, gap >= d - 1,
-                    None if rows is None else rows.get(d, np.zeros(0, ZOVERLAP)),
-                )
+                    rows = store.gap_overlaps(z - d)
+                    if by_driver := rows is None:  # the gap stage did not run: its unit, here
+                        t = time.perf_counter()
+                        rows = gap_overlaps(store, grid, z - d, n_slices, n_classes, rule)
+                        stats.gap_seconds += time.perf_counter() - t
+                    counted[z - d] = (rows, by_driver)
+                rows, by_driver = counted[z - d]
+                stats.gap_links += _bridge(grid, window[-d], here, rule, link_edges, stats, gap >= d - 1,
+                                           rows.get(d, (np.zeros(0, ZOVERLAP), np.zeros(0, MOVED))), by_driver)
             counted.pop(z - int(gap.max(initial=0)) - 1, None)
         window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
         prev_edges = edges
@@ -390,25 +531,26 @@ def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
     out.append(pairs + np.array([a.base, b.base]))
 
 
-def _bridge(store, grid, za: int, a: _Slice, zb: int, b: _Slice, rule: LinkRule, out: list, stats: LinkStats,
-            bridged: np.ndarray, counted: np.ndarray | None = None) -> int:  # fmt: skip
-    """Gap edges between slices za and zb > za + 1: for the instances of za left without an edge to a later slice
-    and those of zb left without one from an earlier slice (rules 1-2 with only these free), of the classes
-    ``bridged`` (per class index) allows. Their overlaps come from ``counted`` (the gap stage's rows for the pair,
-    a superset) or, where that stage did not run, from the tile cores here."""
+def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkStats, bridged: np.ndarray,
+            counted: tuple[np.ndarray, np.ndarray], by_driver: bool) -> int:  # fmt: skip
+    """Gap edges between slices a and b (b at least two slices after a): for the instances of a left without an
+    edge to a later slice and those of b left without one from an earlier slice (rules 1-2 with only these free), of
+    the classes ``bridged`` (per class index) allows. Their overlaps come from ``counted``, the gap unit's rows for
+    the pair (``gap_overlaps``, a superset); a pair's overlap is the larger of where the two lie and where the free
+    one would be had it moved on as it did from its neighbouring slice."""
     free_a = ~a.forward & (a.area > 0) & bridged[a.cls]
     free_b = ~b.backward & (b.area > 0) & bridged[b.cls]
     if not (free_a.any() or free_b.any()):
         return 0
     t = time.perf_counter()
-    todo, held_a, held_b, boxes = _gap_positions(grid, a, b, free_a, free_b)
-    if counted is None:
-        ov = _count_gap_overlaps(store, grid, za, held_a, {zb: (todo, held_b, boxes)})[zb]
-        stats.gap_tiles_read += len(todo)
-    else:
-        ov = counted[np.isin(counted["iy"].astype(np.int64) * grid.nx + counted["ix"], todo)]
+    todo = _gap_positions(grid, a, b, free_a, free_b)[0]
+    rows, moved = counted
     stats.gap_positions += len(todo)
-    ia, ib, inter = _instance_overlaps(grid, a, b, ov)
+    stats.gap_tiles_read += len(todo) if by_driver else 0
+    ia, ib, inter = _instance_overlaps(grid, a, b, rows[np.isin(rows["iy"].astype(np.int64) * grid.nx + rows["ix"], todo)])
+    moved = moved[np.where(moved["side"] == 0, free_a[moved["a"]], free_b[moved["b"]])]
+    ia, ib, inter = _strongest(np.concatenate([ia, moved["a"]]), np.concatenate([ib, moved["b"]]),
+                               np.concatenate([inter, moved["count"]]))  # fmt: skip
     pairs, _ = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
                          rule.ioa_min, a.score, b.score, free_a=free_a, free_b=free_b)  # fmt: skip
     _add_edges(out, pairs, a, b)

@@ -115,9 +115,9 @@ def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by
     boxed = link._gap_positions
 
     def whole_cores(grid, *args):
-        todo, held_a, held_b, _ = boxed(grid, *args)
+        todo, _ = boxed(grid, *args)
         cores = {t: grid.core(*divmod(t, grid.nx)) for t in todo.tolist()}
-        return todo, held_a, held_b, {t: (c.y0, c.y1, c.x0, c.x1) for t, c in cores.items()}
+        return todo, {t: (c.y0, c.y1, c.x0, c.x1) for t, c in cores.items()}
 
     monkeypatch.setattr(link, "_gap_positions", whole_cores)
     own, own_stats = build_objects(store, grid, 12, n_classes, "overlap", rule)
@@ -126,13 +126,12 @@ def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by
 
 
 def test_missed_detections_are_bridged(tmp_path):
-    """5 % of the 2D instances deleted: F1@0.5 >= 0.97 (0.979 measured here); without gap edges far lower, with its
-    splits listed. The issue asks for 0.98: what is left are arms whose section is missing in the slice where they
-    leave or join their sibling (docs/linking.md), which this rule does not bridge."""
+    """5 % of the 2D instances deleted: F1@0.5 >= 0.98 (1.0 measured here; 0.979 before drift, when four vessel arms
+    missed just before they join their sibling stayed apart); without gap edges far lower, with its splits listed."""
     data, out = _linked(tmp_path, "dropout", dropout=0.05, shape="24,640,640")
     cli("eval", out, data / "truth.zarr", "--json", tmp_path / "e.json")
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["mean"]["f1@0.5"] >= 0.97, result["mean"]
+    assert result["mean"]["f1@0.5"] >= 0.98, result["mean"]
     report = json.loads((out / "cellseg" / "report.json").read_text())
     # the gap stage counted the overlaps the gap edges used, off the driver: it read no tile core
     assert report["counts"]["z_links_gap"] > 0 and report["counts"]["gap_positions"] > 0
@@ -146,6 +145,41 @@ def test_missed_detections_are_bridged(tmp_path):
     assert result0["mean"]["f1@0.5"] < 0.9
     splits = sum(c["errors"]["n_splits"] for c in result0["classes"].values())
     assert splits > 10 and "split(s)" in proc.stdout and png.stat().st_size > 1000
+
+
+def test_an_arm_missed_just_before_it_joins_its_sibling_is_carried_there_by_its_drift(tmp_path):
+    """docs/linking.md, "gap with drift", at twice the size and over tile borders: two arms close in on each other 8 px
+    a slice; the left one is missed in the slice before they join. Where it last lies it hardly meets the joint
+    (IoA < 0.5); moved on by its drift over the gap it lies inside it, and the Y is one object."""
+    import tifffile
+
+    y, x = np.mgrid[:96, :96]
+
+    def disc(cy, cx, r, ry=None):
+        return ((y - cy) / (ry or r)) ** 2 + ((x - cx) / r) ** 2 <= 1
+
+    sections = [[disc(40, 16, 10), disc(56, 80, 10)], [disc(40, 24, 10), disc(56, 72, 10)], [disc(56, 64, 10)]]
+    sections += [[disc(48, 48, 22, 14)]] * 3
+    det = np.zeros((len(sections), 96, 96), np.uint32)
+    n = 0
+    for z, masks in enumerate(sections):
+        for m in masks:
+            n += 1
+            det[z][m] = n
+    last = det[1] == det[1][40, 24]  # the left arm's last section, and the joint it should join, in place
+    assert (last & (det[3] > 0)).sum() / last.sum() < 0.5
+    data = tmp_path / "arms"
+    data.mkdir()
+    tifffile.imwrite(data / "volume.tif", np.where(det > 0, 70, 200).astype(np.uint8))
+    tifffile.imwrite(data / "detections.tif", det)
+    (data / "detections.json").write_text(json.dumps({str(i): "canalicular_vessel" for i in range(1, n + 1)}))
+    out = tmp_path / "arms.zarr"
+    cli("run", data / "volume.tif", "--predictor", "labels", "--labels", data / "detections.tif", "--classes",
+        data / "detections.json", "--tile", 64, "--overlap", 16, "--out", out, "--no-progress")  # fmt: skip
+    labels = labels_of(out, "canalicular_vessel")
+    assert len(np.unique(labels[labels > 0])) == 1, np.unique(labels)
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["counts"]["z_links_gap"] == 1
 
 
 def test_clean_up_drops_short_objects_per_class_and_counts_them(synth_small, tmp_path):

@@ -16,13 +16,14 @@ from .store import WorkStore, save_npy
 
 
 class GapStage(Stage):
-    """Unit: slice z, ready once z and the slices up to its largest gap + 1 below are stitched. Its task counts the
+    """Unit: slice z, ready once the slices from z - 1 to its largest gap + 2 below are stitched. Its task counts the
     z-overlaps gap edges from z may need, from the tile cores at the positions that hold an instance without an
-    adjacent partner (``link.gap_overlaps``), so that the link stage on the driver reads none: many positions of a
-    dense volume qualify, and the tasks run beside prediction on every core instead of one after it on the driver."""
+    adjacent partner, and those of such instances moved along their drift (``link.gap_overlaps``), so that the link
+    stage on the driver reads none: many positions of a dense volume qualify, and the tasks run beside prediction on
+    every core instead of one after it on the driver."""
 
     name = "gaps"
-    reads = ("fragments(z..z+g+1)", "edges(z..z+g+1)", "cores at gap positions")
+    reads = ("fragments(z-1..z+g+2)", "edges(z-1..z+g+2)", "cores at gap positions and of moved instances")
     writes = ("gap_overlaps(z)",)
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,
@@ -40,7 +41,9 @@ class GapStage(Stage):
         return self.store.gaps_path(z).exists()
 
     def is_ready(self, z) -> bool:
-        return all(self.store.stitched(zz) for zz in range(z, min(z + self.reach, self.n_slices - 1) + 1))
+        # drift: z's from slice z - 1, the far slice's from the one after it
+        last = min(z + self.reach + 1, self.n_slices - 1)
+        return all(self.store.stitched(zz) for zz in range(max(z - 1, 0), last + 1))
 
     def start(self, z):
         return self.cpu_tasks.remote(gap_task, str(self.store.root), self.grid, z, self.n_slices, self.n_classes,

@@ -350,14 +350,19 @@ class WorkStore:
     def stitched(self, z: int) -> bool:
         return self.edges_path(z).exists()
 
-    def write_gap_overlaps(self, z: int, rows: dict[int, np.ndarray]) -> None:
-        save_npz(self.gaps_path(z), **{f"d{d}": r for d, r in rows.items()})
+    def write_gap_overlaps(self, z: int, rows: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        save_npz(self.gaps_path(z), **{f"{k}{d}": r for d, pair in rows.items() for k, r in zip("dm", pair)})
 
-    def gap_overlaps(self, z: int) -> dict[int, np.ndarray] | None:
-        """The gap stage's z-overlaps of slice z with slice z + d, per d; None where that stage did not run."""
+    def gap_overlaps(self, z: int) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """The gap unit's rows for slice z with slice z + d, per d (``link.gap_overlaps``: its z-overlaps and its
+        moved instances' overlaps); None where that stage did not run, or ran before moved rows were counted."""
         if not self.gaps_path(z).exists():
             return None
-        return {int(k[1:]): v for k, v in verified(_npz, self.gaps_path(z)).items()}
+        saved = verified(_npz, self.gaps_path(z))
+        ds = {int(k[1:]) for k in saved}
+        if any(f"d{d}" not in saved or f"m{d}" not in saved for d in ds):
+            return None
+        return {d: (saved[f"d{d}"], saved[f"m{d}"]) for d in sorted(ds)}
 
     def write_instances(self, z: int, instances: np.ndarray) -> None:
         save_npy(self.instances_path(z), instances)
