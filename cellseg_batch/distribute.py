@@ -41,6 +41,10 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
 
     if address:
         _check_reachable(address)  # before importing ray: it reads RAY_AUTH_MODE once
+    else:
+        # a local Ray of our own keeps Ray's default, token authentication, without the warning Ray prints about it
+        # at the start of every run (how to opt out of it)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_token_default)
     import ray
 
     kwargs = dict(
@@ -68,6 +72,10 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
         # ray.init installs its own SIGTERM handler (exit 15): keep ours, so that scancel stops the run cleanly
         if callable(sigterm):
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def _not_token_default(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
