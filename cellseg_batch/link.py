@@ -256,12 +256,13 @@ def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, fre
 
 
 class _Cores:
-    """The tile cores of a few slices, read once each and kept while near ones are read (``keep`` of them): as
-    stored (tile-local ids), or as 2D instance indices + 1 (0: none) over any box of a slice, from the cores it meets.
-    A position of a slice without fragments reads as zeros; a missing core where it has some is damage."""
+    """The tile cores of a few slices, read once each and kept while near ones are read (the last ``keep`` of them,
+    at most ``budget`` bytes; reads go in raster order): as stored (tile-local ids), or as 2D instance indices + 1
+    (0: none) over any box of a slice, from the cores it meets. A position of a slice without fragments reads as
+    zeros; a missing core where it has some is damage."""
 
-    def __init__(self, store, grid: TileGrid, slices: dict[int, _Slice], keep: int = 8):
-        self.store, self.grid, self.slices, self.keep = store, grid, slices, keep
+    def __init__(self, store, grid: TileGrid, slices: dict[int, _Slice], keep: int = 8, budget: int = 256 << 20):
+        self.store, self.grid, self.slices, self.keep, self.budget = store, grid, slices, keep, budget
         self.cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.rows = {z: fragment_rows(s.frag, grid) for z, s in slices.items()}
         self.held = {z: set(_positions(grid, s.frag[s.frag["area"] > 0]).tolist()) for z, s in slices.items()}
@@ -269,9 +270,11 @@ class _Cores:
     def raw(self, z: int, iy: int, ix: int) -> np.ndarray:
         key = (z, iy, ix)
         if key not in self.cache:
-            if len(self.cache) >= self.keep:
-                del self.cache[next(iter(self.cache))]  # the oldest: reads go in raster order
-            self.cache[key] = self.store.core(self.grid, z, iy, ix, written=iy * self.grid.nx + ix in self.held[z])
+            core = self.store.core(self.grid, z, iy, ix, written=iy * self.grid.nx + ix in self.held[z])
+            while self.cache and (len(self.cache) >= self.keep or
+                                  sum(c.nbytes for c in self.cache.values()) + core.nbytes > self.budget):  # fmt: skip
+                del self.cache[next(iter(self.cache))]  # the oldest
+            self.cache[key] = core
         return self.cache[key]
 
     def instances(self, z: int, box: Box) -> np.ndarray:

@@ -119,10 +119,19 @@ def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by
         cores = {t: grid.core(*divmod(t, grid.nx)) for t in todo.tolist()}
         return todo, {t: (c.y0, c.y1, c.x0, c.x1) for t, c in cores.items()}
 
+    cores_init = link._Cores.__init__
     monkeypatch.setattr(link, "_gap_positions", whole_cores)
     own, own_stats = build_objects(store, grid, 12, n_classes, "overlap", rule)
     assert own_stats.gap_tiles_read > 0
     assert own_stats.gap_links == staged_stats.gap_links and np.array_equal(own, staged)
+    # the cores a gap unit keeps while it reads (a few, for neighbouring boxes) change nothing it counts
+    kept = [link.gap_overlaps(store, grid, z, 12, n_classes, rule) for z in range(10)]
+    monkeypatch.setattr(link._Cores, "__init__", lambda self, *a, **k: cores_init(self, *a, keep=1))
+    for z in range(10):
+        one = link.gap_overlaps(store, grid, z, 12, n_classes, rule)
+        assert one.keys() == kept[z].keys()
+        assert all(np.array_equal(x, y) for d in one for x, y in zip(one[d], kept[z][d]))
+    assert sum(len(moved) for rows in kept for _, moved in rows.values()) > 0
 
 
 def test_missed_detections_are_bridged(tmp_path):
