@@ -24,10 +24,10 @@ between slices stays one object. For two slices a, b (adjacent, or across a gap)
    after the far slice) has a step from its centroid to its partners' (area-weighted; none if longer than its
    radius); a pair's overlap is the larger of where the two lie and where the free one lies moved on by its drift
    over the gap (``gap_overlaps``: MOVED rows). One or two missed 2D instances in a row no longer cut an object in
-   two, a missed section at a branch point or of an oblique arm just before it joins its sibling included. The default is 2 because at a 5 % miss rate two misses in a row are
-   common enough in long objects to cost F1 (``benchmarks/REPORT.md``, linking). The price: two distinct objects
-   of a class stacked in z with one or two empty slices between them, aligned (IoU >= ``link_iou``, where the
-   first's drift carries it), become one.
+   two, a missed section at a branch point or of an oblique arm just before it joins its sibling included. The
+   default is 2 because at a 5 % miss rate two misses in a row are common enough in long objects to cost F1
+   (``benchmarks/REPORT.md``, linking). The price: two distinct objects of a class stacked in z with one or two
+   empty slices between them, aligned (IoU >= ``link_iou``, where the first's drift carries it), become one.
    Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
    set its gap to 0, e.g. ``--link-gap cell=0,2``.
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
@@ -50,10 +50,11 @@ by the actors (``edges(z)["overlaps"]``), so the driver holds the fragment table
 positions that hold a fragment of an instance without an adjacent partner in one slice and any fragment of the other,
 from the two tile cores (``cores.zarr``, tile-local ids), with the same ``stitch.zoverlaps`` as the actors use;
 and, for each free instance its drift moves by a pixel or more, in the box around it moved, from the cores that box
-meets (a few cores are kept while neighbouring boxes are read). That is not a small share of the tiles where objects are dense: on a synthetic platelet volume (24 x 1024 x 1024,
-256 px tiles) 522 of 600 tile positions were needed, about 3 ms each. Counted on the driver (as before the gap stage,
-and still where it did not run: the same unit, run by the driver) the link stage took 1.6 s instead of 0.08 s there (``benchmarks/REPORT.md``). The run
-report has the positions used (``gap_positions``) and any the driver read itself (``gap_tiles_read``).
+meets (a few cores are kept while neighbouring boxes are read). That is not a small share of the tiles where objects
+are dense: on a synthetic platelet volume (24 x 1024 x 1024, 256 px tiles) 522 of 600 tile positions were needed,
+about 3 ms each. Counted on the driver (as before the gap stage, and still where it did not run: the same unit, run
+by the driver) the link stage took 1.6 s instead of 0.08 s there (``benchmarks/REPORT.md``). The run report has the
+positions used (``gap_positions``) and any the driver read itself (``gap_tiles_read``).
 """
 
 from __future__ import annotations
@@ -237,8 +238,8 @@ def _instance_overlaps(grid: TileGrid, a: _Slice, b: _Slice, ov: np.ndarray):
 def _gap_positions(grid: TileGrid, a: _Slice, b: _Slice, free_a: np.ndarray, free_b: np.ndarray):
     """The tile positions whose overlaps gap edges between slices a and b need: where a fragment of a free instance
     of one slice and any fragment of the other have pixels; and per such position, the box (y0, y1, x0, x1, volume
-    pixels) around the free fragments there. Every pixel a pair with a free side shares lies in that box, and only such pairs can make a gap
-    edge (``link_pair``): counting the box alone gives them whole."""
+    pixels) around the free fragments there. Every pixel a pair with a free side shares lies in that box, and only
+    such pairs can make a gap edge (``link_pair``): counting the box alone gives them whole."""
 
     def rows(s: _Slice, free: np.ndarray | None) -> np.ndarray:
         return s.frag[(s.frag["area"] > 0) & (True if free is None else free[s.inst])]
@@ -550,7 +551,8 @@ def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkSt
     rows, moved = counted
     stats.gap_positions += len(todo)
     stats.gap_tiles_read += len(todo) if by_driver else 0
-    ia, ib, inter = _instance_overlaps(grid, a, b, rows[np.isin(rows["iy"].astype(np.int64) * grid.nx + rows["ix"], todo)])
+    at = np.isin(rows["iy"].astype(np.int64) * grid.nx + rows["ix"], todo)
+    ia, ib, inter = _instance_overlaps(grid, a, b, rows[at])
     moved = moved[np.where(moved["side"] == 0, free_a[moved["a"]], free_b[moved["b"]])]
     ia, ib, inter = _strongest(np.concatenate([ia, moved["a"]]), np.concatenate([ib, moved["b"]]),
                                np.concatenate([inter, moved["count"]]))  # fmt: skip
