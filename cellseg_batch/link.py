@@ -193,23 +193,17 @@ def _assign(ia: np.ndarray, ib: np.ndarray, iou: np.ndarray) -> np.ndarray:
     return np.concatenate(out).astype(np.int64)
 
 
-def _aggregate(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
-    """Sum counts over equal (a, b) pairs."""
-    if len(counts) == 0:
-        return keys_a[:0], keys_b[:0], counts[:0]
-    pairs = np.stack([keys_a, keys_b], axis=1)
-    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-    return uniq[:, 0], uniq[:, 1], np.bincount(inverse.ravel(), weights=counts).astype(np.int64)
-
-
-def _strongest(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray):
-    """The largest count of each (a, b) pair."""
+def _aggregate(keys_a: np.ndarray, keys_b: np.ndarray, counts: np.ndarray, largest: bool = False):
+    """Sum counts over equal (a, b) pairs; or, with ``largest``, keep each pair's largest count."""
     if len(counts) == 0:
         return keys_a[:0], keys_b[:0], counts[:0]
     uniq, inverse = np.unique(np.stack([keys_a, keys_b], axis=1), axis=0, return_inverse=True)
-    best = np.zeros(len(uniq), np.int64)
-    np.maximum.at(best, inverse.ravel(), counts)
-    return uniq[:, 0], uniq[:, 1], best
+    if largest:
+        out = np.zeros(len(uniq), np.int64)
+        np.maximum.at(out, inverse.ravel(), counts)
+    else:
+        out = np.bincount(inverse.ravel(), weights=counts).astype(np.int64)
+    return uniq[:, 0], uniq[:, 1], out
 
 
 @dataclass
@@ -554,8 +548,8 @@ def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkSt
     at = np.isin(rows["iy"].astype(np.int64) * grid.nx + rows["ix"], todo)
     ia, ib, inter = _instance_overlaps(grid, a, b, rows[at])
     moved = moved[np.where(moved["side"] == 0, free_a[moved["a"]], free_b[moved["b"]])]
-    ia, ib, inter = _strongest(np.concatenate([ia, moved["a"]]), np.concatenate([ib, moved["b"]]),
-                               np.concatenate([inter, moved["count"]]))  # fmt: skip
+    ia, ib, inter = _aggregate(np.concatenate([ia, moved["a"]]), np.concatenate([ib, moved["b"]]),
+                               np.concatenate([inter, moved["count"]]), largest=True)  # fmt: skip
     pairs, _ = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
                          rule.ioa_min, a.score, b.score, free_a=free_a, free_b=free_b)  # fmt: skip
     _add_edges(out, pairs, a, b)
