@@ -123,8 +123,40 @@ def test_rescale_feeds_the_model_tiles_at_its_pixel_size_and_paints_masks_at_the
     predictor.model.forward = lambda inputs: seen.extend(i["image"].shape for i in inputs) or forward(inputs)
     image = np.random.default_rng(0).uniform(0, 255, (192, 200)).astype(np.float32)
     (tile,) = predictor.predict(0, [Box(0, 192, 0, 200)], [image])
-    assert seen == [(3, 96, 100)]  # what the model saw: the window at its pixel size
+    assert seen == [(1, 96, 100)]  # what the model saw: the window at its pixel size, one channel
     assert tile.labels.shape == (2, 192, 200) and tile.count > 0  # what comes back: the window's pixels
+
+
+def test_greyscale_tiles_go_in_as_one_channel_with_the_stock_model_s_detections(model_dir):
+    """The predictor's model takes a tile as one channel (the stem's kernel summed over its 3 input channels); the
+    stock detectron2 model, fed the tile as 3 equal channels as DefaultPredictor would, detects the same."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from cellseg_batch.predict.detectron2_predictor import Detectron2Predictor, fold_grey_input
+    from cellseg_batch.synth import SyntheticEM
+
+    ours = Detectron2Predictor(str(model_dir), device="cpu", score_threshold=0.2)
+    assert ours.channels == 1 and ours.model.backbone.bottom_up.stem.conv1.weight.shape[1] == 1
+    stock = build_model(ours.cfg).eval()
+    DetectionCheckpointer(stock).load(ours.cfg.MODEL.WEIGHTS)
+    image = torch.from_numpy(SyntheticEM((1, 96, 160), seed=3).image(0, 0, 96, 0, 160).astype(np.float32))
+    with torch.inference_mode():
+        (a,) = ours.model([{"image": image[None], "height": 96, "width": 160}])
+        (b,) = stock([{"image": image.expand(3, 96, 160), "height": 96, "width": 160}])
+    a, b = a["instances"], b["instances"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=0.01, rtol=0)
+    assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+
+    # a per-channel pixel mean (ImageNet's) makes the channels differ: the model keeps its 3 channels
+    cfg = ours.cfg.clone()
+    cfg.MODEL.PIXEL_MEAN = [103.53, 116.28, 123.675]
+    model = build_model(cfg)
+    assert fold_grey_input(model) == 3 and model.backbone.bottom_up.stem.conv1.weight.shape[1] == 3
 
 
 @pytest.mark.parametrize("args, message", [
