@@ -9,8 +9,9 @@ shifted back to end at the slice's edge), read, normalized, ``DefaultPredictor(i
 own, and its time counts from that process's start (importing torch and detectron2, loading the model, sampling the
 normalization) to its last window, as `run`'s wall time counts its process from start to exit (imports, Ray, the
 actors, and everything after prediction: stitch, link, write). The accuracy check scores, on every loop window, the loop's detections and `run`'s
-output cut to the same window against the truth cut to it (COCO mask AP50, windows as images): the model's
-output before and after this tool's changes (batching, channels-last, bfloat16), not the stitching.
+output cut to the same window against the truth cut to it (COCO mask AP50, windows as images). Beside them, untimed,
+`run`'s own predictor on the loop's windows, painted as the loop's detections are: the model's output before and
+after this tool's changes (batching, channels-last, the one-channel stem, bfloat16), without the stitching.
 """
 
 from __future__ import annotations
