@@ -110,7 +110,7 @@ class ChunkFiles:
     codec, handed to zarr's store in one call), without zarr-python's per-write machinery."""
 
     def __init__(self, array):
-        from cellseg_batch.write import ChunkIO
+        from cellseg_batch.chunks import ChunkIO
 
         self.io, self.chunk = ChunkIO(array), array.chunks[1:]
 

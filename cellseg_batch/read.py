@@ -307,7 +307,10 @@ class ZarrVolume(Volume):
         if arr is None:
             import zarr
 
+            from .chunks import ChunkIO
+
             arr = self._local.arr = zarr.open(self._array_path, mode="r")
+            self._local.chunk_io = ChunkIO(arr)
         return arr
 
     CACHE_BYTES = 128 * 2**20  # decoded chunks kept per thread: a row of tiles reads each chunk once
@@ -343,8 +346,11 @@ class ZarrVolume(Volume):
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        _, cy, cx = arr.chunks
-        block = cache[key] = np.asarray(arr[z, by * cy : (by + 1) * cy, bx * cx : (bx + 1) * cx])
+        io, (_, cy, cx) = self._local.chunk_io, arr.chunks
+        if io.direct_read:  # whole: edge chunks with their padding
+            block = cache[key] = io.read((z, by, bx))[0]
+        else:  # e.g. a sharded array: one chunk of a shard through zarr
+            block = cache[key] = np.asarray(arr[z, by * cy : (by + 1) * cy, bx * cx : (bx + 1) * cx])
         self._local.chunk_bytes += block.nbytes
         while self._local.chunk_bytes > self.CACHE_BYTES and len(cache) > 1:
             self._local.chunk_bytes -= cache.popitem(last=False)[1].nbytes

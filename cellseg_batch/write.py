@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chunks import ChunkIO
 from .errors import UserError
 
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -98,56 +99,6 @@ def open_array(path: str | Path, mode: str = "r+"):
 
     with zarr.config.set({"array.write_empty_chunks": True}):
         return zarr.open_array(str(path), mode=mode)
-
-
-class ChunkIO:
-    """Whole, aligned chunks (shards, where the array has them: the unit one writer owns) of a zarr array. Those of
-    a zarr v2 array on a local filesystem are coded here with the array's own codec and moved by zarr's store in
-    one synchronous call (``LocalStore.set_sync``, which writes atomically, and ``get_sync``). zarr-python's
-    ``array[...]`` adds several ms per chunk of asyncio hand-offs (measured in benchmarks/REPORT.md), and every
-    chunk this tool moves is whole. Other arrays and stores take the ordinary path, a shard in one call."""
-
-    def __init__(self, array):
-        meta = array.metadata
-        self.array, self.chunks = array, tuple(array.shards or array.chunks)
-        store = array.store_path.store
-        self.direct = meta.zarr_format == 2 and meta.order == "C" and hasattr(store, "set_sync")
-        if self.direct:
-            from zarr.core.buffer import default_buffer_prototype
-
-            self.store, self.prefix = store, f"{array.store_path.path}/" if array.store_path.path else ""
-            self.dtype, self.fill = meta.dtype.to_native_dtype(), meta.fill_value or 0
-            self.codec, self.filters, self.key = meta.compressor, meta.filters or (), meta.encode_chunk_key
-            self.buffer = default_buffer_prototype().buffer
-
-    def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
-        """Write chunk (or shard) ``coords`` (grid index); ``data`` is the whole unit, cut short at the array's edge."""
-        if not self.direct:
-            self.array[tuple(slice(c * n, c * n + d) for c, n, d in zip(coords, self.chunks, data.shape))] = data
-            return
-        if data.shape != self.chunks:  # an edge chunk is stored whole, padded with the fill value
-            full = np.full(self.chunks, self.fill, dtype=self.dtype)
-            full[tuple(slice(0, d) for d in data.shape)] = data
-            data = full
-        raw = np.ascontiguousarray(data, dtype=self.dtype)
-        for f in self.filters:  # zarr v2: filters first (the work store's CRC32C), then the compressor
-            raw = f.encode(raw)
-        blob = self.codec.encode(raw) if self.codec is not None else bytes(raw)
-        self.store.set_sync(self.prefix + self.key(tuple(coords)), self.buffer.from_bytes(blob))
-
-    def read(self, coords: tuple[int, ...], fill: bool = True) -> np.ndarray | None:
-        """Chunk ``coords`` whole (edge chunks include their padding); where it was never written the fill value,
-        or None with ``fill`` False (a chunk that should be there: the caller calls it missing)."""
-        if not self.direct:
-            return np.asarray(self.array[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, self.chunks))])
-        blob = self.store.get_sync(self.prefix + self.key(tuple(coords)))
-        if blob is None:
-            return np.full(self.chunks, self.fill, dtype=self.dtype) if fill else None
-        data = blob.to_bytes()
-        data = self.codec.decode(data) if self.codec is not None else data
-        for f in reversed(self.filters):
-            data = f.decode(data)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
 
 def _codec(dtype, label: bool, zarr_format: int):

@@ -3,6 +3,7 @@ by window."""
 
 import json
 
+import numcodecs
 import numpy as np
 import pytest
 import tifffile
@@ -173,12 +174,27 @@ def test_hdf5_datasets_as_cremi_ilastik_and_fiji_write_them(tmp_path):
         open_volume(tmp_path / "text.h5")
 
 
-@pytest.mark.parametrize("fmt", [2, 3])
-def test_zarr_arrays(tmp_path, fmt):
+ZARR_LAYOUTS = {  # zarr format and codecs as other tools write them: each read the same, chunk by chunk or through zarr
+    "v2": dict(zarr_format=2),
+    "v2-F-order": dict(zarr_format=2, order="F"),
+    "v2-zlib": dict(zarr_format=2, compressors=numcodecs.Zlib()),
+    "v3": dict(zarr_format=3),
+    "v3-blosc": dict(zarr_format=3, compressors=zarr.codecs.BloscCodec(cname="lz4")),
+    "v3-gzip": dict(zarr_format=3, compressors=zarr.codecs.GzipCodec()),
+    "v3-raw-big-endian": dict(zarr_format=3, serializer=zarr.codecs.BytesCodec(endian="big"), compressors=None),
+    "v3-sharded": dict(zarr_format=3, shards=(1, 128, 128)),
+    "v3-crc32c": dict(zarr_format=3, compressors=[zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec()]),
+}
+
+
+@pytest.mark.parametrize("layout", ZARR_LAYOUTS)
+def test_zarr_arrays(tmp_path, layout):
     a = zarr.create_array(str(tmp_path / "v.zarr"), shape=DATA.shape, chunks=(1, 64, 64), dtype=DATA.dtype,
-                          zarr_format=fmt)  # fmt: skip
+                          fill_value=7, **ZARR_LAYOUTS[layout])  # fmt: skip
     a[:] = DATA
     _check(tmp_path / "v.zarr")
+    a[1] = 7  # chunks all fill value: zarr stores none of them, and they read as the fill value
+    np.testing.assert_array_equal(open_volume(tmp_path / "v.zarr").read(1, 5, 130, 60, 150), 7)
 
 
 def test_ome_zarr_level_0_with_pixel_size(tmp_path):

@@ -89,7 +89,7 @@ def test_a_damaged_store_file_raises_store_damage_naming_it(tmp_path, damage, wh
 @given(damage=damages)
 def test_a_damaged_tile_chunk_raises_store_damage_and_is_never_read_as_zeros(tmp_path, damage):
     store, grid = _store(tmp_path)
-    from cellseg_batch.write import ChunkIO
+    from cellseg_batch.chunks import ChunkIO
 
     core = np.arange(grid.core_max**2, dtype=np.uint16).reshape(1, 1, grid.core_max, grid.core_max)
     ChunkIO(store.cores()).write((1, 0, 1, 0), core)
@@ -318,7 +318,7 @@ def test_disk_full_while_writing_is_one_line_and_the_rerun_after_freeing_space_e
 
 
 def test_a_missing_band_chunk_of_a_tile_with_fragments_is_damage_not_zeros(tmp_path):
-    from cellseg_batch.write import ChunkIO
+    from cellseg_batch.chunks import ChunkIO
 
     store, grid = _store(tmp_path)
     bands = ChunkIO(store.bands())

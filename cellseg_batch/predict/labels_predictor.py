@@ -86,15 +86,19 @@ class LabelsPredictor(Predictor):
                     f"label id {int(original[1:][cls < 0][0])} in slice {z} of {layer.volume.path} has no class in "
                     "its class map"
                 )
-            for c in np.unique(cls):  # each class's ids into its own layer, numbered after the layers before
-                table = np.zeros(n + 1, dtype=LOCAL_ID)
-                mine = np.flatnonzero(cls == c) + 1
-                table[mine] = mine + offset
-                layer = self.layer_of[c]  # classes of one stack that exclude one another share a layer
+            # each class's ids into its own layer (classes of one stack that exclude one another share a layer),
+            # numbered after the stacks before; one lookup table per layer, taken straight into it
+            target = np.asarray(self.layer_of)[cls]
+            for layer in np.unique(target):
+                mine = np.flatnonzero(target == layer) + 1
                 if len(mine) == n and offset == 0:
                     layers[layer] = local
-                else:
-                    layers[layer] += np.take(table, local)  # disjoint pixels; a lut, faster than a dict remap
+                    continue
+                table = np.zeros(n + 1, dtype=LOCAL_ID)
+                table[mine] = mine + offset
+                # a stack's layers are its own (labels stacks never share a layer), so the take overwrites zeros;
+                # mode="clip": unbuffered, and every local id is <= n
+                np.take(table, local, out=layers[layer], mode="clip")
             classes.append(cls)
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)

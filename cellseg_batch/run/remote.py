@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..chunks import ChunkIO
 from ..distribute import kill_point, reuse_freed_memory
 from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
-from ..write import ChunkIO
 from .store import WorkStore, verified
 
 
@@ -190,25 +190,29 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
 _buffers = threading.local()
 
 
-def _block_buffer(shape: tuple[int, int], dtype) -> np.ndarray:
-    """This thread's block array, reused by its next block of the same shape: a fresh one (64 MiB for a 4096 px
-    block of uint32, above what malloc keeps for reuse) is faulted in page by page on its first touch, each block."""
-    key = (tuple(shape), np.dtype(dtype))
-    if getattr(_buffers, "key", None) != key:
-        _buffers.key, _buffers.array = key, np.empty(shape, dtype)
-    return _buffers.array
+def _block_buffer(shape: tuple[int, ...], dtype, name: str = "block") -> np.ndarray:
+    """An array of ``shape`` from this thread's buffer ``name``, which only grows: a fresh array (64 MiB for a
+    4096 px block of uint32, above what malloc keeps for reuse) is faulted in page by page on its first touch."""
+    size, dtype = int(np.prod(shape)), np.dtype(dtype)
+    held = getattr(_buffers, name, None)
+    if held is None or held.dtype != dtype or held.size < size:
+        held = np.empty(size, dtype)
+        setattr(_buffers, name, held)
+    return held[:size].reshape(shape)
 
 
 def relabel_into(target: np.ndarray, ids: np.ndarray, lut: np.ndarray) -> bool:
     """``target[...] = lut[ids]`` (tile-local ids -> object ids) where ``ids`` has any nonzero pixel; False (target
-    untouched) where it has none. ``np.take`` into the block's view: no temporary, no index array (1.9 ms
-    for a 1024² layer against 4.9 ms for a gather over the foreground's flat indices, measured)."""
+    untouched) where it has none. ``np.take`` into a contiguous scratch array, then one copy into the block's view:
+    a take straight into the view (its rows a block apart) took 2.5 ms for a 1024² layer, against 0.85 + 0.3 ms."""
     top = int(ids.max()) if ids.size else 0
     if top == 0:
         return False
     if top >= len(lut):  # the lut and the core disagree: never write a clipped id
         raise ValueError(f"tile id {top} has no object id (lut of {len(lut)})")
-    np.take(lut, ids, out=target, mode="clip")  # mode="clip": unbuffered; ids are checked above
+    scratch = _block_buffer(ids.shape, lut.dtype, "relabel")
+    np.take(lut, ids, out=scratch, mode="clip")  # mode="clip": unbuffered; ids are checked above
+    np.copyto(target, scratch)
     return True
 
 

@@ -217,7 +217,7 @@ class WorkStore:
 
     def write_bands(self, z: int, iy: int, ix: int, bands: np.ndarray) -> None:
         """Store tile (z, iy, ix)'s bands (``stitch.tile_bands``): one chunk."""
-        from ..write import ChunkIO
+        from ..chunks import ChunkIO
 
         if self._bands_io is None:
             self._bands_io = ChunkIO(self.bands())
@@ -232,7 +232,7 @@ class WorkStore:
     def core(self, grid: TileGrid, z: int, iy: int, ix: int, written: bool = False) -> np.ndarray:
         """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there).
         ``written``: the caller knows the tile has instances, so a missing chunk is damage too."""
-        from ..write import ChunkIO
+        from ..chunks import ChunkIO
 
         if self._core_io is None:
             self._core_io = ChunkIO(self.cores())
