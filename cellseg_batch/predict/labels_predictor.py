@@ -87,18 +87,20 @@ class LabelsPredictor(Predictor):
                     "its class map"
                 )
             # each class's ids into its own layer (classes of one stack that exclude one another share a layer),
-            # numbered after the stacks before; one lookup table per layer, taken straight into it
+            # numbered after the stacks before
             target = np.asarray(self.layer_of)[cls]
-            for layer in np.unique(target):
-                mine = np.flatnonzero(target == layer) + 1
-                if len(mine) == n and offset == 0:
-                    layers[layer] = local
-                    continue
-                table = np.zeros(n + 1, dtype=LOCAL_ID)
-                table[mine] = mine + offset
-                # a stack's layers are its own (labels stacks never share a layer), so the take overwrites zeros;
-                # mode="clip": unbuffered, and every local id is <= n
-                np.take(table, local, out=layers[layer], mode="clip")
+            if n and offset == 0 and (target == target[0]).all():
+                layers[target[0]] = local
+            elif n:
+                # from the stack's foreground pixels only: a lookup over the whole window (np.take) casts every
+                # index to intp first, 2-6 ms per class and tile, where organelles cover a few % of it
+                flat = local.reshape(-1)
+                where = np.flatnonzero(flat != 0)  # through a bool mask: 5x faster than on the ids
+                ids = flat[where].astype(LOCAL_ID)  # + offset must not wrap a uint8
+                layer_of_pixel = target[ids - 1]
+                for layer in np.unique(target):
+                    mine = layer_of_pixel == layer
+                    layers[layer].reshape(-1)[where[mine]] = ids[mine] + offset
             classes.append(cls)
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
