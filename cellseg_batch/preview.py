@@ -26,17 +26,17 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path, title: str = 
     (matplotlib's import alone took longer than the whole drawing)."""
     from PIL import Image, ImageDraw
 
-    img = image.astype(np.float64)
+    img = image.astype(np.float32)
     finite = np.isfinite(img)  # a float volume's NaN (no data) is drawn black
     lo, hi = np.percentile(img[finite], (1, 99.5)) if finite.any() else (0, 1)
     grey = np.clip(np.where(finite, (img - lo) / max(hi - lo, 1e-9), 0), 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
     legend = []
     for k, (name, ids) in enumerate(layers.items()):
         colour = np.array(class_colour(k))
         inside = ids > 0
         # per-instance shade so that touching instances of one class stay distinguishable
-        shade = 0.6 + 0.4 * ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1000)).astype(np.float64) / 1000
+        shade = 0.6 + 0.4 * ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(1000)).astype(np.float32) / 1000
         rgb[inside] = 0.65 * rgb[inside] + 0.35 * colour * shade[inside][:, None]
         rgb[_inner_boundaries(ids)] = colour
         legend.append((f"{name} ({len(np.unique(ids[inside]))})", colour))

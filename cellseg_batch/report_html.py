@@ -6,6 +6,8 @@ import base64
 import html
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -192,11 +194,19 @@ def gallery_slices(n_slices: int, touching: list[int] | None, most: int = 3) -> 
 def _gallery(output, report: dict) -> str:
     n = output.info["shape"][0]
     z0 = report.get("input", {}).get("slices", [0])[0]
-    items = []
-    for z, why in gallery_slices(n, report.get("merge_quality", {}).get("touching_unmatched_per_slice")).items():
+    chosen = gallery_slices(n, report.get("merge_quality", {}).get("touching_unmatched_per_slice"))
+
+    def png(z: int) -> str:
         buf = io.BytesIO()
         render_output(output, buf, z, max_size=512)
-        data = base64.b64encode(buf.getvalue()).decode()
+        return base64.b64encode(buf.getvalue()).decode()
+
+    # the pictures side by side on the cores (numpy and Pillow's encoder release the GIL): this runs at the end
+    # of every run, after the workers are gone
+    with ThreadPoolExecutor(max(1, min(len(chosen), os.cpu_count() or 1))) as pool:
+        pictures = list(pool.map(png, chosen))
+    items = []
+    for (z, why), data in zip(chosen.items(), pictures):
         items.append(f'<figure><img alt="slice {z}" src="data:image/png;base64,{data}"/>'
                      f"<figcaption>slice {z}{f' (volume slice {z0 + z})' if z0 else ''}: {_esc(why)}</figcaption>"
                      "</figure>")  # fmt: skip
