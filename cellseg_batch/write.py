@@ -343,9 +343,19 @@ def _mean2x2(block: np.ndarray) -> np.ndarray:
     h, w = block.shape
     if h % 2 or w % 2:
         block = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
-    wide = np.float64 if block.dtype.kind == "f" or block.dtype.itemsize > 2 else np.uint32
-    total = (block[0::2, 0::2].astype(wide) + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2])
-    return (total / 4).astype(block.dtype) if wide is np.float64 else ((total + 2) // 4).astype(block.dtype)
+    # a sum that cannot overflow (uint8: 4 x 255 + 2 fits uint16; signed: int32), summed in place: one array
+    kind, size = block.dtype.kind, block.dtype.itemsize
+    wide = np.float64 if kind == "f" or size > 2 else np.int32 if kind == "i" else np.uint16 if size == 1 else np.uint32
+    total = block[0::2, 0::2].astype(wide)
+    total += block[1::2, 0::2]
+    total += block[0::2, 1::2]
+    total += block[1::2, 1::2]
+    if wide is np.float64:
+        total /= 4
+    else:
+        total += 2
+        total //= 4
+    return total.astype(block.dtype)
 
 
 def _json_default(o):

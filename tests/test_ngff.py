@@ -160,3 +160,21 @@ def test_an_unknown_format_is_refused_in_one_line(tmp_path, capsys):
                  "--format", "ngff-0.6"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert err == "cellseg-batch: error: --format 'ngff-0.6': choose one of ngff-0.4, ngff-0.5\n" and not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+def test_image_levels_are_2x2_means_without_overflow_or_wrapping(dtype):
+    """Each image level is the rounded mean of 2x2 pixels of the one below (an odd edge averaged with itself), at
+    the ends of the pixel type's range too: signed images keep their negative pixels."""
+    from cellseg_batch.write import _mean2x2
+
+    lo, hi = (np.iinfo(dtype).min, np.iinfo(dtype).max) if np.dtype(dtype).kind in "ui" else (-1e6, 1e6)
+    block = np.random.default_rng(3).uniform(lo, hi, (9, 7)).astype(dtype)
+    block[:2, :2] = hi  # a corner at the top of the range
+    padded = np.pad(block.astype(np.float64), ((0, 1), (0, 1)), mode="edge")
+    mean = (padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]) / 4
+    want = np.floor(mean + 0.5) if np.dtype(dtype).kind in "ui" else mean
+    got = _mean2x2(block)
+    assert got.dtype == dtype and got.shape == (5, 4)
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(dtype).astype(np.float64), rtol=1e-6)
+    assert got[0, 0] == hi
