@@ -109,7 +109,7 @@ def _npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarra
 class WorkStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._core_io = self._bands_io = self._bands = None  # opened on first use, in the process that uses them
+        self._core_io = self._bands_io = None  # opened on first use, in the process that uses them
 
     # -- paths: the one place that names the store's files ----------------------------------------------------
     @property
@@ -225,9 +225,12 @@ class WorkStore:
 
     def band_row(self, grid: TileGrid, z: int, iy: int) -> np.ndarray:
         """The bands of tile row iy of slice z: (NX, 4, classes, 2h, tile); zeros where a tile had no instance."""
-        if self._bands is None:
-            self._bands = self.bands()
-        return np.asarray(self._bands[z, iy]).reshape(grid.nx, 4, -1, 2 * grid.band, grid.tile)
+        from ..chunks import ChunkIO
+
+        if self._bands_io is None:
+            self._bands_io = ChunkIO(self.bands())
+        row = [self._bands_io.read((z, iy, ix))[0, 0] for ix in range(grid.nx)]  # unwritten: zeros
+        return np.stack(row).reshape(grid.nx, 4, -1, 2 * grid.band, grid.tile)
 
     def core(self, grid: TileGrid, z: int, iy: int, ix: int, written: bool = False) -> np.ndarray:
         """The core of tile (z, iy, ix) from its slot: (classes, h, w) tile-local ids (zeros: no instance there).
