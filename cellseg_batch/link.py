@@ -63,9 +63,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from .stitch import ZOVERLAP, fragment_rows, slice_instances, zoverlaps
 from .tiles import Box, TileGrid
@@ -167,6 +164,10 @@ def link_pair(
 
 def _assign(ia: np.ndarray, ib: np.ndarray, iou: np.ndarray) -> np.ndarray:
     """Maximum-IoU one-to-one matching, solved per connected component of the candidate graph (scales to many)."""
+    from scipy.optimize import linear_sum_assignment  # here, not at import: scipy's import is ~0.3 s of each start
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     if len(iou) == 0:
         return np.zeros((0, 2), dtype=np.int64)
     ua, ra = np.unique(ia, return_inverse=True)
@@ -456,6 +457,8 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
                   progress=None) -> tuple[np.ndarray, LinkStats]:  # fmt: skip
     """Stream the slices of the work store (``run.store.WorkStore``): 2D instances, edges, 3D components, clean-up;
     write each slice's fragment -> object id table (``lut_path``) and return the object table."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     stats = LinkStats()
     bases, areas, classes, zs, link_edges = [0], [], [], [], []

@@ -31,9 +31,6 @@ from typing import NamedTuple
 
 import cc3d
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from .predict.base import TileLabels
 from .tiles import EAST, NORTH, SOUTH, WEST, Box, TileGrid, TileKey
@@ -185,6 +182,8 @@ def contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def match_labels(la: np.ndarray, lb: np.ndarray, iou_min: float) -> np.ndarray:
     """Matches (a, b) of local ids between two tiles' label layers over the same pixels, per the stitching rule."""
+    from scipy.optimize import linear_sum_assignment  # here, not at import: scipy's import is ~0.3 s of each start
+
     matches = []
     for a, b in zip(la, lb):
         ia, ib, inter = contingency(a, b)
@@ -383,6 +382,9 @@ def fragment_rows(frag: np.ndarray, grid: TileGrid):
 
 def slice_instances(frag: np.ndarray, pairs: np.ndarray, grid: TileGrid) -> tuple[np.ndarray, int]:
     """2D instance index of every fragment of a slice: connected components of the match graph (in row order)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(frag)
     if n == 0:
         return np.zeros(0, dtype=np.int64), 0
