@@ -223,6 +223,11 @@ class Run:
                 self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
                 fmt=cfg.format,
             )  # fmt: skip
+        # linking's scipy (~0.3 s to import), loaded here while Ray starts: the link stage runs on the driver
+        # between the last gap unit and the first write, where nothing else can run
+        import scipy.optimize  # noqa: F401
+        import scipy.sparse.csgraph  # noqa: F401
+
         return decision.mode
 
     # -- stages -------------------------------------------------------------------------------------------------
