@@ -94,7 +94,7 @@ def test_branches_merges_and_touching_neighbours_are_linked_exactly(tmp_path):
 
 
 def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by_the_driver(tmp_path, monkeypatch):
-    """The gap stage counts overlaps only in the box around the free fragments of each tile position, for a superset
+    """The gap stage counts overlaps only in the boxes of the free fragments of each tile position, for a superset
     of the free instances; where that stage did not run, the link stage counts them itself from the tile cores, here
     over whole cores. Both give the same objects, and the same gap links."""
     import shutil
@@ -117,7 +117,7 @@ def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by
     def whole_cores(grid, *args):
         todo, _ = boxed(grid, *args)
         cores = {t: grid.core(*divmod(t, grid.nx)) for t in todo.tolist()}
-        return todo, {t: (c.y0, c.y1, c.x0, c.x1) for t, c in cores.items()}
+        return todo, {t: np.array([[c.y0, c.y1, c.x0, c.x1]]) for t, c in cores.items()}
 
     cores_init = link._Cores.__init__
     monkeypatch.setattr(link, "_gap_positions", whole_cores)
@@ -274,3 +274,22 @@ def test_class_flips_between_slices_follow_the_object_with_exclusive_classes(tmp
     proc = cli("run", data / "volume.tif", *common, "--exclusive", "mitochondrion,cell", "--out", tmp_path / "bad.zarr",
                check=False)  # fmt: skip
     assert proc.returncode == 2 and "not a class" in proc.stderr and not (tmp_path / "bad.zarr").exists()
+
+
+def test_gap_counting_covers_every_pixel_of_the_free_fragments_boxes():
+    """``_box_pixels``: the pixels a gap unit counts at a position hold every pixel of every free fragment's box
+    (so each pair with a free side is counted whole), once each, and stay inside the core."""
+    from cellseg_batch.link import _box_pixels
+    from cellseg_batch.tiles import Box
+
+    rng = np.random.default_rng(4)
+    core = Box(1000, 1500, 2000, 2400)  # y0, y1, x0, x1 (volume pixels)
+    for n, side in ((1, 300), (3, 20), (40, 15), (25, 200)):
+        y0, x0 = rng.integers(core.y0, core.y1 - 1, n), rng.integers(core.x0, core.x1 - 1, n)
+        boxes = np.stack([y0, np.minimum(y0 + rng.integers(1, side, n), core.y1), x0,
+                          np.minimum(x0 + rng.integers(1, side, n), core.x1)], axis=1)  # fmt: skip
+        counted = np.zeros(core.shape, np.int64)
+        np.add.at(counted, _box_pixels(core, boxes)[1:], 1)
+        assert counted.max() == 1
+        for by0, by1, bx0, bx1 in boxes:
+            assert counted[by0 - core.y0 : by1 - core.y0, bx0 - core.x0 : bx1 - core.x0].all()
