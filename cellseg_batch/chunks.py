@@ -34,7 +34,7 @@ class ChunkIO:
             self.array[tuple(slice(c * n, c * n + d) for c, n, d in zip(coords, self.chunks, data.shape))] = data
             return
         if data.shape != self.chunks:  # an edge chunk is stored whole, padded with the fill value
-            full = np.full(self.chunks, self.fill, dtype=self.dtype)
+            full = np.zeros(self.chunks, self.dtype) if self.fill == 0 else np.full(self.chunks, self.fill, self.dtype)
             full[tuple(slice(0, d) for d in data.shape)] = data
             data = full
         blob = np.ascontiguousarray(data, dtype=self.dtype)

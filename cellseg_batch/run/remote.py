@@ -86,8 +86,12 @@ class PredictorWorker:
             core_box = grid.core(iy, ix)
             core = None
             if tile.count:  # a tile without instances stays unwritten and reads as zeros
-                core = tile.labels[(slice(None), *core_box.relative_to(window))].copy()  # not a view: the window is freed
-                self.cores.write((z, 0, iy, ix), core[None])  # a core is one chunk of the cores array
+                # the core copied once, into its whole slot (one chunk of the cores array; zero padding), and kept as
+                # a view of it: not of the window, which is freed
+                slot = np.zeros(self.cores.chunks, tile.labels.dtype)
+                core = slot[(0, slice(None), *(slice(0, n) for n in core_box.shape))]
+                core[...] = tile.labels[(slice(None), *core_box.relative_to(window))]
+                self.cores.write((z, 0, iy, ix), slot)
                 self.store.write_bands(z, iy, ix, tile_bands(tile.labels, grid, iy, ix))
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid)))
