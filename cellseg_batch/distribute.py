@@ -64,6 +64,12 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
                     "uses token authentication, set RAY_AUTH_TOKEN"
                 ) from e
         else:
+            # Ray's raylet connects to the object store it has just started, and where the store is not up at the
+            # first try it retries after 1 s (Ray's default: 10 tries, 1000 ms apart): a third of the starts here
+            # took 1 s longer (3.3 against 2.3 s). Every 100 ms instead, with the same 10 s budget.
+            for key, value in (("RAY_raylet_client_connect_timeout_milliseconds", "100"),
+                               ("RAY_raylet_client_num_connect_attempts", "100")):  # fmt: skip
+                os.environ.setdefault(key, value)
             # "local": a new Ray of our own. Without it, ray.init() joins the cluster that `ray start` last started on
             # this machine (/tmp/ray/ray_current_cluster) or RAY_ADDRESS names, someone else's, even one since gone
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
