@@ -160,11 +160,12 @@ def pyramid_reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4", "pyramid-task:2"])
+@pytest.mark.parametrize("point", ["stitch-task:4", "write-task:4", "image-task:3", "pyramid-task:2"])
 def test_kill_9_of_a_task_worker_during_stitch_write_or_pyramid_does_not_change_the_result(tmp_path, point, request):
     """The worker running slice 4's stitch task (after stitching), a write block of slice 4 (after its first class
-    layer), or slice 2's pyramid task (after the upper levels of its first class layer) SIGKILLs itself once; Ray
-    retries the task and the run ends with the uninterrupted output."""
+    layer), an image block of slice 3 (written, not yet recorded), or slice 2's pyramid task (after the upper levels
+    of its first class layer) SIGKILLs itself once; Ray retries the task and the run ends with the uninterrupted
+    output."""
     import os
 
     volume, args, ref = VOLUME, ARGS, "reference"

@@ -31,7 +31,7 @@ def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, 
 
 
 def test_later_stages_run_on_the_predictor_actors_only_where_those_hold_every_core(synth_small, tmp_path):
-    """Two 1-CPU actors on a 2-CPU Ray hold every core: each stitch, gaps, write, pyramid and preview unit runs on them
+    """Two 1-CPU actors on a 2-CPU Ray hold every core: each stitch, gaps, write, image, pyramid and preview unit runs on them
     (a task could not start before the last tile). With one actor, a CPU is free and they are Ray tasks. Both give
     the truth."""
     for name, extra, on_actors in (("actors", [], True), ("tasks", ["--actors", 1], False)):
@@ -40,7 +40,7 @@ def test_later_stages_run_on_the_predictor_actors_only_where_those_hold_every_co
             "--overlap", 16, "--num-cpus", 2, "--out", out, "--no-progress", *extra)  # fmt: skip
         report = json.loads((out / "cellseg" / "report.json").read_text())
         later = sum(s["units"] for s in report["stages"]
-                    if s["name"] in ("stitch", "gaps", "write", "pyramid", "preview"))  # fmt: skip
+                    if s["name"] in ("stitch", "gaps", "write", "image", "pyramid", "preview"))  # fmt: skip
         assert later > 0 and report["counts"]["actors"]["count"] == (2 if on_actors else 1)
         assert report["counts"]["cpu_units_run_by_predictor_actors"] == (later if on_actors else 0)
         for cls in CLASSES:

@@ -314,12 +314,26 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
         stitch = StitchStage(store, grid, nz, 0.5, True, predict, 2, tasks)
         gaps = GapStage(store, grid, nz, 4, "overlap", run.link_rule, 2, tasks)
         link = LinkStage(store, grid, nz, 4, "overlap", run.link_rule, stitch, gaps)
-        write = WriteStage(store, grid, nz, run.output, None, 0, link, 2, tasks)
-        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, 2, tasks), gaps]
+        write = WriteStage(store, grid, nz, run.output, link, 2, tasks)
+        return [predict, stitch, link, write, PyramidStage(store, nz, run.output, write, None, 2, tasks), gaps]
 
     for stage in stages():
         stage.plan()
         assert not stage.busy, stage.name
+    from cellseg_batch.run.write import ImageStage
+
+    def image_stage():
+        predict = PredictStage(store, grid, nz, 4, ActorStart(job, (2, 1, 0), 60))
+        write = WriteStage(store, grid, nz, run.output, None, 2, CpuTasks(predict))
+        return ImageStage(store, nz, write, run.volume, 0, 2, CpuTasks(predict))
+
+    image = image_stage()
+    image.plan()
+    assert image.total == nz * len(image.write.blocks) and not image.busy
+    store.marker("image", (3, 0, 0)).unlink()
+    image = image_stage()
+    image.plan()
+    assert list(image.todo) == [(3, 0, 0)] and image.is_ready((3, 0, 0))  # needs nothing from the other stages
     store.edges_path(2).unlink()
     store.marker("write", (1, 0, 0)).unlink()
     predict, stitch, link, write, pyramid, gaps = stages()

@@ -43,7 +43,7 @@ from .remote import TileJob
 from .stage import drive
 from .stitch import StitchStage
 from .store import StoreDamage, WorkStore
-from .write import PreviewStage, PyramidStage, WriteStage
+from .write import ImageStage, PreviewStage, PyramidStage, WriteStage
 
 log = logging.getLogger("cellseg_batch")
 # --rescale refuses factors beyond this: a volume 8x finer or coarser than the model's training data is more likely
@@ -290,11 +290,12 @@ class Run:
         stitch = StitchStage(store, grid, nz, cfg.stitch_iou, cfg.border_fill, predict, limit, cpu_tasks)
         gaps = GapStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, limit, cpu_tasks)
         link = LinkStage(store, grid, nz, len(self.classes), cfg.link, self.link_rule, stitch, gaps)
-        write = WriteStage(store, grid, nz, self.output, self.volume if cfg.write_image else None, self.z0, link,
-                           limit, cpu_tasks, self.plan.layer_of)  # fmt: skip
-        pyramid = PyramidStage(store, nz, self.output, write, limit, cpu_tasks)
+        write = WriteStage(store, grid, nz, self.output, link, limit, cpu_tasks, self.plan.layer_of)
+        image = ImageStage(store, nz, write, self.volume, self.z0, limit, cpu_tasks) if cfg.write_image else None
+        pyramid = PyramidStage(store, nz, self.output, write, image, limit, cpu_tasks)
         preview = PreviewStage(nz, self.output, pyramid, cpu_tasks)
-        self.stages = [predict, stitch, gaps, link, write, pyramid, preview]
+        # the image copy last: the loop offers each stage, in this order, the room left for CPU work
+        self.stages = [predict, stitch, gaps, link, write, pyramid, preview] + ([image] if image else [])
         count, cpus, gpus = self.actors.layout
         self.counts["actors"] = {"count": count, "cpus_each": cpus, "gpus_each": gpus}
         drive(self.stages, bar=self._bar)

@@ -151,12 +151,12 @@ def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: in
 
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
-                     luts: list[np.ndarray], levels: int, volume, z_offset: int, layer_of=None,
-                     classes: list[np.ndarray] | None = None, fills: list[tuple] = ()) -> None:  # fmt: skip
+                     luts: list[np.ndarray], levels: int, layer_of=None, classes: list[np.ndarray] | None = None,
+                     fills: list[tuple] = ()) -> None:  # fmt: skip
     """One block of output chunks of slice z, written once: the tile cores it meets with fragment ids replaced by
     object ids (``luts``, one per tile), then the border fills inside it (``fills``: box, layer, object ids, their
-    classes or None; only on background), every class layer and the image copy at level 0 and at the
-    ``levels - 1`` levels above it, built from the block in memory. The block is aligned to those levels' chunks,
+    classes or None; only on background), every class layer at level 0 and at the ``levels - 1`` levels above it,
+    built from the block in memory. The block is aligned to those levels' chunks,
     so no other writer shares them. Where classes share a layer (``layer_of``), class c's output takes the pixels
     of its layer whose object is of class c (``classes``: per tile, local id -> its object's class)."""
     from ..write import Output
@@ -187,8 +187,15 @@ def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block
                 into[take] = objects[take]
         out.write_levels(name, z, block.y0, block.x0, labels, levels)
         kill_point(f"write-task:{z}")  # fault tests: a block half written
-    if volume is not None:
-        out.write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
+
+
+def image_block_task(out_path: str, z: int, block: Box, levels: int, volume, z_offset: int) -> None:
+    """One block of the image copy of slice z, from the volume: level 0 and the ``levels - 1`` levels above it,
+    each from the one below in memory (the block is aligned to their chunks, as the label blocks are)."""
+    from ..write import Output
+
+    Output(out_path).write_levels(None, z, block.y0, block.x0, volume.read(z_offset + z, *block), levels)
+    kill_point(f"image-task:{z}")  # fault tests: a block written, its result not yet taken
 
 
 _buffers = threading.local()

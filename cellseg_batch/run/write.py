@@ -1,4 +1,5 @@
-"""The write stage: tile cores -> object ids, every layer and pyramid level written from memory, block by block."""
+"""The write stages: tile cores -> object ids, every layer and pyramid level written from memory, block by block;
+the image copy beside them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..tiles import Box, TileGrid
 from ..write import Output, block_levels, label_dtype
 from .link import LinkStage
 from .predict import CpuTasks
-from .remote import preview_task, pyramid_task, write_block_task
+from .remote import image_block_task, preview_task, pyramid_task, write_block_task
 from .stage import Stage
 from .store import WorkStore
 
@@ -17,21 +18,20 @@ from .store import WorkStore
 class WriteStage(Stage):
     """Unit: a block of output chunks of one slice, ready once linking is done. A block reads the tile cores it
     meets from the work store (a core inside one block is read once; one across a block border, by each block it
-    meets) and the image copy from the volume. In NGFF 0.5 a block is exactly one shard of each level it writes
-    (``write.shard_sides``): no shard has two writers."""
+    meets). In NGFF 0.5 a block is exactly one shard of each level it writes (``write.shard_sides``): no shard has
+    two writers."""
 
     name = "write"
-    reads = ("cores(z)", "fragments(z)", "lut(z)", "edges(z)", "volume")
-    writes = ("labels/<class>/0..k", "image 0..k")
+    reads = ("cores(z)", "fragments(z)", "lut(z)", "edges(z)")
+    writes = ("labels/<class>/0..k",)
 
-    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, volume, z_offset: int,
-                 link: LinkStage, limit: int, cpu_tasks: CpuTasks, layer_of: tuple[int, ...] | None = None
-                 ):  # fmt: skip
+    def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, output: Output, link: LinkStage, limit: int,
+                 cpu_tasks: CpuTasks, layer_of: tuple[int, ...] | None = None):  # fmt: skip
         super().__init__()
         self.store, self.grid, self.n_slices, self.output = store, grid, n_slices, output
         # where classes share a label layer (exclusive classes), each pixel goes to its object's class
         self.layer_of = layer_of if layer_of and list(layer_of) != list(range(len(layer_of))) else None
-        self.volume, self.z_offset, self.link, self.limit = volume, z_offset, link, limit
+        self.link, self.limit = link, limit
         self.levels = output.info["levels"]
         self.block_levels = block_levels(output.info["chunk"], self.levels)
         self.side = side = output.info["chunk"] * 2 ** (self.block_levels - 1)  # pixels
@@ -64,16 +64,20 @@ class WriteStage(Stage):
         if self.dtype is None:  # ids are known now: the smallest type that holds them
             self.dtype = label_dtype(len(self.link.table))
             self.output.create_labels(self.dtype)
-        s, g = self.side, self.grid
-        block = Box(by * s, min((by + 1) * s, g.height), bx * s, min((bx + 1) * s, g.width))
+        g = self.grid
+        block = self.block(by, bx)
         tiles = g.cores_in(block)
         luts, classes, fills = self._slice_luts(z)
         picked = [iy * g.nx + ix for iy, ix in tiles]
         fills = [(inside, layer, ids[inside.relative_to(box)], None if cls is None else cls[inside.relative_to(box)])
                  for box, layer, ids, cls in fills if (inside := box.intersect(block)) is not None]  # fmt: skip
         return self.cpu_tasks.remote(write_block_task, str(self.store.root), str(self.output.path), g, z, block, tiles,
-                                [luts[i] for i in picked], self.block_levels, self.volume, self.z_offset,
-                                self.layer_of, [classes[i] for i in picked] if classes else None, fills)  # fmt: skip
+                                     [luts[i] for i in picked], self.block_levels, self.layer_of,
+                                     [classes[i] for i in picked] if classes else None, fills)  # fmt: skip
+
+    def block(self, by: int, bx: int) -> Box:
+        s, g = self.side, self.grid
+        return Box(by * s, min((by + 1) * s, g.height), bx * s, min((bx + 1) * s, g.width))
 
     def _slice_luts(self, z: int) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[tuple]]:
         """Per tile of slice z: local id -> object id (0 -> 0), in the output's label dtype; where classes share
@@ -102,20 +106,74 @@ class WriteStage(Stage):
         self.left[unit[0]] -= 1
 
 
+class ImageStage(Stage):
+    """Unit: a block of the image copy of one slice (the write stage's blocks and levels), from the volume. It needs
+    nothing the other stages make, so it runs while tiles are predicted: where the model is on GPUs, on the CPUs
+    they leave idle (the copy is then off the run's critical path); where CPU actors hold every core, one block at a
+    time between their batches, and all at once after the last tile."""
+
+    name = "image"
+    reads = ("volume",)
+    writes = ("image 0..k",)
+
+    def __init__(self, store: WorkStore, n_slices: int, write: WriteStage, volume, z_offset: int, limit: int,
+                 cpu_tasks: CpuTasks):  # fmt: skip
+        super().__init__()
+        self.store, self.n_slices, self.write = store, n_slices, write
+        self.volume, self.z_offset, self.most = volume, z_offset, limit
+        cpu_tasks.use(self)
+        self.left: dict[int, int] = {}  # blocks of a slice still to write
+        self.marks: set = set()
+
+    @property
+    def limit(self) -> int:
+        predicting_on_every_core = self.cpu_tasks.predict.busy and self.cpu_tasks.predict.spare_actors()
+        return 1 if predicting_on_every_core else self.most
+
+    def units(self):
+        if self.volume is None:
+            return
+        for z in range(self.n_slices):
+            for by, bx in self.write.blocks:
+                yield (z, by, bx)
+
+    def is_done(self, unit) -> bool:
+        return unit in self.marks
+
+    def plan(self) -> None:
+        self.marks = self.store.marks("image")
+        super().plan()
+        for z, _, _ in self.todo:
+            self.left[z] = self.left.get(z, 0) + 1
+
+    def start(self, unit):
+        z, by, bx = unit
+        return self.cpu_tasks.remote(image_block_task, str(self.write.output.path), z, self.write.block(by, bx),
+                                     self.write.block_levels, self.volume, self.z_offset)  # fmt: skip
+
+    def finish(self, unit, result) -> None:
+        self.store.mark("image", unit)
+        self.left[unit[0]] -= 1
+
+
 class PyramidStage(Stage):
-    """Unit: slice z, ready once all its blocks are written; the levels above what blocks span, from the highest
-    level they wrote (1/4^k of the slice). No unit where the blocks span every level."""
+    """Unit: slice z, ready once all its blocks (labels and image) are written; the levels above what blocks span,
+    from the highest level they wrote (1/4^k of the slice). No unit where the blocks span every level."""
 
     name = "pyramid"
     reads = ("labels/<class>/k", "image k")
     writes = ("labels/<class>/k+1..", "image k+1..")
 
-    def __init__(self, store: WorkStore, n_slices: int, output: Output, write: WriteStage, limit: int,
-                 cpu_tasks: CpuTasks):  # fmt: skip
+    def __init__(self, store: WorkStore, n_slices: int, output: Output, write: WriteStage, image: ImageStage | None,
+                 limit: int, cpu_tasks: CpuTasks):  # fmt: skip
         super().__init__()
         self.store, self.n_slices, self.output, self.write, self.limit = store, n_slices, output, write, limit
+        self.block_stages = [write] + ([image] if image is not None else [])
         cpu_tasks.use(self)
         self.marks: set = set()
+
+    def _blocks_written(self, z: int) -> bool:
+        return all(stage.left.get(z, 0) == 0 for stage in self.block_stages)
 
     def units(self):
         return range(self.n_slices) if self.write.block_levels < self.write.levels else []
@@ -128,7 +186,7 @@ class PyramidStage(Stage):
         super().plan()
 
     def is_ready(self, z) -> bool:
-        return self.write.left.get(z, 0) == 0
+        return self._blocks_written(z)
 
     def start(self, z):
         return self.cpu_tasks.remote(pyramid_task, str(self.output.path), z, self.write.block_levels - 1)
@@ -139,7 +197,7 @@ class PyramidStage(Stage):
 
     def slice_done(self, z: int) -> bool:
         """Every level of every layer of slice z is written."""
-        return self.write.left.get(z, 0) == 0 and (self.write.block_levels == self.write.levels or (z,) in self.marks)
+        return self._blocks_written(z) and (self.write.block_levels == self.write.levels or (z,) in self.marks)
 
 
 class PreviewStage(Stage):
