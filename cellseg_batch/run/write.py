@@ -15,7 +15,39 @@ from .stage import Stage
 from .store import WorkStore
 
 
-class WriteStage(Stage):
+class BlockStage(Stage):
+    """A stage whose units are blocks (z, by, bx) of the output's slices (``blocks``), each recorded by a marker in
+    the work store once written; ``left`` counts a slice's blocks still to write."""
+
+    store: WorkStore
+    n_slices: int
+    blocks: list[tuple[int, int]]
+
+    def __init__(self):
+        super().__init__()
+        self.left: dict[int, int] = {}
+        self.marks: set = set()
+
+    def units(self):
+        for z in range(self.n_slices):
+            for by, bx in self.blocks:
+                yield (z, by, bx)
+
+    def is_done(self, unit) -> bool:
+        return unit in self.marks
+
+    def plan(self) -> None:
+        self.marks = self.store.marks(self.name)
+        super().plan()
+        for z, _, _ in self.todo:
+            self.left[z] = self.left.get(z, 0) + 1
+
+    def finish(self, unit, result) -> None:
+        self.store.mark(self.name, unit)
+        self.left[unit[0]] -= 1
+
+
+class WriteStage(BlockStage):
     """Unit: a block of output chunks of one slice, ready once linking is done. A block reads the tile cores it
     meets from the work store (a core inside one block is read once; one across a block border, by each block it
     meets). In NGFF 0.5 a block is exactly one shard of each level it writes (``write.shard_sides``): no shard has
@@ -39,22 +71,6 @@ class WriteStage(Stage):
         cpu_tasks.use(self)
         self.dtype: np.dtype | None = None
         self._luts: tuple | None = None
-        self.left: dict[int, int] = {}  # blocks of a slice still to write
-        self.marks: set = set()
-
-    def units(self):
-        for z in range(self.n_slices):
-            for by, bx in self.blocks:
-                yield (z, by, bx)
-
-    def is_done(self, unit) -> bool:
-        return unit in self.marks
-
-    def plan(self) -> None:
-        self.marks = self.store.marks("write")
-        super().plan()
-        for z, _, _ in self.todo:
-            self.left[z] = self.left.get(z, 0) + 1
 
     def is_ready(self, unit) -> bool:
         return self.link.done
@@ -101,12 +117,7 @@ class WriteStage(Stage):
             self._luts = (z, luts, classes, patches)
         return self._luts[1], self._luts[2], self._luts[3]
 
-    def finish(self, unit, result) -> None:
-        self.store.mark("write", unit)
-        self.left[unit[0]] -= 1
-
-
-class ImageStage(Stage):
+class ImageStage(BlockStage):
     """Unit: a block of the image copy of one slice (the write stage's blocks and levels), from the volume. It needs
     nothing the other stages make, so it runs while tiles are predicted: where the model is on GPUs, on the CPUs
     they leave idle (the copy is then off the run's critical path); where CPU actors hold every core, one block at a
@@ -119,41 +130,19 @@ class ImageStage(Stage):
     def __init__(self, store: WorkStore, n_slices: int, write: WriteStage, volume, z_offset: int, limit: int,
                  cpu_tasks: CpuTasks):  # fmt: skip
         super().__init__()
-        self.store, self.n_slices, self.write = store, n_slices, write
+        self.store, self.n_slices, self.write, self.blocks = store, n_slices, write, write.blocks
         self.volume, self.z_offset, self.most = volume, z_offset, limit
         cpu_tasks.use(self)
-        self.left: dict[int, int] = {}  # blocks of a slice still to write
-        self.marks: set = set()
 
     @property
     def limit(self) -> int:
         predicting_on_every_core = self.cpu_tasks.predict.busy and self.cpu_tasks.predict.spare_actors()
         return 1 if predicting_on_every_core else self.most
 
-    def units(self):
-        if self.volume is None:
-            return
-        for z in range(self.n_slices):
-            for by, bx in self.write.blocks:
-                yield (z, by, bx)
-
-    def is_done(self, unit) -> bool:
-        return unit in self.marks
-
-    def plan(self) -> None:
-        self.marks = self.store.marks("image")
-        super().plan()
-        for z, _, _ in self.todo:
-            self.left[z] = self.left.get(z, 0) + 1
-
     def start(self, unit):
         z, by, bx = unit
         return self.cpu_tasks.remote(image_block_task, str(self.write.output.path), z, self.write.block(by, bx),
                                      self.write.block_levels, self.volume, self.z_offset)  # fmt: skip
-
-    def finish(self, unit, result) -> None:
-        self.store.mark("image", unit)
-        self.left[unit[0]] -= 1
 
 
 class PyramidStage(Stage):
