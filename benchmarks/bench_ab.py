@@ -8,7 +8,9 @@ the driver's folder), import that checkout's code. Rounds alternate the order (o
 that a drift of the shared machine's load falls on both. Both outputs of a round are compared array by array
 (the share of each array's elements that differ).
 Cases: ``labels``, the pipeline's ceiling input of ``bench_labels.py`` (16 x 4096 x 4096, labels predictor, 1024 px
-tiles); ``detectron2``, a synthetic 8 x 2048 x 2048 volume with ``--model`` (648 tiles of 256 px).
+tiles); ``detectron2``, a synthetic 8 x 2048 x 2048 volume with ``--model`` (648 tiles of 256 px); ``gpu-like``, the
+ceiling's volume with one ``latency`` actor (``fake_predictors.py``: 25 ms a tile, as a GPU at 40 tiles/s would take,
+with its CPU idle) and the other CPU free for the later stages, as on a GPU node.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from common import CACHE, label_stacks, machine, run_measured, save  # noqa: E40
 
 
 def case_args(case: str, model: str) -> list:
+    if case == "gpu-like":
+        d = label_stacks((16, 4096, 4096))
+        return ["run", d["volume"], "--predictor", "fake_predictors:latency", "--actors", 1, "--tile", 1024,
+                "--overlap", 32]  # fmt: skip
     if case == "labels":
         d = label_stacks((16, 4096, 4096))
         return ["run", d["volume"], "--predictor", "labels", "--labels", d["cells"], "--classes", "cell", "--labels",
@@ -77,7 +83,9 @@ def compare_outputs(a: Path, b: Path) -> dict:
 
 
 def measure(checkout: str, args: list, out: Path) -> dict:
-    m = run_measured([*args, "--out", out, "--no-progress", "--overwrite"], cwd=checkout)
+    # the fake predictors register from the checkout's own benchmarks folder (--case gpu-like)
+    env = {"PYTHONPATH": str(Path(checkout) / "benchmarks"), "CELLSEG_BENCH_SECONDS_PER_TILE": "0.025"}
+    m = run_measured([*args, "--out", out, "--no-progress", "--overwrite"], cwd=checkout, env=env)
     r = json.loads((out / "cellseg" / "report.json").read_text())
     return {"wall_s": round(m["wall_s"], 2), "worker_peak_rss_mb": round(m["worker_peak_rss_mb"]),
             "time_s": r["time_s"], "stages_s": {s["name"]: s["seconds"] for s in r["stages"]},
@@ -89,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", required=True, help="the other checkout (e.g. a git worktree of the base revision)")
     ap.add_argument("--new", default=str(Path(__file__).resolve().parent.parent))
-    ap.add_argument("--case", choices=["labels", "detectron2"], default="labels")
+    ap.add_argument("--case", choices=["labels", "detectron2", "gpu-like"], default="labels")
     ap.add_argument("--model", default="demo/model", help="for --case detectron2")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--name", default=None, help="results/ab_NAME.json (default: the case)")
