@@ -17,13 +17,13 @@ Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
     post/objects.npy         the object table; post/link_stats.json its counts
     post/inst/zNNNNNN.npy    fragment -> 2D instance of slice z (made and used by linking)
     post/lut/zNNNNNN.npy     fragment -> object id of slice z
-    post/done/<stage>/<unit> markers of finished write units
+    post/done/<stage>/<unit> markers of finished write, image and pyramid units
 
 Only the driver writes frag/, zov/ and post/; actors write tile chunks (one writer per chunk). Files are written
 under a temporary name and renamed, and a tile counts as done only once its record is in the log, so killing any
 process at any moment leaves a state from which the same command continues. Everything is data (npy, npz, JSON,
 zarr): nothing in a work directory is executed or unpickled. Every file is read by a verified load: tile chunks
-carry a CRC32C, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
+(zarr v3) carry a CRC32C of their compressed bytes, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
 which the run forgets what depends on it and computes it again (``WorkStore.repair``): never used, never a traceback.
 """
 
