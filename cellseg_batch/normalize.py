@@ -9,7 +9,7 @@ registered sections and NaN (no data) are left out of the percentiles, and NaN r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,7 @@ class Normalization:
     low: float
     high: float
     percentiles: tuple[float, float] = (1.0, 99.5)
+    blank: str = field(default="", compare=False)  # why the sample had no contrast to stretch ("": it had)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """float32 in [0, 255]."""
@@ -42,11 +43,14 @@ def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (
     finite = values[np.isfinite(values)]
     finite = _without_padding(finite)
     if finite.size == 0:
-        return Normalization(0.0, 1.0, tuple(percentiles))
+        return Normalization(0.0, 1.0, tuple(percentiles), blank="no sampled pixel has a value (all NaN)")
     low, high = np.percentile(finite, percentiles)
+    blank = ""
     if high <= low:  # a constant image: keep it constant instead of dividing by zero
+        blank = f"every sampled pixel is {low:g}" if finite.min() == finite.max() else (
+            f"at least {percentiles[1] - percentiles[0]:g}% of the sampled pixels are {low:g}")  # fmt: skip
         high = low + 1.0
-    return Normalization(float(low), float(high), tuple(float(p) for p in percentiles))
+    return Normalization(float(low), float(high), tuple(float(p) for p in percentiles), blank)
 
 
 def _without_padding(values: np.ndarray) -> np.ndarray:

@@ -65,7 +65,11 @@ class TrainConfig:
 def training_normalization(records: list[dict], percentiles, max_images: int = 64) -> Normalization:
     """The normalization ``run`` applies to volumes, computed the same way over (a spread of) training images."""
     step = max(1, len(records) // max_images)
-    return from_samples([read_grey(r["file_name"]) for r in records[::step]], percentiles)
+    normalization = from_samples([read_grey(r["file_name"]) for r in records[::step]], percentiles)
+    if normalization.blank:
+        raise UserError(f"the training images have no contrast ({normalization.blank} in {len(records[::step])} of "
+                        "them): check the image files the COCO file names")  # fmt: skip
+    return normalization
 
 
 def _transpose_augmentation():

@@ -180,3 +180,27 @@ def test_rescale_needs_the_volume_s_pixel_size(model_dir, tmp_path):
             "--no-progress", check=False)  # fmt: skip
     assert r.returncode != 0 and "plain.tif records no pixel size; give it with --pixel-size" in r.stderr
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_volume_without_contrast_is_segmented_with_a_warning(model_dir, tmp_path):
+    """A volume whose sample is one value (the wrong array of a file, an empty acquisition) reaches the model as a
+    blank image: the run says so on the console and in its report, with what to check."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "blank.tif", np.full((2, 160, 160), 7, np.uint8), photometric="minisblack")
+    out = tmp_path / "blank.zarr"
+    result = cli("run", tmp_path / "blank.tif", "--model", model_dir, "--out", out, "--no-progress")
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert any("has no contrast to stretch (every sampled pixel is 7" in w for w in report["warnings"])
+    assert "no contrast" in result.stderr
+
+
+def test_normalization_samples_without_contrast_say_why():
+    from cellseg_batch.normalize import from_samples
+
+    assert from_samples([np.full((8, 8), np.nan)]).blank == "no sampled pixel has a value (all NaN)"
+    assert from_samples([np.full((8, 8), 3.0)]).blank == "every sampled pixel is 3"
+    almost = np.full(1000, 5.0)
+    almost[:3] = 9.0
+    assert from_samples([almost]).blank == "at least 98.5% of the sampled pixels are 5"
+    assert from_samples([np.arange(100.0)]).blank == ""

@@ -194,6 +194,11 @@ class Run:
                 self.normalization = Normalization(low, high, (float("nan"), float("nan")))
             else:
                 self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles)
+                if self.normalization.blank:  # the wrong file or array, most likely: say so, the run goes on
+                    self.warnings.append(f"{cfg.volume} has no contrast to stretch ({self.normalization.blank} in "
+                                         "the sample of 16 slices): the model sees a blank image. Check the file "
+                                         "and the array in it, or set --normalization LOW,HIGH")  # fmt: skip
+                    log.warning(self.warnings[-1])
         predict_key = {
             "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
