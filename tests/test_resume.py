@@ -129,7 +129,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(reference, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["predict:100", "stitch:5", "gaps:2", "link:1", "write:5", "preview:1"])
+@pytest.mark.parametrize("point", ["predict:100", "stitch:5", "gaps:2", "link:1", "write:5", "image:3", "preview:1"])
 def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(reference, tmp_path, point):
     """CELLSEG_KILL_AFTER=STAGE:N: the driver SIGKILLs itself right after its Nth result of STAGE (before the flush):
     the same kill -9 as above, at a point chosen exactly instead of by timing."""

@@ -117,6 +117,7 @@ class WriteStage(BlockStage):
             self._luts = (z, luts, classes, patches)
         return self._luts[1], self._luts[2], self._luts[3]
 
+
 class ImageStage(BlockStage):
     """Unit: a block of the image copy of one slice (the write stage's blocks and levels), from the volume. It needs
     nothing the other stages make, so it runs while tiles are predicted: where the model is on GPUs, on the CPUs
