@@ -166,12 +166,31 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
                 _finished(stage, unit, result)
             for stage in stages:
                 stage.flush()
+    except Exception:
+        _drain(pending)
+        raise
     finally:
         for stage in stages:
             stage.flush()  # results that arrived before an error or Ctrl-C count on the next run
             stage.close()
             if stage.bar is not None:
                 stage.bar.close()
+
+
+DRAIN_S = 60.0  # the longest wait, after an error, for units still running
+
+
+def _drain(pending: dict) -> None:
+    """After an error: wait (up to ``DRAIN_S``) for the units still running, results ignored. They write to the work
+    store and the output (the image copy runs beside prediction), which the caller may be about to remove: a bad
+    input found mid-run must leave nothing behind, not a folder a late unit made again."""
+    import ray
+
+    if pending:
+        done, running = ray.wait(list(pending), num_returns=len(pending), timeout=DRAIN_S)
+        if running:
+            log.warning("%d units still running %.0f s after the error; files they write may be left", len(running),
+                        DRAIN_S)  # fmt: skip
 
 
 def _finished(stage: Stage, unit, result) -> None:
