@@ -65,8 +65,8 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
                 ) from e
         else:
             # Ray's raylet connects to the object store it has just started, and where the store is not up at the
-            # first try it retries after 1 s (Ray's default: 10 tries, 1000 ms apart): a third of the starts here
-            # took 1 s longer (3.3 against 2.3 s). Every 100 ms instead, with the same 10 s budget.
+            # first try it retries after 1 s (Ray's default: 10 tries, 1000 ms apart): 3 to 4 of 8 starts here took
+            # 1 s longer (3.5 against 2.5 s, benchmarks/bench_ray_start.py). Every 100 ms instead, same 10 s budget.
             for key, value in (("RAY_raylet_client_connect_timeout_milliseconds", "100"),
                                ("RAY_raylet_client_num_connect_attempts", "100")):  # fmt: skip
                 os.environ.setdefault(key, value)
