@@ -242,7 +242,7 @@ class Output:
                     for x0 in range(0, w, sx):
                         y1, x1 = min(y0 + sy, h), min(x0 + sx, w)
                         block = np.asarray(src[z, 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
-                        if block.any() or not is_label:
+                        if not is_label or _holds_labels(block):
                             dst[z, y0:y1, x0:x1] = block[::2, ::2] if is_label else _mean2x2(block)
             if after_layer:
                 after_layer()

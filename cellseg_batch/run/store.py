@@ -23,8 +23,9 @@ Only the driver writes frag/, zov/ and post/; actors write tile chunks (one writ
 under a temporary name and renamed, and a tile counts as done only once its record is in the log, so killing any
 process at any moment leaves a state from which the same command continues. Everything is data (npy, npz, JSON,
 zarr): nothing in a work directory is executed or unpickled. Every file is read by a verified load: tile chunks
-(zarr v3) carry a CRC32C of their compressed bytes, and a file that is truncated, garbage or missing where it should exist raises ``StoreDamage``, on
-which the run forgets what depends on it and computes it again (``WorkStore.repair``): never used, never a traceback.
+(zarr v3) carry a CRC32C of their compressed bytes, and a file that is truncated, garbage or missing where it should
+exist raises ``StoreDamage``, on which the run forgets what depends on it and computes it again
+(``WorkStore.repair``): never used, never a traceback.
 """
 
 from __future__ import annotations
