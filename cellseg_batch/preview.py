@@ -74,14 +74,19 @@ def _inner_boundaries(ids: np.ndarray) -> np.ndarray:
 
 def render_output(output, path, z: int | None = None, max_size: int = 1024):
     """The preview of a written OME-Zarr output: slice ``z`` (default the middle one) at the first pyramid level
-    that fits ``max_size``; without an image copy, the labels are drawn on black."""
+    that fits ``max_size``, or the top level's every n-th pixel where none does; without an image copy, the labels
+    are drawn on black."""
     info = output.info
     nz = info["shape"][0]
     z = nz // 2 if z is None else z
     level = 0
     while level < info["levels"] - 1 and max(output.labels(info["classes"][0], level).shape[1:]) > max_size:
         level += 1
-    layers = {name: np.asarray(output.labels(name, level)[z]) for name in info["classes"]}
+    # a pyramid stops at its chunk size (1024 px by default): a 512 px gallery picture from it takes every 2nd pixel
+    # (0.27 against ~0.1 s to draw, a quarter of the PNG)
+    step = -(-max(output.labels(info["classes"][0], level).shape[1:]) // max_size)
+    layers = {name: np.asarray(output.labels(name, level)[z])[::step, ::step] for name in info["classes"]}
     shape = next(iter(layers.values())).shape
-    image = np.asarray(output.image(level)[z]) if info["image"] else np.zeros(shape)
-    return render(image, layers, path, title=f"{output.path.name}: slice {z}, level {level}")
+    image = np.asarray(output.image(level)[z])[::step, ::step] if info["image"] else np.zeros(shape)
+    where = f"level {level}" + (f", 1 pixel in {step}" if step > 1 else "")
+    return render(image, layers, path, title=f"{output.path.name}: slice {z}, {where}")

@@ -191,20 +191,26 @@ def gallery_slices(n_slices: int, touching: list[int] | None, most: int = 3) -> 
     return dict(sorted(chosen.items()))
 
 
-def _gallery(output, report: dict) -> str:
-    n = output.info["shape"][0]
-    z0 = report.get("input", {}).get("slices", [0])[0]
-    chosen = gallery_slices(n, report.get("merge_quality", {}).get("touching_unmatched_per_slice"))
+def gallery_pictures(output, slices) -> list[str]:
+    """The report's pictures of ``slices`` of ``output`` (512 px at most), base64 PNGs, drawn side by side on the
+    cores (numpy and Pillow's encoder release the GIL)."""
 
     def png(z: int) -> str:
         buf = io.BytesIO()
         render_output(output, buf, z, max_size=512)
         return base64.b64encode(buf.getvalue()).decode()
 
-    # the pictures side by side on the cores (numpy and Pillow's encoder release the GIL): this runs at the end
-    # of every run, after the workers are gone
-    with ThreadPoolExecutor(max(1, min(len(chosen), os.cpu_count() or 1))) as pool:
-        pictures = list(pool.map(png, chosen))
+    slices = list(slices)
+    with ThreadPoolExecutor(max(1, min(len(slices), os.cpu_count() or 1))) as pool:
+        return list(pool.map(png, slices))
+
+
+def _gallery(output, report: dict, pictures: list[str] | None) -> str:
+    n = output.info["shape"][0]
+    z0 = report.get("input", {}).get("slices", [0])[0]
+    chosen = gallery_slices(n, report.get("merge_quality", {}).get("touching_unmatched_per_slice"))
+    if pictures is None:
+        pictures = gallery_pictures(output, chosen)
     items = []
     for (z, why), data in zip(chosen.items(), pictures):
         items.append(f'<figure><img alt="slice {z}" src="data:image/png;base64,{data}"/>'
@@ -213,8 +219,9 @@ def _gallery(output, report: dict) -> str:
     return f'<div class="gallery">{"".join(items)}</div>'
 
 
-def render_html(output, report: dict) -> str:
-    """The page for ``output`` (a write.Output) and its ``report`` (report.json's content)."""
+def render_html(output, report: dict, pictures: list[str] | None = None) -> str:
+    """The page for ``output`` (a write.Output) and its ``report`` (report.json's content); ``pictures``: those of
+    ``gallery_pictures`` for the slices ``gallery_slices`` chooses from the report, where already drawn."""
     classes = report.get("plan", {}).get("classes") or output.info.get("classes", [])
     counts = report.get("counts", {})
     summary = {"volume": report.get("input", {}).get("volume"), "shape": report.get("input", {}).get("shape"),
@@ -228,7 +235,7 @@ def render_html(output, report: dict) -> str:
         ("Time and throughput", _stages(report)),
         ("Objects", _objects(output, classes)),
         ("Merge quality", _merge(report)),
-        ("Slices", _gallery(output, report)),
+        ("Slices", _gallery(output, report, pictures)),
         ("Versions", table(report.get("versions", {})) + table(report.get("cluster", {}))),
     ]
     body = "".join(f"<h2>{_esc(title)}</h2>{content}" for title, content in sections)
@@ -237,8 +244,8 @@ def render_html(output, report: dict) -> str:
             f"<style>{STYLE}</style></head><body><h1>{_esc(title)}</h1>{body}</body></html>\n")  # fmt: skip
 
 
-def write_html(output, report: dict) -> Path:
-    """``cellseg/report.html`` beside report.json."""
+def write_html(output, report: dict, pictures: list[str] | None = None) -> Path:
+    """``cellseg/report.html`` beside report.json (``pictures``: as ``render_html``'s)."""
     path = output.meta_dir / "report.html"
-    path.write_text(render_html(output, report), encoding="utf-8")
+    path.write_text(render_html(output, report, pictures), encoding="utf-8")
     return path
