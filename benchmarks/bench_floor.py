@@ -12,7 +12,8 @@
 2. **Codecs**: the floor for each label dtype (uint32, uint64) x Blosc codec, and a micro-measure of numcodecs
    `.encode` / `.decode` (one Blosc thread, best of 3) on real C x C chunks: the cell layer, the largest organelle
    layer, and the work store's uint16 tile cores (all classes of one tile, ids renumbered per tile, as the `labels`
-   predictor stores them). MB/s are of raw (uncompressed) bytes.
+   predictor stores them); and, where the shared data folder is here, the ground truth of its real EM stacks as an
+   output holds it (uint32 ids 1..n, 512 x 512 chunks). MB/s are of raw (uncompressed) bytes.
 
 The pool is started before the clock starts (its start-up is reported apart), one untimed run warms it, and then
 every combination runs in `--repeats` interleaved rounds, the best of which counts (the machine may be shared).
@@ -41,12 +42,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import label_stacks, machine, save  # noqa: E402
 
-# name -> (Blosc cname, clevel, shuffle); shuffle 1 = byte SHUFFLE, 2 = BITSHUFFLE
+# name -> (Blosc cname, clevel, shuffle); shuffle 0 = NOSHUFFLE, 1 = byte SHUFFLE, 2 = BITSHUFFLE
 CODECS = {
-    "lz4-5-shuffle": ("lz4", 5, 1),  # the pipeline's tile store
+    "lz4-5-noshuffle": ("lz4", 5, 0),  # the pipeline's output labels and tile store
+    "lz4-5-shuffle": ("lz4", 5, 1),  # zarr's default for Blosc
     "lz4-5-bitshuffle": ("lz4", 5, 2),
     "zstd-1-bitshuffle": ("zstd", 1, 2),
-    "zstd-3-bitshuffle": ("zstd", 3, 2),  # the pipeline's output (labels as uint64, and the image)
+    "zstd-1-noshuffle": ("zstd", 1, 0),
+    "zstd-3-bitshuffle": ("zstd", 3, 2),  # the pipeline's image copy (wider than a byte)
     "lz4hc-5-bitshuffle": ("lz4hc", 5, 2),  # encodes 5-10x slower than lz4: per chunk only, not in the default floor
 }
 LABEL_DTYPES = ("uint32", "uint64")
@@ -233,6 +236,29 @@ def sample_chunks(shape, inputs: dict, class_map: ClassMap, chunk: int, n: int) 
     return {"cell": nonempty(cells), class_map.names[best]: nonempty(orgs[best]), "tile_core_uint16": cores[:n]}
 
 
+def real_chunks(side: int = 512) -> dict[str, list[np.ndarray]]:
+    """The ground truth of each real EM stack in the shared data folder (``CELLSEG_SHARED_DATA``, else
+    ../shared/data), as an output holds it: ids renumbered 1..n in uint32, cut into side x side chunks. None where
+    the folder is absent (said on the console)."""
+    import fastremap
+    import tifffile
+
+    root = Path(os.environ.get("CELLSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    stacks = sorted(root.glob("*/labels.tif"))
+    if not stacks:
+        print(f"codecs on real label images: skipped, no */labels.tif under {root}")
+    out = {}
+    for path in stacks:
+        labels = tifffile.imread(path)
+        labels = labels.reshape(-1, *labels.shape[-2:])
+        ids, _ = fastremap.renumber(labels.astype(np.uint32), preserve_zero=True, in_place=False)
+        ids = ids.astype(np.uint32)
+        out[f"real:{path.parent.name}"] = [np.ascontiguousarray(ids[z, y : y + side, x : x + side])
+                                           for z in range(len(ids)) for y in range(0, ids.shape[1] - side + 1, side)
+                                           for x in range(0, ids.shape[2] - side + 1, side)]  # fmt: skip
+    return out
+
+
 def micro(chunks: list[np.ndarray], codec_name: str, repeats: int = 3) -> dict:
     """Encode and decode MB/s (of raw bytes, best of `repeats` passes over all chunks) and the compression ratio."""
     codec = blosc(codec_name, chunks[0].dtype.itemsize)
@@ -260,7 +286,7 @@ def main() -> None:
     p.add_argument("--shape", default="16,4096,4096", help="volume (Z,Y,X), as in bench_labels.py")
     p.add_argument("--chunk", type=int, default=992, help="output chunk size C: chunks are (1, C, C)")
     p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--codecs", default="lz4-5-shuffle,lz4-5-bitshuffle,zstd-1-bitshuffle,zstd-3-bitshuffle",
+    p.add_argument("--codecs", default="lz4-5-noshuffle,lz4-5-shuffle,zstd-1-noshuffle,zstd-3-bitshuffle",
                    help=f"floor codecs, the first is the default; of {', '.join(CODECS)}")  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="rounds of the floor runs; the best of each counts")
     p.add_argument("--micro-chunks", type=int, default=20, help="chunks per layer in the codec micro-measure")
@@ -290,6 +316,10 @@ def main() -> None:
             typed = [a.astype(dt, copy=False) for a in chunks]
             for name in CODECS:
                 rows["micro"].append({"layer": layer, **micro(typed, name)})
+
+    for layer, chunks in real_chunks().items():  # real label images, where the shared data folder is here
+        for name in CODECS:
+            rows["micro"].append({"layer": layer, **micro(chunks, name)})
 
     # 1 + 2a. the floor for each dtype x codec through zarr-python, and the default once more writing the chunk
     # files itself; after one untimed warm-up run, in `repeats` interleaved rounds, the best of which counts
@@ -325,9 +355,9 @@ def print_tables(rows: dict) -> None:
               f"{r['mvoxel_per_cpu_s']:10.1f} "
               f"{r['label_bytes'] / 1e6:9.1f} {r['image_bytes'] / 1e6:9.1f}  {r['wall_s_each']}")  # fmt: skip
     print("\ncodec per chunk (1 thread): encode / decode MB/s of raw bytes, ratio")
-    print(f"{'layer':18} {'dtype':7} {'codec':20} {'enc MB/s':>9} {'dec MB/s':>9} {'ratio':>7}")
+    print(f"{'layer':30} {'dtype':7} {'codec':20} {'enc MB/s':>9} {'dec MB/s':>9} {'ratio':>7}")
     for r in rows["micro"]:
-        print(f"{r['layer']:18} {r['dtype']:7} {r['codec']:20} {r['encode_mb_per_s']:9.0f} "
+        print(f"{r['layer']:30} {r['dtype']:7} {r['codec']:20} {r['encode_mb_per_s']:9.0f} "
               f"{r['decode_mb_per_s']:9.0f} {r['ratio']:7.1f}")  # fmt: skip
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_floor import ClassMap, _init_worker, floor  # noqa: E402
 from common import label_stacks, machine, run_measured, save  # noqa: E402
 
-LABEL_CODEC, IMAGE_CODEC = "lz4-5-shuffle", "zstd-3-bitshuffle"  # the output's own (cellseg_batch.write._codec)
+LABEL_CODEC, IMAGE_CODEC = "lz4-5-noshuffle", "zstd-3-bitshuffle"  # the output's own (cellseg_batch.write._codec)
 
 
 def ceiling(shape, tmp: Path, write_image: bool) -> dict:
