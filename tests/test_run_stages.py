@@ -12,7 +12,7 @@ from cellseg_batch.errors import UserError
 from cellseg_batch.predict import PredictorSpec, build_predictor
 from cellseg_batch.read import open_label_layers
 from cellseg_batch.run.job import decide
-from cellseg_batch.run.remote import PredictorWorker, TileJob, stitch_task
+from cellseg_batch.run.remote import PredictorWorker, TileJob, relabel_into, stitch_task
 from cellseg_batch.run.stage import Local, Stage, drive
 from cellseg_batch.run.store import WorkStore
 from cellseg_batch.run.write import block_levels
@@ -263,6 +263,24 @@ def test_write_levels_from_memory_equal_the_pyramid_built_level_by_level(tmp_pat
     for level in range(levels):
         np.testing.assert_array_equal(a.labels("c", level)[:], b.labels("c", level)[:])
         np.testing.assert_array_equal(a.image(level)[:], b.image(level)[:])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.002, 0.05, 0.2, 1.0])  # empty, organelle-like .. dense: both lookups
+def test_relabel_into_is_the_lut_of_the_ids_on_views_of_any_density(share):
+    rng = np.random.default_rng(7)
+    core = np.zeros((300, 310), np.uint16)
+    labelled = rng.random(core.shape) < share
+    core[labelled] = rng.integers(1, 50, int(labelled.sum()))
+    lut = np.concatenate([[0], rng.integers(1, 2**31, 49)]).astype(np.uint32)
+    block = np.full((400, 400), 99, np.uint32)
+    ids, target = core[5:290, 7:300], block[20:305, 30:323]  # views, as a block's part of a core
+    assert relabel_into(target, ids, lut) == bool(ids.any())
+    assert np.array_equal(target, lut[ids] if ids.any() else np.full(ids.shape, 99))
+    assert (block[:20] == 99).all() and (block[:, :30] == 99).all() and (block[305:] == 99).all()
+    if ids.any():  # an id the lut does not hold is refused, never clipped
+        ids[np.nonzero(ids)[0][0], np.nonzero(ids)[1][0]] = 50
+        with pytest.raises(ValueError, match="has no object id"):
+            relabel_into(target, ids, lut)
 
 
 def test_block_levels_and_label_dtype():

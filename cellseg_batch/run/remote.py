@@ -212,21 +212,35 @@ def _block_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def relabel_into(target: np.ndarray, ids: np.ndarray, lut: np.ndarray) -> bool:
-    """``target[...] = lut[ids]`` (tile-local ids -> object ids) where ``ids`` has any nonzero pixel; False (target
-    untouched) where it has none. ``np.take`` band by band of ~64k pixels: it casts the ids to intp first, and a band's
-    cast (512 KB) stays in cache; a 1024² layer took 0.9 ms so, 2.5 ms in one call (measured)."""
-    top = int(ids.max()) if ids.size else 0
-    if top == 0:
+    """``target[...] = lut[ids]`` (a layer's tile-local ids -> object ids) where ``ids`` has any nonzero pixel; False
+    (target untouched) where it has none. Where few pixels are labelled (organelle layers: ~1% here), only those
+    are looked up, the rest zeroed: 0.45-0.5 against 1.0 ms on a 900 x 950 organelle layer (measured). Elsewhere
+    ``np.take`` band by band of ~64k pixels: it casts the ids to intp first, and a band's cast (512 KB) stays in
+    cache; a 1024² layer took 0.9 ms so, 2.5 ms in one call (measured)."""
+    found = np.count_nonzero(ids)
+    if found == 0:
         return False
-    if top >= len(lut):  # the lut and the core disagree: never write a clipped id
-        raise ValueError(f"tile id {top} has no object id (lut of {len(lut)})")
+    if found <= ids.size // SPARSE_SHARE:
+        rows, cols = np.divmod(np.flatnonzero(ids != 0), ids.shape[-1])  # through a bool mask: faster than on ids
+        values = ids[rows, cols]
+        _check_ids(int(values.max()), lut)
+        target[...] = 0
+        target[rows, cols] = lut[values]
+        return True
+    _check_ids(int(ids.max()), lut)
     rows = max(1, RELABEL_BAND // max(1, ids.shape[-1]))
     for r in range(0, len(ids), rows):
         np.take(lut, ids[r : r + rows], out=target[r : r + rows], mode="clip")  # clip: unbuffered; ids checked above
     return True
 
 
+def _check_ids(top: int, lut: np.ndarray) -> None:
+    if top >= len(lut):  # the lut and the core disagree: never write a clipped id
+        raise ValueError(f"tile id {top} has no object id (lut of {len(lut)})")
+
+
 RELABEL_BAND = 1 << 16  # pixels per np.take in relabel_into
+SPARSE_SHARE = 8  # relabel_into looks up labelled pixels alone where they are at most 1/8 of the layer
 
 
 def pyramid_task(out_path: str, z: int, from_level: int) -> None:
