@@ -102,12 +102,13 @@ def open_array(path: str | Path, mode: str = "r+"):
 
 
 def _codec(dtype, label: bool, zarr_format: int):
-    """Labels: Blosc lz4 without shuffle, ~3x faster to encode than zstd (which would make label layers ~3x smaller,
+    """Labels: Blosc lz4 without shuffle, ~4x faster to encode than zstd (which would make label layers 2-3x smaller,
     but an image copy is most of an output's bytes). Without shuffle rather than zarr's default byte shuffle: label
     chunks are runs of one id, which lz4 finds in the plain bytes; split into byte planes they are not. Measured on
-    uint32 chunks (benchmarks/REPORT.md): half the encode time and 1.4-1.7x smaller, on the benchmark's synthetic
-    layers and on the ground truth of two real EM stacks alike. The image: zstd, for its ratio, with bit shuffle
-    where pixels are wider than a byte. The same Blosc settings in zarr v2's codec (numcodecs) or zarr v3's."""
+    uint32 chunks (``benchmarks/bench_floor.py``): 1.4-2x the encode and 1.6-2.2x the decode speed, and as small or
+    smaller (1.0-2.1x), on the benchmark's synthetic layers and on the ground truth of two real EM stacks. The image:
+    zstd, for its ratio, with bit shuffle where pixels are wider than a byte. The same Blosc settings in zarr v2's
+    codec (numcodecs) or zarr v3's."""
     cname, level = ("lz4", 5) if label else ("zstd", 3)
     shuffle = "noshuffle" if label or np.dtype(dtype).itemsize == 1 else "bitshuffle"
     if zarr_format == 3:
