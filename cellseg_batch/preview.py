@@ -41,7 +41,9 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path, title: str = 
         rgb[_inner_boundaries(ids)] = colour
         legend.append((f"{name} ({len(np.unique(ids[inside]))})", colour))
     h, w = grey.shape
-    zoom = max(1, int(np.ceil(640 / max(h, w, 1))))  # small slices are drawn larger, so outlines stay visible
+    # small slices are drawn larger, so outlines stay visible; from ~510 px on, as they are (the report's gallery
+    # pictures, 512 px: twice as large they were a 4x larger PNG for a 420 px figure)
+    zoom = max(1, round(640 / max(h, w, 1)))
     picture = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize((w * zoom, h * zoom), Image.NEAREST)
     band = 24  # pixels for the legend above and the caption below
     canvas = Image.new("RGB", (w * zoom, h * zoom + 2 * band), "white")
