@@ -164,7 +164,6 @@ def link_pair(
 
 def _assign(ia: np.ndarray, ib: np.ndarray, iou: np.ndarray) -> np.ndarray:
     """Maximum-IoU one-to-one matching, solved per connected component of the candidate graph (scales to many)."""
-    from scipy.optimize import linear_sum_assignment  # here, not at import: scipy's import is ~0.3 s of each start
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -184,6 +183,9 @@ def _assign(ia: np.ndarray, ib: np.ndarray, iou: np.ndarray) -> np.ndarray:
                           np.flatnonzero(np.diff(np.sort(edge_comp[rest]))) + 1):  # fmt: skip
         if len(group) == 0:
             continue
+        # imported here, where a choice is left: scipy.optimize's import is ~0.3 s of a worker's CPU
+        from scipy.optimize import linear_sum_assignment
+
         ga, gra = np.unique(ra[group], return_inverse=True)
         gb, grb = np.unique(rb[group], return_inverse=True)
         cost = np.zeros((len(ga), len(gb)))

@@ -182,8 +182,6 @@ def contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def match_labels(la: np.ndarray, lb: np.ndarray, iou_min: float) -> np.ndarray:
     """Matches (a, b) of local ids between two tiles' label layers over the same pixels, per the stitching rule."""
-    from scipy.optimize import linear_sum_assignment  # here, not at import: scipy's import is ~0.3 s of each start
-
     matches = []
     for a, b in zip(la, lb):
         ia, ib, inter = contingency(a, b)
@@ -196,10 +194,14 @@ def match_labels(la: np.ndarray, lb: np.ndarray, iou_min: float) -> np.ndarray:
         ia, ib, iou = ia[ok], ib[ok], iou[ok]
         if len(iou) == 0:
             continue
-        if iou_min <= 0.5:
-            # below IoU 0.5 one instance can pass with two others: keep the best one-to-one assignment
-            ua, ra = np.unique(ia, return_inverse=True)
-            ub, rb = np.unique(ib, return_inverse=True)
+        ua, ra = np.unique(ia, return_inverse=True)
+        ub, rb = np.unique(ib, return_inverse=True)
+        if iou_min <= 0.5 and (len(ua) < len(ia) or len(ub) < len(ib)):
+            # at IoU 0.5 and below one instance can pass with two others: keep the best one-to-one assignment. Only
+            # there: where the pairs are one-to-one already it would keep them all (and scipy's import is ~0.3 s of
+            # each worker's CPU)
+            from scipy.optimize import linear_sum_assignment
+
             cost = np.zeros((len(ua), len(ub)))
             cost[ra, rb] = -iou
             rows, cols = linear_sum_assignment(cost)

@@ -6,7 +6,7 @@ import pytest
 from cellseg_batch.errors import UserError
 from cellseg_batch.link import link_pair
 from cellseg_batch.predict.base import paint_instances
-from cellseg_batch.stitch import match_tiles
+from cellseg_batch.stitch import contingency, match_labels, match_tiles
 from cellseg_batch.tiles import Box, TileGrid
 
 
@@ -79,6 +79,29 @@ def test_match_tiles_is_one_to_one_below_iou_half():
     left[:, :4], right[:, 4:] = True, True
     m = match_tiles(_layers(big), wa, _layers(left, right), wb, 0.3)
     assert len(m) == 1  # IoU 0.5 with each half: only one may continue the whole
+
+
+@pytest.mark.parametrize("iou_min", [0.25, 0.5])
+@pytest.mark.parametrize("seed", range(6))
+def test_match_labels_equals_the_best_one_to_one_assignment_of_every_pair(iou_min, seed):
+    # the assignment is solved only where an instance has two candidates: elsewhere the pairs are kept as they are
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    la, lb = np.zeros((1, 40, 40), np.uint16), np.zeros((1, 40, 40), np.uint16)
+    for layer in (la, lb):
+        for k in range(1, 9):  # boxes that overlap within and across the layers, as two models' instances would
+            y, x, h, w = rng.integers(0, 30), rng.integers(0, 30), rng.integers(3, 12), rng.integers(3, 12)
+            layer[0, y : y + h, x : x + w] = k
+    ia, ib, inter = contingency(la[0], lb[0])
+    iou = inter / (np.bincount(la[0].ravel())[ia] + np.bincount(lb[0].ravel())[ib] - inter)
+    ok = iou >= iou_min
+    cost = np.zeros((9, 9))
+    cost[ia[ok], ib[ok]] = -iou[ok]
+    rows, cols = linear_sum_assignment(cost)
+    keep = cost[rows, cols] < 0
+    expected = sorted(map(tuple, np.stack([rows[keep], cols[keep]], axis=1).tolist()))
+    assert sorted(map(tuple, match_labels(la, lb, iou_min).tolist())) == expected
 
 
 def test_link_pair_hungarian_keeps_two_side_by_side_objects_apart():
