@@ -69,7 +69,7 @@ def save_npz(path: Path, **arrays) -> None:
 def _codecs() -> dict:
     """The tile arrays' codecs (zarr v3): Blosc lz4 without shuffle (written once, read once, deleted at the end:
     speed over ratio; on the benchmark's tile cores 2.2 -> 1.2 ms to encode and 1.1 -> 0.6 ms to decode against byte
-    shuffle, both ~140x), then a CRC32C of the compressed bytes (google-crc32c), which is what lies on the disk:
+    shuffle, both 110-140x), then a CRC32C of the compressed bytes (google-crc32c), which is what lies on the disk:
     checking ~100x fewer bytes than a checksum of the pixels, and no copy of them."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
