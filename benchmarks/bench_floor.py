@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import label_stacks, machine, save  # noqa: E402
+from common import SHARED_DATA, label_stacks, machine, save  # noqa: E402
 
 # name -> (Blosc cname, clevel, shuffle); shuffle 0 = NOSHUFFLE, 1 = byte SHUFFLE, 2 = BITSHUFFLE
 CODECS = {
@@ -238,15 +238,14 @@ def sample_chunks(shape, inputs: dict, class_map: ClassMap, chunk: int, n: int) 
 
 def real_chunks(side: int = 512) -> dict[str, list[np.ndarray]]:
     """The ground truth of each real EM stack in the shared data folder (``CELLSEG_SHARED_DATA``, else
-    ../shared/data), as an output holds it: ids renumbered 1..n in uint32, cut into side x side chunks. None where
+    ../shared/data), as an output holds it: ids renumbered 1..n in uint32, cut into side x side chunks. Empty where
     the folder is absent (said on the console)."""
     import fastremap
     import tifffile
 
-    root = Path(os.environ.get("CELLSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    stacks = sorted(root.glob("*/labels.tif"))
+    stacks = sorted(SHARED_DATA.glob("*/labels.tif"))
     if not stacks:
-        print(f"codecs on real label images: skipped, no */labels.tif under {root}")
+        print(f"codecs on real label images: skipped, no */labels.tif under {SHARED_DATA}")
     out = {}
     for path in stacks:
         labels = tifffile.imread(path)

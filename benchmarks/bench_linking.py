@@ -20,6 +20,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from common import SHARED_DATA  # noqa: E402
 
 from cellseg_batch.evaluate import evaluate  # noqa: E402
 from cellseg_batch.read import ArrayVolume  # noqa: E402
@@ -155,7 +157,7 @@ def gap_cost(shape=(24, 1024, 1024)) -> dict:
 
 def real_data() -> str:
     """Real EM volumes with 3D ground truth in the shared data folder, if any."""
-    root = Path(os.environ.get("CELLSEG_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+    root = SHARED_DATA
     if not root.exists():
         return f"skipped: no shared data at {root}"
     found = []

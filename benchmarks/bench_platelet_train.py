@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import SHARED_DATA, machine, save  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "platelet-em-24-z0"
+DATA = SHARED_DATA / "platelet-em-24-z0"
 SPLIT_X = 544
 
 

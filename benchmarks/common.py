@@ -16,6 +16,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = Path(os.environ.get("CELLSEG_BENCH_DATA", "/tmp/cellseg-bench"))
+# real EM stacks with ground truth, beside the checkout (research use; each has a SOURCE.md); absent on most machines
+SHARED_DATA = Path(os.environ.get("CELLSEG_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 
 def machine() -> dict:

@@ -129,6 +129,9 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
     return rows
 
 
+SPARSE_SHARE = 8  # a label layer with at most 1/8 of its pixels labelled is handled through those pixels alone
+
+
 def _layer_statistics(ids: np.ndarray, n: int):
     """For the ids 1..n present in a label image: (row indices id-1, pixel counts, centroid y and x, bounding boxes
     y0, y1, x0, x1), in the image's coordinates; None where it is empty. Dense layers (cells) in one pass of
@@ -136,7 +139,7 @@ def _layer_statistics(ids: np.ndarray, n: int):
     count = np.count_nonzero(ids)
     if count == 0:
         return None
-    if count > ids.size // 8:
+    if count > ids.size // SPARSE_SHARE:
         stats = cc3d.statistics(np.ascontiguousarray(ids))
         area = stats["voxel_counts"][1 : n + 1]
         here = np.flatnonzero(area > 0)

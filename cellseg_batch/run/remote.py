@@ -17,7 +17,7 @@ import numpy as np
 
 from ..chunks import ChunkIO
 from ..distribute import kill_point, reuse_freed_memory
-from ..stitch import ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
+from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from .store import WorkStore, verified
 
@@ -240,7 +240,6 @@ def _check_ids(top: int, lut: np.ndarray) -> None:
 
 
 RELABEL_BAND = 1 << 16  # pixels per np.take in relabel_into
-SPARSE_SHARE = 8  # relabel_into looks up labelled pixels alone where they are at most 1/8 of the layer
 
 
 def pyramid_task(out_path: str, z: int, from_level: int) -> None:
