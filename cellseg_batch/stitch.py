@@ -86,11 +86,11 @@ class Fills(NamedTuple):
             stats = _layer_statistics(ids, int(ids.max(initial=0)))
             if stats is None:
                 continue
-            here, area, cy, cx, y0, y1, x0, x1 = stats
+            here, area, sy, sx, y0, y1, x0, x1 = stats
             rows = np.zeros(len(here), dtype=FRAGMENT)
             rows["iy"], rows["ix"], rows["local"] = p["jy"], p["jx"], here + 1
             rows["area"] = area
-            rows["sy"], rows["sx"] = (cy + p["y0"]) * area, (cx + p["x0"]) * area
+            rows["sy"], rows["sx"] = sy + p["y0"] * area, sx + p["x0"] * area
             rows["y0"], rows["y1"] = y0 + p["y0"], y1 + p["y0"]
             rows["x0"], rows["x1"] = x0 + p["x0"], x1 + p["x0"]
             out.append(rows)
@@ -121,65 +121,106 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid) -> np.ndarray
         stats = _layer_statistics(layer[ys, xs], n)
         if stats is None:
             continue
-        here, area, cy, cx, y0, y1, x0, x1 = stats  # ids are unique across layers: each id's pixels are all here
+        here, area, sy, sx, y0, y1, x0, x1 = stats  # ids are unique across layers: each id's pixels are all here
         rows["area"][here] = area
-        rows["sy"][here], rows["sx"][here] = (cy + core.y0) * area, (cx + core.x0) * area
+        rows["sy"][here], rows["sx"][here] = sy + core.y0 * area, sx + core.x0 * area
         rows["y0"][here], rows["y1"][here] = y0 + core.y0, y1 + core.y0
         rows["x0"][here], rows["x1"][here] = x0 + core.x0, x1 + core.x0
     return rows
 
 
-SPARSE_SHARE = 8  # a label layer with at most 1/8 of its pixels labelled is handled through those pixels alone
+SPARSE_SHARE = 8  # a label layer with at most 1/8 of its pixels labelled is relabelled through those pixels alone
+SHORT_RUNS = 4  # label images whose runs average fewer pixels (noise-like) are counted pixel by pixel
+
+
+def label_runs(*images: np.ndarray):
+    """Runs of equal values in all of ``images`` (same shape, 1D or 2D) in raster order, a new run at each row
+    start: (flat start of each run, its length, the values of each image on it); None where the runs average fewer
+    than ``SHORT_RUNS`` pixels. Instance masks come in long runs (a 1024² cell layer: ~10k runs for 1M pixels), so
+    what is counted per run instead of per pixel costs a comparison pass and little more."""
+    flats = [np.ascontiguousarray(im).reshape(-1) for im in images]
+    change = np.empty(flats[0].size, bool)
+    if change.size:
+        change[0] = True
+        np.not_equal(flats[0][1:], flats[0][:-1], out=change[1:])
+        if len(flats) > 1:
+            differs = np.empty(change.size - 1, bool)
+            for flat in flats[1:]:
+                change[1:] |= np.not_equal(flat[1:], flat[:-1], out=differs)
+        change[:: max(1, images[0].shape[-1])] = True
+    starts = np.flatnonzero(change)
+    if len(starts) * SHORT_RUNS > change.size:
+        return None
+    return starts, np.diff(starts, append=change.size), [flat[starts] for flat in flats]
 
 
 def _layer_statistics(ids: np.ndarray, n: int):
-    """For the ids 1..n present in a label image: (row indices id-1, pixel counts, centroid y and x, bounding boxes
-    y0, y1, x0, x1), in the image's coordinates; None where it is empty. Dense layers (cells) in one pass of
-    ``cc3d.statistics``; sparse ones (organelles) from their foreground pixels only, several times faster there."""
-    count = np.count_nonzero(ids)
-    if count == 0:
+    """For the ids 1..n present in a 2D label image: (row indices id-1, pixel counts, sums of y and of x, bounding
+    boxes y0, y1, x0, x1), in the image's coordinates; None where it is empty. Counted per run of one id
+    (``label_runs``: 3.4 -> 0.34 ms on a 1024² cell layer, against ``cc3d.statistics``, which a noise-like image
+    with short runs still takes)."""
+    runs = label_runs(ids)
+    if runs is None:
+        return _pixel_statistics(ids, n)
+    starts, length, (v,) = runs
+    labelled = v != 0
+    if not labelled.any():
         return None
-    if count > ids.size // SPARSE_SHARE:
-        stats = cc3d.statistics(np.ascontiguousarray(ids))
-        area = stats["voxel_counts"][1 : n + 1]
-        here = np.flatnonzero(area > 0)
-        centroids = stats["centroids"][here + 1]
-        boxes = np.array([[b[0].start, b[0].stop, b[1].start, b[1].stop] for b in
-                          (stats["bounding_boxes"][i + 1] for i in here)], dtype=np.int64).reshape(-1, 4)  # fmt: skip
-        return here, area[here], centroids[:, 0], centroids[:, 1], *boxes.T
-    flat = np.ascontiguousarray(ids).ravel()
-    where = np.flatnonzero(flat != 0)  # through a bool mask: 5x faster than on the ids themselves
-    v = flat[where].astype(np.int64)
-    py, px = where // ids.shape[1], where % ids.shape[1]
-    area = np.bincount(v, minlength=n + 1)
-    here = np.flatnonzero(area[1:] > 0)
-    a = area[here + 1]
-    cy = np.bincount(v, weights=py, minlength=n + 1)[here + 1] / a
-    cx = np.bincount(v, weights=px, minlength=n + 1)[here + 1] / a
+    starts, length, v = starts[labelled], length[labelled], v[labelled].astype(np.intp)
+    y, x0 = np.divmod(starts, ids.shape[1])
+    area = np.bincount(v, weights=length, minlength=n + 1)
+    here = np.flatnonzero(area[1:])
+    sy = np.bincount(v, weights=y * length, minlength=n + 1)[here + 1]
+    sx = np.bincount(v, weights=length * x0 + length * (length - 1) // 2, minlength=n + 1)[here + 1]
     bounds = []
-    for coord, reduce, start, shift in ((py, np.minimum, ids.shape[0], 0), (py, np.maximum, -1, 1),
-                                        (px, np.minimum, ids.shape[1], 0), (px, np.maximum, -1, 1)):  # fmt: skip
+    for coord, reduce, start in ((y, np.minimum, ids.shape[0]), (y + 1, np.maximum, 0), (x0, np.minimum, ids.shape[1]),
+                                 (x0 + length, np.maximum, 0)):  # fmt: skip
         out = np.full(n + 1, start, dtype=np.int64)
         reduce.at(out, v, coord)
-        bounds.append(out[here + 1] + shift)
-    return here, a, cy, cx, bounds[0], bounds[1], bounds[2], bounds[3]
+        bounds.append(out[here + 1])
+    return here, area[here + 1].astype(np.int64), sy, sx, *bounds
+
+
+def _pixel_statistics(ids: np.ndarray, n: int):
+    """``_layer_statistics`` in one pass of ``cc3d.statistics`` over every pixel."""
+    if ids.size <= (top := int(ids.max(initial=0))):  # cc3d takes ids below the pixel count: pad with background rows
+        ids = np.pad(ids, ((0, top // max(1, ids.shape[1]) + 1), (0, 0)))
+    stats = cc3d.statistics(np.ascontiguousarray(ids))
+    area = stats["voxel_counts"][1 : n + 1]
+    here = np.flatnonzero(area > 0)
+    if len(here) == 0:
+        return None
+    a = area[here].astype(np.int64)
+    centroids = stats["centroids"][here + 1]
+    boxes = np.array([[b[0].start, b[0].stop, b[1].start, b[1].stop] for b in
+                      (stats["bounding_boxes"][i + 1] for i in here)], dtype=np.int64).reshape(-1, 4)  # fmt: skip
+    return here, a, centroids[:, 0] * a, centroids[:, 1] * a, *boxes.T
 
 
 def contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs of nonzero uint16 ids at the same pixels of ``a`` and ``b``, and how many pixels each pair shares.
-    Pairs come sorted by (a, b)."""
-    both = (a > 0) & (b > 0)
-    av, bv = a[both].astype(np.int64), b[both].astype(np.int64)
+    Pairs come sorted by (a, b). Counted per run of one pair (``label_runs``) where runs are long, else per pixel."""
+    runs = label_runs(a, b)
+    if runs is None:
+        both = (a > 0) & (b > 0)
+        av, bv, weights = a[both].astype(np.int64), b[both].astype(np.int64), None
+    else:
+        _, length, (av, bv) = runs
+        both = (av > 0) & (bv > 0)
+        av, bv, weights = av[both].astype(np.int64), bv[both].astype(np.int64), length[both]
     if len(av) == 0:
         return np.zeros(0, np.uint16), np.zeros(0, np.uint16), np.zeros(0, np.int64)
     nb = int(bv.max()) + 1
     key = av * nb + bv
-    if (int(av.max()) + 1) * nb <= 4 * len(key) + 65536:  # a dense count is cheaper than sorting the pixels
-        counts = np.bincount(key)
+    if (int(av.max()) + 1) * nb <= 4 * len(key) + 65536:  # a dense count is cheaper than sorting
+        counts = np.bincount(key, weights=weights)
         pairs = np.flatnonzero(counts)
         counts = counts[pairs]
-    else:
+    elif weights is None:
         pairs, counts = np.unique(key, return_counts=True)
+    else:
+        pairs, inverse = np.unique(key, return_inverse=True)
+        counts = np.bincount(inverse, weights=weights)
     return (pairs // nb).astype(np.uint16), (pairs % nb).astype(np.uint16), counts.astype(np.int64)
 
 

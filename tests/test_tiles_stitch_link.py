@@ -253,3 +253,63 @@ def test_border_fill_gives_a_corner_pixel_once():
     for k, p in enumerate(fills.patches):
         filled[p["y0"] : p["y1"], p["x0"] : p["x1"]] += fills.patch(k) > 0
     assert (filled[88:100, 88:100] == 1).all() and filled.sum() == 12 * 12
+
+
+def _blobs(rng, shape, n, fill):
+    """Label image of n overlapping boxes (later ones on top) over about ``fill`` of the image, as masks come."""
+    ids = np.zeros(shape, np.uint16)
+    for k in range(1, n + 1):
+        h, w = (max(1, int(s * fill ** 0.5 * rng.uniform(0.3, 1.0))) for s in shape)
+        y, x = rng.integers(0, shape[0] - h + 1), rng.integers(0, shape[1] - w + 1)
+        ids[y : y + h, x : x + w] = k
+    return ids
+
+
+# dense (cells), sparse (organelles), empty, noise-like layers and ids up to 60,000 (pairs counted by sorting, not in
+# a dense table), whole and as strided views: noise takes the per-pixel path (runs too short), the others per run
+_LAYOUTS = [("dense", 40, 0.3), ("sparse", 12, 0.01), ("empty", 0, 0.0), ("noise", 0, 0.0), ("wide", 40, 0.3)]
+
+
+def _layout(rng, kind, n, fill):
+    if kind == "noise":
+        return rng.integers(0, 30, (60, 70)).astype(np.uint16), 29
+    ids = _blobs(rng, (60, 70), n, fill) if n else np.zeros((60, 70), np.uint16)
+    if kind == "wide":
+        ids *= 1500
+        n *= 1500
+    return ids, n
+
+
+@pytest.mark.parametrize("kind,n,fill", _LAYOUTS)
+@pytest.mark.parametrize("seed", range(3))
+def test_fragment_statistics_equal_each_id_counted_pixel_by_pixel(kind, n, fill, seed):
+    from cellseg_batch.stitch import _layer_statistics
+
+    rng = np.random.default_rng(seed)
+    image, n = _layout(rng, kind, n, fill)
+    for ids in (image, image[3:50, 5:61], image[::2, ::3]):
+        stats = _layer_statistics(ids, n)
+        present = [k for k in range(1, n + 1) if (ids == k).any()]
+        if not present:
+            assert stats is None
+            continue
+        here, area, sy, sx, y0, y1, x0, x1 = stats
+        assert here.tolist() == [k - 1 for k in present]
+        for i, k in enumerate(present):
+            yy, xx = np.nonzero(ids == k)
+            assert area[i] == len(yy) and (y0[i], y1[i], x0[i], x1[i]) == (yy.min(), yy.max() + 1, xx.min(), xx.max() + 1)
+            assert sy[i] == pytest.approx(yy.sum()) and sx[i] == pytest.approx(xx.sum())
+
+
+@pytest.mark.parametrize("kind,n,fill", _LAYOUTS)
+@pytest.mark.parametrize("seed", range(3))
+def test_contingency_equals_the_pairs_counted_pixel_by_pixel(kind, n, fill, seed):
+    rng = np.random.default_rng(seed)
+    a, _ = _layout(rng, kind, n, fill)
+    b, _ = _layout(rng, kind, n, fill)
+    b[: len(b) // 2] = a[: len(a) // 2]  # half the pixels shared, as the next slice shares most of an object
+    for x, y in ((a, b), (a[3:50, 5:61], b[3:50, 5:61]), (a[::2, ::3], b[::2, ::3]), (a.ravel()[::7], b.ravel()[::7])):
+        both = (x > 0) & (y > 0)
+        pairs, counts = np.unique(np.stack([x[both], y[both]]), axis=1, return_counts=True)
+        ia, ib, inter = contingency(x, y)
+        assert ia.tolist() == pairs[0].tolist() and ib.tolist() == pairs[1].tolist() and inter.tolist() == counts.tolist()
