@@ -265,14 +265,20 @@ def _blobs(rng, shape, n, fill):
     return ids
 
 
-# dense (cells), sparse (organelles), empty, noise-like layers and ids up to 60,000 (pairs counted by sorting, not in
-# a dense table), whole and as strided views: noise takes the per-pixel path (runs too short), the others per run
-_LAYOUTS = [("dense", 40, 0.3), ("sparse", 12, 0.01), ("empty", 0, 0.0), ("noise", 0, 0.0), ("wide", 40, 0.3)]
+# dense (cells), sparse (organelles), empty, noise-like layers, ids up to 60,000 (pairs counted by sorting, not in
+# a dense table) and objects wider than the image (a run would go on into the next row), whole and as strided
+# views: noise takes the per-pixel path (runs too short), the others per run
+_LAYOUTS = [("dense", 40, 0.3), ("sparse", 12, 0.01), ("empty", 0, 0.0), ("noise", 0, 0.0), ("wide", 40, 0.3),
+            ("stripes", 12, 0.0)]  # fmt: skip
 
 
 def _layout(rng, kind, n, fill):
     if kind == "noise":
         return rng.integers(0, 30, (60, 70)).astype(np.uint16), 29
+    if kind == "stripes":
+        ids = np.repeat(rng.permutation(np.arange(1, n + 1, dtype=np.uint16)), 5)[:, None] * np.ones(70, np.uint16)
+        ids[rng.integers(0, 60, 8), rng.integers(0, 70, 8)] = 0
+        return ids, n
     ids = _blobs(rng, (60, 70), n, fill) if n else np.zeros((60, 70), np.uint16)
     if kind == "wide":
         ids *= 1500
