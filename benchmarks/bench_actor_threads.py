@@ -1,0 +1,134 @@
+"""An actor's per-tile work beside a model thread: what the two cost each other through Python's GIL.
+
+    python benchmarks/bench_actor_threads.py [--old PATH] [--rounds 2]
+
+Where an actor holds a GPU it takes two calls at once (``max_concurrency=2``): one thread runs the model on a batch
+while the other does the pipeline's per-tile work on the batch before (fragment table, z-overlaps with the same
+position's core in the slice before, stitching bands). Both need the GIL. Here the per-tile work runs on real tiles
+(the `labels` predictor's tiles of ``bench_labels.py``'s input), once alone and once beside a stand-in for a model's
+Python side: a small torch network on a tiny input in a loop, one torch thread, so that its time is mostly Python
+dispatch, as a GPU model's host side is (not detectron2 on a GPU: none here). Reported: the per-tile work's ms a tile
+alone and beside the model, and the model's forwards per second alone and while the per-tile work runs. With
+``--old``, a checkout of this package measured the same way in alternating child processes (its code imported from
+its folder), so the two are compared side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import label_stacks, machine, save  # noqa: E402
+
+SHAPE = (16, 4096, 4096)
+
+
+def measure(tiles: int) -> dict:
+    """In a child process whose ``cellseg_batch`` is the checkout under test."""
+    import numpy as np
+    import torch
+
+    from cellseg_batch.predict.labels_predictor import LabelsPredictor
+    from cellseg_batch.read import open_label_layers
+    from cellseg_batch.stitch import fragment_table, tile_bands, zoverlaps
+    from cellseg_batch.tiles import TileGrid, TileKey
+
+    d = label_stacks(SHAPE)
+    predictor = LabelsPredictor(open_label_layers([str(d["cells"]), str(d["organelles"])], ["cell", str(d["classes"])]))
+    grid = TileGrid(SHAPE[1], SHAPE[2], 1024, 32)
+    work = []  # (key, tile, core, the core of the slice before), every position of slices 3 and 4
+    for iy, ix in grid.positions():
+        core = grid.core(iy, ix)
+        before = None
+        for z in (3, 4):
+            tile = predictor._tile(z, grid.window(iy, ix))
+            here = np.ascontiguousarray(tile.labels[(slice(None), *core.relative_to(grid.window(iy, ix)))])
+            if before is not None:
+                work.append((TileKey(z, iy, ix), tile, here, before))
+            before = here
+
+    def per_tile(n: int) -> None:
+        for k in range(n):
+            key, tile, core, before = work[k % len(work)]
+            fragment_table(key, tile, grid)
+            zoverlaps(before, core, key.iy, key.ix)
+            tile_bands(tile.labels, grid, key.iy, key.ix)
+
+    torch.set_num_threads(1)
+    net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+                                for _ in range(20)]).eval()  # fmt: skip
+    x = torch.randn(1, 16, 8, 8)
+
+    def model(stop: threading.Event, out: list) -> None:
+        n = 0
+        with torch.no_grad():
+            while not stop.is_set():
+                net(x)
+                n += 1
+        out.append(n)
+
+    def beside_model(seconds: float | None) -> tuple[float, float]:
+        """(seconds the per-tile work took, or ``seconds`` of sleep; model forwards per second meanwhile)."""
+        stop, out = threading.Event(), []
+        thread = threading.Thread(target=model, args=(stop, out))
+        thread.start()
+        t = time.perf_counter()
+        time.sleep(seconds) if seconds else per_tile(tiles)
+        dt = time.perf_counter() - t
+        stop.set()
+        thread.join()
+        return dt, out[0] / dt
+
+    per_tile(len(work))  # warm
+    t = time.perf_counter()
+    per_tile(tiles)
+    alone = time.perf_counter() - t
+    _, model_alone = beside_model(2.0)
+    beside, model_beside = beside_model(None)
+    return {"tiles": tiles, "per_tile_ms_alone": 1e3 * alone / tiles, "per_tile_ms_beside_model": 1e3 * beside / tiles,
+            "model_per_s_alone": model_alone, "model_per_s_beside_per_tile_work": model_beside,
+            "model_share_kept": model_beside / model_alone}  # fmt: skip
+
+
+def child(root: str, tiles: int) -> dict:
+    code = (f"import sys, json; sys.path[:0] = [{root!r}, {str(Path(__file__).resolve().parent)!r}]; "
+            f"import bench_actor_threads as b; print(json.dumps(b.measure({tiles})))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", help="a checkout to measure beside this one (git worktree add /tmp/old REV)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--name", default="actor_threads")
+    args = p.parse_args()
+    label_stacks(SHAPE)  # made once, before any clock
+    checkouts = {"new": str(Path(__file__).resolve().parent.parent)}
+    if args.old:
+        checkouts["old"] = str(Path(args.old).resolve())
+    rows = []
+    for r in range(args.rounds):
+        order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
+        for name in order:
+            row = {"code": name, **child(checkouts[name], args.tiles)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    summary = {}
+    for name in checkouts:
+        mine = [r for r in rows if r["code"] == name]
+        summary[name] = {k: [round(r[k], 3) for r in mine] for k in
+                         ("per_tile_ms_alone", "per_tile_ms_beside_model", "model_share_kept")}  # fmt: skip
+    print(json.dumps(summary))
+    save(args.name, {"machine": machine(), "shape": SHAPE, "rows": rows, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
