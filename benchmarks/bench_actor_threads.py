@@ -34,6 +34,7 @@ def measure(tiles: int) -> dict:
     import numpy as np
     import torch
 
+    from cellseg_batch import stitch
     from cellseg_batch.predict.labels_predictor import LabelsPredictor
     from cellseg_batch.read import open_label_layers
     from cellseg_batch.stitch import fragment_table, tile_bands, zoverlaps
@@ -42,22 +43,32 @@ def measure(tiles: int) -> dict:
     d = label_stacks(SHAPE)
     predictor = LabelsPredictor(open_label_layers([str(d["cells"]), str(d["organelles"])], ["cell", str(d["classes"])]))
     grid = TileGrid(SHAPE[1], SHAPE[2], 1024, 32)
-    work = []  # (key, tile, core, the core of the slice before), every position of slices 3 and 4
+    work = []  # (key, tile, its store slot, the core in it, the slice before's core and runs), slices 3 and 4
     for iy, ix in grid.positions():
-        core = grid.core(iy, ix)
+        box = grid.core(iy, ix)
         before = None
         for z in (3, 4):
             tile = predictor._tile(z, grid.window(iy, ix))
-            here = np.ascontiguousarray(tile.labels[(slice(None), *core.relative_to(grid.window(iy, ix)))])
+            slot = np.zeros((tile.labels.shape[0], 1024, 1024), tile.labels.dtype)  # as the actor's, made beforehand
+            core = slot[:, : box.shape[0], : box.shape[1]]
+            core[...] = tile.labels[(slice(None), *box.relative_to(grid.window(iy, ix)))]
             if before is not None:
-                work.append((TileKey(z, iy, ix), tile, here, before))
-            before = here
+                work.append((TileKey(z, iy, ix), tile, slot, core, before))
+            before = core, ([stitch.label_runs(layer) for layer in slot] if hasattr(stitch, "Runs") else None)
 
     def per_tile(n: int) -> None:
+        """What the checkout's actor does for a tile besides storing it (``run.remote.PredictorWorker.predict``):
+        with per-run counts (``stitch.Runs``), each layer's runs of the slot, the fragment table and z-overlaps
+        from them (the slice before's runs held from its own call); before them, both from the pixels."""
         for k in range(n):
-            key, tile, core, before = work[k % len(work)]
-            fragment_table(key, tile, grid)
-            zoverlaps(before, core, key.iy, key.ix)
+            key, tile, slot, core, (before, before_runs) = work[k % len(work)]
+            if before_runs is not None:
+                runs = [stitch.label_runs(layer) for layer in slot]
+                fragment_table(key, tile, grid, runs)
+                zoverlaps(before, core, key.iy, key.ix, before_runs, runs)
+            else:
+                fragment_table(key, tile, grid)
+                zoverlaps(before, core, key.iy, key.ix)
             tile_bands(tile.labels, grid, key.iy, key.ix)
 
     torch.set_num_threads(1)

@@ -319,3 +319,31 @@ def test_contingency_equals_the_pairs_counted_pixel_by_pixel(kind, n, fill, seed
         pairs, counts = np.unique(np.stack([x[both], y[both]]), axis=1, return_counts=True)
         ia, ib, inter = contingency(x, y)
         assert ia.tolist() == pairs[0].tolist() and ib.tolist() == pairs[1].tolist() and inter.tolist() == counts.tolist()
+
+
+@pytest.mark.parametrize("kind,n,fill", _LAYOUTS)
+@pytest.mark.parametrize("seed", range(3))
+def test_counts_from_runs_of_a_padded_slot_equal_those_from_the_pixels(kind, n, fill, seed):
+    # an actor counts a core's fragment statistics and its z-overlaps from the runs of the zero-padded store slot
+    # that holds it at its origin (one pass over each layer); they must equal the counts over the core's pixels
+    from cellseg_batch.stitch import _layer_statistics, label_runs, zoverlaps
+
+    rng = np.random.default_rng(seed)
+    (a, _), (b, _) = _layout(rng, kind, n, fill), _layout(rng, kind, n, fill)
+    b[:30] = a[:30]
+    slots = np.zeros((2, 2, 64, 80), np.uint16)  # (slice, layer, slot rows, slot columns)
+    slots[0, 0, :60, :70], slots[1, 0, :60, :70] = a, b
+    slots[:, 1, :60, :70] = slots[:, 0, :60, :70][:, ::-1]  # a second layer
+    cores = slots[:, :, :60, :70]
+    runs = [[label_runs(layer) for layer in slot] for slot in slots]
+    for layer in range(2):
+        top = int(cores[0, layer].max())
+        expected, got = _layer_statistics(cores[0, layer], top), _layer_statistics(cores[0, layer], top, runs[0][layer])
+        assert (expected is None) == (got is None)
+        if expected is not None:
+            assert all(np.allclose(e, g) for e, g in zip(expected, got))
+    plain = zoverlaps(cores[0], cores[1], 2, 3)
+    assert zoverlaps(cores[0], cores[1], 2, 3, runs[0], runs[1]).tolist() == plain.tolist()
+    assert zoverlaps(cores[0], cores[1], 2, 3, runs[0], None).tolist() == plain.tolist()  # one side without runs
+    unpadded = [[label_runs(layer) for layer in core] for core in cores]  # runs that end at the image's last pixel
+    assert zoverlaps(cores[0], cores[1], 2, 3, unpadded[0], unpadded[1]).tolist() == plain.tolist()

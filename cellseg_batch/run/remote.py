@@ -17,7 +17,7 @@ import numpy as np
 
 from ..chunks import ChunkIO
 from ..distribute import kill_point, reuse_freed_memory
-from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
+from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, label_runs, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from .store import WorkStore, verified
 
@@ -84,7 +84,7 @@ class PredictorWorker:
             self.cores = ChunkIO(self.store.cores())
         for (iy, ix), window, tile in zip(positions, windows, tiles):
             core_box = grid.core(iy, ix)
-            core = None
+            core = runs = None
             if tile.count:  # a tile without instances stays unwritten and reads as zeros
                 # the core copied once, into its whole slot (one chunk of the cores array; zero padding), and kept as
                 # a view of it: not of the window, which is freed
@@ -93,9 +93,12 @@ class PredictorWorker:
                 core[...] = tile.labels[(slice(None), *core_box.relative_to(window))]
                 self.cores.write((z, 0, iy, ix), slot)
                 self.store.write_bands(z, iy, ix, tile_bands(tile.labels, grid, iy, ix))
+                # each layer's runs, from the slot (contiguous: no copy; the core at its origin): the fragment
+                # table and the z-overlaps with both neighbouring slices are counted from them
+                runs = [label_runs(layer) for layer in slot[0]]
             key = TileKey(z, iy, ix)
-            fragments.append((tuple(key), fragment_table(key, tile, grid)))
-            overlaps += self._zoverlaps(z, iy, ix, core)
+            fragments.append((tuple(key), fragment_table(key, tile, grid, runs)))
+            overlaps += self._zoverlaps(z, iy, ix, core, runs)
         times["store"] = time.perf_counter() - t3  # cores, bands, fragment tables, z-overlaps
         return {"fragments": fragments, "zoverlaps": overlaps, "times": times}
 
@@ -103,28 +106,34 @@ class PredictorWorker:
         """A later stage's task, run here between two batches (``run.predict.CpuTasks``)."""
         return fn(*args)
 
-    def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None) -> list:
-        """Count the overlaps with the neighbouring slices' cores of this position held in memory, then keep
-        this core (and forget older ones of the position: the pairs they could still make are settled)."""
+    def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None, runs: list | None) -> list:
+        """Count the overlaps with the neighbouring slices' cores of this position held in memory (from both
+        sides' runs where they have them), then keep this core (and forget older ones of the position: the pairs
+        they could still make are settled)."""
         out = []
         with self.cache_lock:
             for z_low, other in ((z - 1, (z - 1, iy, ix)), (z, (z + 1, iy, ix))):
                 if other not in self.cache:
                     continue
-                a, b = (self.cache[other], core) if z_low < z else (core, self.cache[other])
-                rows = zoverlaps(a, b, iy, ix) if a is not None and b is not None else np.zeros(0, ZOVERLAP)
+                a, b = (self.cache[other], (core, runs)) if z_low < z else ((core, runs), self.cache[other])
+                held = a[0] is not None and b[0] is not None
+                rows = zoverlaps(a[0], b[0], iy, ix, a[1], b[1]) if held else np.zeros(0, ZOVERLAP)
                 out.append(((z_low, iy, ix), rows))
             for key in [k for k in self.cache if k[1:] == (iy, ix) and k[0] < z]:
                 self._forget(key)
-            self.cache[(z, iy, ix)] = core
-            self.cache_size += core.nbytes if core is not None else 0
+            self.cache[(z, iy, ix)] = (core, runs)
+            self.cache_size += _held_bytes(core, runs)
             while self.cache_size > self.job.cache_bytes and self.cache:
                 self._forget(next(iter(self.cache)))
         return out
 
     def _forget(self, key) -> None:
-        core = self.cache.pop(key)
-        self.cache_size -= core.nbytes if core is not None else 0
+        self.cache_size -= _held_bytes(*self.cache.pop(key))
+
+
+def _held_bytes(core: np.ndarray | None, runs: list | None) -> int:
+    held = core.nbytes if core is not None else 0
+    return held + sum(r.starts.nbytes + r.lengths.nbytes + r.values[0].nbytes for r in runs or () if r is not None)
 
 
 def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, fill: bool,
