@@ -132,7 +132,8 @@ class PredictorWorker:
 
 
 def _held_bytes(core: np.ndarray | None, runs: list | None) -> int:
-    held = core.nbytes if core is not None else 0
+    """Memory a cached core keeps: its whole store slot (the core is a view of it) and its runs."""
+    held = 0 if core is None else core.base.nbytes if isinstance(core.base, np.ndarray) else core.nbytes
     return held + sum(r.starts.nbytes + r.lengths.nbytes + r.values[0].nbytes for r in runs or () if r is not None)
 
 
