@@ -321,16 +321,21 @@ def _positions(grid: TileGrid, frag: np.ndarray) -> np.ndarray:
     return np.unique(frag["iy"].astype(np.int64) * grid.nx + frag["ix"])
 
 
-def _count_gap_overlaps(cores: _Cores, grid: TileGrid, za: int, wanted: dict[int, dict]) -> dict[int, np.ndarray]:
+def _count_gap_overlaps(cores: _Cores, grid: TileGrid, za: int, wanted: dict[int, dict],
+                        counted: dict[int, dict] | None = None) -> dict[int, np.ndarray]:  # fmt: skip
     """ZOVERLAP rows between slice za and each slice zb of ``wanted`` (zb -> the positions to count, each with the
-    boxes to count there, from ``_gap_positions``), counted from the stored tile cores one position at a time:
-    the core of za is read once for every zb that needs it."""
+    boxes to count there, from ``_gap_positions``): those an actor counted over the whole cores from memory
+    (``counted``: zb -> position -> rows; the same counts for every pair with a free side), the rest from the
+    stored tile cores one position at a time: the core of za is read once for every zb that needs it."""
+    counted = counted or {}
     out = {zb: [np.zeros(0, ZOVERLAP)] for zb in wanted}
     for t in sorted(set().union(*wanted.values())):
         iy, ix = divmod(t, grid.nx)
         core = grid.core(iy, ix)
         for zb, boxes in wanted.items():
-            if t in boxes:
+            if t in boxes and (iy, ix) in counted.get(zb, {}):
+                out[zb].append(counted[zb][iy, ix])
+            elif t in boxes:
                 pixels = _box_pixels(core, boxes[t])
                 out[zb].append(zoverlaps(cores.raw(za, iy, ix)[pixels], cores.raw(zb, iy, ix)[pixels], iy, ix))
     return {zb: np.concatenate(rows) for zb, rows in out.items()}
@@ -471,7 +476,7 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
         bridged = gap >= zb - za - 1
         free[zb] = (~forward & (a.area > 0) & bridged[a.cls], ~backward & (b.area > 0) & bridged[b.cls])
         wanted[zb] = _gap_positions(grid, a, b, *free[zb])[1]
-    rows = _count_gap_overlaps(cores, grid, za, wanted)
+    rows = _count_gap_overlaps(cores, grid, za, wanted, {zb: store.read_zoverlaps(za, zb - za) for zb in wanted})
     out = {}
     for zb, (free_a, free_b) in free.items():
         b, d = slices[zb], zb - za

@@ -424,15 +424,16 @@ def _resolve_fills(fills: list[tuple]) -> Fills:
 def zoverlaps(core_a: np.ndarray, core_b: np.ndarray, iy: int, ix: int, runs_a=None, runs_b=None) -> np.ndarray:
     """ZOVERLAP rows between the cores of one tile position in slices z (``core_a``) and z+1 (``core_b``).
     ``runs_a``, ``runs_b``: each layer's runs (``label_runs``, or None) where the caller has them: a layer whose
-    runs both sides have is counted from them alone (their joint runs), without a pass over its pixels."""
+    runs both sides have is counted from them alone (their joint runs), without a pass over its pixels; a core may
+    be None where every layer's runs are given on both sides."""
     out = []
-    for k, (layer_a, layer_b) in enumerate(zip(core_a, core_b)):
+    for k in range(len(core_a) if core_a is not None else len(runs_a)):
         ra, rb = (runs_a[k] if runs_a else None), (runs_b[k] if runs_b else None)
         if ra is not None and rb is not None:
             joint = ra.joint(rb)
             a, b, counts = _pair_counts(*joint.values, joint.lengths)
         else:
-            a, b, counts = contingency(layer_a, layer_b)
+            a, b, counts = contingency(core_a[k], core_b[k])
         if len(counts):
             rows = np.zeros(len(counts), dtype=ZOVERLAP)
             rows["iy"], rows["ix"], rows["a"], rows["b"], rows["count"] = iy, ix, a, b, counts

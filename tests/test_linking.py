@@ -134,6 +134,42 @@ def test_gap_rows_counted_in_boxes_by_the_gap_stage_match_whole_cores_counted_by
     assert sum(len(moved) for rows in kept for _, moved in rows.values()) > 0
 
 
+def test_gap_rows_actors_counted_from_memory_give_the_objects_of_rows_counted_from_stored_cores(tmp_path, monkeypatch):
+    """Actors count the z-overlaps of a tile position with the slices up to the largest gap + 1 below from the runs
+    they hold (whole cores), so gap units read those cores no more; the objects and gap links are those of gap
+    overlaps counted from the stored cores (in the free fragments' boxes) where those logs are gone."""
+    import shutil
+
+    from cellseg_batch import link
+    from cellseg_batch.link import LinkRule, build_objects
+    from cellseg_batch.run.store import WorkStore
+    from cellseg_batch.tiles import TileGrid
+
+    _, out = _linked(tmp_path, "far", dropout=0.05, shape="12,384,384", extra=("--keep-tiles", "--link-gap", 2))
+    store = WorkStore(f"{out}.work")
+    run = json.loads((store.root / "run.json").read_text())
+    grid, n_classes = TileGrid(**run["grid"]), len(run["classes"])
+    rule = LinkRule(gap=(2,) * n_classes)
+    logged = [store.read_zoverlaps(z, d) for z in range(12) for d in (2, 3)]
+    assert sum(len(by_position) for by_position in logged) > len(grid) * 6  # most pairs of positions in memory
+    assert not store.zoverlaps_log(0, 4).exists()  # nothing beyond the largest gap + 1
+    staged, staged_stats = build_objects(store, grid, 12, n_classes, "overlap", rule)
+    assert staged_stats.gap_links > 0
+    reads = []
+    raw = link._Cores.raw
+    monkeypatch.setattr(link._Cores, "raw", lambda self, z, iy, ix: reads.append(z) or raw(self, z, iy, ix))
+    for z in range(10):
+        link.gap_overlaps(store, grid, z, 12, n_classes, rule)
+    from_memory = len(reads)
+    for d in (2, 3):
+        shutil.rmtree(store.root / "zov" / f"d{d}")
+    shutil.rmtree(store.root / "post" / "gaps")
+    reads.clear()
+    own, own_stats = build_objects(store, grid, 12, n_classes, "overlap", rule)
+    assert len(reads) > from_memory  # the driver counted them itself, from the stored cores
+    assert own_stats.gap_links == staged_stats.gap_links and np.array_equal(own, staged)
+
+
 def test_missed_detections_are_bridged(tmp_path):
     """5 % of the 2D instances deleted: F1@0.5 >= 0.98 (1.0 measured here; 0.979 before drift, when four vessel arms
     missed just before they join their sibling stayed apart); without gap edges far lower, with its splits listed."""

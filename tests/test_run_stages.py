@@ -242,6 +242,36 @@ def test_actor_counts_z_overlaps_from_memory_as_the_store_would(tmp_path):
     assert [k for k, _ in third["zoverlaps"]] == [(1, *positions[0])]
 
 
+def test_actor_counts_far_z_overlaps_from_the_runs_it_keeps_and_counts_what_it_keeps(tmp_path):
+    # with gap edges up to 2 slices (reach 3) an actor also counts overlaps 2 and 3 slices apart, from the runs it
+    # keeps of the older slices (their cores let go): they equal the overlaps of the stored cores
+    from dataclasses import replace
+
+    from cellseg_batch.stitch import zoverlaps
+
+    grid, n = TileGrid(300, 260, 128, 16), 6
+    layers = open_label_layers([f"synth:{n}x300x260,seed=2"], [])
+    store = WorkStore(tmp_path / "w")
+    store.create(n, grid, 4)
+    job = TileJob(PredictorSpec("labels", {"layers": layers}), None, grid, str(store.root), 0, 1, reach=3)
+    positions = list(grid.positions())
+    worker, small = PredictorWorker(job), PredictorWorker(replace(job, cache_bytes=2**18))
+    far = {}
+    for z in range(n):
+        for d, key, rows in worker.predict(z, positions)["far_zoverlaps"]:
+            far[d, key] = rows
+        small.predict(z, positions)
+        for held in (worker.held, small.held):
+            assert held.size == sum(e.nbytes() for e in held.cache.values())
+        assert small.held.size <= 2**18 < worker.held.size  # the small one let go of what went over its budget
+        assert all(e.core is None for (zz, _, _), e in worker.held.cache.items() if zz < z)  # runs only
+        assert {zz for zz, _, _ in worker.held.cache} == set(range(max(0, z - 2), z + 1))
+    assert sorted(far) == sorted((d, (z, *p)) for d in (2, 3) for z in range(n - d) for p in positions)
+    for (d, (z, iy, ix)), rows in far.items():
+        assert rows.tolist() == zoverlaps(store.core(grid, z, iy, ix), store.core(grid, z + d, iy, ix), iy, ix).tolist()
+    assert sum(len(rows) for rows in far.values()) > 0
+
+
 def test_write_levels_from_memory_equal_the_pyramid_built_level_by_level(tmp_path):
     rng = np.random.default_rng(0)
     shape, chunk = (1, 300, 200), 32

@@ -340,7 +340,8 @@ class Run:
         """The predictor actors of this run, laid out on the cluster Ray just joined (not started yet)."""
         self.resources = distribute.cluster_resources()
         count, cpus, gpus, threads = self._actor_layout()
-        job = TileJob(self.plan.spec, self.volume, self.grid, str(self.store.root), self.z0, threads)
+        reach = max(self.link_rule.gap, default=0) + 1 if self.cfg.link != "none" else 1
+        job = TileJob(self.plan.spec, self.volume, self.grid, str(self.store.root), self.z0, threads, reach=reach)
         return ActorStart(job, (count, cpus, gpus), float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))
 
     def _actor_layout(self) -> tuple[int, float, float, int]:

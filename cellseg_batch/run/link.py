@@ -16,14 +16,16 @@ from .store import WorkStore, save_npy
 
 
 class GapStage(Stage):
-    """Unit: slice z, ready once the slices from z - 1 to its largest gap + 2 below are stitched. Its task counts the
-    z-overlaps gap edges from z may need, from the tile cores at the positions that hold an instance without an
-    adjacent partner, and those of such instances moved along their drift (``link.gap_overlaps``), so that the link
-    stage on the driver reads none: many positions of a dense volume qualify, and the tasks run beside prediction on
-    every core instead of one after it on the driver."""
+    """Unit: slice z, ready once the slices from z - 1 to its largest gap + 2 below are stitched. Its task collects
+    the z-overlaps gap edges from z may need at the positions that hold an instance without an adjacent partner:
+    those the actors counted from memory (logged by distance), the rest from the tile cores, and those of such
+    instances moved along their drift (``link.gap_overlaps``), so that the link stage on the driver reads none:
+    many positions of a dense volume qualify, and the tasks run beside prediction on every core instead of one
+    after it on the driver."""
 
     name = "gaps"
-    reads = ("fragments(z-1..z+g+2)", "edges(z-1..z+g+2)", "cores at gap positions and of moved instances")
+    reads = ("fragments(z-1..z+g+2)", "edges(z-1..z+g+2)", "zoverlaps(z, d)",
+             "cores at gap positions no actor counted, and of moved instances")  # fmt: skip
     writes = ("gap_overlaps(z)",)
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, n_classes: int, link: str, rule: LinkRule,

@@ -95,7 +95,7 @@ class PredictStage(Stage):
 
     name = "predict"
     reads = ("volume",)
-    writes = ("cores", "bands", "fragments(z)", "zoverlaps(z)")
+    writes = ("cores", "bands", "fragments(z)", "zoverlaps(z)", "zoverlaps(z, d)")
 
     def __init__(self, store: WorkStore, grid: TileGrid, n_slices: int, batch_size: int, actors: ActorStart,
                  normalization=None):  # fmt: skip
@@ -115,7 +115,7 @@ class PredictStage(Stage):
                 store.complete_slice(z, self.records.pop(z))
         # results not yet in the logs: written by ``flush``, once per batch of results (a kill loses only those)
         self.unlogged: dict[int, list] = defaultdict(list)
-        self.unlogged_zov: dict[int, list] = defaultdict(list)
+        self.unlogged_zov: dict[tuple[int, int], list] = defaultdict(list)  # (z_low, slices apart) -> blocks
         self.actors: list = []
         self.shares: list[list[tuple[int, int]]] = []
         self.slices_left: deque = deque()
@@ -252,8 +252,10 @@ class PredictStage(Stage):
             self.step_seconds[step] += seconds
         self.tiles_timed += len(fragments)
         for key, rows in result["zoverlaps"]:
-            self.unlogged_zov[key[0]].append((key, rows))
+            self.unlogged_zov[key[0], 1].append((key, rows))
             self.zoverlaps[key[0]][key[1:]] = rows
+        for d, key, rows in result.get("far_zoverlaps", ()):  # for the gap stage, which reads them from the log
+            self.unlogged_zov[key[0], d].append((key, rows))
         if len(self.records[z]) == len(self.grid):
             self.store.complete_slice(z, self.records.pop(z))
             self.unlogged.pop(z)
@@ -261,8 +263,8 @@ class PredictStage(Stage):
     def flush(self) -> None:
         for z, records in self.unlogged.items():
             self.store.append_fragments(z, records)
-        for z_low, blocks in self.unlogged_zov.items():
-            self.store.append_zoverlaps(z_low, blocks)
+        for (z_low, d), blocks in self.unlogged_zov.items():
+            self.store.append_zoverlaps(z_low, blocks, d)
         self.unlogged.clear()
         self.unlogged_zov.clear()
 

@@ -33,15 +33,17 @@ class TileJob:
     work_dir: str
     z_offset: int
     threads: int
-    cache_bytes: int = 512 * 2**20  # cores kept for the z-overlaps with the next slice
+    cache_bytes: int = 512 * 2**20  # cores (and runs) kept for the z-overlaps with the next slices
+    reach: int = 1  # slices apart that z-overlaps are counted for: 1 + the largest link gap (gap edges need the rest)
 
 
 class PredictorWorker:
     """Holds one predictor (on one GPU, or CPU threads) and predicts batches of tiles of one slice.
 
-    It keeps the cores it predicted last (per tile position, within ``cache_bytes``): when the same position of
-    the next or previous slice comes to it, the z-overlaps between the two are counted from memory, so a core is
-    never read back for linking. The driver sends each position's slices to the same actor in z order."""
+    It keeps the cores it predicted last and the runs of the slices before them (``HeldCores``, within
+    ``cache_bytes``): when the same position of a slice within ``reach`` comes to it, the z-overlaps between the two
+    are counted from memory, so a core is not read back for linking. The driver sends each position's slices to
+    the same actor in z order."""
 
     def __init__(self, job: TileJob):
         from ..predict import build_predictor
@@ -52,17 +54,16 @@ class PredictorWorker:
         self.predictor.set_threads(job.threads)
         self.store = WorkStore(job.work_dir)
         self.cores = None  # opened at the first call: the driver may still be creating the work store
-        self.cache: OrderedDict[tuple[int, int, int], np.ndarray | None] = OrderedDict()
-        self.cache_size = 0
+        self.held = HeldCores(job.cache_bytes, job.reach)
         self.predict_lock = threading.Lock()  # where two calls overlap, one reads its windows while the other computes
-        self.cache_lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
 
     def predict(self, z: int, positions: list[tuple[int, int]], normalization=None) -> dict:
-        """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``(z_low, iy, ix, rows)``
-        between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing)."""
+        """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``((z_low, iy, ix), rows)``
+        between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing), and
+        ``(d, (z_low, iy, ix), rows)`` between z_low and z_low + d for d = 2 .. ``job.reach``."""
         job, grid = self.job, self.job.grid
         windows = [grid.window(iy, ix) for iy, ix in positions]
         images = None
@@ -79,7 +80,7 @@ class PredictorWorker:
             t3 = time.perf_counter()
             steps = self.predictor.step_times()
         times.update(steps or {"predict": t3 - t2})
-        fragments, overlaps = [], []
+        fragments, overlaps, far_overlaps = [], [], []
         if self.cores is None:
             self.cores = ChunkIO(self.store.cores())
         for (iy, ix), window, tile in zip(positions, windows, tiles):
@@ -98,43 +99,93 @@ class PredictorWorker:
                 runs = [label_runs(layer) for layer in slot[0]]
             key = TileKey(z, iy, ix)
             fragments.append((tuple(key), fragment_table(key, tile, grid, runs)))
-            overlaps += self._zoverlaps(z, iy, ix, core, runs)
+            near, far = self.held.add(z, iy, ix, core, runs)
+            overlaps += near
+            far_overlaps += far
         times["store"] = time.perf_counter() - t3  # cores, bands, fragment tables, z-overlaps
-        return {"fragments": fragments, "zoverlaps": overlaps, "times": times}
+        return {"fragments": fragments, "zoverlaps": overlaps, "far_zoverlaps": far_overlaps, "times": times}
 
     def call(self, fn, *args):
         """A later stage's task, run here between two batches (``run.predict.CpuTasks``)."""
         return fn(*args)
 
-    def _zoverlaps(self, z: int, iy: int, ix: int, core: np.ndarray | None, runs: list | None) -> list:
-        """Count the overlaps with the neighbouring slices' cores of this position held in memory (from both
-        sides' runs where they have them), then keep this core (and forget older ones of the position: the pairs
-        they could still make are settled)."""
-        out = []
-        with self.cache_lock:
-            for z_low, other in ((z - 1, (z - 1, iy, ix)), (z, (z + 1, iy, ix))):
-                if other not in self.cache:
-                    continue
-                a, b = (self.cache[other], (core, runs)) if z_low < z else ((core, runs), self.cache[other])
-                held = a[0] is not None and b[0] is not None
-                rows = zoverlaps(a[0], b[0], iy, ix, a[1], b[1]) if held else np.zeros(0, ZOVERLAP)
-                out.append(((z_low, iy, ix), rows))
+
+class HeldCores:
+    """The tile cores an actor keeps (within ``budget`` bytes) to count z-overlaps from memory: each position's last
+    core, and the runs of its slices before it up to ``reach - 1`` back."""
+
+    def __init__(self, budget: int, reach: int = 1):
+        self.budget, self.reach = budget, reach
+        self.cache: OrderedDict[tuple[int, int, int], _Held] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()  # two calls of one actor may add at once
+
+    def add(self, z: int, iy: int, ix: int, core: np.ndarray | None, runs: list | None) -> tuple[list, list]:
+        """Count the overlaps of this core with the same position's cores held of the slices up to ``reach`` away:
+        adjacent ones (``((z_low, iy, ix), rows)``, for stitching's links) and farther ones (``(d, (z_low, iy, ix),
+        rows)``, for gap edges, so that the gap stage reads no core there), from both sides' runs where they have
+        them. Then keep this core, and of the older slices of the position only the runs that later slices within
+        reach can still use (the pairs a core could still make with its next slice are settled once that slice is
+        here)."""
+        near, far = [], []
+        here = _Held(core, runs, core is not None)
+        with self.lock:
+            for d in range(1, self.reach + 1):
+                for z_other in (z - d, z + d):
+                    other = self.cache.get((z_other, iy, ix))
+                    if other is None:
+                        continue
+                    a, b = (other, here) if z_other < z else (here, other)
+                    rows = a.overlaps(b, iy, ix)
+                    if rows is not None:
+                        (near if d == 1 else far).append((d, (min(z, z_other), iy, ix), rows))
             for key in [k for k in self.cache if k[1:] == (iy, ix) and k[0] < z]:
-                self._forget(key)
-            self.cache[(z, iy, ix)] = (core, runs)
-            self.cache_size += _held_bytes(core, runs)
-            while self.cache_size > self.job.cache_bytes and self.cache:
+                held = self.cache[key].nbytes()
+                if key[0] <= z - self.reach or not self.cache[key].runs_only():
+                    self._forget(key)
+                else:
+                    self.size -= held - self.cache[key].nbytes()  # its core let go
+            self.cache[(z, iy, ix)] = here
+            self.size += here.nbytes()
+            while self.size > self.budget and self.cache:
                 self._forget(next(iter(self.cache)))
-        return out
+        return [(key, rows) for _, key, rows in near], far
 
     def _forget(self, key) -> None:
-        self.cache_size -= _held_bytes(*self.cache.pop(key))
+        self.size -= self.cache.pop(key).nbytes()
 
 
-def _held_bytes(core: np.ndarray | None, runs: list | None) -> int:
-    """Memory a cached core keeps: its whole store slot (the core is a view of it) and its runs."""
-    held = 0 if core is None else core.base.nbytes if isinstance(core.base, np.ndarray) else core.nbytes
-    return held + sum(r.starts.nbytes + r.lengths.nbytes + r.values[0].nbytes for r in runs or () if r is not None)
+class _Held:
+    """A tile core an actor keeps for z-overlaps: the core (a view of its store slot; None once only runs are
+    kept, or where the tile has no instance), each layer's runs, and whether the tile has instances."""
+
+    def __init__(self, core: np.ndarray | None, runs: list | None, instances: bool):
+        self.core, self.runs, self.instances = core, runs, instances
+
+    def runs_only(self) -> bool:
+        """Drop the core where every layer's runs are here (True: kept); False where the entry is of no more use."""
+        if not self.instances:
+            return True  # shares nothing with anything: kept, it costs nothing
+        if self.runs is None or any(r is None for r in self.runs):
+            return False
+        self.core = None
+        return True
+
+    def overlaps(self, later: _Held, iy: int, ix: int) -> np.ndarray | None:
+        """ZOVERLAP rows with the same position's core of a later slice; None where a layer can be counted from
+        neither both sides' runs nor both cores."""
+        if not (self.instances and later.instances):
+            return np.zeros(0, ZOVERLAP)
+        for k in range(len(self.runs)):
+            if (self.runs[k] is None or later.runs[k] is None) and (self.core is None or later.core is None):
+                return None
+        return zoverlaps(self.core, later.core, iy, ix, self.runs, later.runs)
+
+    def nbytes(self) -> int:
+        """Memory it keeps: the whole store slot behind the core (the core is a view of it) and the runs."""
+        core = self.core
+        held = 0 if core is None else core.base.nbytes if isinstance(core.base, np.ndarray) else core.nbytes
+        return held + sum(r.starts.nbytes + r.lengths.nbytes + r.values[0].nbytes for r in self.runs or () if r)
 
 
 def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, fill: bool,

@@ -13,6 +13,7 @@ Layout of ``<out>.work/`` (on a filesystem every Ray node sees):
     frag/zNNNNNN.part        fragment records of slice z while it is predicted (append-only npy blocks)
     frag/zNNNNNN.npy         slice z's fragment table (all tiles, raster order), once every tile is predicted
     zov/zNNNNNN.part         z-overlap blocks between slices z and z+1 that actors computed from memory
+    zov/dD/zNNNNNN.part      the same between slices z and z+D, D = 2 .. 1 + the largest link gap (for gap edges)
     post/edges/zNNNNNN.npz   slice z's stitch matches, touching count, and its complete z-overlaps with z+1
     post/objects.npy         the object table; post/link_stats.json its counts
     post/inst/zNNNNNN.npy    fragment -> 2D instance of slice z (made and used by linking)
@@ -133,8 +134,9 @@ class WorkStore:
     def fragments_log(self, z: int) -> Path:
         return self._slice_file("frag", z, ".part")
 
-    def zoverlaps_log(self, z: int) -> Path:
-        return self._slice_file("zov", z, ".part")
+    def zoverlaps_log(self, z: int, d: int = 1) -> Path:
+        """The log of z-overlap blocks between slices z and z + d."""
+        return self._slice_file("zov" if d == 1 else f"zov/d{d}", z, ".part")
 
     def edges_path(self, z: int) -> Path:
         return self._slice_file("post/edges", z, ".npz")
@@ -321,12 +323,12 @@ class WorkStore:
             raise StoreDamage(self.fragments_path(z), z)
         return frag
 
-    def append_zoverlaps(self, z: int, blocks: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
-        self._append(self.zoverlaps_log(z), blocks)
+    def append_zoverlaps(self, z: int, blocks: list[tuple[tuple[int, int, int], np.ndarray]], d: int = 1) -> None:
+        self._append(self.zoverlaps_log(z, d), blocks)
 
-    def read_zoverlaps(self, z: int) -> dict[tuple[int, int], np.ndarray]:
-        """The z-overlap blocks between slices z and z+1 logged so far, by tile position."""
-        return {(iy, ix): rows for (_, iy, ix), rows in self._read(self.zoverlaps_log(z), ZOVERLAP)}
+    def read_zoverlaps(self, z: int, d: int = 1) -> dict[tuple[int, int], np.ndarray]:
+        """The z-overlap blocks between slices z and z + d logged so far, by tile position."""
+        return {(iy, ix): rows for (_, iy, ix), rows in self._read(self.zoverlaps_log(z, d), ZOVERLAP)}
 
     # -- stitch and link products (driver only) -----------------------------------------------------------------
     def write_edges(self, z: int, stitched: SliceStitch, overlaps: np.ndarray) -> None:
