@@ -43,29 +43,39 @@ def measure(tiles: int) -> dict:
     d = label_stacks(SHAPE)
     predictor = LabelsPredictor(open_label_layers([str(d["cells"]), str(d["organelles"])], ["cell", str(d["classes"])]))
     grid = TileGrid(SHAPE[1], SHAPE[2], 1024, 32)
-    work = []  # (key, tile, its store slot, the core in it, the slice before's core and runs), slices 3 and 4
+    # per position, slices 1-4 as an actor holds them when slice 4 comes (link gap 2: reach 3); the slices before
+    # the last as runs only, where the checkout keeps them so
+    from cellseg_batch.run import remote
+
+    far = hasattr(remote, "HeldCores")
+    work = []  # (key, tile, its store slot, the core in it, what is held of slices 3, 2, 1)
     for iy, ix in grid.positions():
         box = grid.core(iy, ix)
-        before = None
-        for z in (3, 4):
+        held = []
+        for z in (1, 2, 3, 4):
             tile = predictor._tile(z, grid.window(iy, ix))
             slot = np.zeros((tile.labels.shape[0], 1024, 1024), tile.labels.dtype)  # as the actor's, made beforehand
             core = slot[:, : box.shape[0], : box.shape[1]]
             core[...] = tile.labels[(slice(None), *box.relative_to(grid.window(iy, ix)))]
-            if before is not None:
-                work.append((TileKey(z, iy, ix), tile, slot, core, before))
-            before = core, ([stitch.label_runs(layer) for layer in slot] if hasattr(stitch, "Runs") else None)
+            if z == 4:
+                work.append((TileKey(z, iy, ix), tile, slot, core, held[::-1]))
+            runs = [stitch.label_runs(layer) for layer in slot] if hasattr(stitch, "Runs") else None
+            held.append((core if z == 3 or not far else None, runs))
 
     def per_tile(n: int) -> None:
         """What the checkout's actor does for a tile besides storing it (``run.remote.PredictorWorker.predict``):
         with per-run counts (``stitch.Runs``), each layer's runs of the slot, the fragment table and z-overlaps
-        from them (the slice before's runs held from its own call); before them, both from the pixels."""
+        from them (the slice before's runs held from its own call), and with ``HeldCores`` also the overlaps with
+        the slices 2 and 3 before, from runs; before them, the fragment table and adjacent overlaps from pixels."""
         for k in range(n):
-            key, tile, slot, core, (before, before_runs) = work[k % len(work)]
+            key, tile, slot, core, held = work[k % len(work)]
+            (before, before_runs), farther = held[0], held[1:]
             if before_runs is not None:
                 runs = [stitch.label_runs(layer) for layer in slot]
                 fragment_table(key, tile, grid, runs)
                 zoverlaps(before, core, key.iy, key.ix, before_runs, runs)
+                for other, other_runs in farther if far else ():
+                    zoverlaps(other, None, key.iy, key.ix, other_runs, runs)
             else:
                 fragment_table(key, tile, grid)
                 zoverlaps(before, core, key.iy, key.ix)
