@@ -50,6 +50,15 @@ def test_store_logs_round_trip_and_ignore_a_record_cut_short(tmp_path):
     ov = np.zeros(2, ZOVERLAP)
     store.append_zoverlaps(1, [((1, 0, 1), ov), ((1, 1, 1), ov[:0])])
     assert sorted(store.read_zoverlaps(1)) == [(0, 1), (1, 1)]
+    # logs of slices d >= 2 apart: read by gap units (workers), which read up to a cut and never write
+    store.append_zoverlaps(1, [((1, 0, 1), ov)], d=2)
+    far = store.zoverlaps_log(1, 2)
+    good = far.stat().st_size
+    store.append_zoverlaps(1, [((1, 1, 1), ov)], d=2)
+    with open(far, "r+b") as f:
+        f.truncate(good + 40)
+    assert sorted(store.read_zoverlaps(1, 2)) == [(0, 1)] and far.stat().st_size == good + 40
+    assert sorted(store.read_zoverlaps(1)) == [(0, 1), (1, 1)]  # each distance its own log
     store.write_edges(1, SliceStitch(np.zeros(0, PAIR), 3, Fills.empty()), ov)
     assert store.stitched(1) and not store.zoverlaps_log(1).exists()
     assert int(store.edges(1)["touching_unmatched"]) == 3

@@ -280,13 +280,14 @@ class WorkStore:
             f.write(buf.getvalue())
 
     @staticmethod
-    def _read(path: Path, dtype: np.dtype) -> list[tuple[tuple[int, int, int], np.ndarray]]:
-        """The log's records up to the first that is cut short or garbage; the log is cut there, so that what is
-        appended next is read (the tiles of the records lost are predicted again)."""
+    def _read(path: Path, dtype: np.dtype, cut: bool = True) -> list[tuple[tuple[int, int, int], np.ndarray]]:
+        """The log's records up to the first that is cut short or garbage; with ``cut`` (the driver's reads) the
+        log is cut there, so that what is appended next is read (the tiles of the records lost are predicted
+        again)."""
         out = []
         if not path.exists():
             return out
-        with open(path, "r+b") as f:
+        with open(path, "r+b" if cut else "rb") as f:
             good = 0
             while True:
                 try:
@@ -298,7 +299,8 @@ class WorkStore:
                     break
                 out.append((tuple(int(v) for v in key), rows))
                 good = f.tell()
-            f.truncate(good)
+            if cut:
+                f.truncate(good)
         return out
 
     def append_fragments(self, z: int, records: list[tuple[tuple[int, int, int], np.ndarray]]) -> None:
@@ -327,8 +329,11 @@ class WorkStore:
         self._append(self.zoverlaps_log(z, d), blocks)
 
     def read_zoverlaps(self, z: int, d: int = 1) -> dict[tuple[int, int], np.ndarray]:
-        """The z-overlap blocks between slices z and z + d logged so far, by tile position."""
-        return {(iy, ix): rows for (_, iy, ix), rows in self._read(self.zoverlaps_log(z, d), ZOVERLAP)}
+        """The z-overlap blocks between slices z and z + d logged so far, by tile position. Logs of d >= 2 are read
+        by the gap units' workers, which never write here: one cut short by a killed driver is read up to the cut
+        and left as it is (the positions after it are counted from the tile cores)."""
+        blocks = self._read(self.zoverlaps_log(z, d), ZOVERLAP, cut=d == 1)
+        return {(iy, ix): rows for (_, iy, ix), rows in blocks}
 
     # -- stitch and link products (driver only) -----------------------------------------------------------------
     def write_edges(self, z: int, stitched: SliceStitch, overlaps: np.ndarray) -> None:
