@@ -92,6 +92,7 @@ class LinkStats:
     gap_links: int = 0
     gap_positions: int = 0  # tile positions whose overlaps gap edges used (counted by the gap stage, or here)
     gap_tiles_read: int = 0  # of those, the ones whose cores the driver read (the gap stage did not run)
+    gap_cores_read: int = 0  # tile cores read back to count gap overlaps (where no actor counted them)
     gap_seconds: float = 0.0
     objects: int = 0
     max_tiles_per_instance: int = 0
@@ -292,10 +293,12 @@ class _Cores:
         self.cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.rows = {z: fragment_rows(s.frag, grid) for z, s in slices.items()}
         self.held = {z: set(_positions(grid, s.frag[s.frag["area"] > 0]).tolist()) for z, s in slices.items()}
+        self.reads = 0
 
     def raw(self, z: int, iy: int, ix: int) -> np.ndarray:
         key = (z, iy, ix)
         if key not in self.cache:
+            self.reads += 1
             core = self.store.core(self.grid, z, iy, ix, written=iy * self.grid.nx + ix in self.held[z])
             while self.cache and (len(self.cache) >= self.keep or
                                   sum(c.nbytes for c in self.cache.values()) + core.nbytes > self.budget):  # fmt: skip
@@ -445,8 +448,8 @@ def _gaps(rule: LinkRule, n_classes: int) -> np.ndarray:
     return gap
 
 
-def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, rule: LinkRule
-                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, rule: LinkRule,
+                 stats: LinkStats | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """What gap edges from slice za may need, per distance d (za + d, d = 2 .. largest gap + 1): the z-overlaps
     (ZOVERLAP rows) counted from the tile cores, and the MOVED rows of free instances carried along their drift;
     the gap stage's unit, run off the driver once slices za - 1 .. za + d + 1 are stitched.
@@ -454,7 +457,8 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
     ``build_objects`` frees an instance for a gap edge only where it has no edge to the next (previous) slice, and
     those edges include gap edges made before; here only the adjacent edges are known, so its free instances (and
     the positions that hold them) are a superset of what ``build_objects`` uses: it takes the rows it needs, which
-    are the same as if it had counted them itself. Drift comes from adjacent edges alone, so both agree on it."""
+    are the same as if it had counted them itself. Drift comes from adjacent edges alone, so both agree on it.
+    The tile cores it reads are added to ``stats.gap_cores_read``."""
     gap = _gaps(rule, n_classes)
     last = min(za + int(gap.max(initial=0)) + 1, n_slices - 1)
     if last < za + 2:
@@ -484,6 +488,8 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
         moved = [_moved_overlaps(cores, grid, rule, za, zb, *_moving(drift_a, free_a, d), 0),
                  _moved_overlaps(cores, grid, rule, zb, za, *_moving(drift_b, free_b, d), 1)]  # fmt: skip
         out[d] = (rows[zb], np.concatenate(moved))
+    if stats is not None:
+        stats.gap_cores_read += cores.reads
     return out
 
 
@@ -521,7 +527,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
                     rows = store.gap_overlaps(z - d)
                     if by_driver := rows is None:  # the gap stage did not run: its unit, here
                         t = time.perf_counter()
-                        rows = gap_overlaps(store, grid, z - d, n_slices, n_classes, rule)
+                        rows = gap_overlaps(store, grid, z - d, n_slices, n_classes, rule, stats)
                         stats.gap_seconds += time.perf_counter() - t
                     counted[z - d] = (rows, by_driver)
                 rows, by_driver = counted[z - d]

@@ -170,6 +170,26 @@ def test_gap_rows_actors_counted_from_memory_give_the_objects_of_rows_counted_fr
     assert own_stats.gap_links == staged_stats.gap_links and np.array_equal(own, staged)
 
 
+def test_actors_beside_spare_cores_leave_gap_overlaps_to_the_gap_stage(tmp_path):
+    """Where the actors leave cores spare (as GPU actors do), an actor counts z-overlaps with the adjacent slice only
+    and the gap stage reads the cores across the gaps on the spare ones; where they hold every core, actors count
+    those too. Same objects either way."""
+    from cellseg_batch.run.store import WorkStore
+
+    outputs = {}
+    for actors in (1, 2):
+        extra = ("--keep-tiles", "--link-gap", 2, "--num-cpus", 2, "--actors", actors)
+        _, outputs[actors] = _linked(tmp_path, f"actors{actors}", dropout=0.05, shape="12,384,384", extra=extra)
+    counts = {a: json.loads((out / "cellseg" / "report.json").read_text())["counts"] for a, out in outputs.items()}
+    far_logs = {a: [z for z in range(12) for d in (2, 3) if WorkStore(f"{out}.work").zoverlaps_log(z, d).exists()]
+                for a, out in outputs.items()}  # fmt: skip
+    assert far_logs[1] == [] and far_logs[2]
+    assert counts[1]["z_links_gap"] > 0 and counts[1]["gap_cores_read"] > counts[2]["gap_cores_read"]
+    assert counts[1]["objects"] == counts[2]["objects"]
+    for name in LINK_CLASSES:
+        assert np.array_equal(labels_of(outputs[1], name), labels_of(outputs[2], name))
+
+
 def test_missed_detections_are_bridged(tmp_path):
     """5 % of the 2D instances deleted: F1@0.5 >= 0.98 (1.0 measured here; 0.979 before drift, when four vessel arms
     missed just before they join their sibling stayed apart); without gap edges far lower, with its splits listed."""

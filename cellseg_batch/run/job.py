@@ -318,6 +318,8 @@ class Run:
         self.counts["batches_rebalanced"] = predict.stolen
         self.counts["tile_positions_read_back_for_z_overlaps"] = stitch.cores_read_back
         self.counts["cpu_units_run_by_predictor_actors"] = cpu_tasks.by_actors
+        # cores read back for gap overlaps no actor counted: by the gap stage's units, or the driver where none ran
+        self.counts["gap_cores_read"] = gaps.cores_read + link.stats.gap_cores_read
         self.times["actor_start"] = predict.actor_start_s
         for stage in self.stages:
             self.times[stage.name] = stage.seconds
@@ -340,9 +342,20 @@ class Run:
         """The predictor actors of this run, laid out on the cluster Ray just joined (not started yet)."""
         self.resources = distribute.cluster_resources()
         count, cpus, gpus, threads = self._actor_layout()
-        reach = max(self.link_rule.gap, default=0) + 1 if self.cfg.link != "none" else 1
+        reach = self._actor_reach(spare_cpus=self.resources["cpus"] - count * cpus)
         job = TileJob(self.plan.spec, self.volume, self.grid, str(self.store.root), self.z0, threads, reach=reach)
         return ActorStart(job, (count, cpus, gpus), float(os.environ.get("CELLSEG_ACTOR_START_TIMEOUT", 600)))
+
+    def _actor_reach(self, spare_cpus: float) -> int:
+        """How many slices back an actor counts a new tile's z-overlaps with the same position (``TileJob.reach``).
+        The adjacent slice always: stitching's z-links need it. The slices across link gaps only where the actors
+        hold every core: there the gap stage would wait for a core and read the cores back, and counting from the
+        runs the actor keeps is the least work. Where cores are spare (GPU actors) the gap stage reads the cores
+        on them instead, and the actor, whose per-tile work shares Python's lock with its model, keeps ~2 of its
+        ~6.5 ms a tile (benchmarks/REPORT.md, ``bench_actor_threads.py``)."""
+        if self.cfg.link == "none" or spare_cpus >= 1:
+            return 1
+        return max(self.link_rule.gap, default=0) + 1
 
     def _actor_layout(self) -> tuple[int, float, float, int]:
         """(actors, cpus each, gpus each, torch threads each)."""

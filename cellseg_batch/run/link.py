@@ -34,6 +34,7 @@ class GapStage(Stage):
         self.store, self.grid, self.n_slices, self.n_classes, self.rule = store, grid, n_slices, n_classes, rule
         self.reach = max(rule.gap, default=0) + 1 if link != "none" else 0  # slices below z a unit reads
         self.limit = limit
+        self.cores_read = 0  # by this run's units
         cpu_tasks.use(self)
 
     def units(self):
@@ -52,7 +53,9 @@ class GapStage(Stage):
                                      self.rule)  # fmt: skip
 
     def finish(self, z, result) -> None:
-        self.store.write_gap_overlaps(z, result)
+        rows, cores_read = result
+        self.store.write_gap_overlaps(z, rows)
+        self.cores_read += cores_read
 
 
 class LinkStage(Stage):

@@ -204,11 +204,12 @@ def stitch_task(work_dir: str, grid: TileGrid, z: int, iou_min: float, fill: boo
     return {"stitched": stitched, "overlaps": np.concatenate(counted) if counted else np.zeros(0, ZOVERLAP)}
 
 
-def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: int, rule) -> dict[int, np.ndarray]:
-    """The z-overlaps gap edges from slice z may need (``link.gap_overlaps``), counted from the tile cores."""
-    from ..link import gap_overlaps
+def gap_task(work_dir: str, grid: TileGrid, z: int, n_slices: int, n_classes: int, rule) -> tuple[dict, int]:
+    """The z-overlaps gap edges from slice z may need (``link.gap_overlaps``), and how many tile cores it read."""
+    from ..link import LinkStats, gap_overlaps
 
-    return gap_overlaps(WorkStore(work_dir), grid, z, n_slices, n_classes, rule)
+    stats = LinkStats()
+    return gap_overlaps(WorkStore(work_dir), grid, z, n_slices, n_classes, rule, stats), stats.gap_cores_read
 
 
 def write_block_task(work_dir: str, out_path: str, grid: TileGrid, z: int, block: Box, tiles: list[tuple[int, int]],
