@@ -11,6 +11,29 @@ from cellseg_batch.synth import CLASSES
 from conftest import SHARED_DATA, assert_same_instances, cli, labels_of
 
 
+@pytest.mark.parametrize("layout", ["blobs", "no background", "empty", "one id", "wide ids", "signed", "noise"])
+def test_labels_are_renumbered_as_fastremap_numbers_them(layout):
+    """Tile-local ids 1..n in the order the stack's ids first appear, 0 kept; counted per run of one id, or per
+    pixel where the image is noise-like (no runs)."""
+    import fastremap
+
+    from cellseg_batch.predict.labels_predictor import renumber
+    from cellseg_batch.stitch import label_runs
+
+    rng = np.random.default_rng(3)
+    blobs = np.repeat(np.repeat(rng.integers(0, 40, (20, 30)), 16, 0), 16, 1)  # 320 x 480, runs of 16+ pixels
+    ids = {"blobs": blobs.astype(np.uint32), "no background": (blobs + 1).astype(np.uint16),
+           "empty": np.zeros((50, 60), np.uint8), "one id": np.full((33, 17), 7, np.uint32),
+           "wide ids": blobs.astype(np.uint64) * 2**40, "signed": blobs[:, :77].astype(np.int64),
+           "noise": rng.integers(0, 1000, (64, 64)).astype(np.uint32)}[layout]  # fmt: skip
+    assert (label_runs(ids) is None) == (layout == "noise")
+    local, original = renumber(ids)
+    expected, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
+    assert np.array_equal(local, expected)
+    assert original[0] == 0 and len(original) == len(set(mapping) - {0}) + 1
+    assert np.array_equal(original[local], ids)
+
+
 def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, tmp_path):
     out = tmp_path / "out.zarr"
     # 64 px tiles, 16 px overlap: cells (up to ~260 px) span up to five tiles in each direction

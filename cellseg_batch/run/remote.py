@@ -17,7 +17,8 @@ import numpy as np
 
 from ..chunks import ChunkIO
 from ..distribute import kill_point, reuse_freed_memory
-from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, label_runs, stitch_slice, tile_bands, zoverlaps
+from ..runs import label_runs
+from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
 from .store import WorkStore, verified
 
