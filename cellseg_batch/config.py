@@ -143,7 +143,7 @@ BOUNDS: dict[str, dict[str, Bound]] = {
     "convert": {"tile": Bound(0), "every": Bound(1), "val_fraction": _SHARE},
     "train": {"num_gpus": Bound(0), "cpu_procs": Bound(1), "num_machines": Bound(1), "machine_rank": Bound(0),
               "max_iter": Bound(1), "max_minutes": _POSITIVE, "eval_period": Bound(0), "batch_size": Bound(1),
-              "lr": _POSITIVE, "tile": Bound(1), "overlap": Bound(0)},
+              "lr": _POSITIVE, "tile": Bound(1), "overlap": Bound(2)},
     "synth": {"seed": Bound(0), "scale": _POSITIVE, "dropout": _SHARE, "shift": _SHARE},
     "demo": {"iterations": Bound(1)},
 }  # fmt: skip
@@ -188,6 +188,9 @@ def check_run_config(cfg: RunConfig) -> None:
         raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
+    if cfg.overlap == 0:  # stitching matches the pixels neighbouring tiles share: without any, nothing is joined
+        raise UserError("--overlap 0: neighbouring tiles would share no pixels, so every object that crosses a tile "
+                        "border would be split; give an even overlap of at least 2 (or leave the model's default)")  # fmt: skip
     from .write import FORMATS
 
     if cfg.format not in FORMATS:

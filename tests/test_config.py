@@ -50,14 +50,14 @@ def test_parse_slices_refuses(text):
 
 def test_check_run_config_accepts_the_defaults_and_good_values():
     check_run_config(RunConfig("v.tif", "o.zarr"))
-    check_run_config(RunConfig("v.tif", "o.zarr", predictor="labels", tile=256, overlap=0, actors=2, num_gpus=0,
+    check_run_config(RunConfig("v.tif", "o.zarr", predictor="labels", tile=256, overlap=2, actors=2, num_gpus=0,
                                score_threshold=0.0, normalization="10,200", pixel_size="40,10,10", link="none"))  # fmt: skip
 
 
 @pytest.mark.parametrize("field,value,option", [
     ("predictor", "magic", "--predictor"), ("stitch_iou", 0.0, "--stitch-iou"), ("link_iou", 1.5, "--link-iou"),
     ("link_ioa", float("nan"), "--link-ioa"), ("link", "greedy", "--link"), ("batch_size", 0, "--batch-size"),
-    ("tile", 0, "--tile"), ("overlap", -2, "--overlap"), ("actors", 0, "--actors"),
+    ("tile", 0, "--tile"), ("overlap", -2, "--overlap"), ("overlap", 0, "--overlap"), ("actors", 0, "--actors"),
     ("cpus_per_actor", 0, "--cpus-per-actor"), ("num_cpus", 0, "--num-cpus"), ("num_gpus", -1, "--num-gpus"),
     ("score_threshold", 1.5, "--score-threshold"), ("normalization", "200,10", "--normalization"),
     ("normalization", "10", "--normalization"), ("pixel_size", "40,10", "--pixel-size"),
