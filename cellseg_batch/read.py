@@ -148,10 +148,14 @@ class TiffVolume(Volume):
         import tifffile
 
         try:
-            with tifffile.TiffFile(self.path) as tf:
+            self._flags = {"is_shaped": False} if _one_series_per_page(self.path) else {}
+            with tifffile.TiffFile(self.path, **self._flags) as tf:
                 if not tf.series:
                     raise UserError(f"{self.path} holds no image data")
                 series = tf.series[0]
+                headers = _page_headers(tf, series)
+                self._check_complete(tf, series, headers)
+                self._check_pages(headers)
                 axes = series.axes
                 if tf.is_imagej and axes.startswith("C") and (tf.imagej_metadata or {}).get("channels", 1) > 1:
                     raise UserError(f"{self.path} is a {series.shape[0]}-channel ImageJ stack; save one channel")
@@ -159,7 +163,6 @@ class TiffVolume(Volume):
                     axes = "Z" + axes[1:]  # an ImageJ stack saved without hyperstack axes reads as channels
                 zyx, self._axes = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
                 dtype = _check_dtype(series.dtype, self.path)
-                self._check_complete(tf, series)
                 self._check_codec(series)
                 pixel = _tiff_pixel_size(tf)
         except UserError:
@@ -168,9 +171,8 @@ class TiffVolume(Volume):
             raise UserError(f"cannot read {self.path} as TIFF ({e}); check that it is a complete TIFF file") from e
         return zyx, dtype, pixel
 
-    def _check_complete(self, tf, series) -> None:
+    def _check_complete(self, tf, series, pages: list) -> None:
         size = os.path.getsize(self.path)
-        pages = series.pages if len(series.pages) <= 4096 else [series.pages[0], series.pages[-1]]
         if any(page is None for page in pages):
             raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
         # what the file says it holds (tifffile's or ImageJ's metadata) against the images its pages give: a file
@@ -192,6 +194,14 @@ class TiffVolume(Volume):
         if any(end > size for end in ends):
             raise UserError(f"{self.path} is truncated: its image data ends beyond the file's {size} bytes")
 
+    def _check_pages(self, pages: list) -> None:
+        """Every page read as a slice has the size, pixel type and storage of the first: tifffile reads a series'
+        pages through its first page's header (and judges a series uniform by 3 sampled pages), so an odd page would be
+        read as garbage or be left out."""
+        for page in pages:
+            if page.hash != pages[0].hash and not page.is_reduced:  # reduced: a pyramid level or thumbnail
+                raise UserError(_odd_page(self.path, page, pages[0]))
+
     def _check_codec(self, series) -> None:
         """A compression tifffile cannot decode here fails now, not at the first tile of a started run."""
         import tifffile
@@ -211,9 +221,9 @@ class TiffVolume(Volume):
             import zarr
 
             try:
-                arr = tifffile.memmap(self.path, mode="r")
+                arr = tifffile.memmap(self.path, mode="r", **self._flags)
             except (ValueError, OSError):
-                store = tifffile.imread(self.path, aszarr=True)
+                store = tifffile.imread(self.path, aszarr=True, **self._flags)
                 arr = zarr.open(store, mode="r")
             self._local.arr = arr
         return arr
@@ -224,6 +234,55 @@ class TiffVolume(Volume):
             return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:  # tifffile/zarr raise many types for damaged data
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
+
+
+def _page_headers(tf, series) -> list:
+    """The pages read as slices, each by its own header (None for one that cannot be read). Where no metadata says
+    what the series is (uniform, generic), every page of the file is a slice, as Fiji reads it. ~80 µs a page: headers
+    are parsed, no pixels decoded."""
+    import tifffile
+
+    pages = tf.pages
+    useframes, pages.useframes = pages.useframes, False  # each page's own header, not the first page's
+    try:
+        if series.kind.lower() in ("uniform", "generic"):
+            return [pages[i] for i in range(len(pages))]
+        # virtual frames (ImageJ's > 4 GB files, contiguous stacks) have no header of their own: the first page's
+        return [p.aspage() if isinstance(p, tifffile.TiffFrame) and not p.is_virtual else p for p in series.pages]
+    finally:
+        pages.useframes = useframes
+
+
+def _one_series_per_page(path: str) -> bool:
+    """Written by tifffile one 2D page at a time (``TiffWriter.write`` per slice): each page is a "shaped" series of
+    its own, where tifffile would give the first slice alone; read without that metadata, the pages are one stack."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        if not page.is_shaped:
+            return False
+        try:
+            said = json.loads(page.shaped_description or "")
+        except ValueError:  # tifffile's pre-2018 "shape=(...)" description, or not tifffile's: as tifffile reads it
+            return False
+        shape = said.get("shape") if isinstance(said, dict) else None
+        return isinstance(shape, list) and math.prod(shape) == math.prod(page.shape) and len(tf.pages) > 1
+
+
+def _page_size(page) -> str:
+    return f"{'x'.join(map(str, page.shape))} {page.dtype}"
+
+
+def _odd_page(path: str, page, first) -> str:
+    """The one line that names a page unlike the first and how it differs."""
+    size = _page_size
+    if size(page) == size(first):  # same size and type, other compression, strips or tiles
+        return (f"{path}: page {page.index} (from 0) is stored unlike page 0 ({page.compression.name} compression, "
+                f"{'tiles' if page.is_tiled else 'strips'}), which tifffile cannot read as one stack; resave it "
+                "(e.g. Fiji: File > Save As > Tiff)")  # fmt: skip
+    return (f"{path}: page {page.index} (from 0) is {size(page)}, but page 0 is {size(first)}: every page of a "
+            "stack must have the same size and pixel type; resave it with matching pages")  # fmt: skip
 
 
 NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "micron": 1000.0, "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1,

@@ -85,6 +85,38 @@ def test_singleton_axes_anywhere_are_dropped(tmp_path):
     _check(tmp_path / "w.tif")
 
 
+def test_a_tiff_written_one_page_at_a_time_is_read_as_every_page(tmp_path):
+    """TiffWriter.write once per slice gives each page a "shaped" series of its own: all of them are the stack (as
+    Fiji reads it), not the first slice alone; pages that cannot stack are named."""
+    with tifffile.TiffWriter(tmp_path / "v.tif") as w:
+        for image in DATA:
+            w.write(image, photometric="minisblack")
+    _check(tmp_path / "v.tif")
+    with tifffile.TiffWriter(tmp_path / "odd.tif") as w:
+        for z, image in enumerate(DATA):
+            w.write(image[:100] if z == 3 else image, photometric="minisblack")
+    with pytest.raises(UserError, match=r"odd.tif: page 3 \(from 0\) is 100x150 uint16, but page 0 is 130x150 uint16"):
+        open_volume(tmp_path / "odd.tif")
+
+
+@pytest.mark.parametrize("pages", [8, 5])  # tifffile: a uniform series from 8 pages on (3 sampled), generic below
+@pytest.mark.parametrize("odd", ["size", "type"])
+def test_a_multi_page_tiff_with_one_odd_page_is_refused_naming_it(tmp_path, pages, odd):
+    """PIL (save_all) writes no metadata: a page of another size or pixel type must not be read as garbage or be
+    left out of the stack."""
+    from PIL import Image
+
+    images = [Image.fromarray(image) for image in np.concatenate([DATA, DATA])[:pages]]
+    images[4] = Image.fromarray(DATA[4, :100] if odd == "size" else (DATA[4] // 256).astype(np.uint8))
+    images[0].save(tmp_path / "v.tif", save_all=True, append_images=images[1:])
+    shown = "100x150 uint16" if odd == "size" else "130x150 uint8"
+    with pytest.raises(UserError, match=rf"v.tif: page 4 \(from 0\) is {shown}, but page 0 is 130x150 uint16"):
+        open_volume(tmp_path / "v.tif")
+    images[4] = Image.fromarray(DATA[4])
+    images[0].save(tmp_path / "v.tif", save_all=True, append_images=images[1:])
+    assert open_volume(tmp_path / "v.tif").shape == (pages, 130, 150)
+
+
 def test_ome_tiff_pixel_size(tmp_path):
     tifffile.imwrite(tmp_path / "v.ome.tif", DATA, photometric="minisblack",
                      metadata={"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4.0,
