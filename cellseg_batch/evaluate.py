@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import connected_components
 
 from .config import parse_slices
 from .errors import UserError
-from .read import Volume
+from .read import Volume, group_attrs
 
 MODES = ("3d", "2d")
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # IoU 0.5:0.05:0.95
@@ -109,6 +109,14 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() else None
     zs = range(*parse_slices(slices, next(iter(gt_sets.values())).shape[0])) if slices else None
+    z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
+    if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth
+        depth = next(iter(pred_sets.values())).shape[0]
+        gt_sets = {name: SliceRange(volume, z0, depth) for name, volume in gt_sets.items()}
+        if zs is not None:  # given in the volume's slice numbers, as the run's --slices were
+            if zs.start < z0 or zs.stop > z0 + depth:
+                raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
+            zs = range(zs.start - z0, zs.stop - z0)
     result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
@@ -117,6 +125,30 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
             result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"],
                                     "path": str(draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], errors_png))}  # fmt: skip
     return result
+
+
+def _run_offset(pred: str, pred_depth: int, gt_depth: int) -> int | None:
+    """The first volume slice of a run's output that holds only some of the volume's slices (``run --slices``,
+    recorded in the output), where the ground truth holds all of them; else None."""
+    recorded = ((group_attrs(pred) or {}).get("cellseg_batch") or {}).get("slices")
+    if pred_depth == gt_depth or not recorded or len(recorded) != 2:
+        return None
+    z0, z1 = recorded
+    return z0 if z1 - z0 == pred_depth and z1 <= gt_depth else None
+
+
+class SliceRange(Volume):
+    """Slices ``z0`` .. ``z0 + depth - 1`` of a volume, as a volume of their own."""
+
+    def __init__(self, volume: Volume, z0: int, depth: int):
+        self.volume, self.z0, self.depth = volume, z0, depth
+        super().__init__(f"{volume.path}[z {z0}:{z0 + depth}]")
+
+    def _inspect(self):
+        return (self.depth, *self.volume.shape[1:]), self.volume.dtype, self.volume.pixel_size_nm
+
+    def read(self, z, y0, y1, x0, x1):
+        return self.volume.read(self.z0 + z, y0, y1, x0, x1)
 
 
 def _slice_range(slices: range | None, depth: int) -> range:

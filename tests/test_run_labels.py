@@ -272,3 +272,25 @@ def test_border_fill_completes_objects_a_tile_missed_at_its_edge(synth_small, tm
     lost_after = sum(m[1] for m in missed.values())
     # the predictor's misses reach at most 16 px (the band) into a core, and a neighbour saw each of them cross
     assert lost_before > 1000 and lost_after == 0, missed
+
+
+def test_eval_scores_a_run_of_part_of_a_volume_against_the_whole_volumes_truth(tmp_path):
+    """`run --slices 2:7` records where its slices lie; `eval` takes the same slices of a whole-volume ground truth,
+    and its own --slices in the volume's numbering."""
+    zz, yy, xx = np.mgrid[:10, :96, :96]
+    truth = np.zeros((10, 96, 96), np.uint16)
+    for i, (cz, cy, cx) in enumerate([(3, 24, 24), (6, 60, 30), (5, 30, 66), (8, 70, 70)], 1):
+        truth[((zz - cz) / 4) ** 2 + ((yy - cy) / 14) ** 2 + ((xx - cx) / 14) ** 2 <= 1] = i
+    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "volume.tif", np.where(truth > 0, 200, 30).astype(np.uint8), photometric="minisblack")
+    out = tmp_path / "part.zarr"
+    cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "truth.tif", "--classes", "cell",
+        "--slices", "2:7", "--tile", 64, "--overlap", 16, "--out", out, "--no-progress", "--no-image")  # fmt: skip
+    for slices, n_slices in ((None, 5), ("3:5", 2)):
+        cli("eval", out, tmp_path / "truth.tif", "--gt-classes", "cell", "--json", tmp_path / "e.json",
+            *(["--slices", slices] if slices else []))  # fmt: skip
+        result = json.loads((tmp_path / "e.json").read_text())
+        assert result["n_slices"] == n_slices and result["classes"]["cell"]["f1@0.5"] == 1.0
+    refused = cli("eval", out, tmp_path / "truth.tif", "--gt-classes", "cell", "--slices", "0:3", check=False)
+    assert refused.returncode == 2 and "holds slices 2:7 of the volume only" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
