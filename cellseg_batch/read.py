@@ -3,6 +3,7 @@ synthetic) as 2D windows."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,10 +45,18 @@ class Volume:
 
     kind = "volume"
 
+    def __init_subclass__(cls, **kwargs):
+        # every reader's windows come back in native byte order (fastremap, cc3d and zarr refuse big-endian ids and
+        # numpy's 'Q'/'q' aliases of uint64/int64), readers added with register_opener included
+        super().__init_subclass__(**kwargs)
+        if "read" in cls.__dict__:
+            cls.read = _native_windows(cls.__dict__["read"])
+
     def __init__(self, path: str):
         self.path = path
         self._local = threading.local()
-        self.shape, self.dtype, self.pixel_size_nm = self._inspect()
+        self.shape, dtype, self.pixel_size_nm = self._inspect()
+        self.dtype = native(dtype)
         check_shape(self.shape, path)
 
     def __getstate__(self):
@@ -80,11 +89,27 @@ class Volume:
         raise NotImplementedError
 
 
+def native(dtype) -> np.dtype:
+    """A pixel type in its canonical native form: '>u4' (big-endian) as uint32, numpy's 'Q' (ulonglong, what
+    tifffile gives for 64-bit pixels) as uint64, the type zarr and the label tools know."""
+    return np.dtype(np.dtype(dtype).newbyteorder("=").str)
+
+
+def _native_windows(read: Callable) -> Callable:
+    @functools.wraps(read)
+    def native_read(self, z: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        window = read(self, z, y0, y1, x0, x1)
+        want = native(window.dtype)
+        return window if window.dtype is want else window.astype(want, copy=False).view(want)  # swapped once here
+
+    return native_read
+
+
 def _check_dtype(dtype: np.dtype, path: str) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif" or dtype.itemsize > 8:
         raise UserError(f"{path} has pixel type {dtype}; convert it to uint8, uint16 or float32")
-    return dtype
+    return native(dtype)
 
 
 @dataclass(frozen=True)
@@ -652,13 +677,13 @@ def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype]:
     """(Y, X) and pixel type from a file's header alone (thousands of files are checked when a sequence opens)."""
     if path.lower().endswith(".png"):
         size, dtype, _ = _png_header(path)
-        return size, dtype
+        return size, native(dtype)
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
-            return (page.imagelength, page.imagewidth), np.dtype(page.dtype)
+            return (page.imagelength, page.imagewidth), native(page.dtype)  # as the first slice's volume has it
     except Exception as e:
         raise UserError(f"cannot read {path} as TIFF ({e}); check that it is a complete TIFF file") from e
 

@@ -278,6 +278,57 @@ def test_dtypes(tmp_path, dtype):
     _check(tmp_path / "v.tif", data)
 
 
+def _big_endian(tmp_path, kind, data):
+    """``data`` stored big-endian as microscopes (Bio-Formats, older Macs, ImageJ's 'Motorola' TIFFs) and zarr v2 or
+    HDF5 writers with '>' types store it; its path."""
+    import h5py
+
+    if kind == "tiff":
+        tifffile.imwrite(tmp_path / "v.tif", data.astype(data.dtype.newbyteorder(">")), byteorder=">",
+                         photometric="minisblack")  # fmt: skip
+        return tmp_path / "v.tif"
+    if kind == "sequence":  # each slice's header is checked against the first slice's volume: native both
+        (tmp_path / "seq").mkdir()
+        for z, image in enumerate(data):
+            tifffile.imwrite(tmp_path / "seq" / f"{z}.tif", image.astype(data.dtype.newbyteorder(">")), byteorder=">")
+        return tmp_path / "seq"
+    if kind == "zarr-v2":
+        zarr.create_array(str(tmp_path / "v.zarr"), data=data.astype(data.dtype.newbyteorder(">")), zarr_format=2)
+        return tmp_path / "v.zarr"
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("labels", data=data.astype(data.dtype.newbyteorder(">")))
+    return tmp_path / "v.h5"
+
+
+@pytest.mark.parametrize("kind", ["tiff", "sequence", "zarr-v2", "hdf5"])
+def test_a_big_endian_label_stack_is_read_in_native_byte_order(tmp_path, kind):
+    """fastremap and cc3d refuse big-endian ids ("Big-endian buffer not supported"): every window comes back native,
+    and the volume says it is."""
+    import fastremap
+
+    ids = DATA.astype(np.uint32) * 70000
+    v = open_volume(_big_endian(tmp_path, kind, ids))
+    assert v.dtype is np.dtype(np.uint32)
+    window = v.read(2, 10, 70, 33, 149)
+    assert window.dtype is np.dtype(np.uint32)
+    np.testing.assert_array_equal(window, ids[2, 10:70, 33:149])
+    np.testing.assert_array_equal(fastremap.unique(window), np.unique(ids[2, 10:70, 33:149]))
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64])
+def test_64_bit_tiff_pixels_are_plain_uint64_and_int64(tmp_path, dtype):
+    """tifffile gives numpy's 'Q'/'q' (ulonglong/longlong) for 64-bit pixels, which zarr refuses for the output
+    arrays: the volume and its windows use uint64/int64 proper."""
+    data = DATA.astype(dtype) * 2**40
+    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack")
+    v = open_volume(tmp_path / "v.tif")
+    assert v.dtype is np.dtype(dtype)
+    out = zarr.create_array(str(tmp_path / "out.zarr"), shape=v.shape, chunks=(1, 64, 64), dtype=v.dtype)
+    out[2, 10:70, 33:149] = window = v.read(2, 10, 70, 33, 149)
+    assert window.dtype is np.dtype(dtype)
+    np.testing.assert_array_equal(out[2, 10:70, 33:149], data[2, 10:70, 33:149])
+
+
 def test_bool_volume_is_refused(tmp_path):
     zarr.create_array(str(tmp_path / "b.zarr"), shape=(2, 8, 8), dtype=bool)
     with pytest.raises(UserError, match="pixel type"):
