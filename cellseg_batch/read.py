@@ -386,6 +386,31 @@ class ZarrVolume(Volume):
         zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
         return zyx, _check_dtype(node.dtype, self.path), pixel
 
+    def identity(self) -> list:
+        """What tells this array from an edited one (the resume check), without listing its (maybe millions of)
+        chunks: its metadata document (shape, dtype, chunks, codecs, fill value, attributes) and the size and
+        modification time of the first and the centre chunk (shard) of its first, middle and last slices (the centre
+        holds labels where the corner is empty), a missing one as missing. That catches an array rewritten (zarr
+        writes each chunk as a new file), resized, re-encoded or with slices added or cut; it cannot catch a chunk
+        rewritten in place that is not one of those sampled (one edited tile of a slice in between)."""
+        import zarr
+
+        arr = zarr.open(self._array_path, mode="r")
+        meta = json.dumps(arr.metadata.to_dict(), sort_keys=True, default=str)
+        out: list = [hashlib.sha256(meta.encode()).hexdigest()[:16]]
+        root = getattr(arr.store_path.store, "root", None)  # a local directory; other stores: the metadata alone
+        if root is None:
+            return out
+        chunks, template = arr.shards or arr.chunks, self._axes.template
+        nz, ny, nx = self.shape
+        for z, y, x in [(z, y, x) for z in sorted({0, nz // 2, nz - 1}) for y, x in ((0, 0), (ny // 2, nx // 2))]:
+            at = {"Z": z, "Y": y, "X": x}
+            key = arr.metadata.encode_chunk_key(tuple(at.get(a, 0) // c for a, c in zip(template, chunks)))
+            chunk = Path(root, arr.store_path.path, key)
+            stat = chunk.stat() if chunk.is_file() else None
+            out.append([key, stat.st_size, stat.st_mtime_ns] if stat else [key, "missing"])
+        return out
+
     def _array(self):
         arr = getattr(self._local, "arr", None)
         if arr is None:

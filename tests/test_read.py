@@ -229,6 +229,22 @@ def test_zarr_arrays(tmp_path, layout):
     np.testing.assert_array_equal(open_volume(tmp_path / "v.zarr").read(1, 5, 130, 60, 150), 7)
 
 
+@pytest.mark.parametrize("layout", ["v2", "v3-sharded"])
+def test_a_rewritten_zarr_array_changes_its_identity(tmp_path, layout):
+    """The resume check compares it: a zarr whose data were rewritten must not be taken for the one a work store
+    holds (a directory had no identity); unchanged, it is the same. Sampled chunks only, none listed."""
+    a = zarr.create_array(str(tmp_path / "v.zarr"), shape=DATA.shape, chunks=(1, 64, 64), dtype=DATA.dtype,
+                          **ZARR_LAYOUTS[layout])  # fmt: skip
+    a[:] = DATA
+    before = open_volume(tmp_path / "v.zarr").identity()
+    assert before and open_volume(tmp_path / "v.zarr").identity() == before
+    a[:] = DATA // 2  # every chunk written anew, and smaller: other sizes whatever the clock's resolution
+    assert open_volume(tmp_path / "v.zarr").identity() != before
+    again = open_volume(tmp_path / "v.zarr").identity()
+    a[2] = 0  # the middle slice's chunks all fill value: zarr deletes them
+    assert open_volume(tmp_path / "v.zarr").identity() != again
+
+
 DIRECT = {"v2", "v2-zlib", "v3", "v3-blosc", "v3-gzip", "v3-raw-big-endian", "v3-crc32c"}  # coded by ChunkIO itself
 
 
