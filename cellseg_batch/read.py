@@ -138,6 +138,22 @@ class AxisMap:
         return np.rint(mean).astype(window.dtype) if window.dtype.kind in "ui" else mean.astype(window.dtype)
 
 
+def _plain_axes(shape: tuple[int, ...], path: str) -> str:
+    """The axes of an array that names none (a plain zarr array, an HDF5 dataset): (Y, X), (Z, Y, X), or 4D with one
+    singleton axis first or last (the channel axis of a greyscale export), which is dropped."""
+    axes = _unnamed_axes(shape)
+    if axes is None:
+        raise UserError(f"{path} has shape {tuple(shape)} and names no axes; give a (Z, Y, X) or (Y, X) array, or a 4D "
+                        "one with one singleton axis first or last, e.g. (1, Z, Y, X)")  # fmt: skip
+    return axes
+
+
+def _unnamed_axes(shape: tuple[int, ...]) -> str | None:
+    if len(shape) == 4:
+        return "QZYX" if shape[0] == 1 else "ZYXQ" if shape[-1] == 1 else None
+    return {2: "YX", 3: "ZYX"}.get(len(shape))
+
+
 def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], AxisMap]:
     """Map an array's axes to (Z, Y, X): singleton extra axes are dropped wherever they are, a missing Z becomes
     one slice, and RGB/RGBA samples (3 or 4) are kept for ``AxisMap.grey``."""
@@ -183,7 +199,7 @@ class TiffVolume(Volume):
                 self._check_pages(headers)
                 axes = series.axes
                 if tf.is_imagej and axes.startswith("C") and (tf.imagej_metadata or {}).get("channels", 1) > 1:
-                    raise UserError(f"{self.path} is a {series.shape[0]}-channel ImageJ stack; save one channel")
+                    raise UserError(f"{self.path} is an ImageJ stack of {series.shape[0]} channels; save one channel")
                 if axes[0] == "C" and len(axes) == 3:
                     axes = "Z" + axes[1:]  # an ImageJ stack saved without hyperstack axes reads as channels
                 zyx, self._axes = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
@@ -382,7 +398,7 @@ class ZarrVolume(Volume):
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
             pixel = ngff_pixel_size(ms, level0)
         if axes is None or len(axes) != node.ndim:
-            axes = {2: "YX", 3: "ZYX"}.get(node.ndim, "?" * node.ndim)
+            axes = _plain_axes(node.shape, self.path)
         zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
         return zyx, _check_dtype(node.dtype, self.path), pixel
 
@@ -524,8 +540,7 @@ class Hdf5Volume(Volume):
         try:
             with h5py.File(self._file, "r") as f:
                 images = []
-                f.visititems(lambda key, node: images.append(key) if isinstance(node, h5py.Dataset)
-                             and node.ndim in (2, 3, 4) else None)  # fmt: skip
+                f.visititems(lambda key, node: images.append(key) if _hdf5_image(node) else None)
                 if name is None:
                     if len(images) != 1:
                         listed = ", ".join(images[:8]) or "none"
@@ -537,7 +552,7 @@ class Hdf5Volume(Volume):
                     raise UserError(f"{self._file} has no dataset {name!r}; its image datasets: "
                                     f"{', '.join(images[:8]) or 'none'}")  # fmt: skip
                 self._dataset = name
-                axes = _hdf5_axes(node)
+                axes = _hdf5_axes(node) or _plain_axes(node.shape, self.path)
                 zyx, self._axes = _to_zyx(node.shape, axes, self.path, "name a (Z, Y, X) dataset")
                 return zyx, _check_dtype(node.dtype, self.path), _hdf5_pixel_size(node.attrs)
         except UserError:
@@ -561,7 +576,21 @@ class Hdf5Volume(Volume):
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
-def _hdf5_axes(node) -> str:
+MIN_IMAGE_SIDE = 16  # an HDF5 dataset narrower than this is not counted as an image (lookup tables, transforms)
+
+
+def _hdf5_image(node) -> bool:
+    """A dataset that can be a volume: what ``file.h5`` alone chooses among (a (256, 3) lookup table is not one)."""
+    import h5py
+
+    if not isinstance(node, h5py.Dataset):
+        return False
+    axes = _hdf5_axes(node)
+    return axes is not None and all(node.shape[axes.index(a)] >= MIN_IMAGE_SIDE for a in "YX" if a in axes)
+
+
+def _hdf5_axes(node) -> str | None:
+    """ilastik's ``axistags``, else the axes of an array that names none; None where neither applies."""
     tags = node.attrs.get("axistags")  # ilastik: JSON {"axes": [{"key": "z"}, ...]}
     if tags is not None:
         try:
@@ -570,9 +599,7 @@ def _hdf5_axes(node) -> str:
                 return keys
         except (ValueError, KeyError, TypeError):
             pass
-    if node.ndim == 4:  # one singleton extra axis, first or last (channels of a greyscale export)
-        return "QZYX" if node.shape[0] == 1 else "ZYXQ"
-    return {2: "YX", 3: "ZYX"}[node.ndim]
+    return _unnamed_axes(node.shape)
 
 
 def _hdf5_pixel_size(attrs) -> tuple[float | None, float, float] | None:

@@ -206,6 +206,36 @@ def test_hdf5_datasets_as_cremi_ilastik_and_fiji_write_them(tmp_path):
         open_volume(tmp_path / "text.h5")
 
 
+def test_an_hdf5_file_with_one_image_and_a_lookup_table_opens_alone(tmp_path):
+    """Only datasets that can be a volume count for ``file.h5`` alone: a (256, 3) colour table beside the image is not
+    a second image to choose from."""
+    import h5py
+
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("raw", data=DATA)
+        f.create_dataset("lut", data=np.zeros((256, 3), np.uint8))
+        f.create_dataset("meta/offsets", data=np.zeros((5, 2), np.int64))
+    _check(tmp_path / "v.h5")
+    with pytest.raises(UserError, match=r"has no dataset 'meta'; its image datasets: raw$"):
+        open_volume(f"{tmp_path / 'v.h5'}/meta")
+
+
+@pytest.mark.parametrize("shape", [(1, *DATA.shape), (*DATA.shape, 1)])
+def test_a_plain_4d_zarr_with_one_singleton_axis_is_a_zyx_volume(tmp_path, shape):
+    a = zarr.create_array(str(tmp_path / "v.zarr"), shape=shape, chunks=(1, 1, 64, 64)[: len(shape)], dtype=DATA.dtype)
+    a[:] = DATA.reshape(shape)
+    _check(tmp_path / "v.zarr")
+    zarr.create_array(str(tmp_path / "w.zarr"), shape=(2, *DATA.shape), dtype=DATA.dtype)
+    with pytest.raises(UserError, match=r"w.zarr has shape \(2, 5, 130, 150\) and names no axes; give a \(Z, Y, X\)"):
+        open_volume(tmp_path / "w.zarr")
+
+
+def test_an_imagej_stack_of_channels_is_refused_in_plain_words(tmp_path):
+    tifffile.imwrite(tmp_path / "v.tif", np.concatenate([DATA, DATA])[:8], imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(UserError, match=r"v.tif is an ImageJ stack of 8 channels; save one channel"):
+        open_volume(tmp_path / "v.tif")
+
+
 ZARR_LAYOUTS = {  # zarr format and codecs as other tools write them: each read the same, chunk by chunk or through zarr
     "v2": dict(zarr_format=2),
     "v2-F-order": dict(zarr_format=2, order="F"),
