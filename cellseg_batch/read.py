@@ -89,6 +89,13 @@ class Volume:
         raise NotImplementedError
 
 
+def volume_identity(volume: Volume) -> list:
+    """What a resumed run compares to tell an input from an edited or another one: its resolved path, shape, pixel
+    type and what the reader can tell of its contents (``Volume.identity``)."""
+    p = Path(volume.path)
+    return [str(p.resolve()) if p.exists() else volume.path, list(volume.shape), str(volume.dtype), *volume.identity()]
+
+
 def native(dtype) -> np.dtype:
     """A pixel type in its canonical native form: '>u4' (big-endian) as uint32, numpy's 'Q' (ulonglong, what
     tifffile gives for 64-bit pixels) as uint64, the type zarr and the label tools know."""

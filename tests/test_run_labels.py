@@ -294,3 +294,35 @@ def test_eval_scores_a_run_of_part_of_a_volume_against_the_whole_volumes_truth(t
     refused = cli("eval", out, tmp_path / "truth.tif", "--gt-classes", "cell", "--slices", "0:3", check=False)
     assert refused.returncode == 2 and "holds slices 2:7 of the volume only" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stack", ["labels.tif", "labels.zarr"])
+def test_a_label_stack_edited_between_runs_is_predicted_again(tmp_path, stack):
+    """A rerun over a kept work store reuses its predictions only where the inputs are the ones they came from:
+    a label stack edited in between (a TIFF rewritten, a zarr array's chunks rewritten) is served again."""
+    import zarr
+
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:128, :128]
+    versions = []
+    for _ in range(2):
+        lab = np.zeros((4, 128, 128), np.uint16)
+        for i, (cy, cx) in enumerate(rng.integers(20, 108, (5, 2)), 1):
+            lab[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 150] = i
+        versions.append(lab)
+    tifffile.imwrite(tmp_path / "volume.tif", np.full((4, 128, 128), 100, np.uint8), photometric="minisblack")
+
+    def save(lab):
+        if stack.endswith(".tif"):
+            tifffile.imwrite(tmp_path / stack, lab, photometric="minisblack")
+        else:
+            zarr.create_array(str(tmp_path / stack), shape=lab.shape, dtype=lab.dtype, chunks=(1, 64, 64),
+                              overwrite=True)[:] = lab  # fmt: skip
+
+    out = tmp_path / "out.zarr"
+    for lab in versions:
+        save(lab)
+        cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / stack, "--classes", "cell",
+            "--tile", 64, "--overlap", 16, "--out", out, "--no-progress", "--no-image", "--keep-tiles", "--overwrite")  # fmt: skip
+        assert_same_instances(labels_of(out, "cell"), lab)
+    assert json.loads((out / "cellseg" / "report.json").read_text())["mode"] == "fresh"

@@ -10,7 +10,7 @@ import cc3d
 import numpy as np
 
 from ..errors import UserError
-from ..read import LabelLayer, open_label_layers
+from ..read import LabelLayer, open_label_layers, volume_identity
 from ..runs import label_runs
 from ..tiles import Box
 from .base import (
@@ -55,7 +55,7 @@ class LabelsPredictor(Predictor):
             needs_image=False,
             tile=options.tile or DEFAULT_TILE,
             overlap=options.overlap if options.overlap is not None else DEFAULT_OVERLAP,
-            identity={"stacks": [[layer.volume.path, layer.classes] for layer in layers]},
+            identity={"stacks": [[volume_identity(layer.volume), layer.classes] for layer in layers]},
             layer_of=layer_of,
         )
 

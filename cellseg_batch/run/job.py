@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, resolve_predictor
-from ..read import Volume, open_volume
+from ..read import open_volume, volume_identity
 from ..report_html import gallery_pictures, gallery_slices, write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
@@ -83,11 +82,6 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
 
 def _fingerprint(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _volume_identity(volume: Volume) -> list:
-    p = Path(volume.path)
-    return [str(p.resolve()) if p.exists() else volume.path, list(volume.shape), str(volume.dtype), *volume.identity()]
 
 
 class Run:
@@ -200,7 +194,7 @@ class Run:
                                          "and the array in it, or set --normalization LOW,HIGH")  # fmt: skip
                     log.warning(self.warnings[-1])
         predict_key = {
-            "volume": _volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
+            "volume": volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
             "normalization": self.normalization.to_dict() if self.normalization else None, "store": 6,
