@@ -12,36 +12,32 @@ from conftest import SHARED_DATA, assert_same_instances, cli, labels_of
 
 
 @pytest.mark.parametrize("layout", ["blobs", "no background", "empty", "one id", "wide ids", "signed", "noise"])
-def test_each_connected_piece_of_a_label_is_one_instance(layout):
-    """Tile-local ids 1..n, one per 8-connected piece of one id (0 stays 0), each mapped back to its id; counted
-    per run of one piece, or per pixel where the image is noise-like."""
-    from scipy import ndimage
+def test_labels_are_renumbered_as_fastremap_numbers_them(layout):
+    """Tile-local ids 1..n in the order the stack's ids first appear, 0 kept; counted per run of one id, or per
+    pixel where the image is noise-like (no runs)."""
+    import fastremap
 
-    from cellseg_batch.predict.labels_predictor import pieces
-    from cellseg_batch.runs import label_runs
+    from cellseg_batch.predict.labels_predictor import renumber
+    from cellseg_batch.stitch import label_runs
 
     rng = np.random.default_rng(3)
-    blobs = np.repeat(np.repeat(rng.integers(0, 40, (20, 30)), 16, 0), 16, 1)  # 320 x 480; ids repeat: pieces
+    blobs = np.repeat(np.repeat(rng.integers(0, 40, (20, 30)), 16, 0), 16, 1)  # 320 x 480, runs of 16+ pixels
     ids = {"blobs": blobs.astype(np.uint32), "no background": (blobs + 1).astype(np.uint16),
            "empty": np.zeros((50, 60), np.uint8), "one id": np.full((33, 17), 7, np.uint32),
            "wide ids": blobs.astype(np.uint64) * 2**40, "signed": blobs[:, :77].astype(np.int64),
            "noise": rng.integers(0, 1000, (64, 64)).astype(np.uint32)}[layout]  # fmt: skip
-    local, original = pieces(ids)
-    assert (label_runs(local) is None) == (layout == "noise")
-    assert original[0] == 0 and np.array_equal(original[local], ids)  # each piece maps back to its id
-    assert (local == 0).sum() == (ids == 0).sum()
-    expected = 0
-    for value in np.unique(ids[ids != 0]):
-        _, n = ndimage.label(ids == value, structure=np.ones((3, 3)))
-        expected += n
-        assert len(np.unique(local[ids == value])) == n  # one local id per piece, none shared with another id
-    assert local.max(initial=0) == expected and len(original) == expected + 1
+    assert (label_runs(ids) is None) == (layout == "noise")
+    local, original = renumber(ids)
+    expected, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
+    assert np.array_equal(local, expected)
+    assert original[0] == 0 and len(original) == len(set(mapping) - {0}) + 1
+    assert np.array_equal(original[local], ids)
 
 
-def test_a_binary_mask_gives_the_same_objects_with_any_tile_size(tmp_path):
-    """A label stack whose id has many pieces in a slice (a binary mask from a pixel classifier; an object a slice
-    cuts twice): each 8-connected piece is a 2D instance, so the objects are the same at every tile size (they were
-    one instance where the pieces shared a tile and several where they did not)."""
+def test_a_mask_given_as_labels_is_refused_in_one_line(tmp_path):
+    """A binary mask (a pixel classifier's output) as a label stack: its id in many pieces per slice would be one
+    2D instance per tile, so the objects would depend on the tile size. Refused, with how to fix it; the same
+    pieces given their own ids run."""
     from scipy import ndimage
 
     rng = np.random.default_rng(5)
@@ -51,14 +47,18 @@ def test_a_binary_mask_gives_the_same_objects_with_any_tile_size(tmp_path):
         mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
     pieces, n = ndimage.label(mask, structure=np.ones((3, 3)))
     assert n > 10
-    volume = np.repeat(np.where(mask, 200, 30).astype(np.uint8)[None], 4, 0)  # columns through 4 slices
-    tifffile.imwrite(tmp_path / "volume.tif", volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "volume.tif", np.repeat(np.where(mask, 200, 30).astype(np.uint8)[None], 4, 0),
+                     photometric="minisblack")  # fmt: skip
     tifffile.imwrite(tmp_path / "mask.tif", np.repeat(mask.astype(np.uint8)[None], 4, 0), photometric="minisblack")
-    for tile in (96, 384):
-        out = tmp_path / f"tile{tile}.zarr"
-        cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "mask.tif", "--classes",
-            "cell", "--tile", tile, "--overlap", 16, "--out", out, "--no-progress", "--no-image")  # fmt: skip
-        assert_same_instances(labels_of(out, "cell"), np.repeat(pieces[None], 4, 0))
+    tifffile.imwrite(tmp_path / "pieces.tif", np.repeat(pieces.astype(np.uint16)[None], 4, 0), photometric="minisblack")
+    args = ("--classes", "cell", "--tile", 96, "--overlap", 16, "--no-progress", "--no-image")
+    refused = cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "mask.tif", *args,
+                  "--out", tmp_path / "mask.zarr", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "separate pieces in slice 0" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "mask.zarr").exists()
+    cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "pieces.tif", *args,
+        "--out", tmp_path / "pieces.zarr")  # fmt: skip
+    assert_same_instances(labels_of(tmp_path / "pieces.zarr", "cell"), np.repeat(pieces[None], 4, 0))
 
 
 def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, tmp_path):

@@ -7,6 +7,7 @@ stitching is checked against ground truth with no model involved.
 from __future__ import annotations
 
 import cc3d
+import fastremap
 import numpy as np
 
 from ..errors import UserError
@@ -47,6 +48,7 @@ class LabelsPredictor(Predictor):
                 raise UserError(
                     f"label stack {layer.volume.path} has shape {layer.volume.shape} but the volume has {volume.shape}"
                 )
+            _refuse_masks(layer)
         classes = [n for layer in layers for n in layer.class_names]
         layer_of = _exclusive_layers(options.exclusive, layers, classes)
         return Plan(
@@ -74,10 +76,10 @@ class LabelsPredictor(Predictor):
                     f"{layer.volume.path} holds the negative label id {int(ids.min())} in slice {z}; label ids must be "
                     "0 (background) or positive"
                 )
-            local, original = pieces(ids)  # original: local id -> the stack's id
+            local, original = renumber(ids)  # original: local id -> the stack's id
             n = len(original) - 1
             if offset + n > MAX_LOCAL:
-                raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} labelled pieces; use a smaller --tile")
+                raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} label ids; use a smaller --tile")
             cls = layer.classify(original[1:], self.classes)
             if (cls < 0).any():
                 raise UserError(
@@ -105,21 +107,56 @@ class LabelsPredictor(Predictor):
         return TileLabels(layers, cls_all, np.ones(len(cls_all), dtype=np.float32))
 
 
-def pieces(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(local, original): each 8-connected piece of one id in a 2D label image numbered 1..n (``cc3d``; 0 stays 0),
-    and ``original[k]``, the id of piece k (``original[0]`` is 0). A piece is one 2D instance: an id in several
-    pieces (a binary mask, a U-shaped object that a slice cuts twice) would otherwise be one instance where its
-    pieces fall in one tile and several where they do not, and the objects would depend on the tile size."""
-    # cc3d takes writable buffers only (an uncompressed TIFF's window is a read-only memory map)
-    local = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
-    original = np.zeros(int(local.max(initial=0)) + 1, np.int64)
-    runs = label_runs(local)
-    if runs is None:  # noise-like: per pixel
-        original[local.reshape(-1)] = ids.reshape(-1)
-    else:
-        original[runs.values[0]] = ids.reshape(-1)[runs.starts]
-    original[0] = 0
-    return local, original
+def renumber(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(local, original): a 2D label image's ids renumbered 1..n in the order they first appear (raster order), 0
+    kept as 0, as ``fastremap.renumber`` numbers them; ``original[k]`` is the id local k stands for (``original[0]``
+    is 0). Label images come in runs along rows, so the ids are renumbered per run and the runs spread back: 0.7-1.1
+    against 1.55 ms with fastremap for a 1088² window of the benchmark's stacks (measured); a noise-like image
+    (``runs.label_runs`` finds none) through fastremap."""
+    runs = label_runs(ids)
+    if runs is None:
+        local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
+        original = np.zeros(len(mapping) + (0 not in mapping), np.int64)
+        for orig, new in mapping.items():
+            original[new] = orig
+        return local, original
+    ids_of_runs = runs.values[0]
+    unique, first, which = np.unique(ids_of_runs, return_index=True, return_inverse=True)
+    labelled = np.flatnonzero(unique != 0)
+    order = labelled[np.argsort(first[labelled], kind="stable")]  # labelled ids, in the order they first appear
+    new = np.zeros(len(unique), np.min_scalar_type(len(order)))
+    new[order] = np.arange(1, len(order) + 1)
+    original = np.zeros(len(order) + 1, np.int64)
+    original[1:] = unique[order]
+    return np.repeat(new[which.reshape(-1)], runs.lengths).reshape(ids.shape), original
+
+
+def _refuse_masks(layer: LabelLayer, side: int = 1024) -> None:
+    """Refuse a semantic mask given as a label stack: an id in many separate pieces in a slice (a pixel classifier's
+    binary output). Each id of a tile is one 2D instance (pieces of one object that a tile window cuts apart, joined
+    outside it, must stay one), so a mask's pieces would be one instance per tile and the objects would depend on the
+    tile size. Checked in the central ``side`` px of the first, middle and last slices."""
+    nz, h, w = layer.volume.shape
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    for z in sorted({0, nz // 2, nz - 1}):
+        ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
+        if not ids.any() or (ids.dtype.kind == "i" and ids.min() < 0):
+            continue  # negative ids: refused where a tile reads them
+        pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
+        runs = label_runs(pieces)
+        of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
+        if runs is None:
+            of_piece[pieces.reshape(-1)] = ids.reshape(-1)
+        else:
+            of_piece[runs.values[0]] = ids.reshape(-1)[runs.starts]
+        values, counts = np.unique(of_piece[1:], return_counts=True)
+        most = int(counts.argmax())
+        if counts[most] >= 8 or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+            raise UserError(
+                f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces in slice {z}; this "
+                "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
+                "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
+            )
 
 
 def _exclusive_layers(option: list[str] | None, layers: list[LabelLayer], classes: list[str]) -> tuple[int, ...] | None:
