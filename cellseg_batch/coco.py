@@ -31,10 +31,13 @@ class CocoSet:
     classes: list[str]
     records: list[dict]
     skipped: Counter = field(default_factory=Counter)
+    crowd: int = 0  # masks flagged iscrowd (CVAT's mask export) taken as instances
 
     def summary(self) -> str:
         n = sum(len(r["annotations"]) for r in self.records)
         text = f"{self.path.name}: {len(self.records)} images, {n} instances, classes {', '.join(self.classes)}"
+        if self.crowd:
+            text += f"; {self.crowd} of them flagged iscrowd (as CVAT exports masks), taken as instances"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
         return text
@@ -154,7 +157,8 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
         if not isinstance(c, dict) or "id" not in c or not c.get("name"):
             raise UserError(f"{json_path}: every category needs an id and a name, got {c!r}")
         cats[c["id"]] = str(c["name"])
-    names = classes or [cats[i] for i in sorted(cats, key=lambda k: (str(type(k)), k))]
+    # categories of one name (a tool's export that repeats a class) are one class
+    names = classes or list(dict.fromkeys(cats[i] for i in sorted(cats, key=lambda k: (str(type(k)), k))))
     index = {name: i for i, name in enumerate(names)}
     skipped: Counter = Counter()
     by_image: dict = {}
@@ -162,8 +166,17 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
         if not isinstance(a, dict) or "image_id" not in a:
             skipped["malformed annotations"] += 1
             continue
-        by_image.setdefault(a["image_id"], []).append(a)
-    records = []
+        by_image.setdefault(_key(a["image_id"]), []).append(a)
+    files_of: dict = {}
+    for img in data["images"]:
+        if isinstance(img, dict) and "id" in img:
+            files_of.setdefault(_key(img["id"]), []).append(str(img.get("file_name")))
+    for image_id, files in files_of.items():
+        if len(files) > 1:  # their annotations cannot be told apart
+            raise UserError(f"{json_path}: image id {image_id} is given to {len(files)} images ({', '.join(files[:3])}); "
+                            "every image needs an id of its own")  # fmt: skip
+    skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
+    records, crowd = [], 0
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             skipped["malformed images"] += 1
@@ -174,11 +187,11 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             if by_image.get(img["id"]):
                 skipped["annotations of missing images"] += len(by_image[img["id"]])
             continue
-        h, w = img.get("height"), img.get("width")
+        h, w = _size(img, json_path)
         if not h or not w:
             h, w = read_grey(path).shape
         annotations = []
-        for a in by_image.get(img["id"], []):
+        for a in by_image.get(_key(img["id"]), []):
             name = cats.get(a.get("category_id"))
             if name is None or name not in index:
                 skipped["unknown categories"] += 1
@@ -192,13 +205,32 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             if bw <= 0 or bh <= 0 or x0 >= w or y0 >= h or x0 + bw <= 0 or y0 + bh <= 0:
                 skipped["annotations outside the image"] += 1
                 continue
+            # CVAT exports masks as RLE flagged iscrowd; detectron2 would leave crowd regions out of training
+            crowd += a.get("iscrowd") in (1, True, "1")
             annotations.append({"bbox": [x0, y0, bw, bh], "bbox_mode": 1, "segmentation": segm,
-                                "category_id": index[name], "iscrowd": int(a.get("iscrowd", 0))})  # fmt: skip
+                                "category_id": index[name], "iscrowd": 0})  # fmt: skip
         records.append({"file_name": str(path), "height": int(h), "width": int(w), "image_id": img["id"],
                         "annotations": annotations})  # fmt: skip
     if not records:
         raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images}")
-    return CocoSet(json_path, names, records, skipped)
+    return CocoSet(json_path, names, records, +skipped, crowd)
+
+
+def _key(image_id):
+    """An image id as annotations may refer to it: 7, 7.0 and "7" are one image (exports differ in the type)."""
+    try:
+        return int(image_id) if float(image_id) == int(float(image_id)) else str(image_id)
+    except (TypeError, ValueError, OverflowError):
+        return str(image_id)
+
+
+def _size(img: dict, json_path: Path) -> tuple[int, int]:
+    """The image's height and width as the COCO file gives them (0 where absent: read from the image)."""
+    try:
+        return int(float(img.get("height") or 0)), int(float(img.get("width") or 0))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{json_path}: image {img.get('file_name')!r} has height {img.get('height')!r} and width "
+                        f"{img.get('width')!r}; give whole numbers of pixels or leave them out") from e  # fmt: skip
 
 
 def _find_image(folder: Path, file_name: str) -> Path | None:

@@ -23,8 +23,10 @@ from .coco import CocoSet, load_coco, read_grey
 from .config import check_options, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
-from .model_dir import ModelDir
+from .model_dir import MANIFEST, ModelDir
 from .normalize import Normalization, from_samples
+from .read import load_json
+from .write import check_class_names
 
 TRAIN_SET, VAL_SET = "cellseg_train", "cellseg_val"
 MODEL_ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
@@ -473,13 +475,23 @@ def train(tc: TrainConfig) -> Path:
     detectron2_ready()
     train_set = load_coco(tc.train, tc.images)
     print(train_set.summary())
+    check_class_names(train_set.classes)  # here, not when the trained model's first run writes its layers
     if tc.val:
-        print(load_coco(tc.val, tc.val_images or tc.images, classes=train_set.classes).summary())
+        val_set = load_coco(tc.val, tc.val_images or tc.images, classes=train_set.classes)
+        print(val_set.summary())
+        if not any(r["annotations"] for r in val_set.records):
+            raise UserError(f"--val {tc.val} has no usable annotation of the training classes "
+                            f"({', '.join(train_set.classes)}; see the summary above)")  # fmt: skip
     if not any(r["annotations"] for r in train_set.records):
         raise UserError(f"{tc.train} has no usable annotation (see the summary above)")
     out = Path(tc.out)
-    if out.exists() and (out / "cellseg.json").exists() and not tc.resume:
+    manifest = out / MANIFEST
+    if manifest.exists() and not tc.resume:
         raise UserError(f"{out} already holds a model; pass --resume to continue its training or choose another --out")
+    if manifest.exists() and (before := load_json(manifest).get("classes")) != train_set.classes:
+        # the checkpoint's heads would keep their classes' order under other names, or be started over
+        raise UserError(f"--resume: {out} was trained on classes {', '.join(map(str, before or []))}, but {tc.train} "
+                        f"has {', '.join(train_set.classes)}; resume with the same classes, or train a new --out")  # fmt: skip
     device = "cuda" if tc.num_gpus else "cpu"
     build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
     out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind

@@ -62,6 +62,63 @@ def test_makesense_style_coco_loads_with_classes_by_category_id(tmp_path):
     assert "skipped 1 annotations outside the image" in s.summary()
 
 
+def test_what_other_annotation_tools_export_is_taken_or_refused_in_one_line(tmp_path):
+    """CVAT's masks (RLE flagged iscrowd) are instances; categories repeating a name are one class; annotations of
+    images not in the file are counted; ids as strings or floats find their image; an image id given twice, or a
+    size that is not a number, is refused in one line."""
+    ann = _makesense_like(tmp_path)
+    data = json.loads(ann.read_text())
+    for a in data["annotations"][:6]:  # image 1's: as CVAT's "COCO 1.0" mask export writes them
+        rle = mask_util.merge(mask_util.frPyObjects(a["segmentation"], 128, 128))
+        a["segmentation"], a["iscrowd"] = {"size": rle["size"], "counts": rle["counts"].decode()}, 1
+    data["annotations"][6]["iscrowd"] = None
+    for a in data["annotations"][12:18]:
+        a["image_id"] = str(a["image_id"])  # "3": image 3's
+    data["categories"].append({"id": 13, "name": "mitochondrion"})  # the class again, under another id
+    data["annotations"][18]["category_id"] = 13
+    data["annotations"].append(dict(data["annotations"][0], id=999, image_id=42))  # no image 42
+    ann.write_text(json.dumps(data))
+    s = load_coco(ann, tmp_path / "images")
+    assert s.classes == ["cell", "granule", "mitochondrion"]
+    assert sum(len(r["annotations"]) for r in s.records) == 24 and s.crowd == 6
+    assert all(a["iscrowd"] == 0 for r in s.records for a in r["annotations"])
+    assert s.skipped == {"annotations of images not in the file": 1}
+    assert "6 of them flagged iscrowd" in s.summary()
+    data["images"][1]["id"] = 1
+    ann.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="image id 1 is given to 2 images"):
+        load_coco(ann, tmp_path / "images")
+    data["images"][1]["id"], data["images"][0]["height"] = 2, "tall"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="height 'tall'"):
+        load_coco(ann, tmp_path / "images")
+
+
+def test_train_refuses_class_names_run_cannot_write_other_classes_on_resume_and_a_val_set_of_none(tmp_path):
+    """Found before training starts, in one line: a class name no label layer can have; --resume of a model trained
+    on other classes (its heads would keep their order under other names); a --val file none of whose categories
+    is a training class."""
+    ann = _makesense_like(tmp_path)
+    base = ["train", "--train", ann, "--images", tmp_path / "images", "--config", REPO / "configs" / "demo_cpu.yaml",
+            "--max-iter", 1]  # fmt: skip
+    data = json.loads(ann.read_text())
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(dict(data, categories=[dict(c, name=c["name"].title()) for c in data["categories"]])))
+    slash = tmp_path / "slash.json"
+    slash.write_text(json.dumps(dict(data, categories=[dict(c, name=c["name"] + "/x") for c in data["categories"]])))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "cellseg.json").write_text(json.dumps({"classes": ["granule", "cell", "mitochondrion"]}))
+    for args, match in (
+        (["--train", slash, "--out", tmp_path / "a"], "class name 'cell/x' cannot name a label layer"),
+        (["--out", tmp_path / "m", "--resume"], "was trained on classes granule, cell, mitochondrion"),
+        (["--val", renamed, "--out", tmp_path / "b"], "has no usable annotation of the training classes"),
+    ):
+        proc = cli(*base, *args, check=False)
+        assert proc.returncode == 2 and match in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("content,match", [
     ("{not json", "not valid JSON"), ('{"images": []}', "no 'annotations' list"),
     ('{"images": [], "annotations": [], "categories": []}', "defines no categories"),
