@@ -91,7 +91,11 @@ def read_grey(path: str | Path) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as im:
+                if im.mode == "P":  # its pixels are indices into a colour table, not intensities
+                    raise UserError(f"{path} holds colour-table indices (mode P), not intensities; save it as 8/16-bit greyscale")
                 image = np.asarray(im)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read image {path} ({e})") from e
     if image.ndim == 3 and image.shape[-1] in (3, 4):
@@ -188,8 +192,10 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                 skipped["annotations of missing images"] += len(by_image[img["id"]])
             continue
         h, w = _size(img, json_path)
-        if not h or not w:
-            h, w = read_grey(path).shape
+        if (h, w) != (real := _image_size(path)) and h and w:  # masks and the model's tile size follow the file
+            raise UserError(f"{json_path}: image {img['file_name']!r} is {real[0]}x{real[1]} px but the file gives "
+                            f"height {h} and width {w}; correct them or leave them out")  # fmt: skip
+        h, w = real
         annotations = []
         for a in by_image.get(_key(img["id"]), []):
             name = cats.get(a.get("category_id"))
@@ -214,6 +220,18 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     if not records:
         raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images}")
     return CocoSet(json_path, names, records, +skipped, crowd)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header where PIL can read it."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # e.g. a TIFF codec PIL lacks: the whole image, as training will read it
+        image = read_grey(path)
+        return image.shape[0], image.shape[1]
 
 
 def _key(image_id):

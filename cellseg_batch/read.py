@@ -850,7 +850,7 @@ def load_json(path: str | Path, max_bytes: int = 2**30):
         raise UserError(f"{path} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB such a file "
                         "may be; is it the right file?")  # fmt: skip
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark some Windows tools write
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from e
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from cellseg_batch.coco import load_coco
+from cellseg_batch.coco import load_coco, read_grey
 from cellseg_batch.errors import UserError
 from cellseg_batch.model_dir import ModelDir
 from conftest import REPO, cli
@@ -92,6 +92,16 @@ def test_what_other_annotation_tools_export_is_taken_or_refused_in_one_line(tmp_
     ann.write_text(json.dumps(data))
     with pytest.raises(UserError, match="height 'tall'"):
         load_coco(ann, tmp_path / "images")
+    data["images"][0]["height"] = 256  # the file is 128 px high: masks and the model's tile would follow the JSON
+    ann.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="is 128x128 px but the file gives height 256 and width 128"):
+        load_coco(ann, tmp_path / "images")
+    data["images"][0]["height"] = 128
+    ann.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # a byte-order mark, as some Windows tools write
+    assert load_coco(ann, tmp_path / "images").classes == ["cell", "granule", "mitochondrion"]
+    Image.open(tmp_path / "images" / "slice_000.png").convert("P").save(tmp_path / "images" / "slice_000.png")
+    with pytest.raises(UserError, match="colour-table indices"):
+        read_grey(tmp_path / "images" / "slice_000.png")
 
 
 def test_train_refuses_class_names_run_cannot_write_other_classes_on_resume_and_a_val_set_of_none(tmp_path):
