@@ -116,34 +116,41 @@ def parse_class_minimums(text: str | None, classes: list[str] | None, option: st
 
 @dataclass(frozen=True)
 class Bound:
-    """An option's range: ``low`` and ``high`` inclusive (None: no limit), ``low`` excluded where ``above``."""
+    """An option's range: ``low`` and ``high`` inclusive (None: no limit), ``low`` excluded where ``above``; 0 also
+    holds where ``zero`` names what 0 means (``--tile 0``: whole slices)."""
 
     low: float | None = None
     high: float | None = None
     above: bool = False
+    zero: str = ""
 
     def holds(self, value) -> bool:  # NaN and infinities hold nowhere
+        if self.zero and value == 0:
+            return True
         return math.isfinite(value) and (self.low is None or (value > self.low if self.above else value >= self.low)) and (
             self.high is None or value <= self.high
         )
 
     def __str__(self) -> str:
         if self.high is not None:
-            return f"must be in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
-        return f"give more than {self.low:g}" if self.above else f"give at least {self.low:g}"
+            text = f"must be in {'(' if self.above else '['}{self.low:g}, {self.high:g}]"
+        else:
+            text = f"give more than {self.low:g}" if self.above else f"give at least {self.low:g}"
+        return f"{text}, or 0 ({self.zero})" if self.zero else text
 
 
 _UNIT, _SHARE, _POSITIVE = Bound(0.0, 1.0, above=True), Bound(0.0, 1.0), Bound(0.0, above=True)
+MIN_TILE = 16  # px: the smallest tile any sub-command cuts (a run's tile grid refuses smaller ones too)
 
 # every sub-command's numeric options (argparse dests), by range: the one place they are checked
 BOUNDS: dict[str, dict[str, Bound]] = {
     "run": {"stitch_iou": _UNIT, "link_iou": _UNIT, "link_ioa": _UNIT, "score_threshold": _SHARE, "batch_size": Bound(1),
-            "tile": Bound(1), "chunk": Bound(16), "overlap": Bound(0), "actors": Bound(1), "cpus_per_actor": Bound(1),
+            "tile": Bound(MIN_TILE), "chunk": Bound(16), "overlap": Bound(0), "actors": Bound(1), "cpus_per_actor": Bound(1),
             "num_cpus": Bound(1), "num_gpus": Bound(0)},
-    "convert": {"tile": Bound(0), "every": Bound(1), "val_fraction": _SHARE},
+    "convert": {"tile": Bound(MIN_TILE, zero="whole slices"), "every": Bound(1), "val_fraction": _SHARE},
     "train": {"num_gpus": Bound(0), "cpu_procs": Bound(1), "num_machines": Bound(1), "machine_rank": Bound(0),
               "max_iter": Bound(1), "max_minutes": _POSITIVE, "eval_period": Bound(0), "batch_size": Bound(1),
-              "lr": _POSITIVE, "tile": Bound(1), "overlap": Bound(2)},
+              "lr": _POSITIVE, "tile": Bound(MIN_TILE), "overlap": Bound(2)},
     "synth": {"seed": Bound(0), "scale": _POSITIVE, "dropout": _SHARE, "shift": _SHARE},
     "demo": {"iterations": Bound(1)},
 }  # fmt: skip

@@ -83,17 +83,17 @@ def _outside(low=None, high=None, above=False, integer=False):
 
 
 NUMERIC = [  # (command, option, strategy of bad values)
-    ("run", "tile", _outside(1, integer=True)), ("run", "overlap", _outside(0, integer=True)),
+    ("run", "tile", _outside(16, integer=True)), ("run", "overlap", _outside(0, integer=True)),
     ("run", "batch-size", _outside(1, integer=True)), ("run", "chunk", _outside(16, integer=True)),
     ("run", "actors", _outside(1, integer=True)), ("run", "cpus-per-actor", _outside(1, integer=True)),
     ("run", "num-cpus", _outside(1, integer=True)), ("run", "num-gpus", _outside(0, integer=True)),
     ("run", "stitch-iou", _outside(0, 1, above=True)), ("run", "link-iou", _outside(0, 1, above=True)),
     ("run", "link-ioa", _outside(0, 1, above=True)), ("run", "score-threshold", _outside(0, 1)),
-    ("convert", "tile", _outside(0, integer=True)), ("convert", "every", _outside(1, integer=True)),
+    ("convert", "tile", st.one_of(_outside(0, integer=True), st.integers(1, 15).map(str))),  # 0: whole slices ("convert", "every", _outside(1, integer=True)),
     ("convert", "val-fraction", _outside(0, 1)),
     ("train", "lr", _outside(0, above=True)), ("train", "max-iter", _outside(1, integer=True)),
     ("train", "max-minutes", _outside(0, above=True)), ("train", "cpu-procs", _outside(1, integer=True)),
-    ("train", "tile", _outside(1, integer=True)), ("train", "overlap", _outside(0, integer=True)),
+    ("train", "tile", _outside(16, integer=True)), ("train", "overlap", _outside(0, integer=True)),
     ("synth", "scale", _outside(0, above=True)), ("synth", "dropout", _outside(0, 1)),
 ]  # fmt: skip
 
@@ -126,6 +126,12 @@ def test_a_bad_option_value_is_refused_before_anything_is_read_or_written(capsys
         _refused(capsys, inputs, [*_base(command, inputs), f"--{option}={value}"], [f"--{option}"])
 
     check()
+
+
+@pytest.mark.parametrize("command", ["run", "convert", "train"])
+def test_a_tile_too_small_to_hold_an_object_is_refused_by_every_command(capsys, inputs, command):
+    line = _refused(capsys, inputs, [*_base(command, inputs), "--tile", 1], ["--tile 1"])
+    assert "give at least 16" in line and ("or 0 (whole slices)" in line) == (command == "convert")
 
 
 @pytest.mark.parametrize("argv,name", [
