@@ -9,6 +9,7 @@ all is a one-line error.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,11 +182,12 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                             "every image needs an id of its own")  # fmt: skip
     skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
     records, crowd = [], 0
+    find_image = _ImageFinder(images)
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             skipped["malformed images"] += 1
             continue
-        path = _find_image(images, str(img["file_name"]))
+        path = find_image(str(img["file_name"]))
         if path is None:
             skipped["missing image files"] += 1
             if by_image.get(img["id"]):
@@ -251,12 +253,63 @@ def _size(img: dict, json_path: Path) -> tuple[int, int]:
                         f"{img.get('width')!r}; give whole numbers of pixels or leave them out") from e  # fmt: skip
 
 
-def _find_image(folder: Path, file_name: str) -> Path | None:
-    """Tools write bare names, relative paths or absolute paths of the annotator's machine: try them in turn."""
-    for candidate in (folder / file_name, folder / Path(file_name).name):
-        if candidate.is_file():
-            return candidate
-    return None
+def _name_parts(file_name: str) -> tuple[str, ...]:
+    """A COCO ``file_name`` as path components, whichever system wrote it: ``C:\\Users\\lab\\a.png`` (Windows,
+    makesense.ai and CVAT exports there), ``/home/u/a.png``, ``./vol/a.png``. A drive letter is dropped."""
+    parts = [p for p in re.split(r"[\\/]+", file_name) if p not in ("", ".")]
+    if parts and re.fullmatch(r"[A-Za-z]:", parts[0]):
+        parts = parts[1:]
+    return tuple(parts)
+
+
+class _ImageFinder:
+    """Finds a COCO image's file under the images folder. Tools write bare names, relative paths or absolute paths
+    of the annotator's machine (Windows ones too): the file whose path under the folder shares the longest end with
+    the name wins (``volB/x.png`` for ``D:\\proj\\volB\\x.png``, not ``volA/x.png`` or ``x.png``), searched for deeper
+    in the folder (once) where the whole name is not a path under it; two files that match equally well are
+    refused, naming both."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._by_name: dict[str, list[tuple[str, ...]]] | None = None
+
+    def __call__(self, file_name: str) -> Path | None:
+        if Path(file_name).is_absolute() and Path(file_name).is_file():  # the annotator's own path, on this machine
+            return Path(file_name)
+        parts = _name_parts(file_name)
+        if ".." in parts:  # what follows the last "..": never a file outside the folder
+            parts = parts[len(parts) - parts[::-1].index("..") :]
+        if not parts:
+            return None
+        if (self.folder.joinpath(*parts)).is_file():  # the whole name: no file can match it better
+            return self.folder.joinpath(*parts)
+        found = self._files().get(parts[-1], [])
+        if not found:
+            return None
+        # the longest common end; of equal ones, a file whose whole path under the folder ends the name
+        scores = [(_common_suffix(rel, parts), _common_suffix(rel, parts) == len(rel)) for rel in found]
+        best = [rel for rel, score in zip(found, scores) if score == max(scores)]
+        if len(best) > 1:
+            a, b = ("/".join(rel) for rel in best[:2])
+            raise UserError(f"image {file_name!r} matches both {a} and {b} under {self.folder}; give its path relative "
+                            "to --images in the COCO file, or point --images at the folder that holds it")  # fmt: skip
+        return self.folder.joinpath(*best[0])
+
+    def _files(self) -> dict[str, list[tuple[str, ...]]]:
+        if self._by_name is None:
+            self._by_name = {}
+            for path in sorted(self.folder.rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(self.folder).parts
+                    self._by_name.setdefault(rel[-1], []).append(rel)
+        return self._by_name
+
+
+def _common_suffix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
 # -- label volumes -> COCO ----------------------------------------------------------------------------------------

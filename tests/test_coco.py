@@ -1,0 +1,54 @@
+"""COCO files as annotation tools write them: how an image's file is found under --images, and labels -> COCO."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellseg_batch.coco import load_coco
+from cellseg_batch.errors import UserError
+
+
+def _coco_of(root: Path, file_names: list[str]) -> Path:
+    """A COCO file naming ``file_names``, one square annotation each."""
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cell"}]}
+    for i, name in enumerate(file_names, 1):
+        coco["images"].append({"id": i, "file_name": name, "width": 32, "height": 32})
+        coco["annotations"].append({"id": i, "image_id": i, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 20, 4, 20]]})
+    path = root / "ann.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def _images(root: Path, *names: str) -> Path:
+    folder = root / "images"
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(folder / name)
+    return folder
+
+
+def _found(ann: Path, images: Path) -> list[str]:
+    return [Path(r["file_name"]).relative_to(images).as_posix() for r in load_coco(ann, images).records]
+
+
+def test_an_image_is_the_file_whose_path_ends_its_name_best(tmp_path):
+    """Two volumes' slices of one base name: the file whose path under --images shares the longest end with the
+    COCO name wins (not the first of that base name); equally good matches are refused, naming both."""
+    images = _images(tmp_path, "x.png", "volA/x.png", "volB/x.png", "data/volB/z.png", "volA/y.png", "volB/y.png")
+    names = ["/home/lab/project/volB/x.png", "volA/x.png", "/mnt/em/volA/x.png", "x.png", "/srv/volC/x.png",
+             "project/data/volB/z.png", "../exports/volB/y.png"]  # fmt: skip
+    assert _found(_coco_of(tmp_path, names), images) == [
+        "volB/x.png", "volA/x.png", "volA/x.png", "x.png", "x.png", "data/volB/z.png", "volB/y.png"]  # fmt: skip
+    with pytest.raises(UserError, match="matches both volA/y.png and volB/y.png under"):
+        load_coco(_coco_of(tmp_path, ["/srv/volC/y.png"]), images)
+
+
+def test_windows_paths_in_file_names_find_their_files(tmp_path):
+    """makesense.ai and CVAT on Windows write file names with backslashes and a drive letter."""
+    images = _images(tmp_path, "img_001.png", "volB/img_002.png", "volA/img_002.png")
+    names = ["C:\\Users\\lab\\img_001.png", "D:\\data\\volB\\img_002.png", "volA\\img_002.png", ".\\img_001.png"]
+    assert _found(_coco_of(tmp_path, names), images) == ["img_001.png", "volB/img_002.png", "volA/img_002.png",
+                                                         "img_001.png"]  # fmt: skip
