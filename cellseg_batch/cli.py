@@ -84,6 +84,7 @@ def _train(args) -> int:
 def _convert(args) -> int:
     from .coco import labels_to_coco
     from .read import ngff_label_layers, open_label_layers, open_volume
+    from .runs import refuse_masks
 
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
@@ -98,6 +99,8 @@ def _convert(args) -> int:
     for layer in layers:
         if layer.volume.shape != volume.shape:
             raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
+        if args.direction == "labels-to-coco":  # as `run --predictor labels` refuses it: one instance per piece
+            refuse_masks(layer)
     z0, z1 = parse_slices(args.slices, volume.shape[0])
     paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
                            val_fraction=args.val_fraction, polygons=polygons)  # fmt: skip

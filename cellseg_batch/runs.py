@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .read import LabelLayer
 
 SHORT_RUNS = 4  # label images whose runs average fewer pixels (noise-like) are counted pixel by pixel
 
@@ -50,3 +55,34 @@ def label_runs(*images: np.ndarray) -> Runs | None:
     if len(starts) * SHORT_RUNS > change.size:
         return None
     return Runs(starts, np.diff(starts, append=change.size), [flat[starts] for flat in flats], images[0].shape)
+
+
+def refuse_masks(layer: LabelLayer, side: int = 1024) -> None:
+    """Refuse a semantic mask given as a label stack: an id in many separate pieces in a slice (a pixel classifier's
+    binary output). Each id of a tile is one 2D instance (pieces of one object that a tile window cuts apart, joined
+    outside it, must stay one), so a mask's pieces would be one instance per tile and the objects would depend on the
+    tile size. Checked in the central ``side`` px of the first, middle and last slices (by ``run --predictor labels``
+    and ``convert labels-to-coco``, whose annotations would be such pieces too)."""
+    import cc3d
+
+    nz, h, w = layer.volume.shape
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    for z in sorted({0, nz // 2, nz - 1}):
+        ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
+        if not ids.any() or (ids.dtype.kind == "i" and ids.min() < 0):
+            continue  # negative ids: refused where a tile reads them
+        pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
+        runs = label_runs(pieces)
+        of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
+        if runs is None:
+            of_piece[pieces.reshape(-1)] = ids.reshape(-1)
+        else:
+            of_piece[runs.values[0]] = ids.reshape(-1)[runs.starts]
+        values, counts = np.unique(of_piece[1:], return_counts=True)
+        most = int(counts.argmax())
+        if counts[most] >= 8 or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+            raise UserError(
+                f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces in slice {z}; this "
+                "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
+                "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
+            )

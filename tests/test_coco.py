@@ -52,3 +52,29 @@ def test_windows_paths_in_file_names_find_their_files(tmp_path):
     names = ["C:\\Users\\lab\\img_001.png", "D:\\data\\volB\\img_002.png", "volA\\img_002.png", ".\\img_001.png"]
     assert _found(_coco_of(tmp_path, names), images) == ["img_001.png", "volB/img_002.png", "volA/img_002.png",
                                                          "img_001.png"]  # fmt: skip
+
+
+def test_labels_to_coco_refuses_a_mask_as_run_does_and_converts_its_pieces(tmp_path, capsys):
+    """A pixel classifier's mask (one id in many pieces per slice) would be one COCO instance per tile and slice:
+    refused in one line, as `run --predictor labels` refuses it (one shared check); its pieces given ids convert."""
+    import tifffile
+    from scipy import ndimage
+
+    from cellseg_batch import cli
+
+    yy, xx = np.mgrid[:256, :256]
+    mask = np.zeros((256, 256), bool)
+    for cy, cx in [(40, 40), (40, 200), (128, 128), (210, 60), (210, 200)]:
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < 20**2
+    pieces, n = ndimage.label(mask)
+    for name, image in (("volume", np.where(mask, 200, 30)), ("mask", mask), ("pieces", pieces)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.repeat(image.astype(np.uint8)[None], 3, 0), photometric="minisblack")
+    argv = ["convert", "labels-to-coco", tmp_path / "mask.tif", tmp_path / "volume.tif", "--classes", "cell", "--tile", 0]
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", tmp_path / "mask_coco"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "id 1 covers 5 separate pieces in slice 0" in err[0] and "looks like a mask" in err[0]
+    assert not (tmp_path / "mask_coco").exists()
+    argv[2] = tmp_path / "pieces.tif"
+    assert cli.main([*argv, "--out", tmp_path / "coco"]) == 0
+    assert len(json.loads((tmp_path / "coco" / "train.json").read_text())["annotations"]) == 3 * n == 15
