@@ -311,3 +311,43 @@ def test_weights_that_would_run_code_are_refused_and_plain_weights_load(tmp_path
     assert not marker.exists()
     DetectionCheckpointer(model).load(str(plain))
     assert all((v == 3).all() for v in model.state_dict().values())
+
+
+def _untrained_model(path: Path) -> Path:
+    """A randomly initialized demo-config Mask R-CNN as a model directory (it detects things in any tile)."""
+    import torch
+
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.model_dir import ModelDir
+
+    detectron2_ready()
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    path.mkdir()
+    cfg = get_cfg()
+    cfg.merge_from_file(str(Path(__file__).parents[1] / "configs" / "demo_cpu.yaml"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, path / "model_final.pth")
+    (path / "config.yaml").write_text(cfg.dump())
+    ModelDir(path=path, classes=["cell", "mitochondrion"], tile=96, overlap=16).save()
+    return path
+
+
+def test_a_blank_window_gets_no_objects_from_the_model(tmp_path):
+    """A window of one value (a missing section filled with 0, fill around registered sections, a saturated slice)
+    holds nothing to find: a model that finds objects anywhere finds none there, and still finds them beside it."""
+    from cellseg_batch.predict.detectron2_predictor import Detectron2Predictor
+    from cellseg_batch.synth import SyntheticEM
+    from cellseg_batch.tiles import Box
+
+    predictor = Detectron2Predictor(str(_untrained_model(tmp_path / "m")), device="cpu", score_threshold=0.0)
+    image = SyntheticEM((1, 96, 128), seed=3).image(0, 0, 96, 0, 128).astype(np.float32)
+    blank = [np.zeros((96, 128), np.float32), np.full((96, 128), 255, np.float32)]
+    assert predictor.predict(0, [Box(0, 96, 0, 128)], [image])[0].count > 0  # it does find things
+    tiles = predictor.predict(0, [Box(0, 96, 0, 128)] * 4, [blank[0], image, blank[1], image])
+    assert [t.count > 0 for t in tiles] == [False, True, False, True]
+    assert all(t.labels.shape == (2, 96, 128) and not t.labels.any() for t in tiles[::2])
+    assert predictor.predict(0, [Box(0, 96, 0, 128)], [blank[0]])[0].count == 0  # a batch of blank windows alone

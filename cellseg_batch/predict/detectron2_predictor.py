@@ -143,8 +143,12 @@ class Detectron2Predictor(Predictor):
 
     def predict(self, z: int, windows: list[Box], images: list[np.ndarray] | None) -> list[TileLabels]:
         torch = self._torch
+        # a window of one value (a blank or missing section, zero fill around registered ones, a saturated slice)
+        # holds no structure: the model is not asked, since it finds objects in a black tile (a slice of zeros read
+        # as two cells over 80% of it, which linking then joined to every cell above and below)
+        blank = [not image.size or image.min() == image.max() for image in images]
         inputs = []
-        for image in images:
+        for image in (image for image, empty in zip(images, blank) if not empty):
             # greyscale -> the 3 channels the backbone was built for; the tile keeps its size unless --rescale
             t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
             height, width = t.shape
@@ -156,11 +160,14 @@ class Detectron2Predictor(Predictor):
         t0 = time.perf_counter()
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         with torch.inference_mode(), torch.autocast(device_type, self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.model(inputs)
+            outputs = iter(self.model(inputs) if inputs else [])
         t1 = time.perf_counter()
         result = []
-        for out in outputs:
-            inst = out["instances"]
+        for image, empty in zip(images, blank):
+            if empty:
+                result.append(paint_instances(np.zeros((0, *image.shape), bool), [], [], len(self.classes)))
+                continue
+            inst = next(outputs)["instances"]
             result.append(
                 paint_instances(
                     inst.pred_masks,
