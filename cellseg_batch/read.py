@@ -271,7 +271,8 @@ class TiffVolume(Volume):
             try:
                 arr = tifffile.memmap(self.path, mode="r", **self._flags)
             except (ValueError, OSError):
-                store = tifffile.imread(self.path, aszarr=True, **self._flags)
+                # level 0: a pyramid (OME-TIFF's SubIFDs) would give a zarr group of all its levels
+                store = tifffile.imread(self.path, aszarr=True, series=0, level=0, **self._flags)
                 arr = zarr.open(store, mode="r")
             self._local.arr = arr
         return arr

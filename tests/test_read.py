@@ -126,6 +126,18 @@ def test_ome_tiff_pixel_size(tmp_path):
     _check(tmp_path / "v.ome.tif")
 
 
+def test_an_ome_tiff_pyramid_in_subifds_is_read_at_level_0(tmp_path):
+    """OME-TIFF pyramids (bfconvert, QuPath, tifffile's subifds) keep the lower levels in SubIFDs of each page: the
+    first window read failed ('path ... is not a string') as tifffile gave a zarr group of all levels."""
+    with tifffile.TiffWriter(tmp_path / "p.ome.tif", bigtiff=True) as tw:
+        options = {"tile": (64, 64), "photometric": "minisblack", "compression": "zlib"}
+        tw.write(DATA, subifds=2, metadata={"axes": "ZYX", "PhysicalSizeX": 0.004, "PhysicalSizeY": 0.004}, **options)
+        tw.write(DATA[:, ::2, ::2], subfiletype=1, **options)
+        tw.write(DATA[:, ::4, ::4], subfiletype=1, **options)
+    assert open_volume(tmp_path / "p.ome.tif").pixel_size_nm == (None, 4.0, 4.0)
+    _check(tmp_path / "p.ome.tif")
+
+
 def _write_sequence(folder, data, kind):
     from PIL import Image
 
