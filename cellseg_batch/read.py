@@ -514,17 +514,23 @@ def group_attrs(path: str | Path) -> dict | None:
         return None
 
 
+NGFF_NM_PER_UNIT = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "centimeter": 1e7, "meter": 1e9,
+                    "angstrom": 0.1, "picometer": 1e-3}  # NGFF's (UDUNITS-2) names of the lengths EM pixels have
+
+
 def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None:
     """Z, Y, X nm of a multiscale's dataset ``level0`` (its scale transform and the axes' units), else None."""
     axes = ms.get("axes", [])
     scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
     if not scale or len(scale) != len(axes):
         return None
-    to_nm = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "angstrom": 0.1}
     out = {}
     for a, s in zip(axes, scale):
-        if isinstance(a, dict) and a.get("name", "").lower() in "zyx":
-            out[a["name"].lower()] = s * to_nm.get(a.get("unit", "nanometer"), 1.0)
+        # an axis without a unit (ome-zarr-py's default, this tool's output of a volume of unknown pixel size) or
+        # with one that is not a length has a scale in no known unit: its pixel size is unknown, not that many nm
+        nm = NGFF_NM_PER_UNIT.get(a.get("unit")) if isinstance(a, dict) else None
+        if nm and a.get("name", "").lower() in ("z", "y", "x") and isinstance(s, (int, float)) and s > 0:
+            out[a["name"].lower()] = s * nm
     if "y" not in out or "x" not in out:
         return None
     return (out.get("z", out["y"]), out["y"], out["x"])

@@ -329,6 +329,22 @@ def test_ome_zarr_level_0_with_pixel_size(tmp_path):
     _check(tmp_path / "img.zarr")
 
 
+@pytest.mark.parametrize("unit, scale, nm", [
+    ("micrometer", [0.04, 0.005, 0.005], (40.0, 5.0, 5.0)), ("nanometer", [40.0, 5.0, 5.0], (40.0, 5.0, 5.0)),
+    (None, [40.0, 5.0, 5.0], None), (None, [1.0, 1.0, 1.0], None), ("pixel", [1.0, 1.0, 1.0], None),
+])  # fmt: skip
+def test_ome_zarr_pixel_size_is_known_only_in_a_unit_of_length(tmp_path, unit, scale, nm):
+    """ome-zarr-py writes scale 1 and no unit by default (so does this tool's output of a volume of unknown pixel
+    size): that is no pixel size, not 1 nm, which made run warn of a 10x mismatch and --rescale refuse it."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.writer import write_image
+
+    root = zarr.group(store=parse_url(str(tmp_path / "img.zarr"), mode="w").store)
+    write_image(DATA, root, axes="zyx", scale=dict(zip("zyx", scale)),
+                axes_units=dict.fromkeys("zyx", unit) if unit else None)  # fmt: skip
+    assert open_volume(tmp_path / "img.zarr").pixel_size_nm == nm
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_dtypes(tmp_path, dtype):
     data = (DATA / 16).astype(dtype)
