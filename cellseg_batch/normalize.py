@@ -3,7 +3,8 @@
 Intensity p_low (default the 1st percentile) maps to 0 and p_high (99.5th) to 255, clipped. For ``run`` the
 percentiles come from a deterministic sample of the volume being segmented (evenly spaced slices, fixed windows), so
 8-bit, 16-bit and float acquisitions reach the model on the same scale; ``train`` computes them the same way over
-its training images. Models therefore see contrast-stretched greyscale, replicated to 3 channels. Zero fill around
+its training images, for each pixel type on its own (``ByPixelType``: 8- and 16-bit tiles in one training set each
+reach the model on that scale, as an 8- and a 16-bit volume do in ``run``). Models therefore see contrast-stretched greyscale, replicated to 3 channels. Zero fill around
 registered sections and NaN (no data) are left out of the percentiles, and NaN reaches the model as black.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import UserError
 from .read import Volume
 
 
@@ -33,6 +35,24 @@ class Normalization:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ByPixelType:
+    """One ``Normalization`` per pixel type (numpy dtype name), each applied to the images of its type: the training
+    images' counterpart of ``run`` giving every volume its own."""
+
+    by_type: dict[str, Normalization]
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        normalization = self.by_type.get(image.dtype.name)
+        if normalization is None:  # an image file replaced since the types were read
+            raise UserError(f"a training image of pixel type {image.dtype.name} appeared after training started (the "
+                            f"images read before were {', '.join(self.by_type)}); restart training")  # fmt: skip
+        return normalization.apply(image)
+
+    def to_dict(self) -> dict:
+        return {name: [n.low, n.high] for name, n in self.by_type.items()}
 
 
 PADDING_SHARE = 0.05  # zeros this common are fill around registered sections, not tissue

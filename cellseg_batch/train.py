@@ -24,7 +24,7 @@ from .config import check_options, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
 from .model_dir import MANIFEST, ModelDir
-from .normalize import Normalization, from_samples
+from .normalize import ByPixelType, from_samples
 from .read import load_json
 from .write import check_class_names
 
@@ -64,14 +64,32 @@ class TrainConfig:
 # -- data ---------------------------------------------------------------------------------------------------------
 
 
-def training_normalization(records: list[dict], percentiles, max_images: int = 64) -> Normalization:
-    """The normalization ``run`` applies to volumes, computed the same way over (a spread of) training images."""
-    step = max(1, len(records) // max_images)
-    normalization = from_samples([read_grey(r["file_name"]) for r in records[::step]], percentiles)
-    if normalization.blank:
-        raise UserError(f"the training images have no contrast ({normalization.blank} in {len(records[::step])} of "
-                        "them): check the image files the COCO file names")  # fmt: skip
-    return normalization
+def training_normalization(records: list[dict], percentiles, max_images: int = 64,
+                           more: list[dict] = ()) -> ByPixelType:  # fmt: skip
+    """The normalization ``run`` applies to a volume, computed the same way over (a spread of) the training images
+    of each pixel type on its own, as ``run`` computes it for each volume: 8- and 16-bit images of one training set
+    each reach the model on the 0-255 scale (one range for both left the 8-bit ones nearly black). Every image is
+    read here, before training starts, so an unreadable one is named now. ``more`` (the validation images): types
+    the training images do not have get their own range from them."""
+    by_type = _paths_by_pixel_type(records)
+    for name, paths in _paths_by_pixel_type(more).items():
+        by_type.setdefault(name, paths)
+    out = {}
+    for name, paths in by_type.items():
+        step = max(1, len(paths) // max_images)
+        normalization = from_samples([read_grey(p) for p in paths[::step]], percentiles)
+        if normalization.blank:
+            raise UserError(f"the {name} training images have no contrast ({normalization.blank} in "
+                            f"{len(paths[::step])} of them): check the image files the COCO file names")  # fmt: skip
+        out[name] = normalization
+    return ByPixelType(out)
+
+
+def _paths_by_pixel_type(records: list[dict]) -> dict[str, list[str]]:
+    by_type: dict[str, list[str]] = {}
+    for r in records:
+        by_type.setdefault(read_grey(r["file_name"]).dtype.name, []).append(r["file_name"])
+    return by_type
 
 
 def _transpose_augmentation():
@@ -104,7 +122,7 @@ class EMDatasetMapper:
     """Reads a greyscale slice in its own dtype, normalizes it like ``run`` does, augments (flips, transposes,
     brightness, contrast) for training, and never resizes: tiles keep their pixel scale."""
 
-    def __init__(self, is_train: bool, normalization: Normalization):
+    def __init__(self, is_train: bool, normalization: ByPixelType):
         from detectron2.data import transforms as T
 
         self.is_train = is_train
@@ -243,7 +261,7 @@ class _TimeUp(Exception):
     """Raised by the time-limit hook; every rank stops at the same iteration."""
 
 
-def make_trainer(cfg, normalization: Normalization, max_minutes: float | None, has_val: bool, cpu_amp=None):
+def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has_val: bool, cpu_amp=None):
     import torch
     import torch.distributed as dist
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -301,8 +319,8 @@ def _quiet_time_up(record: logging.LogRecord) -> bool:
     return not (record.exc_info and record.exc_info[0] is _TimeUp)
 
 
-def train_main(tc: TrainConfig, classes: list[str], device: str) -> None:
-    """Runs in every training process."""
+def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: ByPixelType) -> None:
+    """Runs in every training process (``normalization``: ``training_normalization``'s, found before they start)."""
     detectron2_ready()
     from detectron2.engine import default_setup
     from detectron2.utils import comm
@@ -311,7 +329,6 @@ def train_main(tc: TrainConfig, classes: list[str], device: str) -> None:
     register(TRAIN_SET, train_set)
     if tc.val:
         register(VAL_SET, load_coco(tc.val, tc.val_images or tc.images, classes=classes))
-    normalization = training_normalization(train_set.records, tc.percentiles)
     cfg = build_cfg(tc, classes, device)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     default_setup(cfg, _Args(tc))
@@ -366,9 +383,8 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
         overlap=tc.overlap if tc.overlap is not None else max(16, (tile // 8) // 2 * 2),
         pixel_size_nm=list(parse_pixel_size(tc.pixel_size)) if tc.pixel_size else None,
         exclusive=train_set.exclusive_classes(),
-        normalization={"method": "percentile", "low": normalization.percentiles[0],
-                       "high": normalization.percentiles[1],
-                       "training_intensities": [normalization.low, normalization.high]},
+        normalization={"method": "percentile", "low": float(tc.percentiles[0]), "high": float(tc.percentiles[1]),
+                       "training_intensities": normalization.to_dict()},  # per pixel type: [low, high]
         training={
             "config": str(tc.config), "weights": source.name, "iterations": int(iters), "last_iter": int(last_iter),
             "seconds": round(elapsed, 1), "iters_per_s": round(iters / elapsed, 4) if elapsed else None,
@@ -484,6 +500,7 @@ def train(tc: TrainConfig) -> Path:
                             f"({', '.join(train_set.classes)}; see the summary above)")  # fmt: skip
     if not any(r["annotations"] for r in train_set.records):
         raise UserError(f"{tc.train} has no usable annotation (see the summary above)")
+    normalization = training_normalization(train_set.records, tc.percentiles, more=val_set.records if tc.val else [])
     out = Path(tc.out)
     manifest = out / MANIFEST
     if manifest.exists() and not tc.resume:
@@ -495,6 +512,6 @@ def train(tc: TrainConfig) -> Path:
     device = "cuda" if tc.num_gpus else "cpu"
     build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
     out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind
-    launch(train_main, (tc, train_set.classes, device), tc)
+    launch(train_main, (tc, train_set.classes, device, normalization), tc)
     return out
 

@@ -296,3 +296,33 @@ def test_amp_training_forward_runs_in_bfloat16_and_returns_float32_losses():
     with torch.no_grad():
         model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
     assert seen[-1] == torch.float32
+
+
+def _mixed_pixel_types(root: Path) -> Path:
+    """The makesense-like set with half of its images saved as 16-bit PNGs (intensities x 257): 8- and 16-bit tiles
+    of one training set, as collected from two microscopes."""
+    ann = _makesense_like(root)
+    for path in sorted((root / "images").glob("*.png"))[::2]:
+        Image.fromarray(read_grey(path).astype(np.uint16) * 257).save(path)
+    return ann
+
+
+def test_training_images_of_8_and_16_bits_each_reach_the_model_on_the_full_scale(tmp_path):
+    """Each pixel type gets its own intensity range (as `run` gives each volume its own): one range for both put
+    the 8-bit images' 60-200 at 0-1 of 255 (nearly black). The model directory records the range of each type."""
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.train import EMDatasetMapper, training_normalization
+
+    detectron2_ready()
+    ann = _mixed_pixel_types(tmp_path)
+    records = load_coco(ann, tmp_path / "images").records
+    assert sorted({read_grey(r["file_name"]).dtype.name for r in records}) == ["uint16", "uint8"]
+    mapper = EMDatasetMapper(False, training_normalization(records, (1.0, 99.5)))
+    for r in records:
+        image = mapper(r)["image"].numpy()[0]
+        background = image[read_grey(r["file_name"]) == read_grey(r["file_name"]).max()]
+        assert background.min() == 255 and np.percentile(image, 1) == 0, (r["file_name"], image.max())
+    out = tmp_path / "model"
+    cli("train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", out, "--max-iter", 1)
+    intensities = ModelDir.load(out).normalization["training_intensities"]
+    assert intensities["uint8"] == [60.0, 200.0] and intensities["uint16"] == [60.0 * 257, 200.0 * 257]
