@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import shlex
 import signal
 import sys
 from dataclasses import MISSING
@@ -37,7 +38,7 @@ def _run(args) -> int:
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
     print(f"  report   {out}/cellseg/report.html (and report.json)")
     print(f"  preview  {out}/cellseg/preview.png")
-    print(f"  look     cellseg-batch view {out}")
+    print(f"  look     cellseg-batch view {shlex.quote(str(out))}")  # a command to paste: a space in a path quoted
     return 0
 
 

@@ -351,3 +351,18 @@ def test_a_blank_window_gets_no_objects_from_the_model(tmp_path):
     assert [t.count > 0 for t in tiles] == [False, True, False, True]
     assert all(t.labels.shape == (2, 96, 128) and not t.labels.any() for t in tiles[::2])
     assert predictor.predict(0, [Box(0, 96, 0, 128)], [blank[0]])[0].count == 0  # a batch of blank windows alone
+
+
+def test_the_view_command_run_prints_can_be_pasted_where_the_output_path_has_spaces(capsys, monkeypatch, inputs,
+                                                                                     tmp_path):
+    import shlex
+
+    import cellseg_batch.run
+
+    out = tmp_path / "my runs" / "vol 1 ü.zarr"
+    report = {"counts": {"objects": 0, "objects_per_class": {"cell": 0}}, "time_s": {"total": 1.0}}
+    monkeypatch.setattr(cellseg_batch.run, "run", lambda cfg: report)
+    argv = [a if a != inputs / "out" else out for a in _base("run", inputs)]
+    assert cli.main([str(a) for a in argv]) == 0
+    look = next(line for line in capsys.readouterr().out.splitlines() if "cellseg-batch view" in line)
+    assert shlex.split(look.split("look", 1)[1]) == ["cellseg-batch", "view", str(out)]
