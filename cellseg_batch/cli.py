@@ -23,13 +23,22 @@ def default(name: str):
     return f.default_factory() if f.default is MISSING else f.default
 
 
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST)
+
+
 def _run(args) -> int:
     fields = RunConfig.__dataclass_fields__
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
     check_run_config(cfg)
     from .run import run
 
-    report = run(cfg)
+    try:
+        report = run(cfg)
+    except OSError as e:  # --out or --work-dir where this user cannot write, or a file where a folder goes
+        if e.errno not in UNWRITABLE or not e.filename:
+            raise
+        raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --out and --work-dir in a folder you "
+                        "can write") from e  # fmt: skip
     out = Path(cfg.out)
     counts = report["counts"]["objects_per_class"]
     print(f"wrote {out} ({report['counts']['objects']} objects: "

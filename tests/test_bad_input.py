@@ -366,3 +366,10 @@ def test_the_view_command_run_prints_can_be_pasted_where_the_output_path_has_spa
     assert cli.main([str(a) for a in argv]) == 0
     look = next(line for line in capsys.readouterr().out.splitlines() if "cellseg-batch view" in line)
     assert shlex.split(look.split("look", 1)[1]) == ["cellseg-batch", "view", str(out)]
+
+
+def test_a_work_dir_that_cannot_be_written_is_refused_naming_it(capsys, inputs, tmp_path):
+    """A --work-dir that is a file (or on a read-only filesystem, or another user's) ended in a traceback."""
+    (tmp_path / "work").write_text("a file, not a folder")
+    line = _refused(capsys, inputs, [*_base("run", inputs), "--work-dir", tmp_path / "work"], [tmp_path / "work"])
+    assert "Not a directory" in line and "choose an --out and --work-dir" in line
