@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -315,8 +317,9 @@ def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has
     return Trainer(cfg)
 
 
-def _quiet_time_up(record: logging.LogRecord) -> bool:
-    return not (record.exc_info and record.exc_info[0] is _TimeUp)
+def _quiet_expected(record: logging.LogRecord) -> bool:
+    """No traceback in the log for the time limit, or for a user's mistake (printed as one line instead)."""
+    return not (record.exc_info and issubclass(record.exc_info[0], (_TimeUp, UserError)))
 
 
 def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: ByPixelType) -> None:
@@ -332,7 +335,7 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
     cfg = build_cfg(tc, classes, device)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     default_setup(cfg, _Args(tc))
-    logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_time_up)
+    logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_expected)
     cpu_amp = None
     if tc.amp and device == "cpu":
         from .predict.detectron2_predictor import amp_dtype
@@ -441,6 +444,35 @@ def _cpu_worker(local_rank, main_func, world, procs, machine_rank, dist_url, arg
     main_func(*args)
 
 
+def _user_errors_to(errors: str, main_func, *args) -> None:
+    """Runs ``main_func`` in a training process: a UserError raised there (or in its data loader's workers, which
+    torch raises again with their traceback inside the message) is written as one line to a file in ``errors``, for
+    the launching process to print instead of torch's traceback, and raised again to end the process."""
+    try:
+        main_func(*args)
+    except UserError as e:
+        line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        line = line.split("UserError: ", 1)[-1] if "Original Traceback" in str(e) else line
+        (Path(errors) / f"{os.getpid()}.txt").write_text(line)
+        raise UserError(line) from None
+
+
+@contextmanager
+def _one_line_from_children():
+    """A folder for ``_user_errors_to``: where a training process ended with a UserError, the launching process
+    raises it (the first one written) as one line, not torch's report of the process that failed."""
+    with tempfile.TemporaryDirectory(prefix="cellseg-train-errors-") as errors:
+        try:
+            yield errors
+        except UserError:
+            raise
+        except Exception:
+            written = sorted(Path(errors).glob("*.txt"), key=lambda p: p.stat().st_mtime_ns)
+            if written:
+                raise UserError(written[0].read_text()) from None
+            raise
+
+
 def _free_port() -> int:
     import socket
 
@@ -452,20 +484,22 @@ def _free_port() -> int:
 def launch(main_func, args: tuple, tc: TrainConfig) -> None:
     """detectron2's ``launch`` on GPUs; on CPUs the same process layout with gloo (v0.6's launch needs CUDA)."""
     detectron2_ready()
-    if tc.num_gpus:
-        from detectron2.engine import launch as d2_launch
-
-        d2_launch(main_func, tc.num_gpus, tc.num_machines, tc.machine_rank,
-                  dist_url=_dist_url(tc), args=args)  # fmt: skip
-        return
-    world = tc.cpu_procs * tc.num_machines
-    if world == 1:
+    world = (tc.num_gpus or tc.cpu_procs) * tc.num_machines
+    if world == 1 and not tc.num_gpus:
         main_func(*args)
         return
-    import torch.multiprocessing as mp
+    dist_url = _dist_url(tc)
+    with _one_line_from_children() as errors:
+        main_func, args = _user_errors_to, (errors, main_func, *args)
+        if tc.num_gpus:
+            from detectron2.engine import launch as d2_launch
 
-    mp.start_processes(_cpu_worker, nprocs=tc.cpu_procs, start_method="spawn",
-                       args=(main_func, world, tc.cpu_procs, tc.machine_rank, _dist_url(tc), args))  # fmt: skip
+            d2_launch(main_func, tc.num_gpus, tc.num_machines, tc.machine_rank, dist_url=dist_url, args=args)
+            return
+        import torch.multiprocessing as mp
+
+        mp.start_processes(_cpu_worker, nprocs=tc.cpu_procs, start_method="spawn",
+                           args=(main_func, world, tc.cpu_procs, tc.machine_rank, dist_url, args))  # fmt: skip
 
 
 def _dist_url(tc: TrainConfig) -> str:

@@ -326,3 +326,34 @@ def test_training_images_of_8_and_16_bits_each_reach_the_model_on_the_full_scale
     cli("train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", out, "--max-iter", 1)
     intensities = ModelDir.load(out).normalization["training_intensities"]
     assert intensities["uint8"] == [60.0, 200.0] and intensities["uint16"] == [60.0 * 257, 200.0 * 257]
+
+
+def _refuse_in_rank_1(message: str) -> None:
+    """A training process's main function that finds a user's mistake in rank 1 only (in a spawned process)."""
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 1:
+        raise UserError(message)
+    comm.synchronize()  # rank 0 waits for rank 1, as a training step would
+
+
+def test_a_mistake_found_in_a_spawned_training_process_is_one_line_in_the_launching_one(tmp_path):
+    """Found inside a --cpu-procs 2 process (torch's spawn): the launching process raises it as the same one-line
+    UserError, not torch's report of the failed process with its traceback."""
+    from cellseg_batch.train import TrainConfig, launch
+
+    tc = TrainConfig(train="", images="", out=str(tmp_path), config="", cpu_procs=2)
+    with pytest.raises(UserError) as raised:
+        launch(_refuse_in_rank_1, ("image x.png changed while training; train again",), tc)
+    assert str(raised.value) == "image x.png changed while training; train again"
+
+
+def test_training_images_without_contrast_are_refused_before_the_training_processes_start(tmp_path):
+    ann = _makesense_like(tmp_path, n_images=2)
+    for path in (tmp_path / "images").glob("*.png"):
+        Image.fromarray(np.full((128, 128), 7, np.uint8)).save(path)
+    proc = cli("train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", tmp_path / "m",
+               "--cpu-procs", 2, "--batch-size", 2, "--max-iter", 1, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "the uint8 training images have no contrast (every sampled pixel is 7" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "m").exists()
