@@ -204,6 +204,7 @@ class TiffVolume(Volume):
                 headers = _page_headers(tf, series)
                 self._check_complete(tf, series, headers)
                 self._check_pages(headers)
+                _check_first_series_largest(tf.series, self.path)
                 axes = series.axes
                 if tf.is_imagej and axes.startswith("C") and (tf.imagej_metadata or {}).get("channels", 1) > 1:
                     raise UserError(f"{self.path} is an ImageJ stack of {series.shape[0]} channels; save one channel")
@@ -285,6 +286,17 @@ class TiffVolume(Volume):
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
+def _check_first_series_largest(series: list, path: str) -> None:
+    """The first series (image) of a TIFF is read; the others may be its pyramid levels or thumbnails, smaller. One
+    larger than the first (a thumbnail or overview written before the stack) means the first is not the volume."""
+    larger = [s for s in series[1:] if math.prod(s.shape) > math.prod(series[0].shape)]
+    if larger:
+        images = ", ".join(f"{'x'.join(map(str, s.shape))} {s.dtype}" for s in series[:4])
+        more = f" and {len(series) - 4} more" if len(series) > 4 else ""
+        raise UserError(f"{path} holds {len(series)} images ({images}{more}); the first, which would be read, is not "
+                        "the largest: save the stack as a file of its own (tifffile.imread(path, series=N))")  # fmt: skip
+
+
 def _page_headers(tf, series) -> list:
     """The pages read as slices, each by its own header (None for one that cannot be read). Where no metadata says
     what the series is (uniform, generic), every page of the file is a slice, as Fiji reads it. ~80 µs a page: headers
@@ -308,15 +320,20 @@ def _one_series_per_page(path: str) -> bool:
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
-        page = tf.pages.first
-        if not page.is_shaped:
-            return False
-        try:
-            said = json.loads(page.shaped_description or "")
-        except ValueError:  # tifffile's pre-2018 "shape=(...)" description, or not tifffile's: as tifffile reads it
-            return False
-        shape = said.get("shape") if isinstance(said, dict) else None
-        return isinstance(shape, list) and math.prod(shape) == math.prod(page.shape) and len(tf.pages) > 1
+        # the first two pages each a series of one page: a stack written at once after a thumbnail (a series of one
+        # page, then one of many) is several series, the first of which is not the stack
+        return len(tf.pages) > 1 and all(_one_page_series(tf.pages[i]) for i in (0, 1))
+
+
+def _one_page_series(page) -> bool:
+    if not page.is_shaped:
+        return False
+    try:
+        said = json.loads(page.shaped_description or "")
+    except ValueError:  # tifffile's pre-2018 "shape=(...)" description, or not tifffile's: as tifffile reads it
+        return False
+    shape = said.get("shape") if isinstance(said, dict) else None
+    return isinstance(shape, list) and math.prod(shape) == math.prod(page.shape)
 
 
 def _page_size(page) -> str:

@@ -138,6 +138,23 @@ def test_an_ome_tiff_pyramid_in_subifds_is_read_at_level_0(tmp_path):
     _check(tmp_path / "p.ome.tif")
 
 
+def test_a_tiff_of_several_images_is_read_from_the_first_only_where_it_is_the_largest(tmp_path):
+    """Series after the first (pyramid levels, a thumbnail after the stack) are left out; a thumbnail or overview
+    written before the stack is refused, naming the images (it was 'page 1 is 130x150, but page 0 is 16x18: resave
+    it with matching pages', which it has)."""
+    with tifffile.TiffWriter(tmp_path / "after.tif") as tw:
+        tw.write(DATA, photometric="minisblack")
+        tw.write(DATA[:, ::2, ::2], photometric="minisblack")
+        tw.write(DATA[0, ::8, ::8], photometric="minisblack")
+    _check(tmp_path / "after.tif")
+    with tifffile.TiffWriter(tmp_path / "before.tif") as tw:
+        tw.write(DATA[0, ::8, ::8], photometric="minisblack")
+        tw.write(DATA, photometric="minisblack")
+    with pytest.raises(UserError, match=r"before.tif holds 2 images \(17x19 uint16, 5x130x150 uint16\); the first.*is "
+                                        "not the largest"):  # fmt: skip
+        open_volume(tmp_path / "before.tif")
+
+
 def _write_sequence(folder, data, kind):
     from PIL import Image
 
