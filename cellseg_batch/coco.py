@@ -316,11 +316,16 @@ def _common_suffix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[float]]:
-    """Outer contours of a binary mask as COCO polygons (for annotation tools that edit polygons)."""
+    """Outer contours of a binary mask as COCO polygons (for annotation tools that edit polygons), along the pixels'
+    edges: pycocotools fills them back to exactly the mask, holes filled (a contour through the edge pixels' centres
+    lost half a pixel all round: IoU 0.63 for a disc of 26 px, one-pixel objects and lines gone). Traced on the mask
+    upsampled 2x, where each sub-pixel on a contour stands for the corner of its pixel it touches: sub-pixel 2i
+    (the left or top half of pixel i) for edge i, 2i + 1 for edge i + 1."""
     import cv2
 
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+    up = np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8))
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [((c.reshape(-1) + 1) // 2).astype(float).tolist() for c in contours if len(c) >= 3]
 
 
 def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: range | None = None,
