@@ -134,7 +134,19 @@ def _run_offset(pred: str, pred_depth: int, gt_depth: int) -> int | None:
     if pred_depth == gt_depth or not recorded or len(recorded) != 2:
         return None
     z0, z1 = recorded
+    if _volume_depth(pred) == pred_depth:  # the run took its whole volume (of fewer slices than the ground truth's):
+        return None  # slices 0:N of its own volume are not slices 0:N of this one; the shapes differ
     return z0 if z1 - z0 == pred_depth and z1 <= gt_depth else None
+
+
+def _volume_depth(pred: str) -> int | None:
+    """The slices of the volume a run read (its report's input shape), where the report says."""
+    import json
+
+    try:
+        return int(json.loads((Path(pred) / "cellseg" / "report.json").read_text())["input"]["shape"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class SliceRange(Volume):

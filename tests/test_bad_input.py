@@ -373,3 +373,21 @@ def test_a_work_dir_that_cannot_be_written_is_refused_naming_it(capsys, inputs, 
     (tmp_path / "work").write_text("a file, not a folder")
     line = _refused(capsys, inputs, [*_base("run", inputs), "--work-dir", tmp_path / "work"], [tmp_path / "work"])
     assert "Not a directory" in line and "choose an --out and --work-dir" in line
+
+
+def test_eval_of_a_whole_volume_s_run_against_deeper_ground_truth_is_refused_not_scored_on_its_first_slices(
+        capsys, tmp_path):
+    """A run of a whole 3-slice volume (a crop saved as its own file) records slices 0:3 of it; eval took them as
+    slices 0:3 of a 10-slice ground truth and scored them there (exit 0). Only a run of part of its volume (--slices)
+    is placed in a deeper ground truth."""
+    from conftest import cli as run_cli
+
+    truth = np.zeros((10, 64, 64), np.uint16)
+    truth[:, 10:30, 10:30], truth[:, 40:60, 35:55] = 1, 2
+    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "crop.tif", truth[5:8], photometric="minisblack")  # slices 5:8, cropped out
+    out = tmp_path / "crop.zarr"
+    run_cli("run", tmp_path / "crop.tif", "--predictor", "labels", "--labels", tmp_path / "crop.tif", "--classes",
+            "cell", "--tile", 32, "--overlap", 8, "--out", out, "--no-progress", "--no-image")  # fmt: skip
+    line = _refused(capsys, tmp_path, ["eval", out, tmp_path / "truth.tif", "--gt-classes", "cell"], ["shape"])
+    assert "(3, 64, 64) but the ground truth has (10, 64, 64)" in line
