@@ -351,8 +351,8 @@ def _odd_page(path: str, page, first) -> str:
             "stack must have the same size and pixel type; resave it with matching pages")  # fmt: skip
 
 
-NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "micron": 1000.0, "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1,
-               "pm": 1e-3}  # fmt: skip
+NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "\u03bcm": 1000.0, "micron": 1000.0, "microns": 1000.0,
+               "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1, "\u212b": 0.1, "pm": 1e-3}  # µ: the micro sign or Greek mu
 
 
 def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:

@@ -126,6 +126,16 @@ def test_ome_tiff_pixel_size(tmp_path):
     _check(tmp_path / "v.ome.tif")
 
 
+@pytest.mark.parametrize("unit, nm", [("µm", 4.0), ("\u03bcm", 4.0), ("nm", 0.004), ("\u212b", 0.0004)])
+def test_ome_tiff_units_as_writers_spell_them(tmp_path, unit, nm):
+    """µ as the micro sign (OME's) or the Greek letter mu, Å as a letter or the Angstrom sign: the Greek mu was no
+    unit, so the file's pixel size was unknown and the model's taken without a word."""
+    tifffile.imwrite(tmp_path / "v.ome.tif", DATA, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.004, "PhysicalSizeXUnit": unit, "PhysicalSizeY": 0.004,
+        "PhysicalSizeYUnit": unit})  # fmt: skip
+    assert open_volume(tmp_path / "v.ome.tif").pixel_size_nm == pytest.approx((None, nm, nm))
+
+
 def test_an_ome_tiff_pyramid_in_subifds_is_read_at_level_0(tmp_path):
     """OME-TIFF pyramids (bfconvert, QuPath, tifffile's subifds) keep the lower levels in SubIFDs of each page: the
     first window read failed ('path ... is not a string') as tifffile gave a zarr group of all levels."""
