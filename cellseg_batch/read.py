@@ -832,6 +832,9 @@ def open_volume(path: str | os.PathLike) -> Volume:
         return ImageSequence(path)
     if p.is_file() and p.stat().st_size == 0:
         raise UserError(f"{path} is an empty file")
+    if p.is_dir() and (p / "attributes.json").is_file():  # N5's metadata document (zarr 3 reads no N5)
+        raise UserError(f"{path} is N5, which this tool does not read; convert it to zarr (e.g. with tensorstore or "
+                        "BigDataViewer's n5-utils) or to TIFF")  # fmt: skip
     raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, an .h5, or "
                     "a folder of 2D .tif or .png slices")  # fmt: skip
 
