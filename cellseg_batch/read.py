@@ -412,13 +412,11 @@ class ZarrVolume(Volume):
         axes, pixel = None, None
         self._array_path = self.path
         if isinstance(node, zarr.Group):
-            ms = multiscales(node.attrs)
+            base, ms = self.path.rstrip("/"), multiscales(node.attrs)
             if ms is None:
-                arrays = sorted(name for name, _ in node.arrays())
-                hint = f"; pass one of its arrays, e.g. {self.path}/{arrays[0]}" if arrays else ""
-                raise UserError(f"{self.path} is a zarr group without OME-Zarr multiscales{hint}")
+                base, ms = self._one_image(node, base)
             level0 = ms["datasets"][0]
-            self._array_path = f"{self.path.rstrip('/')}/{level0['path']}"
+            self._array_path = f"{base}/{level0['path']}"
             node = zarr.open(self._array_path, mode="r")
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
             pixel = ngff_pixel_size(ms, level0)
@@ -426,6 +424,18 @@ class ZarrVolume(Volume):
             axes = _plain_axes(node.shape, self.path)
         zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
         return zyx, _check_dtype(node.dtype, self.path), pixel
+
+    def _one_image(self, group, base: str) -> tuple[str, dict]:
+        """The OME-Zarr image of a group without multiscales of its own: bioformats2raw's layout (bfconvert, Fiji's
+        OME-Zarr export) keeps each image (series) in a subgroup, ``0``, ``1``, ...; one image is read, several
+        are named. Any other group is refused naming the images or arrays it holds."""
+        images = sorted((name for name, sub in group.groups() if multiscales(sub.attrs)), key=_natural_key)
+        if len(images) == 1 and "bioformats2raw.layout" in dict(group.attrs):
+            return f"{base}/{images[0]}", multiscales(group[images[0]].attrs)
+        named = [f"{base}/{name}" for name in images] or [f"{base}/{name}" for name, _ in sorted(group.arrays())]
+        kind = "OME-Zarr images" if images else "arrays"
+        hint = f"; pass one of its {kind}: {', '.join(named[:3])}{' ...' if len(named) > 3 else ''}" if named else ""
+        raise UserError(f"{self.path} is a zarr group without OME-Zarr multiscales{hint}")
 
     def identity(self) -> list:
         """What tells this array from an edited one (the resume check), without listing its (maybe millions of)

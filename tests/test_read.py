@@ -367,6 +367,28 @@ def test_ome_zarr_level_0_with_pixel_size(tmp_path):
     _check(tmp_path / "img.zarr")
 
 
+@pytest.mark.parametrize("series", [1, 2])
+def test_a_bioformats2raw_ome_zarr_is_read_at_its_one_image(tmp_path, series):
+    """bioformats2raw (bfconvert, Fiji's OME-Zarr export) puts each image in a subgroup 0, 1, ... of a root without
+    multiscales: the root was refused as 'a zarr group without OME-Zarr multiscales', with no hint of the image."""
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    for i in range(series):
+        write_image(DATA[None, None], root.create_group(str(i)), axes="tczyx", scale={"z": 0.04, "y": 0.005, "x": 0.005},
+                    axes_units=dict.fromkeys("zyx", "micrometer"))  # fmt: skip
+    root.create_group("OME").attrs["series"] = [str(i) for i in range(series)]
+    if series == 1:
+        _check(tmp_path / "b2r.zarr")
+        assert open_volume(tmp_path / "b2r.zarr").pixel_size_nm == pytest.approx((40.0, 5.0, 5.0))
+    else:
+        with pytest.raises(UserError, match=r"without OME-Zarr multiscales; pass one of its OME-Zarr images: .*b2r.zarr/0, "
+                                            r".*b2r.zarr/1$"):  # fmt: skip
+            open_volume(tmp_path / "b2r.zarr")
+    _check(tmp_path / "b2r.zarr" / "0")
+
+
 @pytest.mark.parametrize("unit, scale, nm", [
     ("micrometer", [0.04, 0.005, 0.005], (40.0, 5.0, 5.0)), ("nanometer", [40.0, 5.0, 5.0], (40.0, 5.0, 5.0)),
     (None, [40.0, 5.0, 5.0], None), (None, [1.0, 1.0, 1.0], None), ("pixel", [1.0, 1.0, 1.0], None),
