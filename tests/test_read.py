@@ -496,6 +496,17 @@ def test_zero_fill_around_registered_sections_does_not_move_the_normalization(tm
     assert estimate(open_volume(tmp_path / "dark.tif")).low == plain.low
 
 
+@pytest.mark.parametrize("fill", [0, 255, 137])
+def test_a_blank_or_saturated_slice_does_not_move_the_normalization(tmp_path, fill):
+    """A section lost and filled with one value (white, black, grey) is no tissue: the percentiles stay those of the
+    other slices (a white slice in 16 made the 99.5th percentile 255, dimming every slice the model saw)."""
+    tissue = np.random.default_rng(3).integers(60, 220, (16, 200, 200)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "tissue.tif", tissue, photometric="minisblack")
+    tissue[7] = fill
+    tifffile.imwrite(tmp_path / "lost.tif", tissue, photometric="minisblack")
+    assert estimate(open_volume(tmp_path / "lost.tif")) == estimate(open_volume(tmp_path / "tissue.tif"))
+
+
 def test_nan_in_a_float_volume_reaches_the_model_as_black(tmp_path):
     """No-data NaN (stitched mosaics, masked acquisitions) must not reach the model: one NaN pixel spreads through
     every convolution and group norm of its tile and wipes out the tile's detections."""
