@@ -30,6 +30,21 @@ between slices stays one object. For two slices a, b (adjacent, or across a gap)
    empty slices between them, aligned (IoU >= ``link_iou``, where the first's drift carries it), become one.
    Where a class can be stacked like that (the synthetic generator's cells: stacked boxes leave one empty slice),
    set its gap to 0, e.g. ``--link-gap cell=0,2``.
+Two faults of real stacks are handled between rules 1-2 and the gap edges:
+
+- Misaligned sections (registration errors): where the steps between the centroids of same-sized instances of two
+  adjacent slices pile up on one translation of 3 px or more (``_slice_shift``), the pair's overlaps are counted
+  again with the second slice moved back by it, from the tile cores, and rules 1-2 run on those where more of the
+  first slice's area then continues one-to-one (``_registered_links``). A section moved by 5-20 px otherwise cuts
+  every small object in two and leaves its own instances as one-slice objects.
+- Crossings (2D merges): an instance that two or more instances of the slice before and two or more of the slice
+  after link to (rules 1-2, before any cut) is two objects that meet in one section and part at once, what a
+  missed boundary between touching objects looks like (``_crossings``). Its edges are cut on both sides; it joins
+  the largest instance below it as a leaf, and the instances it held are free for gap edges across it. Otherwise
+  one missed boundary merges two objects over their whole length. A branch (one below, two above) or a join is
+  none; a network that crosses itself in one section (canalicular vessels can) is cut there, and a 2D merge over
+  two or more sections in a row is still a merge.
+
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
    takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
@@ -94,6 +109,8 @@ class LinkStats:
     gap_tiles_read: int = 0  # of those, the ones whose cores the driver read (the gap stage did not run)
     gap_cores_read: int = 0  # tile cores read back to count gap overlaps (where no actor counted them)
     gap_seconds: float = 0.0
+    crossings: int = 0  # 2D instances two objects crossed (a 2D merge): cut out of both (``_crossings``)
+    shifted_pairs: int = 0  # pairs of adjacent slices linked with the second moved by its misalignment
     objects: int = 0
     max_tiles_per_instance: int = 0
     instances_over_4_tiles: int = 0
@@ -442,6 +459,96 @@ def _adjacent_links(grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, overla
                      rule.ioa_min, a.score, b.score)  # fmt: skip
 
 
+SHIFT_REACH = 48  # px: the largest misalignment of a section that linking looks for
+SHIFT_MIN = 3  # px: smaller shifts are left alone (instances still pair)
+
+
+def _slice_shift(a: _Slice, b: _Slice, rule: LinkRule) -> np.ndarray | None:
+    """The translation (dy, dx) of slice b against slice a where b is a misaligned section (a registration error,
+    ``benchmarks/REPORT.md``, linking on real data), or None. Every pair of instances of one kind within
+    ``SHIFT_REACH`` px whose areas are within 2x of each other votes for the step between their centroids; the
+    most voted step (1 px bins, counted over 3 x 3 bins) stands where it is at least ``SHIFT_MIN`` px long, is
+    voted by a quarter of the instances of the smaller slice (and 4 at least), and is voted twice as often as no
+    step at all. Objects that move on their own vote for steps spread around 0: they move no peak away from it."""
+    from scipy.spatial import cKDTree
+
+    here, there = np.flatnonzero(a.area > 0), np.flatnonzero(b.area > 0)
+    if min(len(here), len(there)) < 4:
+        return None
+    ca, cb = _centroids(a)[here], _centroids(b)[there]
+    near = cKDTree(ca).sparse_distance_matrix(cKDTree(cb), SHIFT_REACH, output_type="ndarray")
+    i, j = here[near["i"]], there[near["j"]]
+    ratio = b.area[j] / a.area[i]
+    keep = (ratio >= 0.5) & (ratio <= 2) & (rule.kinds(a.cls)[i] == rule.kinds(b.cls)[j])
+    step = np.rint(_centroids(b)[j[keep]] - _centroids(a)[i[keep]]).astype(np.int64) + SHIFT_REACH + 1
+    side = 2 * SHIFT_REACH + 3
+    raw = np.zeros((side, side))
+    np.add.at(raw, (step[:, 0], step[:, 1]), 1)
+    votes = sum(raw[1 + dy : side - 1 + dy, 1 + dx : side - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    peak = np.array(np.unravel_index(np.argmax(votes), votes.shape))
+    best, still = votes[tuple(peak)], votes[SHIFT_REACH, SHIFT_REACH]
+    window = raw[peak[0] : peak[0] + 3, peak[1] : peak[1] + 3]  # the peak's 3 x 3 bins: their mean step
+    offset = np.array([(window.sum(1) * [-1, 0, 1]).sum(), (window.sum(0) * [-1, 0, 1]).sum()]) / window.sum()
+    shift = peak - SHIFT_REACH + np.rint(offset).astype(np.int64)
+    if np.hypot(*shift) < SHIFT_MIN or best < max(4, min(len(here), len(there)) / 4) or best < 2 * still:
+        return None
+    return shift
+
+
+def _paired_share(a: _Slice, pairs: np.ndarray, heal: int) -> float:
+    """The share of slice a's instance area that continues one-to-one (rule 1) in the pairs."""
+    one = pairs[: len(pairs) - heal, 0]
+    return float(a.area[one].sum() / max(a.area.sum(), 1))
+
+
+def _registered_links(store, grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, za: int, pairs: np.ndarray,
+                      heal: int, stats: LinkStats | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
+    """Rules 1-2 between adjacent slices a (za) and b (za + 1) where b is a misaligned section: overlaps counted
+    with b moved back by its shift (``_slice_shift``), from the tile cores; kept where more of a's area continues
+    one-to-one (by 0.1 at least) than with the overlaps as they lie (``pairs``, ``heal``). A section translated by
+    5-20 px otherwise leaves its instances unpaired (one-slice objects, or joins to a neighbour)."""
+    shift = _slice_shift(a, b, rule)
+    if shift is None:
+        return pairs, heal
+    who = np.flatnonzero(b.area > 0)
+    cores = _Cores(store, grid, {za: a, za + 1: b})
+    rows = _moved_overlaps(cores, grid, rule, za + 1, za, who, np.tile(-shift, (len(who), 1)), 1)
+    moved, moved_heal = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, rows["a"], rows["b"],
+                                  rows["count"], rule.iou_min, rule.ioa_min, a.score, b.score)  # fmt: skip
+    if stats is not None:
+        stats.gap_cores_read += cores.reads
+    if _paired_share(a, moved, moved_heal) < _paired_share(a, pairs, heal) + 0.1:
+        return pairs, heal
+    if stats is not None:
+        stats.shifted_pairs += 1
+    return moved, moved_heal
+
+
+def _crossings(below: np.ndarray, above: np.ndarray, n: int) -> np.ndarray:
+    """The 2D instances of a slice that two or more instances of the slice before and two or more of the slice after
+    link to (``below``: edges (previous slice, this one); ``above``: (this one, next); both before any cut): two
+    objects that meet in one section and part at once, which is what a 2D merge of two touching objects (a missed
+    boundary) looks like. A branch (one below, two above) or a join (two below, one above) is none."""
+    if len(below) == 0 or len(above) == 0:
+        return np.zeros(0, np.int64)
+    both = (np.bincount(below[:, 1], minlength=n) >= 2) & (np.bincount(above[:, 0], minlength=n) >= 2)
+    return np.flatnonzero(both)
+
+
+def _cut(pairs: np.ndarray, cross_a: np.ndarray, cross_b: np.ndarray) -> np.ndarray:
+    """Edges between two slices less those of the crossings of either (``_crossings``)."""
+    return pairs[~(np.isin(pairs[:, 0], cross_a) | np.isin(pairs[:, 1], cross_b))]
+
+
+def _leaves(below: np.ndarray, cross: np.ndarray, area_below: np.ndarray) -> np.ndarray:
+    """One edge per crossing (rows: instance below, crossing): to the largest of the instances below linked to it,
+    so that its pixels belong to one object, which it joins as a leaf."""
+    mine = below[np.isin(below[:, 1], cross)]
+    order = np.lexsort((mine[:, 0], -area_below[mine[:, 0]], mine[:, 1]))
+    mine = mine[order]
+    return mine[np.concatenate([[True], mine[1:, 1] != mine[:-1, 1]])] if len(mine) else mine
+
+
 def _gaps(rule: LinkRule, n_classes: int) -> np.ndarray:
     gap = np.zeros(n_classes, np.int64)
     gap[: len(rule.gap)] = rule.gap
@@ -469,14 +576,20 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
                 for z, (_, edges) in loaded.items() if z + 1 in slices}  # fmt: skip
     cores = _Cores(store, grid, slices)
     a = slices[za]
+    cross = {z: _crossings(adjacent[z - 1], adjacent[z], len(slices[z].area)) for z in slices
+             if z - 1 in adjacent and z in adjacent}  # fmt: skip
+    none = np.zeros(0, np.int64)
+    cut = {z: _cut(p, cross.get(z, none), cross.get(z + 1, none)) for z, p in adjacent.items()}
     forward = np.zeros(len(a.area), bool)
-    forward[adjacent[za][:, 0]] = True
+    forward[cut[za][:, 0]] = True
+    forward[cross.get(za, none)] = True
     drift_a = _drift(a, slices[za - 1], adjacent[za - 1][:, ::-1]) if za > 0 else np.full((len(a.area), 2), np.nan)
     wanted, free = {}, {}
     for zb in range(za + 2, last + 1):
         b = slices[zb]
         backward = np.zeros(len(b.area), bool)
-        backward[adjacent[zb - 1][:, 1]] = True
+        backward[cut[zb - 1][:, 1]] = True
+        backward[cross.get(zb, none)] = True
         bridged = gap >= zb - za - 1
         free[zb] = (~forward & (a.area > 0) & bridged[a.cls], ~backward & (b.area > 0) & bridged[b.cls])
         wanted[zb] = _gap_positions(grid, a, b, *free[zb])[1]
@@ -506,6 +619,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     gap = _gaps(rule, n_classes)
     counted: dict[int, tuple[dict, bool]] = {}  # za -> the gap unit's rows per distance; counted by the driver?
     prev_edges = None
+    pending = None  # the edges to the last slice: crossings of that slice may still cut them (``_settle``)
     for z in range(n_slices):
         here, edges = _load_slice(store, grid, z, bases[-1])
         frag, inst, cls, area, n = here.frag, here.inst, here.cls, here.area, len(here.area)
@@ -519,9 +633,10 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         if window and link != "none":
             prev = window[-1]
             pairs, heal = _adjacent_links(grid, rule, prev, here, prev_edges["overlaps"])
-            _add_edges(link_edges, pairs, prev, here)
+            pairs, heal = _registered_links(store, grid, rule, prev, here, z - 1, pairs, heal, stats)
             stats.links += len(pairs)
             stats.heal_links += heal
+            pending = _settle(link_edges, pending, pairs, prev, here, stats)
             for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
                 if z - d not in counted:
                     rows = store.gap_overlaps(z - d)
@@ -546,6 +661,8 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         bases.append(bases[-1] + n)
         if progress:
             progress.update(1)
+    if pending is not None:
+        _commit(link_edges, pending)
     total = bases[-1]
     area_all = np.concatenate(areas) if areas else np.zeros(0, np.int64)
     edges_all = np.concatenate(link_edges) if link_edges else np.zeros((0, 2), np.int64)
@@ -564,6 +681,48 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     for c in range(n_classes):
         stats.per_class[c] = int((table["cls"] == c).sum())
     return table, stats
+
+
+@dataclass
+class _Pending:
+    """Adjacent edges of slices a, b not yet final: uncut (for the crossings of b, once the slice after is known),
+    and cut by the crossings known so far (those of a)."""
+
+    a: _Slice
+    b: _Slice
+    uncut: np.ndarray
+    edges: np.ndarray
+    cross_a: np.ndarray
+
+
+def _settle(out: list, pending: _Pending | None, pairs: np.ndarray, prev: _Slice, here: _Slice,
+            stats: LinkStats) -> _Pending:  # fmt: skip
+    """New adjacent edges (prev, here): the crossings of prev (``_crossings``, from the uncut edges on both sides)
+    cut their edges on both sides; each joins, as a leaf, the largest instance below it, and the instances they
+    linked are free again for gap edges across them (two objects a 2D merge glued in one section are apart again,
+    and each is bridged over it). Commits the edges before prev, and returns those to here, pending."""
+    none = np.zeros(0, np.int64)
+    cross = _crossings(pending.uncut, pairs, len(prev.area)) if pending is not None else none
+    if pending is not None:
+        pending.edges = _cut(pending.edges, pending.cross_a, cross)
+        pending.a.forward[:] = False
+        pending.a.forward[pending.edges[:, 0]] = True
+        pending.a.forward[pending.cross_a] = True
+        if len(cross):
+            leaves = _leaves(pending.uncut, cross, pending.a.area)
+            out.append(leaves + np.array([pending.a.base, prev.base]))
+            stats.crossings += len(cross)
+        _commit(out, pending)
+    edges = _cut(pairs, cross, none)
+    prev.forward[:] = False
+    prev.forward[edges[:, 0]] = True
+    prev.forward[cross] = True
+    here.backward[edges[:, 1]] = True
+    return _Pending(prev, here, pairs, edges, cross)
+
+
+def _commit(out: list, pending: _Pending) -> None:
+    out.append(pending.edges + np.array([pending.a.base, pending.b.base]))
 
 
 def _add_edges(out: list, pairs: np.ndarray, a: _Slice, b: _Slice) -> None:
