@@ -2,7 +2,8 @@
 beside Cellpose's ``stitch3D`` (default threshold 0.25) run on the same 2D instances, on synthetic linking cases
 (branches, touching neighbours, misaligned slices, missed detections) and on real EM data where any has 3D truth.
 
-Usage: ``python benchmarks/bench_linking.py`` (cellpose, where wanted, from ``CELLPOSE_PATH``, e.g. a folder made by
+Usage: ``python benchmarks/bench_linking.py`` (``--real``: real 2D shapes under the faults of model output and
+acquisitions, ``real_faults``; cellpose, where wanted, from ``CELLPOSE_PATH``, e.g. a folder made by
 ``pip install --no-deps --target DIR cellpose fill-voids opencv-python-headless``). Writes
 ``results/linking.json``."""
 
@@ -174,8 +175,282 @@ def real_data() -> str:
     return f"not run: {found} need a loader here"
 
 
+# --real: the linking of real 2D shapes under the faults of real model output and acquisitions (see main's docstring)
+
+
+def per_slice(labels: np.ndarray) -> np.ndarray:
+    """Each slice's 4-connected pieces of each id as its own 2D instance, ids unique over the stack."""
+    from skimage.measure import label
+
+    out, top = np.zeros(labels.shape, np.uint32), 0
+    for z, sl in enumerate(labels):
+        pieces = label(sl, background=0, connectivity=1).astype(np.uint32)
+        out[z] = np.where(pieces > 0, pieces + top, 0)
+        top += int(pieces.max())
+    return out
+
+
+def platelet_3d(nz: int = 24, seed: int = 0) -> np.ndarray:
+    """3D truth from the real platelet slice's organelles (its 2D shapes; its 1-5 px specks left out): each runs
+    through a random run of slices (some cut by the volume's ends), shrinks towards its ends, and moves 0-2.5 px a
+    slice on its own heading; larger ones are drawn first (a smaller one in front where they meet)."""
+    import tifffile
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    section = tifffile.imread(SHARED_DATA / "platelet-em-24-z0" / "labels.tif")[0]
+    h, w = section.shape
+    truth = np.zeros((nz, h, w), np.uint32)
+    areas = np.bincount(section.ravel())
+    for i in sorted(np.flatnonzero(areas[1:] >= 20) + 1, key=lambda i: -areas[i]):
+        ys, xs = np.nonzero(section == i)
+        cy, cx = ys.mean(), xs.mean()
+        length, centre = int(rng.integers(5, nz + 8)), rng.uniform(-2, nz + 1)
+        speed, heading = rng.uniform(0, 2.5), rng.uniform(0, 2 * np.pi)
+        for z in range(max(round(centre - length / 2), 0), min(round(centre + length / 2), nz)):
+            t = (z - centre) / max(length / 2, 1)
+            size = max(1 - t * t, 0.0) ** 0.25
+            if size < 0.35:
+                continue
+            yy = np.clip(np.rint(cy + (ys - cy) * size + speed * np.sin(heading) * (z - centre)), 0, h - 1)
+            xx = np.clip(np.rint(cx + (xs - cx) * size + speed * np.cos(heading) * (z - centre)), 0, w - 1)
+            mask = np.zeros((h, w), bool)
+            mask[yy.astype(int), xx.astype(int)] = True
+            truth[z][ndimage.binary_closing(mask) if size < 1 else mask] = i
+    return truth
+
+
+def moved(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """A 2D array translated by (dy, dx), zeros shifted in."""
+    out = np.zeros_like(a)
+    h, w = a.shape
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = a[max(-dy, 0) : h - max(dy, 0),
+                                                                      max(-dx, 0) : w - max(dx, 0)]  # fmt: skip
+    return out
+
+
+def faults(n: int, seed: int = 100) -> dict:
+    """name -> fault(det, truth) -> (det, truth): the 2D instances as a model would miss, split, merge or add them,
+    and the sections as an acquisition would lose, repeat or misalign them (truth moved alike)."""
+    from scipy import ndimage
+
+    m = n // 2
+
+    def rng(k):
+        return np.random.default_rng(seed + k)
+
+    def sections(fn):  # a fault of whole sections: det and truth alike
+        return lambda d, t: (per_slice(fn(d)), fn(t))
+
+    def per_instance(d, fn):
+        out = d.copy()
+        for z in range(len(d)):
+            fn(out[z], z)
+        return per_slice(out)
+
+    def blank(zs):
+        return lambda d, t: (np.where(np.isin(np.arange(len(d)), zs)[:, None, None], 0, d), t)
+
+    def shift(z, dy, dx):
+        return sections(lambda a: np.concatenate([a[:z], moved(a[z], dy, dx)[None], a[z + 1 :]]))
+
+    def drop(share, k):
+        def fn(d, t):
+            ids = np.unique(d)[1:]
+            return np.where(np.isin(d, rng(k).choice(ids, round(share * len(ids)), replace=False)), 0, d), t
+
+        return fn
+
+    def split(d, t):  # a tenth of the instances of 60 px or more cut across their long axis
+        top = [int(d.max()) + 1]
+
+        def cut(sl, z):
+            for i, box in enumerate(ndimage.find_objects(sl)):
+                ys, xs = np.nonzero(sl[box] == i + 1) if box else ((), ())
+                if box is None or r.random() >= 0.1 or len(ys) < 60:
+                    continue
+                axis = np.linalg.eigh(np.cov(np.stack([ys, xs])))[1][:, -1]
+                along = (ys - ys.mean()) * axis[0] + (xs - xs.mean()) * axis[1]
+                sl[box][ys[along > 0.5], xs[along > 0.5]] = top[0]
+                sl[box][ys[np.abs(along) <= 0.5], xs[np.abs(along) <= 0.5]] = 0
+                top[0] += 1
+
+        r = rng(4)
+        return per_instance(d, cut), t
+
+    def merge(d, t):  # a tenth of the instances merged with a neighbour within 3 px, the gap filled
+        def join(sl, z):
+            done = set()
+            for i in r.permutation(np.unique(sl)[1:]):
+                if i in done or r.random() >= 0.1:
+                    continue
+                near = ndimage.binary_dilation(sl == i, iterations=3)
+                other = [j for j in np.unique(sl[near]) if j not in done and j not in (0, i)]
+                if other:
+                    sl[(sl == other[0]) | (near & ndimage.binary_dilation(sl == other[0], iterations=3) & (sl == 0))] = i
+                    done |= {i, other[0]}
+
+        r = rng(5)
+        return per_instance(d, join), t
+
+    def specks(d, t):  # 10 false discs of radius 2-4 px a slice, in the background
+        top = [int(d.max()) + 1]
+
+        def add(sl, z):
+            yy, xx = np.mgrid[: sl.shape[0], : sl.shape[1]]
+            for _ in range(10):
+                cy, cx, rad = r.integers(0, sl.shape[0]), r.integers(0, sl.shape[1]), r.integers(2, 5)
+                sl[((yy - cy) ** 2 + (xx - cx) ** 2 <= rad * rad) & (sl == 0)] = top[0]
+                top[0] += 1
+
+        r = rng(6)
+        return per_instance(d, add), t
+
+    def grow(px):  # every instance eroded (px < 0) or grown into the background
+        def fn(sl, z):
+            if px < 0:
+                size = 2 * -px + 1
+                sl[(ndimage.maximum_filter(sl, size) != sl) | (ndimage.minimum_filter(sl, size) != sl)] = 0
+            for _ in range(max(px, 0)):
+                sl[:] = np.where(sl > 0, sl, ndimage.grey_dilation(sl, footprint=ndimage.generate_binary_structure(2, 1)))
+
+        return lambda d, t: (per_instance(d, fn), t)
+
+    jitter = rng(1).integers(-4, 5, (n, 2))
+    return {
+        "clean": lambda d, t: (d, t),
+        "1 section missing": blank([m]),
+        "2 adjacent sections missing": blank([m, m + 1]),
+        "a section imaged twice": sections(lambda a: np.concatenate([a[: m + 1], a[m : m + 1], a[m + 1 :]])),
+        "a section moved 5 px": shift(m, 3, -4),
+        "a section moved 10 px": shift(m, 8, -6),
+        "a section moved 20 px": shift(m, 16, -12),
+        "slow drift (1 px a section)": sections(lambda a: np.stack([moved(s, round(0.8 * z), round(0.6 * z))
+                                                                    for z, s in enumerate(a)])),  # fmt: skip
+        "every section moved by up to 4 px": sections(lambda a: np.stack([moved(s, *map(int, jitter[z]))
+                                                                          for z, s in enumerate(a)])),  # fmt: skip
+        "5% of 2D instances missed": drop(0.05, 2),
+        "20% of 2D instances missed": drop(0.20, 3),
+        "10% split in two": split,
+        "10% merged with a neighbour": merge,
+        "false specks (10 a section)": specks,
+        "eroded by 2 px": grow(-2),
+        "grown by 2 px": grow(2),
+        "every 2nd section": sections(lambda a: a[::2]),
+        "every 3rd section": sections(lambda a: a[::3]),
+    }
+
+
+def stitch3d_or_copy():
+    """Cellpose's stitch3D where cellpose imports, else the same lines re-implemented here (cellpose 3-4's, with its
+    reset of the id counter after an empty section)."""
+    peer = stitch3d()
+    if callable(peer):
+        return peer, "cellpose.utils.stitch3D"
+
+    def copy(masks, stitch_threshold=0.25):
+        masks = masks.astype(np.int64)
+        top = masks[0].max()
+        for i in range(len(masks) - 1):
+            a, b = masks[i + 1], masks[i]
+            overlap = np.zeros((a.max() + 1, b.max() + 1))
+            np.add.at(overlap, (a.ravel(), b.ravel()), 1)
+            with np.errstate(invalid="ignore"):
+                iou = overlap / (overlap.sum(1, keepdims=True) + overlap.sum(0, keepdims=True) - overlap)
+            iou = np.nan_to_num(iou)[1:, 1:]
+            if not iou.size:
+                top = masks[i + 1].max()
+                continue
+            iou[iou < stitch_threshold] = 0.0
+            iou[iou < iou.max(axis=0)] = 0.0
+            new = iou.max(axis=1) == 0.0
+            lut = np.append(0, iou.argmax(axis=1) + 1)
+            lut[1:][new] = np.arange(top + 1, top + new.sum() + 1)
+            top += new.sum()
+            masks[i + 1] = lut[masks[i + 1]]
+        return masks
+
+    return copy, "stitch3D re-implemented (cellpose not importable)"
+
+
+def run_stack(det: np.ndarray, out: Path, base: Path | None = None) -> np.ndarray:
+    """One class of 2D instances through ``run --predictor labels`` (256 px tiles): this checkout, or ``base``."""
+    import tifffile
+    import zarr
+
+    out.mkdir(parents=True)
+    tifffile.imwrite(out / "det.tif", det)
+    tifffile.imwrite(out / "vol.tif", np.where(det > 0, 60, 200).astype(np.uint8))
+    root = base or HERE.parent
+    args = ["run", out / "vol.tif", "--predictor", "labels", "--labels", out / "det.tif", "--classes", "obj", "--tile",
+            256, "--overlap", 16, "--no-progress", "--no-image", "--out", out / "out.zarr"]  # fmt: skip
+    subprocess.run([sys.executable, "-c", "import sys; from cellseg_batch.cli import main; sys.exit(main(sys.argv[1:]))",
+                    *map(str, args)], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root)},
+                   cwd=root)  # fmt: skip
+    return np.asarray(zarr.open_array(str(out / "out.zarr" / "labels" / "obj" / "0"), mode="r")[:])
+
+
+def real_faults() -> dict:
+    """``--real``: the platelet slice's organelles as 3D objects (``platelet_3d``), each fault of ``faults`` alone,
+    linked by this checkout and by the package at ``REAL_BASE_REF`` (default: the last commit before the rules for
+    misaligned sections and crossings), F1@0.5 and VI against the truth; beside stitch3D and the best any linking
+    can do with those 2D instances (each takes the truth id most of its pixels have). The ISBI ssTEM stack has no
+    3D truth: its clean 2D instances are linked and how much of its volume the largest objects hold is reported."""
+    if not (SHARED_DATA / "platelet-em-24-z0").exists():
+        return {"skipped": f"no shared data at {SHARED_DATA}"}
+    peer, peer_name = stitch3d_or_copy()
+    truth = platelet_3d()
+    det = per_slice(truth)
+    ref = os.environ.get("REAL_BASE_REF", "ba94679")
+    out = {"truth": "platelet-em-24-z0's organelles, platelet_3d(24, seed 0)", "before": ref, "peer": peer_name}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = base_checkout(Path(tmp), ref)
+        for k, (name, fault) in enumerate(faults(len(truth)).items()):
+            d, t = fault(det, truth)
+            m = d > 0
+            pairs, counts = np.unique(np.stack([d[m], t[m]]), axis=1, return_counts=True)
+            order = np.lexsort((-counts, pairs[0]))
+            best = np.zeros(int(d.max()) + 1, np.uint32)
+            best[pairs[0][order][::-1]] = pairs[1][order][::-1]  # the last write of each id: its largest share
+            row = {"before": run_stack(d, Path(tmp) / f"b{k}", base), "after": run_stack(d, Path(tmp) / f"a{k}"),
+                   "stitch3D": np.asarray(peer(d.copy(), stitch_threshold=0.25)).astype(np.uint32),
+                   "best possible": best[d]}  # fmt: skip
+            out[name] = {label: one_class(pred, t) for label, pred in row.items()}
+            print(name, json.dumps({label: r["f1@0.5"] for label, r in out[name].items()}), flush=True)
+        isbi = SHARED_DATA / "isbi2012-drosophila-sstem" / "labels.tif"
+        if isbi.exists():
+            import tifffile
+
+            det = per_slice(tifffile.imread(isbi)[:, :384, :384])
+            out["isbi2012 (no 3D truth)"] = {label: dense_proxies(det, pred) for label, pred in (
+                ("before", run_stack(det, Path(tmp) / "ib", base)), ("after", run_stack(det, Path(tmp) / "ia")),
+                ("stitch3D", np.asarray(peer(det.copy(), stitch_threshold=0.25))))}  # fmt: skip
+    return out
+
+
+def one_class(pred: np.ndarray, truth: np.ndarray) -> dict:
+    r = evaluate({"obj": ArrayVolume(pred)}, {"obj": ArrayVolume(truth)})["classes"]["obj"]
+    return {k: r[k] for k in KEYS}
+
+
+def dense_proxies(det: np.ndarray, pred: np.ndarray) -> dict:
+    """Without 3D truth: objects, 2D instances that share their object with another of their slice (merges, where
+    objects do not branch), and the share of the volume the 5 largest objects hold."""
+    shared = 0
+    for d, p in zip(det, pred):
+        pairs = np.unique(np.stack([p[d > 0], d[d > 0]]), axis=1)
+        shared += len(pairs[0]) - len(np.unique(pairs[0]))
+    sizes = np.bincount(pred.ravel())[1:]
+    return {"objects": int((sizes > 0).sum()), "2d_instances": int(len(np.unique(det)) - 1),
+            "sharing_a_slice": shared, "top5_share": round(float(np.sort(sizes)[-5:].sum() / sizes.sum()), 3)}  # fmt: skip
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--cost"]:
+    if sys.argv[1:] == ["--real"]:
+        path = HERE / "results" / "linking_real.json"
+        path.write_text(json.dumps(real_faults(), indent=1, default=str) + "\n")
+        print("wrote", path)
+    elif sys.argv[1:] == ["--cost"]:
         cost = gap_cost()
         path = HERE / "results" / "linking_gap_cost.json"
         path.write_text(json.dumps(cost, indent=1) + "\n")
