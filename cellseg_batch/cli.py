@@ -76,6 +76,9 @@ def _eval(args) -> int:
     drawn = result.get("errors_png")
     if drawn:
         print(f"wrote {drawn['path']} (the worst split: {drawn['class']} gt {drawn['gt']})")
+    elif args.errors_png:  # asked for a picture: say why there is none, rather than leave no file without a word
+        why = "--mode 2d finds no 3D splits" if args.mode == "2d" else "no ground-truth object is split"
+        print(f"did not write {args.errors_png}: {why}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

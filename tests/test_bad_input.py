@@ -375,19 +375,37 @@ def test_a_work_dir_that_cannot_be_written_is_refused_naming_it(capsys, inputs, 
     assert "Not a directory" in line and "choose an --out and --work-dir" in line
 
 
+@pytest.fixture(scope="module")
+def cropped_run(tmp_path_factory) -> Path:
+    """A 10-slice ground truth, slices 5:8 of it saved as a volume of their own, and a run of that crop (its own
+    labels as the prediction: exact)."""
+    from conftest import cli as run_cli
+
+    root = tmp_path_factory.mktemp("cropped")
+    truth = np.zeros((10, 64, 64), np.uint16)
+    truth[:, 10:30, 10:30], truth[:, 40:60, 35:55] = 1, 2
+    tifffile.imwrite(root / "truth.tif", truth, photometric="minisblack")
+    tifffile.imwrite(root / "crop.tif", truth[5:8], photometric="minisblack")
+    run_cli("run", root / "crop.tif", "--predictor", "labels", "--labels", root / "crop.tif", "--classes", "cell",
+            "--tile", 32, "--overlap", 8, "--out", root / "crop.zarr", "--no-progress", "--no-image")  # fmt: skip
+    return root
+
+
 def test_eval_of_a_whole_volume_s_run_against_deeper_ground_truth_is_refused_not_scored_on_its_first_slices(
-        capsys, tmp_path):
+        capsys, cropped_run):
     """A run of a whole 3-slice volume (a crop saved as its own file) records slices 0:3 of it; eval took them as
     slices 0:3 of a 10-slice ground truth and scored them there (exit 0). Only a run of part of its volume (--slices)
     is placed in a deeper ground truth."""
-    from conftest import cli as run_cli
-
-    truth = np.zeros((10, 64, 64), np.uint16)
-    truth[:, 10:30, 10:30], truth[:, 40:60, 35:55] = 1, 2
-    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
-    tifffile.imwrite(tmp_path / "crop.tif", truth[5:8], photometric="minisblack")  # slices 5:8, cropped out
-    out = tmp_path / "crop.zarr"
-    run_cli("run", tmp_path / "crop.tif", "--predictor", "labels", "--labels", tmp_path / "crop.tif", "--classes",
-            "cell", "--tile", 32, "--overlap", 8, "--out", out, "--no-progress", "--no-image")  # fmt: skip
-    line = _refused(capsys, tmp_path, ["eval", out, tmp_path / "truth.tif", "--gt-classes", "cell"], ["shape"])
+    argv = ["eval", cropped_run / "crop.zarr", cropped_run / "truth.tif", "--gt-classes", "cell"]
+    line = _refused(capsys, cropped_run, argv, ["shape"])
     assert "(3, 64, 64) but the ground truth has (10, 64, 64)" in line
+
+
+@pytest.mark.parametrize("mode, why", [("3d", "no ground-truth object is split"), ("2d", "--mode 2d finds no 3D")])
+def test_eval_says_why_it_drew_no_errors_png(capsys, cropped_run, tmp_path, mode, why):
+    """--errors-png with nothing to draw left no file and said nothing."""
+    png = tmp_path / "errors.png"
+    argv = ["eval", cropped_run / "crop.zarr", cropped_run / "crop.tif", "--gt-classes", "cell", "--mode", mode,
+            "--errors-png", png]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0
+    assert f"did not write {png}: {why}" in capsys.readouterr().out and not png.exists()
