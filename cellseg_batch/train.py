@@ -534,7 +534,6 @@ def train(tc: TrainConfig) -> Path:
                             f"({', '.join(train_set.classes)}; see the summary above)")  # fmt: skip
     if not any(r["annotations"] for r in train_set.records):
         raise UserError(f"{tc.train} has no usable annotation (see the summary above)")
-    normalization = training_normalization(train_set.records, tc.percentiles, more=val_set.records if tc.val else [])
     out = Path(tc.out)
     manifest = out / MANIFEST
     if manifest.exists() and not tc.resume:
@@ -545,6 +544,8 @@ def train(tc: TrainConfig) -> Path:
                         f"has {', '.join(train_set.classes)}; resume with the same classes, or train a new --out")  # fmt: skip
     device = "cuda" if tc.num_gpus else "cpu"
     build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
+    # every image read (seconds for thousands): after the quick checks above
+    normalization = training_normalization(train_set.records, tc.percentiles, more=val_set.records if tc.val else [])
     out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind
     launch(train_main, (tc, train_set.classes, device, normalization), tc)
     return out
