@@ -64,11 +64,17 @@ def parse_floats(text: str, n: int, option: str) -> tuple[float, ...]:
     return values
 
 
+MIN_PIXEL_NM = 0.05  # nm: half an angstrom, below the finest cryo-EM pixel
+
+
 def parse_pixel_size(text: str, option: str = "--pixel-size") -> tuple[float, float, float]:
     """``"Z,Y,X"`` in nm: three positive numbers."""
     size = parse_floats(text, 3, option)
     if min(size) <= 0:
         raise UserError(f"{option} {text!r}: give Z,Y,X in nm, three positive numbers (e.g. 40,10,10)")
+    if min(size) < MIN_PIXEL_NM:  # below an atom's size: micrometres typed where nanometres are asked
+        raise UserError(f"{option} {text!r}: sizes are in nm and {min(size):g} nm is below any EM pixel; "
+                        f"for micrometres multiply by 1000 (e.g. 0.04,0.01,0.01 um is 40,10,10)")  # fmt: skip
     return size  # type: ignore[return-value]
 
 

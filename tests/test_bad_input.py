@@ -409,3 +409,11 @@ def test_eval_says_why_it_drew_no_errors_png(capsys, cropped_run, tmp_path, mode
             "--errors-png", png]  # fmt: skip
     assert cli.main([str(a) for a in argv]) == 0
     assert f"did not write {png}: {why}" in capsys.readouterr().out and not png.exists()
+
+
+def test_an_out_in_folders_not_made_yet_makes_them(capsys, inputs, tmp_path):
+    """An --out in a results folder not made yet was refused as 'cannot write beside ...': the folders are made."""
+    out = tmp_path / "results" / "new" / "run.zarr"
+    argv = [*_base("run", inputs)[:-3], "--out", out, "--no-progress"]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (out / "labels" / "cell").is_dir()

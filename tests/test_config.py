@@ -33,6 +33,10 @@ def test_parse_pixel_size_wants_positive_numbers():
     assert parse_pixel_size("40,10,10") == (40.0, 10.0, 10.0)
     with pytest.raises(UserError, match="--pixel-size '40,0,10'.*positive"):
         parse_pixel_size("40,0,10")
+    # micrometres typed for nanometres: refused, saying so, not written into the output as 0.01 nm pixels
+    with pytest.raises(UserError, match=r"--pixel-size '0.04,0.01,0.01'.*in nm.*multiply by 1000"):
+        parse_pixel_size("0.04,0.01,0.01")
+    assert parse_pixel_size("0.5,0.1,0.1") == (0.5, 0.1, 0.1)  # sub-nm pixels (cryo-EM) stand
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -41,6 +41,8 @@ class OutputLock:
         host = socket.gethostname()
         while True:
             try:
+                # an --out in folders not made yet (a new results folder on a cluster's scratch) makes them
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise UserError(f"cannot write beside {self.path.with_suffix('')} ({e.strerror}); choose an --out in a "
