@@ -27,9 +27,9 @@ def render(image: np.ndarray, layers: dict[str, np.ndarray], path, title: str = 
     from PIL import Image, ImageDraw
 
     img = image.astype(np.float32)
-    finite = np.isfinite(img)  # a float volume's NaN (no data) is drawn black
+    finite = np.isfinite(img)  # a float volume's NaN (no data) is drawn black, +inf white: as the model saw them
     lo, hi = np.percentile(img[finite], (1, 99.5)) if finite.any() else (0, 1)
-    grey = np.clip(np.where(finite, (img - lo) / max(hi - lo, 1e-9), 0), 0, 1)
+    grey = np.clip(np.where(np.isnan(img), 0, (np.nan_to_num(img, nan=0.0) - lo) / max(hi - lo, 1e-9)), 0, 1)
     rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
     legend = []
     for k, (name, ids) in enumerate(layers.items()):
