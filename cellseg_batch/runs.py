@@ -69,8 +69,9 @@ def refuse_masks(layer: LabelLayer, side: int = 1024) -> None:
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
-        if not ids.any() or (ids.dtype.kind == "i" and ids.min() < 0):
-            continue  # negative ids: refused where a tile reads them
+        refuse_other_background(layer, ids, z)
+        if not ids.any():
+            continue
         pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
         runs = label_runs(pieces)
         of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
@@ -86,3 +87,36 @@ def refuse_masks(layer: LabelLayer, side: int = 1024) -> None:
                 "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
                 "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
             )
+        refuse_top_background(layer, ids, z)
+
+
+def refuse_other_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse negative ids (-1 is a common 'background' or 'ignore' of int32 label images) when the run starts, not
+    when a tile first reads one."""
+    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
+        low = int(ids.min())
+        raise UserError(
+            f"{layer.volume.path} holds the negative label id {low} in slice {z} ({_share(ids, low)} of the part "
+            f"checked); label ids must be 0 (background) or positive: if {low} marks background or 'ignore', set it "
+            f"to 0 first (numpy: labels[labels < 0] = 0)"
+        )
+
+
+def refuse_top_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse a stack whose background is the largest value of its type (65535, 4294967295: what some tools write
+    for background or 'ignore') instead of 0: it would become one object spread over every slice. Caught where that
+    id covers more of the checked window than any other; an object that merely has that id is not refused."""
+    top = np.iinfo(ids.dtype).max
+    if ids.size == 0 or ids.max() != top:
+        return
+    values, counts = np.unique(ids, return_counts=True)
+    if values[counts.argmax()] == top:
+        raise UserError(
+            f"{layer.volume.path}: id {top}, the largest {ids.dtype} value, covers {_share(ids, top)} of the part of "
+            f"slice {z} checked, more than any other id; it looks like background or 'ignore', which must be 0 in a "
+            f"label stack: set it to 0 first (numpy: labels[labels == {top}] = 0)"
+        )
+
+
+def _share(ids: np.ndarray, value: int) -> str:
+    return f"{np.count_nonzero(ids == value) / ids.size:.0%}"

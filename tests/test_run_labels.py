@@ -61,6 +61,30 @@ def test_a_mask_given_as_labels_is_refused_in_one_line(tmp_path):
     assert_same_instances(labels_of(tmp_path / "pieces.zarr", "cell"), np.repeat(pieces[None], 4, 0))
 
 
+@pytest.mark.parametrize("background", [np.uint16(65535), np.uint32(4294967295), np.int32(-1)])
+def test_a_background_other_than_0_is_refused_before_the_run_starts(tmp_path, background):
+    """Tools that write 65535, 4294967295 or -1 for background or 'ignore': that id would be one object spread
+    over every slice (a uint max) or refused only once a tile reads it (-1). Refused when the run starts, saying
+    to set it to 0; an object that merely has the largest id of its type is kept."""
+    from cellseg_batch.read import ArrayVolume, LabelLayer
+    from cellseg_batch.runs import refuse_masks
+
+    ids = np.full((3, 96, 96), background)
+    for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 10), (50, 50)]):
+        ids[:, y : y + 30, x : x + 30] = k + 1
+    tifffile.imwrite(tmp_path / "volume.tif", np.zeros(ids.shape, np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", ids, photometric="minisblack")
+    refused = cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif",
+                  "--classes", "cell", "--no-progress", "--out", tmp_path / "out.zarr", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "set it to 0 first" in refused.stderr, refused.stderr
+    assert f"{int(background)}" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.zarr").exists() and "Ray" not in refused.stderr
+    if background > 0:  # the same id as one object among others, on a background of 0
+        ids[ids == background] = 0
+        ids[:, 90:, 90:] = background
+        refuse_masks(LabelLayer(ArrayVolume(ids), "cell"))
+
+
 def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, tmp_path):
     out = tmp_path / "out.zarr"
     # 64 px tiles, 16 px overlap: cells (up to ~260 px) span up to five tiles in each direction
