@@ -114,6 +114,9 @@ def _native_windows(read: Callable) -> Callable:
 
 def _check_dtype(dtype: np.dtype, path: str) -> np.dtype:
     dtype = np.dtype(dtype)
+    if dtype.kind == "b":  # "convert it to float32" would send a label stack on to the next refusal
+        raise UserError(f"{path} has pixel type bool, a mask: save an image as uint8, and a label stack as integer ids, "
+                        "one per object (e.g. scipy.ndimage.label on each slice)")  # fmt: skip
     if dtype.kind not in "uif" or dtype.itemsize > 8:
         raise UserError(f"{path} has pixel type {dtype}; convert it to uint8, uint16 or float32")
     return native(dtype)

@@ -11,7 +11,7 @@ import zarr
 
 from cellseg_batch.errors import UserError
 from cellseg_batch.normalize import Normalization, estimate
-from cellseg_batch.read import open_volume, read_class_map
+from cellseg_batch.read import open_label_layers, open_volume, read_class_map
 
 DATA = np.random.default_rng(1).integers(0, 4000, (5, 130, 150)).astype(np.uint16)
 
@@ -467,6 +467,14 @@ def test_bool_volume_is_refused(tmp_path):
     zarr.create_array(str(tmp_path / "b.zarr"), shape=(2, 8, 8), dtype=bool)
     with pytest.raises(UserError, match="pixel type"):
         open_volume(tmp_path / "b.zarr")
+
+
+def test_a_bool_label_stack_is_refused_with_advice_that_a_label_stack_can_follow(tmp_path):
+    """A bool mask given as --labels: the advice is integer ids per object, not float32 (which --labels refuses)."""
+    tifffile.imwrite(tmp_path / "mask.tif", np.zeros((3, 32, 32), bool), photometric="minisblack")
+    with pytest.raises(UserError, match="bool") as refused:
+        open_label_layers([str(tmp_path / "mask.tif")], ["cell"])
+    assert "float32" not in str(refused.value) and "integer ids" in str(refused.value)
 
 
 def test_normalization_is_the_same_for_8_and_16_bit_versions_of_a_volume(tmp_path):
