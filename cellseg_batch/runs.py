@@ -70,6 +70,7 @@ def refuse_masks(layer: LabelLayer, side: int = 1024) -> None:
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
         refuse_other_background(layer, ids, z)
+        refuse_unmapped(layer, ids, z)
         if not ids.any():
             continue
         pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
@@ -115,6 +116,25 @@ def refuse_top_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
             f"{layer.volume.path}: id {top}, the largest {ids.dtype} value, covers {_share(ids, top)} of the part of "
             f"slice {z} checked, more than any other id; it looks like background or 'ignore', which must be 0 in a "
             f"label stack: set it to 0 first (numpy: labels[labels == {top}] = 0)"
+        )
+
+
+def refuse_unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse ids that the layer's class map lists no class for when the run starts (a tile would refuse the first
+    it reads, once the run is under way), naming all of them that the checked window holds."""
+    if isinstance(layer.classes, str) or not ids.any():
+        return
+    runs = label_runs(ids)
+    present = np.unique(ids if runs is None else runs.values[0])
+    present = present[present != 0]
+    missing = present[layer.classify(present, layer.class_names) < 0]
+    if len(missing):
+        listed = ", ".join(str(i) for i in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        known = np.array(sorted(layer.classes))
+        raise UserError(
+            f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
+            f"class in its --classes map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}: add "
+            "those ids to it (or set them to 0 in the stack)"
         )
 
 

@@ -85,6 +85,22 @@ def test_a_background_other_than_0_is_refused_before_the_run_starts(tmp_path, ba
         refuse_masks(LabelLayer(ArrayVolume(ids), "cell"))
 
 
+def test_ids_missing_from_the_class_map_are_all_named_before_the_run_starts(tmp_path):
+    """A --classes map that misses ids of the stack: refused when the run starts (not once tiles are read), naming
+    every missing id of the checked slices, not only the first a tile met."""
+    ids = np.zeros((3, 96, 96), np.uint16)
+    for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 10), (50, 50)]):
+        ids[:, y : y + 30, x : x + 30] = k + 1
+    tifffile.imwrite(tmp_path / "volume.tif", np.zeros(ids.shape, np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", ids, photometric="minisblack")
+    (tmp_path / "classes.json").write_text(json.dumps({"1": "mito", "2": "granule"}))
+    refused = cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif",
+                  "--classes", tmp_path / "classes.json", "--no-progress", "--out", tmp_path / "out.zarr",
+                  check=False)  # fmt: skip
+    assert refused.returncode == 2 and "(3, 4)" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.zarr").exists()
+
+
 def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, tmp_path):
     out = tmp_path / "out.zarr"
     # 64 px tiles, 16 px overlap: cells (up to ~260 px) span up to five tiles in each direction
