@@ -461,26 +461,34 @@ def _adjacent_links(grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, overla
 
 SHIFT_REACH = 48  # px: the largest misalignment of a section that linking looks for
 SHIFT_MIN = 3  # px: smaller shifts are left alone (instances still pair)
+SHIFT_SAMPLE = 4096  # instances of a slice that vote (evenly spread): the vote needs a share, not all
+SHIFT_NEAREST = 32  # the nearest instances of the other slice each voter looks at
 
 
 def _slice_shift(a: _Slice, b: _Slice, rule: LinkRule) -> np.ndarray | None:
     """The translation (dy, dx) of slice b against slice a where b is a misaligned section (a registration error,
     ``benchmarks/REPORT.md``, linking on real data), or None. Every pair of instances of one kind within
-    ``SHIFT_REACH`` px whose areas are within 2x of each other votes for the step between their centroids; the
+    ``SHIFT_REACH`` px whose areas are within 2x of each other (up to ``SHIFT_SAMPLE`` instances of a, each with its
+    ``SHIFT_NEAREST`` nearest of b) votes for the step between their centroids; the
     most voted step (1 px bins, counted over 3 x 3 bins) stands where it is at least ``SHIFT_MIN`` px long, is
     voted by a quarter of the instances of the smaller slice (and 4 at least), and is voted twice as often as no
     step at all. Objects that move on their own vote for steps spread around 0: they move no peak away from it."""
     from scipy.spatial import cKDTree
 
     here, there = np.flatnonzero(a.area > 0), np.flatnonzero(b.area > 0)
+    # a bounded vote: at most SHIFT_SAMPLE instances of a (evenly spread over its ids), each with its SHIFT_NEAREST
+    # nearest of b; all pairs within reach grew with instances x density (supervoxel stacks: ~10^8 pairs, GBs)
+    here = here[:: -(-len(here) // SHIFT_SAMPLE)] if len(here) else here
     if min(len(here), len(there)) < 4:
         return None
-    ca, cb = _centroids(a)[here], _centroids(b)[there]
-    near = cKDTree(ca).sparse_distance_matrix(cKDTree(cb), SHIFT_REACH, output_type="ndarray")
-    i, j = here[near["i"]], there[near["j"]]
+    centroids_a, centroids_b = _centroids(a), _centroids(b)
+    k = min(SHIFT_NEAREST, len(there))
+    _, near = cKDTree(centroids_b[there]).query(centroids_a[here], k=k, distance_upper_bound=SHIFT_REACH)
+    found = near.reshape(len(here), k) < len(there)  # misses come back as len(there)
+    i, j = np.repeat(here, k)[found.ravel()], there[near.reshape(len(here), k)[found]]
     ratio = b.area[j] / a.area[i]
     keep = (ratio >= 0.5) & (ratio <= 2) & (rule.kinds(a.cls)[i] == rule.kinds(b.cls)[j])
-    step = np.rint(_centroids(b)[j[keep]] - _centroids(a)[i[keep]]).astype(np.int64) + SHIFT_REACH + 1
+    step = np.rint(centroids_b[j[keep]] - centroids_a[i[keep]]).astype(np.int64) + SHIFT_REACH + 1
     side = 2 * SHIFT_REACH + 3
     raw = np.zeros((side, side))
     np.add.at(raw, (step[:, 0], step[:, 1]), 1)

@@ -388,6 +388,7 @@ def test_a_misaligned_section_is_linked_where_it_lies(tmp_path):
         assert_same_instances(labels_of(out, name), truth[name])
     report = json.loads((out / "cellseg" / "report.json").read_text())
     assert report["counts"]["objects"] == sum(len(np.unique(t)) - 1 for t in truth.values())
+    assert report["counts"]["z_pairs_realigned"] >= 4  # into and out of each moved run of sections
 
 
 def test_slice_shift_vote_finds_a_misaligned_section_and_leaves_moving_objects_alone():
@@ -412,6 +413,18 @@ def test_slice_shift_vote_finds_a_misaligned_section_and_leaves_moving_objects_a
     assert _slice_shift(a, section(centres + rng.normal(0, 2, centres.shape)), rule) is None  # each on its own
     assert _slice_shift(a, section(centres + [1, 1]), rule) is None  # too small to matter
     assert _slice_shift(a, section(rng.uniform(0, 600, (40, 2))), rule) is None  # unrelated sections
+    # a dense section (supervoxels: 250k instances 2 px apart) votes with a bounded sample: all pairs within reach
+    # were ~10^8 (GBs of driver memory); a 7 px misalignment of a sparser dense one is still found from the sample
+    grid = np.stack(np.mgrid[0:1000:2, 0:1000:2], -1).reshape(-1, 2).astype(float)
+    assert _slice_shift(section(grid, 4), section(grid + [1, 0], 4), rule) is None
+    import tracemalloc
+
+    tracemalloc.start()
+    _slice_shift(section(grid, 4), section(grid, 4), rule)
+    assert tracemalloc.get_traced_memory()[1] < 400e6
+    tracemalloc.stop()
+    many = rng.uniform(0, 4000, (20000, 2))
+    assert _slice_shift(section(many), section(many + [7, 3]), rule).tolist() == [7, 3]
 
 
 def test_two_touching_objects_merged_in_one_section_stay_two(tmp_path):
@@ -444,3 +457,4 @@ def test_two_touching_objects_merged_in_one_section_stay_two(tmp_path):
                 assert len(np.unique(pred[z][(true[z] == a) | (true[z] == b)])) == 1
     report = json.loads((out / "cellseg" / "report.json").read_text())
     assert report["counts"]["objects"] == sum(len(np.unique(t)) - 1 for t in truth.values())
+    assert report["counts"]["z_crossings_cut"] == len(merged)

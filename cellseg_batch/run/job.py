@@ -408,6 +408,7 @@ class Run:
                 "stitch_matches": stats.stitch_matches, "z_links": stats.links, "z_links_healed": stats.heal_links,
                 "z_links_gap": stats.gap_links, "gap_positions": stats.gap_positions,
                 "gap_tiles_read": stats.gap_tiles_read,
+                "z_pairs_realigned": stats.shifted_pairs, "z_crossings_cut": stats.crossings,
                 "gap_seconds": round(stats.gap_seconds, 3),
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
             },
