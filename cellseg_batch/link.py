@@ -116,6 +116,9 @@ class LinkStats:
     instances_over_4_tiles: int = 0
     per_class: dict = field(default_factory=dict)
     dropped: dict = field(default_factory=dict)  # class index -> {"objects": n, "voxels": v} removed by clean-up
+    # class index -> (2D instances whose object has another instance in their slice, 2D instances): a branch makes a
+    # few; most of them means objects that tile the plane (neurites) joining through rule 2 and gap edges
+    sharing_a_slice: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -680,8 +683,10 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
     comp_cls = _component_classes(comp, cls_all, area_all, len(voxels), n_classes)
     kept = voxels > 0
+    z_all = np.concatenate(zs) if zs else np.zeros(0, np.int64)
+    _count_sharing(comp, z_all, cls_all, area_all, n_classes, n_slices, stats)
     if total and (any(rule.min_voxels) or any(rule.min_slices)):
-        kept &= _clean_up(comp, comp_cls, area_all, np.concatenate(zs), voxels, n_classes, n_slices, rule, stats)
+        kept &= _clean_up(comp, comp_cls, area_all, z_all, voxels, n_classes, n_slices, rule, stats)
     object_id = np.zeros(len(voxels), dtype=np.uint64)
     object_id[kept] = np.arange(1, kept.sum() + 1, dtype=np.uint64)
     table = _object_table(store, grid, n_slices, bases, comp, object_id, comp_cls[kept])
@@ -784,6 +789,18 @@ def _component_classes(comp: np.ndarray, cls: np.ndarray, area: np.ndarray, n: i
         first = order[np.concatenate([[True], np.diff(key[order] // n_classes) != 0])]
         out[key[first] // n_classes] = key[first] % n_classes
     return out
+
+
+def _count_sharing(comp, z, cls, area, n_classes: int, n_slices: int, stats: LinkStats) -> None:
+    """Per class: the 2D instances whose object holds another instance of the same slice (``sharing_a_slice``)."""
+    present = area > 0
+    _, inverse, counts = np.unique(comp[present].astype(np.int64) * n_slices + z[present], return_inverse=True,
+                                   return_counts=True)  # fmt: skip
+    shared = counts[inverse.ravel()] > 1
+    for c in range(n_classes):
+        mine = cls[present] == c
+        if mine.any():
+            stats.sharing_a_slice[c] = (int(shared[mine].sum()), int(mine.sum()))
 
 
 def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, n_slices: int, rule: LinkRule, stats: LinkStats
