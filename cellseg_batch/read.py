@@ -908,6 +908,13 @@ def read_class_map(spec: str) -> str | dict[int, str]:
     data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
         data = data["instance_class"]
+    elif isinstance(data, dict) and isinstance(data.get("classes"), dict) and not isinstance(data.get("instance_class"), dict):
+        # a dataset's list of classes ({"classes": {"1": name}}) with no id -> class map: one class is every id's
+        names = [v for v in data["classes"].values() if isinstance(v, str) and v]
+        if len(names) == 1:
+            return names[0]
+        raise UserError(f"{spec} lists the classes {', '.join(map(str, data['classes'].values()))} but not which label "
+                        f"ids are which; give a JSON mapping ids to class names, e.g. {{\"1\": \"mitochondrion\"}}")  # fmt: skip
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'
     if not isinstance(data, dict) or not data:
         raise UserError(f"{spec} must map label ids to class names, e.g. {example}")

@@ -542,3 +542,14 @@ def test_class_map_forms(tmp_path):
     assert read_class_map(str(tmp_path / "flat.json")) == {1: "mito", 2: "cell"}
     assert read_class_map(str(tmp_path / "nested.json")) == {1: "mito"}
     assert read_class_map("cell") == "cell"
+
+
+def test_a_class_list_of_one_class_names_every_id(tmp_path):
+    """A dataset's classes file that lists its classes but maps no ids ({"classes": {"1": name}}, as ISBI 2012's
+    2D-instance stack ships) was refused as 'key classes is not a label id': one class is every id's class; with
+    several, the file cannot say which id is which, and the error says so."""
+    (tmp_path / "one.json").write_text(json.dumps({"classes": {"1": "neurite"}, "note": "every id is a neurite"}))
+    assert read_class_map(str(tmp_path / "one.json")) == "neurite"
+    (tmp_path / "two.json").write_text(json.dumps({"classes": {"1": "a", "2": "b"}}))
+    with pytest.raises(UserError, match=r"lists the classes a, b but not which label ids are which"):
+        read_class_map(str(tmp_path / "two.json"))
