@@ -1,5 +1,6 @@
 """Draw the pictures of docs/linking.md: the linking rule on small hand-made slices, resolved by the real code
-(``cellseg_batch.link.link_pair``). Run: ``python docs/make_linking_figures.py`` (writes docs/linking_*.png)."""
+(``cellseg_batch.link``: ``link_pair``, and ``_slice_shift``, ``_crossings``, ``_cut``, ``_leaves`` for a misaligned
+section and a crossing). Run: ``python docs/make_linking_figures.py`` (writes docs/linking_*.png)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,17 @@ from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from cellseg_batch.link import link_pair  # noqa: E402
-from cellseg_batch.stitch import contingency  # noqa: E402
+from cellseg_batch.link import (  # noqa: E402
+    LinkRule,
+    _crossings,
+    _cut,
+    _leaves,
+    _paired_share,
+    _Slice,
+    _slice_shift,
+    link_pair,
+)
+from cellseg_batch.stitch import FRAGMENT, contingency  # noqa: E402
 
 SIZE = 48
 
@@ -46,27 +56,72 @@ def _centroids(s):
     return np.stack([np.bincount(s.ravel(), weights=g.ravel())[1:] / area for g in (ys, xs)], axis=1), area
 
 
+def _as_slice(s):
+    """A labelled slice as linking streams it (one fragment per instance): what ``_slice_shift`` votes with."""
+    c, area = _centroids(s)
+    n = len(area)
+    frag = np.zeros(n, FRAGMENT)
+    frag["area"], frag["sy"], frag["sx"] = area, c[:, 0] * area, c[:, 1] * area
+    return _Slice(frag, np.arange(n), np.zeros(n, np.int16), area, np.ones(n), 0, np.zeros(n, bool), np.zeros(n, bool))
+
+
+def _adjacent(a, b):
+    """Rules 1-2 between adjacent slices a, b; where the vote finds b misaligned (``_slice_shift``), also with b moved
+    back, kept where more of a's area then continues one-to-one (as ``_registered_links``). Pairs, overlaps, the
+    in-place overlaps where b was moved back (else None), and the shift (or None)."""
+    ia, ib, inter = _overlaps(a, b)
+    (_, area_a), (_, area_b) = _centroids(a), _centroids(b)
+    kinds_a, kinds_b = np.zeros(len(area_a), np.int16), np.zeros(len(area_b), np.int16)
+    pairs, heal = link_pair(kinds_a, area_a, kinds_b, area_b, ia, ib, inter, 0.25, 0.5)
+    shift = _slice_shift(_as_slice(a), _as_slice(b), LinkRule())
+    if shift is not None:
+        back = ndimage.shift(b, -shift, order=0)
+        ja, jb, moved = _overlaps(a, back)
+        moved_pairs, moved_heal = link_pair(kinds_a, area_a, kinds_b, area_b, ja, jb, moved, 0.25, 0.5)
+        sa = _as_slice(a)
+        if _paired_share(sa, moved_pairs, moved_heal) >= _paired_share(sa, pairs, heal) + 0.1:
+            was = {(p, q): n for p, q, n in zip(ia, ib, inter)}
+            in_place = {(p, q): was.get((p, q), 0) for p, q in zip(ja, jb)}
+            return moved_pairs, (ja, jb, moved), in_place, shift
+    return pairs, (ia, ib, inter), None, None
+
+
 def link(slices):
-    """Edges of the rule: between consecutive slices, then across one missing slice (``None``: all of it missing)
-    for the instances left without an edge there, each free one also tried where its drift from the slice before
-    carries it (the larger overlap counts)."""
+    """Edges of the rule: between consecutive slices (a misaligned one moved back where the vote finds it), less those
+    of crossings (``_crossings``: cut out, each a leaf of the largest instance below it), then across one missing
+    slice (``None``: all of it missing) for the instances left without an edge there, each free one also tried where
+    its drift from the slice before carries it (the larger overlap counts)."""
     nodes, edges, base, notes = [], [], [], []
     for s in slices:
         base.append(len(nodes))
         nodes += [] if s is None else list(range(1, int(s.max()) + 1))
-    forward, backward = set(), set()
+    adjacent, shifts = {}, {}
     for i in range(len(slices) - 1):
         a, b = slices[i], slices[i + 1]
         if a is None or b is None:
             continue
-        ia, ib, inter = _overlaps(a, b)
+        pairs, (ia, ib, inter), in_place, shift = _adjacent(a, b)
+        adjacent[i] = np.array(pairs, np.int64).reshape(-1, 2)
+        if shift is not None:
+            shifts[i + 1] = shift
         (_, area_a), (_, area_b) = _centroids(a), _centroids(b)
-        pairs, _ = link_pair(np.zeros(len(area_a), np.int16), area_a, np.zeros(len(area_b), np.int16), area_b, ia, ib,
-                             inter, 0.25, 0.5)  # fmt: skip
-        edges += [(base[i] + p, base[i + 1] + q) for p, q in pairs]
-        forward |= {base[i] + p for p, _ in pairs}
-        backward |= {base[i + 1] + q for _, q in pairs}
-        notes += _notes(i, i + 1, ia, ib, inter, area_a, area_b, pairs)
+        notes += _notes(i, i + 1, ia, ib, inter, area_a, area_b, pairs, in_place)
+    cross = {k: _crossings(adjacent[k - 1], adjacent[k], int(slices[k].max())) for k in range(1, len(slices) - 1)
+             if k - 1 in adjacent and k in adjacent}  # fmt: skip
+    none = np.zeros(0, np.int64)
+    forward, backward = set(), set()
+    for i, pairs in adjacent.items():
+        kept = _cut(pairs, cross.get(i, none), cross.get(i + 1, none))
+        edges += [(base[i] + p, base[i + 1] + q) for p, q in kept]
+        forward |= {base[i] + p for p, _ in kept} | {base[i] + p for p in cross.get(i, none)}
+        backward |= {base[i + 1] + q for _, q in kept} | {base[i + 1] + q for q in cross.get(i + 1, none)}
+        if len(cross.get(i + 1, none)):
+            leaves = _leaves(pairs, cross[i + 1], _centroids(slices[i])[1])
+            edges += [(base[i] + p, base[i + 1] + q) for p, q in leaves]
+    for note in notes:  # edges cut at a crossing
+        i, j, p, q = note[:4]
+        if note[7] == "linked" and j == i + 1 and (p in cross.get(i, none) or q in cross.get(j, none)):
+            note[7] = "linked, cut"
     for i in range(len(slices) - 2):
         a, b = slices[i], slices[i + 2]
         if a is None or b is None:
@@ -99,7 +154,7 @@ def link(slices):
     n = len(nodes)
     e = np.array(edges, np.int64).reshape(-1, 2)
     _, comp = connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)), directed=False)
-    return base, comp, notes
+    return base, comp, notes, shifts
 
 
 def _notes(i, j, ia, ib, inter, area_a, area_b, pairs, in_place=None):
@@ -108,13 +163,18 @@ def _notes(i, j, ia, ib, inter, area_a, area_b, pairs, in_place=None):
     for p, q, n in zip(ia, ib, inter):
         was = (in_place or {}).get((p, q), n)
         moved = f" (moved; in place IoA {was / area_a[p]:.2f})" if was != n else ""
-        out.append((i, j, p, q, n / (area_a[p] + area_b[q] - n), n / area_a[p], n / area_b[q],
-                    (int(p), int(q)) in linked, moved))  # fmt: skip
+        out.append([i, j, p, q, n / (area_a[p] + area_b[q] - n), n / area_a[p], n / area_b[q],
+                    "linked" if (int(p), int(q)) in linked else "not linked", moved])  # fmt: skip
     return out
 
 
-def draw(name, title, slices, caption):
-    base, comp, notes = link(slices)
+def draw(name, title, slices, caption, shown=None):
+    """One figure: the slices side by side, coloured by object; under them the caption and the figures of the pairs
+    (``shown``: only those of instance A of the earlier slice and the one it was linked or compared to). A section
+    the vote found misaligned gets the slice before it drawn in grey beneath it, and an arrow for the step."""
+    base, comp, notes, shifts = link(slices)
+    if shown:
+        notes = [note for note in notes if note[2] == 0 and note[7] != "not linked"]
     colours = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(slices), figsize=(2.0 * len(slices), 2.6))
     for k, (ax, s) in enumerate(zip(axes, slices)):
@@ -126,12 +186,24 @@ def draw(name, title, slices, caption):
                 rgb[s == i] = colours(int(comp[base[k] + i - 1]) % 10)[:3]
                 ys, xs = np.nonzero(s == i)
                 ax.text(xs.mean(), ys.mean(), chr(ord("A") + i - 1) + str(k), ha="center", va="center", fontsize=7)
+        moved = k in shifts and k - 1 not in shifts  # the first of a pair of steps there and back: the moved one
+        if moved:
+            rgb[(slices[k - 1] > 0) & (s == 0)] = 0.85
         ax.imshow(rgb, interpolation="nearest")
-        ax.set_title(f"slice z+{k}" if k else "slice z", fontsize=8)
+        if moved:
+            (y, x), (dy, dx) = _centroids(slices[k - 1])[0][0], shifts[k]
+            ax.annotate(
+                "",
+                xy=(x + dx, y + dy),
+                xytext=(x, y),
+                arrowprops={"arrowstyle": "->", "color": "k", "lw": 1.2, "shrinkA": 0, "shrinkB": 0},
+            )
+        label = f"slice z+{k}" if k else "slice z"
+        ax.set_title(label + (f", moved by ({shifts[k][0]}, {shifts[k][1]})" if moved else ""), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     text = "; ".join(f"{chr(65 + p)}{i}-{chr(65 + q)}{j}: IoU {iou:.2f}, IoA {ioa:.2f}/{iob:.2f}{moved} "
-                     f"{'linked' if ok else 'not linked'}" for i, j, p, q, iou, ioa, iob, ok, moved in notes)  # fmt: skip
+                     f"{ok}" for i, j, p, q, iou, ioa, iob, ok, moved in notes)  # fmt: skip
     fig.suptitle(title, fontsize=9)
     fig.text(0.5, 0.02, caption + "\n" + text, ha="center", fontsize=6, wrap=True)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
@@ -176,6 +248,31 @@ def main():
         [arms[0], arms[1], slice_of(disc(28, 32, 5)), slice_of(disc(24, 24, 11, 7))],
         "A1 has no partner in z+2; where it lies, it hardly meets A3 (IoA < 0.5), but moved on by its drift from z "
         "(2 slices x 4 px) it lies inside A3: it joins. Figures: the larger overlap of the two.",
+    )
+    # five small objects; section z+2 lies 6 px down and 7 px right of the others (a registration error)
+    spots = [(10, 10, 4), (9, 30, 5), (24, 19, 4), (35, 8, 5), (34, 31, 4)]
+    moved_by = {2: (6, 7)}
+    draw(
+        "misaligned",
+        "misaligned section: z+2 moved as a whole, linked where it lies",
+        [
+            slice_of(*(disc(y + moved_by.get(k, (0, 0))[0], x + moved_by.get(k, (0, 0))[1], r) for y, x, r in spots))
+            for k in range(4)
+        ],  # fmt: skip
+        "Where they lie (grey: z+1 beneath z+2), the sections of z+2 meet nothing of their own objects. The steps "
+        "between the centroids of same-sized instances vote for one translation, z+1 -> z+2 and back to z+3; counted "
+        "with z+2 moved back, every object continues one-to-one. Figures: A's pairs.",
+        shown="A",
+    )
+    # two touching tubes that the 2D model merged into one instance in z+2 (a missed boundary)
+    pair = [disc(24, 15, 8), disc(24, 32, 8)]
+    joined = ndimage.binary_closing(pair[0] | pair[1], np.ones((5, 5)), border_value=0) | pair[0] | pair[1]
+    draw(
+        "crossing",
+        "crossing: two touching objects merged in one section stay two",
+        [slice_of(*pair), slice_of(*pair), slice_of(joined), slice_of(*pair)],
+        "Two link to A2 from below (A1 one-to-one, B1 inside it) and two from above: a crossing, cut out (else one "
+        "object). It joins the largest below (A1) as a leaf; gap edges bridge A1-A3 and B1-B3 over it.",
     )
 
 
