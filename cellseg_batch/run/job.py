@@ -332,7 +332,7 @@ class Run:
 
     def _warn_dense(self, stats) -> None:
         """A class where most 2D instances share their slice with another of their object: objects that tile the
-        plane (neurites; ISBI ssTEM: 96% with the default gap) join through rule 2 and gap edges, and the objects
+        plane (neurites; ISBI ssTEM: 3345 of 3431 with the default gap) join through rule 2 and gap edges, and the objects
         are merges. Branched organelles make a few percent."""
         self.counts["instances_2d_sharing_a_slice"] = {self.classes[c]: shared for c, (shared, _) in
                                                        stats.sharing_a_slice.items()}  # fmt: skip
