@@ -85,7 +85,8 @@ def _fingerprint(data) -> str:
 
 
 # a class whose 2D instances share their slice with another of their object this often (of this many at least) is
-# warned about as dense: branches of the demo's organelles make <= 5%, the ISBI neurites 30% even with --link-gap 0
+# warned about as dense: the demo model's output has 2 of 339 (both vessel sections), the ISBI neurites 3345 of
+# 3431 with the default rule and 507 of 3431 with --link-gap 0 --link-ioa 1.0
 DENSE_SHARE, DENSE_MIN_INSTANCES = 0.25, 100
 
 
