@@ -84,7 +84,7 @@ def test_class_map_without_an_id_found_in_the_stack(tmp_path):
     tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
     (tmp_path / "map.json").write_text(json.dumps({"1": "mitochondrion"}))
     _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "lab.tif",
-                  "--classes", tmp_path / "map.json", match="label id 7")
+                  "--classes", tmp_path / "map.json", match="no class in its --classes map (7)")
 
 
 @pytest.mark.parametrize("args,match", [
