@@ -96,8 +96,7 @@ def _train(args) -> int:
 
 def _convert(args) -> int:
     from .coco import labels_to_coco
-    from .read import ngff_label_layers, open_label_layers, open_volume
-    from .runs import refuse_masks
+    from .read import check_label_stack, ngff_label_layers, open_label_layers, open_volume
 
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
@@ -113,7 +112,7 @@ def _convert(args) -> int:
         if layer.volume.shape != volume.shape:
             raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
         if args.direction == "labels-to-coco":  # as `run --predictor labels` refuses it: one instance per piece
-            refuse_masks(layer)
+            check_label_stack(layer)
     z0, z1 = parse_slices(args.slices, volume.shape[0])
     paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
                            val_fraction=args.val_fraction, polygons=polygons)  # fmt: skip

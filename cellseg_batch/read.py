@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import UserError
 from .registry import Registry
+from .runs import label_runs
 
 SPATIAL = "ZYX"
 # tifffile logs what it finds wrong in a damaged file on lines of its own; here that becomes one UserError line
@@ -930,6 +931,93 @@ def read_class_map(spec: str) -> str | dict[int, str]:
             raise UserError(f"{spec}: entry {k!r}: {v!r} must map a positive label id to a class name")
         out[i] = v
     return out
+
+
+def check_label_stack(layer: LabelLayer, side: int = 1024) -> None:
+    """Refuse, when a run (or a conversion) starts, a label stack that is not 2D instance ids: negative ids, ids its
+    class map lacks, a background other than 0 (``refuse_*`` below), and a semantic mask: an id in many separate
+    pieces in a slice (a pixel classifier's binary output). Each id of a tile is one 2D instance (pieces of one object
+    that a tile window cuts apart, joined outside it, must stay one), so a mask's pieces would be one instance per
+    tile and the objects would depend on the tile size. Checked in the central ``side`` px of the first, middle and
+    last slices (by ``run --predictor labels`` and ``convert labels-to-coco``, whose annotations would be such pieces
+    too)."""
+    import cc3d
+
+    nz, h, w = layer.volume.shape
+    y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    for z in sorted({0, nz // 2, nz - 1}):
+        ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
+        refuse_other_background(layer, ids, z)
+        refuse_unmapped(layer, ids, z)
+        if not ids.any():
+            continue
+        pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
+        runs = label_runs(pieces)
+        of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
+        if runs is None:
+            of_piece[pieces.reshape(-1)] = ids.reshape(-1)
+        else:
+            of_piece[runs.values[0]] = ids.reshape(-1)[runs.starts]
+        values, counts = np.unique(of_piece[1:], return_counts=True)
+        most = int(counts.argmax())
+        if counts[most] >= 8 or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+            raise UserError(
+                f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces in slice {z}; this "
+                "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
+                "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
+            )
+        refuse_top_background(layer, ids, z)
+
+
+def refuse_other_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse negative ids (-1 is a common 'background' or 'ignore' of int32 label images) when the run starts, not
+    when a tile first reads one."""
+    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
+        low = int(ids.min())
+        raise UserError(
+            f"{layer.volume.path} holds the negative label id {low} in slice {z} ({_share(ids, low)} of the part "
+            f"checked); label ids must be 0 (background) or positive: if {low} marks background or 'ignore', set it "
+            f"to 0 first (numpy: labels[labels < 0] = 0)"
+        )
+
+
+def refuse_top_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse a stack whose background is the largest value of its type (65535, 4294967295: what some tools write
+    for background or 'ignore') instead of 0: it would become one object spread over every slice. Caught where that
+    id covers more of the checked window than any other; an object that merely has that id is not refused."""
+    top = np.iinfo(ids.dtype).max
+    if ids.size == 0 or ids.max() != top:
+        return
+    values, counts = np.unique(ids, return_counts=True)
+    if values[counts.argmax()] == top:
+        raise UserError(
+            f"{layer.volume.path}: id {top}, the largest {ids.dtype} value, covers {_share(ids, top)} of the part of "
+            f"slice {z} checked, more than any other id; it looks like background or 'ignore', which must be 0 in a "
+            f"label stack: set it to 0 first (numpy: labels[labels == {top}] = 0)"
+        )
+
+
+def refuse_unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+    """Refuse ids that the layer's class map lists no class for when the run starts (a tile would refuse the first
+    it reads, once the run is under way), naming all of them that the checked window holds."""
+    if isinstance(layer.classes, str) or not ids.any():
+        return
+    runs = label_runs(ids)
+    present = np.unique(ids if runs is None else runs.values[0])
+    present = present[present != 0]
+    missing = present[layer.classify(present, layer.class_names) < 0]
+    if len(missing):
+        listed = ", ".join(str(i) for i in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        known = np.array(sorted(layer.classes))
+        raise UserError(
+            f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
+            f"class in its --classes map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}: add "
+            "those ids to it (or set them to 0 in the stack)"
+        )
+
+
+def _share(ids: np.ndarray, value: int) -> str:
+    return f"{np.count_nonzero(ids == value) / ids.size:.0%}"
 
 
 def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLayer]:

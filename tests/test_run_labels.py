@@ -66,8 +66,7 @@ def test_a_background_other_than_0_is_refused_before_the_run_starts(tmp_path, ba
     """Tools that write 65535, 4294967295 or -1 for background or 'ignore': that id would be one object spread
     over every slice (a uint max) or refused only once a tile reads it (-1). Refused when the run starts, saying
     to set it to 0; an object that merely has the largest id of its type is kept."""
-    from cellseg_batch.read import ArrayVolume, LabelLayer
-    from cellseg_batch.runs import refuse_masks
+    from cellseg_batch.read import ArrayVolume, LabelLayer, check_label_stack
 
     ids = np.full((3, 96, 96), background)
     for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 10), (50, 50)]):
@@ -82,7 +81,7 @@ def test_a_background_other_than_0_is_refused_before_the_run_starts(tmp_path, ba
     if background > 0:  # the same id as one object among others, on a background of 0
         ids[ids == background] = 0
         ids[:, 90:, 90:] = background
-        refuse_masks(LabelLayer(ArrayVolume(ids), "cell"))
+        check_label_stack(LabelLayer(ArrayVolume(ids), "cell"))
 
 
 def test_ids_missing_from_the_class_map_are_all_named_before_the_run_starts(tmp_path):

@@ -10,8 +10,8 @@ import fastremap
 import numpy as np
 
 from ..errors import UserError
-from ..read import LabelLayer, open_label_layers, volume_identity
-from ..runs import label_runs, refuse_masks
+from ..read import LabelLayer, check_label_stack, open_label_layers, volume_identity
+from ..runs import label_runs
 from ..tiles import Box
 from .base import (
     LOCAL_ID,
@@ -47,7 +47,7 @@ class LabelsPredictor(Predictor):
                 raise UserError(
                     f"label stack {layer.volume.path} has shape {layer.volume.shape} but the volume has {volume.shape}"
                 )
-            refuse_masks(layer)
+            check_label_stack(layer)
         classes = [n for layer in layers for n in layer.class_names]
         layer_of = _exclusive_layers(options.exclusive, layers, classes)
         return Plan(
