@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "more groups): the highest-scoring detection wins across them; none: no class excludes another "
                    "(default: the model's, found in its training annotations)")  # fmt: skip
     g.add_argument("--normalization", help="fixed intensities LOW,HIGH mapped to 0,255 (default: volume percentiles)")
+    g.add_argument("--invert", action="store_true", help="the volume's contrast is the opposite of the training "
+                   "images' (dark membranes on light in one, light on dark in the other): give the model its negative")
     g.add_argument("--pixel-size", help="Z,Y,X in nm (default: from the file, else the model's)")
     g.add_argument("--rescale", action="store_true", help="resize tiles to the model's pixel size before the model "
                    "(its instances come back at the volume's pixels); --tile and --overlap stay in volume pixels")

@@ -39,6 +39,7 @@ class RunConfig:
     pixel_size: str | None = None
     rescale: bool = False
     normalization: str | None = None
+    invert: bool = False
     write_image: bool = True
     chunk: int = 1024
     format: str = "ngff-0.4"

@@ -10,7 +10,7 @@ registered sections and NaN (no data) are left out of the percentiles, and NaN r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -24,11 +24,16 @@ class Normalization:
     high: float
     percentiles: tuple[float, float] = (1.0, 99.5)
     blank: str = field(default="", compare=False)  # why the sample had no contrast to stretch ("": it had)
+    # the volume's contrast is the opposite of the training images' (``run --invert``): high maps to 0, low to 255
+    invert: bool = False
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """float32 in [0, 255]."""
-        scale = 255.0 / max(self.high - self.low, 1e-12)
-        out = (image.astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+        scale = np.float32(255.0 / max(self.high - self.low, 1e-12))
+        if self.invert:
+            out = (np.float32(self.high) - image.astype(np.float32)) * scale
+        else:
+            out = (image.astype(np.float32) - np.float32(self.low)) * scale
         if image.dtype.kind == "f":  # NaN (no data in a float volume) becomes black: in the model, one NaN pixel
             np.nan_to_num(out, copy=False, nan=0.0)  # spreads through every convolution and norm of its tile
         return np.clip(out, 0.0, 255.0, out=out)
@@ -107,5 +112,11 @@ def sample_volume(volume: Volume, max_slices: int = 16, window: int = 512, per_s
     return out
 
 
-def estimate(volume: Volume, percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:
-    return from_samples(sample_volume(volume), percentiles)
+def estimate(volume: Volume, percentiles: tuple[float, float] = (1.0, 99.5), invert: bool = False) -> Normalization:
+    """The volume's ``percentiles`` mapped to [0, 255]; with ``invert``, those of the volume's negative (the low
+    percentile of the negative is the volume's 100 - high one), so that a volume and its negative given with
+    ``invert`` reach the model as the same image."""
+    if not invert:
+        return from_samples(sample_volume(volume), percentiles)
+    flipped = (100.0 - percentiles[1], 100.0 - percentiles[0])
+    return replace(from_samples(sample_volume(volume), flipped), invert=True)

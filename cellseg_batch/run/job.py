@@ -188,12 +188,16 @@ class Run:
     # -- resume / overwrite -------------------------------------------------------------------------------------
     def _prepare(self) -> str:
         cfg = self.cfg
+        ignored = [o for o, v in (("--normalization", cfg.normalization), ("--invert", cfg.invert)) if v]
+        if ignored and not self.plan.needs_image:
+            self.warnings.append(f"{' and '.join(ignored)} ignored: the {cfg.predictor} predictor reads no image")
+            log.warning(self.warnings[-1])
         if self.plan.needs_image:
             if cfg.normalization:
                 low, high = parse_normalization(cfg.normalization)
-                self.normalization = Normalization(low, high, (float("nan"), float("nan")))
+                self.normalization = Normalization(low, high, (float("nan"), float("nan")), invert=cfg.invert)
             else:
-                self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles)
+                self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles, cfg.invert)
                 if self.normalization.blank:  # the wrong file or array, most likely: say so, the run goes on
                     self.warnings.append(f"{cfg.volume} has no contrast to stretch ({self.normalization.blank} in "
                                          "the sample of 16 slices): the model sees a blank image. Check the file "
