@@ -1,5 +1,5 @@
 """Read: open EM volumes and label stacks lazily (TIFF/BigTIFF/OME-TIFF, image sequences, HDF5, zarr v2/v3, OME-Zarr,
-synthetic) as 2D windows."""
+MRC, NumPy .npy, synthetic) as 2D windows."""
 
 from __future__ import annotations
 
@@ -191,6 +191,27 @@ def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tu
     template = tuple((a if a in "YXS" else "Z") if (n > 1 or a in "YX") else 0 for a, n in zip(axes, shape))
     size = dict(zip(template, shape))
     return (size.get("Z", 1), size["Y"], size["X"]), AxisMap(template)
+
+
+class MappedVolume(Volume):
+    """A volume read from one array that each thread opens once (memory-mapped, or a lazy zarr view): windows are cut
+    from it through ``_axes``. Subclasses give ``_open_array``."""
+
+    def _open_array(self):
+        raise NotImplementedError
+
+    def _array(self):
+        arr = getattr(self._local, "arr", None)
+        if arr is None:
+            arr = self._local.arr = self._open_array()
+        return arr
+
+    def read(self, z, y0, y1, x0, x1):
+        arr = self._array()
+        try:
+            return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
+        except Exception as e:  # tifffile/zarr/numpy raise many types for damaged data
+            raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
 class TiffVolume(Volume):
@@ -659,6 +680,131 @@ def _hdf5_pixel_size(attrs) -> tuple[float | None, float, float] | None:
     return None
 
 
+MRC_SUFFIXES = (".mrc", ".mrcs", ".st", ".rec", ".ali", ".map")
+IMOD_STAMP = 1146047817  # "IMOD" at byte 152: the imodFlags after it are set (IMOD's mrc_format.txt)
+
+
+class MrcVolume(MappedVolume):
+    """An MRC (MRC2014, CCP4) file: IMOD's .st/.ali/.rec, SerialEM and Thermo Fisher (FEI) stacks, .map, RELION's .mrcs.
+    Sections are Z (a 2D file is one slice), memory-mapped. Pixel size from the voxel size (Å; 0 is unset). Mode 0
+    bytes are unsigned (uint8) where IMOD wrote them so or where the header's maximum is above 127, signed (int8, as
+    MRC2014 defines mode 0) otherwise."""
+
+    def _inspect(self):
+        data, header, voxel = _open_mrc(self.path)
+        self._unsigned = int(header.mode) == 0 and _mrc_bytes_unsigned(header)
+        self._local.arr = self._view(data)
+        axes = _plain_axes(data.shape, self.path)  # (Y, X), (Z, Y, X); a stack of volumes (Z/mz, mz, Y, X) if one
+        zyx, self._axes = _to_zyx(data.shape, axes, self.path, "save it as one (Z, Y, X) stack")
+        return zyx, _check_dtype(self._local.arr.dtype, self.path), _mrc_pixel_size(header, voxel)
+
+    def _view(self, data: np.ndarray) -> np.ndarray:
+        return data.view(np.uint8) if self._unsigned else data
+
+    def _open_array(self):
+        return self._view(_open_mrc(self.path)[0])
+
+
+def _open_mrc(path: str):
+    """The data (memory-mapped), header and voxel size (Å) of an MRC file; a one-line error where it cannot be read.
+    Permissive: a file without the "MAP " stamp (pre-2000 MRC, some older writers) or with an unset machine stamp is
+    read as mrcfile reads it, with its warnings; a damaged one gives no data, and they say why."""
+    import warnings
+
+    import mrcfile
+
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            # the memmap stays valid once the file is closed (it holds its own mapping)
+            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+                data, header, voxel = mrc.data, mrc.header.copy(), mrc.voxel_size.copy()
+    except Exception as e:  # mrcfile raises ValueError for a header cut short, OSError for what cannot be opened
+        raise UserError(f"cannot read {path} as MRC ({e}); check that it is a complete MRC file") from e
+    if data is None:
+        raise UserError(_mrc_damage(path, header, [str(w.message) for w in warned]))
+    return data, header, voxel
+
+
+def _mrc_damage(path: str, header, warned: list[str]) -> str:
+    """The one line that says why an MRC file's data cannot be read: truncated where its size says so."""
+    import mrcfile.utils
+
+    try:
+        itemsize = mrcfile.utils.dtype_from_mode(header.mode).itemsize
+        shape = (int(header.nz), int(header.ny), int(header.nx))
+        start, size = 1024 + int(header.nsymbt), os.path.getsize(path)
+        if min(shape) > 0 and start + math.prod(shape) * itemsize > size:
+            return (f"{path} is truncated: its header says {'x'.join(map(str, shape))} (Z, Y, X) pixels of mode "
+                    f"{int(header.mode)} ({start + math.prod(shape) * itemsize} bytes with the header), the file has "
+                    f"{size} bytes")  # fmt: skip
+    except ValueError:  # a mode mrcfile does not know: what it warned says so
+        pass
+    return f"cannot read {path} as MRC ({'; '.join(warned) or 'no data'}); check that it is a complete MRC file"
+
+
+def _mrc_bytes_unsigned(header) -> bool:
+    """Mode 0 bytes as their writer meant them. IMOD writes unsigned bytes unless bit 0 of its imodFlags says signed
+    (all unsigned before IMOD 4.2.23); other writers follow MRC2014 (signed), except where the header's maximum is
+    above 127, which signed bytes cannot hold."""
+    stamp, flags = np.frombuffer(header.tobytes()[152:160], dtype=header.nx.dtype)
+    if stamp == IMOD_STAMP:
+        return not flags & 1
+    return float(header.dmax) > 127
+
+
+def _mrc_pixel_size(header, voxel) -> tuple[float | None, float, float] | None:
+    """(z, y, x) nm from the voxel size (Å along X, Y, Z), mapped to the columns, rows and sections (mapc, mapr,
+    maps; 1, 2, 3 in EM stacks); an axis whose size is 0 (unset) is unknown."""
+    angstrom = (float(voxel.x), float(voxel.y), float(voxel.z))
+    order = [int(header.mapc), int(header.mapr), int(header.maps)]
+    col, row, sec = (angstrom[i - 1] / 10 for i in (order if sorted(order) == [1, 2, 3] else [1, 2, 3]))
+    if not (col > 0 and row > 0 and math.isfinite(col * row)):
+        return None
+    return (sec if sec > 0 and math.isfinite(sec) else None, row, col)
+
+
+class NpyVolume(MappedVolume):
+    """A NumPy array saved with ``np.save`` (.npy), (Z, Y, X) or (Y, X), memory-mapped; no pixel size."""
+
+    def _inspect(self):
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0  # fmt: skip
+                shape, fortran, dtype = read_header(f)
+        except Exception as e:  # ValueError for what is not .npy or a damaged header
+            raise UserError(f"cannot read {self.path} as a NumPy .npy file ({e}); save the volume with np.save") from e
+        dtype = _check_dtype(dtype, self.path)  # before mapping: an object array cannot be mapped
+        zyx, self._axes = _to_zyx(shape, _plain_axes(shape, self.path), self.path, "save a (Z, Y, X) array")
+        if fortran and zyx[0] > 1:
+            # each slice would be spread over the whole file: every window read would touch all of it
+            raise UserError(f"{self.path} is saved in Fortran (column-major) order; save it in C order: "
+                            "np.save(path, np.ascontiguousarray(array))")  # fmt: skip
+        self._local.arr = self._open_array()
+        return zyx, dtype, None
+
+    def _open_array(self):
+        try:
+            return np.load(self.path, mmap_mode="r")
+        except Exception as e:  # ValueError "mmap length is greater than file size": cut short
+            raise UserError(f"cannot read {self.path} ({e}); the file may be truncated: save it again with "
+                            "np.save") from e  # fmt: skip
+
+
+def _refuse_npz(path: str) -> Volume:
+    """A .npz archive holds several named arrays, none of them the volume by definition: the error names them."""
+    try:
+        with np.load(path) as archive:
+            names = archive.files
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a NumPy .npz archive ({e})") from e
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise UserError(f"{path} is a NumPy .npz archive of {len(names)} array(s) ({listed or 'none'}); save the volume "
+                    f"as a .npy of its own: np.save('volume.npy', np.load({path!r})[{(names or ['NAME'])[0]!r}])")  # fmt: skip
+
+
 SEQUENCE_SUFFIXES = (".tif", ".tiff", ".png")
 
 
@@ -813,6 +959,10 @@ register_opener(".tiff", TiffVolume)
 register_opener(".btf", TiffVolume)
 register_opener(".zarr", ZarrVolume)
 register_opener(".png", PngImage)
+for _suffix in MRC_SUFFIXES:
+    register_opener(_suffix, MrcVolume)
+register_opener(".npy", NpyVolume)
+register_opener(".npz", _refuse_npz)
 # synth imports this module, so its entries are imported only when a synth: URI is opened
 VOLUME_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic")
 LABEL_OPENERS.register_lazy("synth:", "cellseg_batch.synth:open_synthetic_labels")
@@ -849,8 +999,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if p.is_dir() and (p / "attributes.json").is_file():  # N5's metadata document (zarr 3 reads no N5)
         raise UserError(f"{path} is N5, which this tool does not read; convert it to zarr (e.g. with tensorstore or "
                         "BigDataViewer's n5-utils) or to TIFF")  # fmt: skip
-    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, an .h5, or "
-                    "a folder of 2D .tif or .png slices")  # fmt: skip
+    raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, an .h5, an "
+                    "MRC (.mrc, .st, .rec, .ali, .map), a NumPy .npy, or a folder of 2D .tif or .png slices")  # fmt: skip
 
 
 # -- label stacks ------------------------------------------------------------------------------------------------

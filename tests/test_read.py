@@ -553,3 +553,117 @@ def test_a_class_list_of_one_class_names_every_id(tmp_path):
     (tmp_path / "two.json").write_text(json.dumps({"classes": {"1": "a", "2": "b"}}))
     with pytest.raises(UserError, match=r"lists the classes a, b but not which label ids are which"):
         read_class_map(str(tmp_path / "two.json"))
+
+
+def _write_mrc(path, data, voxel_size=None):
+    import mrcfile
+
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        if voxel_size is not None:
+            mrc.voxel_size = voxel_size  # Å along X, Y, Z
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mrc", ".st", ".rec", ".ali", ".map", ".mrcs"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint16])  # modes 1, 2, 6
+def test_mrc_stacks_as_imod_serialem_and_fei_write_them(tmp_path, suffix, dtype):
+    """FIB-SEM and serial-section stacks from IMOD, SerialEM, Thermo Fisher: sections are Z, the voxel size (Å) is
+    the pixel size in nm; they were 'unknown volume format'."""
+    data = (DATA // 2).astype(dtype)
+    path = _write_mrc(tmp_path / f"v{suffix}", data, voxel_size=(40.0, 40.0, 300.0))
+    _check(path, data)
+    assert open_volume(path).pixel_size_nm == pytest.approx((30.0, 4.0, 4.0))
+
+
+def test_a_2d_mrc_is_one_slice_and_an_unset_voxel_size_is_unknown(tmp_path):
+    path = _write_mrc(tmp_path / "v.mrc", DATA[0])
+    v = open_volume(path)
+    assert v.shape == (1, 130, 150) and v.pixel_size_nm is None
+    np.testing.assert_array_equal(v.read(0, 5, 9, 5, 9), DATA[0, 5:9, 5:9])
+
+
+def test_mrc_mode_0_bytes_are_read_as_their_writer_meant_them(tmp_path):
+    """Mode 0 is signed bytes in MRC2014 (mrcfile's int8), but IMOD writes unsigned bytes unless its imodFlags say
+    signed: read as int8 they would wrap (200 as -56), the brightest pixels darkest."""
+    signed = (DATA // 32 - 60).astype(np.int8)
+    _check(_write_mrc(tmp_path / "signed.mrc", signed), signed)
+    grey = (DATA // 16).astype(np.uint8)  # up to 249
+    for flags, expected in ((0, grey), (1, grey.view(np.int8))):  # IMOD's bit 0: bytes are signed
+        path = _write_mrc(tmp_path / f"imod{flags}.mrc", grey.view(np.int8))
+        raw = bytearray(path.read_bytes())
+        raw[152:160] = np.array([1146047817, flags], "<i4").tobytes()  # imodStamp, imodFlags
+        path.write_bytes(bytes(raw))
+        _check(path, expected)
+    path = _write_mrc(tmp_path / "old.mrc", grey.view(np.int8))
+    with __import__("mrcfile").open(path, mode="r+") as mrc:
+        mrc.header.dmax = 249  # no IMOD stamp, but a maximum only unsigned bytes hold
+    _check(path, grey)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("cut", r"v.mrc is truncated: its header says 5x130x150 \(Z, Y, X\) pixels of mode 1 \(\d+ bytes with the header\), "
+            r"the file has \d+ bytes"),
+    ("header", r"cannot read .*v.mrc as MRC \(Couldn't read enough bytes for MRC header\)"),
+    ("text", r"cannot read .*v.mrc as MRC \(Map ID string not found"),
+])  # fmt: skip
+def test_a_damaged_mrc_is_refused_in_one_line(tmp_path, damage, match):
+    path = _write_mrc(tmp_path / "v.mrc", DATA.astype(np.int16))
+    raw = path.read_bytes()
+    path.write_bytes({"cut": raw[:-1000], "header": raw[:500], "text": b"acquisition log\n" * 200}[damage])
+    with pytest.raises(UserError, match=match) as refused:
+        open_volume(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_mrc_label_stack_is_read_as_label_stacks_in_other_formats_are(tmp_path):
+    ids = (DATA // 500).astype(np.int16)
+    (layer,) = open_label_layers([str(_write_mrc(tmp_path / "labels.mrc", ids))], ["cell"])
+    np.testing.assert_array_equal(layer.volume.read(3, 0, 130, 0, 150), ids[3])
+    with pytest.raises(UserError, match="holds float32 values; a label stack must hold integer ids"):
+        open_label_layers([str(_write_mrc(tmp_path / "float.mrc", ids.astype(np.float32)))], ["cell"])
+
+
+@pytest.mark.parametrize("data", [DATA, DATA[0], DATA[None]])
+def test_npy_arrays_are_zyx_volumes(tmp_path, data):
+    np.save(tmp_path / "v.npy", data)
+    v, zyx = open_volume(tmp_path / "v.npy"), data.reshape(-1, 130, 150)
+    assert v.pixel_size_nm is None and v.shape == zyx.shape
+    np.testing.assert_array_equal(v.read(zyx.shape[0] - 1, 10, 70, 33, 149), zyx[-1, 10:70, 33:149])
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.asfortranarray(DATA), r"v.npy is saved in Fortran \(column-major\) order; save it in C order"),
+    (np.array([DATA[0], None], dtype=object), "v.npy has pixel type object; convert it to uint8"),
+    (np.stack([DATA, DATA]), r"v.npy has shape \(2, 5, 130, 150\) and names no axes; give a \(Z, Y, X\)"),
+])  # fmt: skip
+def test_npy_arrays_that_are_no_volume_are_refused_saying_what_to_do(tmp_path, array, match):
+    np.save(tmp_path / "v.npy", array, allow_pickle=True)
+    with pytest.raises(UserError, match=match):
+        open_volume(tmp_path / "v.npy")
+
+
+def test_a_truncated_npy_or_an_npz_archive_is_refused_in_one_line(tmp_path):
+    np.save(tmp_path / "v.npy", DATA)
+    (tmp_path / "v.npy").write_bytes((tmp_path / "v.npy").read_bytes()[:-100])
+    with pytest.raises(UserError, match="v.npy .*the file may be truncated: save it again with np.save"):
+        open_volume(tmp_path / "v.npy")
+    np.savez(tmp_path / "v.npz", raw=DATA, labels=DATA)
+    with pytest.raises(UserError, match=r"v.npz is a NumPy .npz archive of 2 array\(s\) \(raw, labels\); save the "
+                                        r"volume as a .npy of its own: np.save\('volume.npy', np.load\(.*\)\['raw'\]\)"):  # fmt: skip
+        open_volume(tmp_path / "v.npz")
+
+
+def test_run_on_an_mrc_stack_with_mrc_labels(tmp_path):
+    """``run x.mrc --predictor labels --labels y.mrc``: an IMOD volume and its label stack through the whole pipeline."""
+    from conftest import cli, labels_of
+
+    ids = np.zeros((3, 64, 64), np.int16)
+    ids[:, 8:30, 10:40], ids[:, 40:60, 20:50] = 1, 2
+    _write_mrc(tmp_path / "v.mrc", np.where(ids > 0, 200, 30).astype(np.int16), voxel_size=(50.0, 50.0, 300.0))
+    _write_mrc(tmp_path / "labels.mrc", ids)
+    cli("run", tmp_path / "v.mrc", "--predictor", "labels", "--labels", tmp_path / "labels.mrc", "--classes", "cell",
+        "--no-progress", "--no-image", "--out", tmp_path / "out.zarr")  # fmt: skip
+    out = labels_of(tmp_path / "out.zarr", "cell")
+    assert out.shape == ids.shape and len(np.unique(out[out > 0])) == 2
+    np.testing.assert_array_equal(out > 0, ids > 0)
