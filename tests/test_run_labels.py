@@ -100,6 +100,23 @@ def test_ids_missing_from_the_class_map_are_all_named_before_the_run_starts(tmp_
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.zarr").exists()
 
 
+def test_a_tile_with_more_ids_than_it_can_hold_names_a_tile_size_that_works(tmp_path):
+    """A supervoxel stack (an id per few pixels): a tile holds at most 65535 ids; the refusal names a --tile with
+    which the same run goes through."""
+    ids = np.arange(1, 2 * 300 * 300 + 1, dtype=np.uint32).reshape(2, 300, 300)
+    tifffile.imwrite(tmp_path / "volume.tif", np.zeros(ids.shape, np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", ids, photometric="minisblack")
+    args = ("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes",
+            "cell", "--no-progress", "--no-image", "--link", "none", "--out", tmp_path / "out.zarr")  # fmt: skip
+    refused = cli(*args, check=False)
+    assert refused.returncode == 2 and "holds 90000 label ids" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out.zarr").exists()
+    tile = refused.stderr.split("--tile ")[-1].split()[0]
+    cli(*args, "--tile", tile)
+    out = labels_of(tmp_path / "out.zarr", "cell")
+    assert out.all() and len(np.unique(out)) == ids.size  # every pixel its own object, as in the stack
+
+
 def test_truth_is_reproduced_exactly_with_tiles_smaller_than_cells(synth_small, tmp_path):
     out = tmp_path / "out.zarr"
     # 64 px tiles, 16 px overlap: cells (up to ~260 px) span up to five tiles in each direction

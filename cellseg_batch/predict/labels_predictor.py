@@ -78,7 +78,11 @@ class LabelsPredictor(Predictor):
             local, original = renumber(ids)  # original: local id -> the stack's id
             n = len(original) - 1
             if offset + n > MAX_LOCAL:
-                raise UserError(f"a tile of slice {z} holds more than {MAX_LOCAL} label ids; use a smaller --tile")
+                # a tile's ids shrink with its area: a side that would hold ~half the limit at this density
+                side = max(16, int(max(window.shape) * (MAX_LOCAL / 2 / (offset + n)) ** 0.5) // 16 * 16)
+                raise UserError(f"a {window.shape[0]} x {window.shape[1]} px tile of slice {z} holds {offset + n} "
+                                f"label ids, more than the {MAX_LOCAL} a tile can; use a smaller tile, e.g. "
+                                f"--tile {side}")  # fmt: skip
             cls = layer.classify(original[1:], self.classes)
             if (cls < 0).any():
                 raise UserError(
