@@ -73,7 +73,7 @@ class Volume:
 
     def identity(self) -> list:
         """What tells this input from an edited one (the resume check): a file's size and modification time."""
-        p = Path(self.path)
+        p = Path(getattr(self, "_file", self.path))  # the file of a path that names a part of it (file.tif:1)
         return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else []
 
     @property
@@ -214,22 +214,37 @@ class MappedVolume(Volume):
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
 
 
-class TiffVolume(Volume):
-    """Multi-page TIFF, BigTIFF, ImageJ hyperstacks, 2D TIFF (one slice); memory-mapped where the layout allows."""
+TIFF_SERIES = re.compile(r"^(?P<file>.*\.(?:tif|tiff|btf))[:/](?P<series>\d+)$", re.IGNORECASE)
+
+
+class TiffVolume(MappedVolume):
+    """Multi-page TIFF, BigTIFF, ImageJ hyperstacks, 2D TIFF (one slice); memory-mapped where the layout allows. Of
+    a TIFF of several images (series: an OME-TIFF's positions, stacks appended to one file), ``file.tif:N`` (or
+    ``file.tif/N``, as ``file.h5:dataset``) reads image N, from 0; ``file.tif`` alone reads the first, where the
+    others are smaller (pyramid levels, thumbnails)."""
 
     def _inspect(self):
         import tifffile
 
+        match = TIFF_SERIES.match(self.path)
+        self._file, chosen = (match["file"], int(match["series"])) if match else (self.path, None)
+        self._series = chosen or 0
+        if not os.path.isfile(self._file):
+            raise UserError(f"{self._file} does not exist")
         try:
-            self._flags = {"is_shaped": False} if _one_series_per_page(self.path) else {}
-            with tifffile.TiffFile(self.path, **self._flags) as tf:
+            self._flags = {"is_shaped": False} if _one_series_per_page(self._file) else {}
+            with tifffile.TiffFile(self._file, **self._flags) as tf:
                 if not tf.series:
                     raise UserError(f"{self.path} holds no image data")
-                series = tf.series[0]
+                if self._series >= len(tf.series):
+                    raise UserError(f"{self._file} holds {_images(tf.series)}; there is no image {chosen}: name one "
+                                    f"of 0 to {len(tf.series) - 1} ({self._file}:N)")  # fmt: skip
+                series = tf.series[self._series]
                 headers = _page_headers(tf, series)
                 self._check_complete(tf, series, headers)
-                self._check_pages(headers)
-                _check_first_series_largest(tf.series, self.path)
+                self._check_pages(headers)  # first: pages of another size can read as images of their own
+                if chosen is None:
+                    _check_one_image(tf.series, self.path)
                 axes = series.axes
                 if tf.is_imagej and axes.startswith("C") and (tf.imagej_metadata or {}).get("channels", 1) > 1:
                     raise UserError(f"{self.path} is an ImageJ stack of {series.shape[0]} channels; save one channel")
@@ -238,7 +253,7 @@ class TiffVolume(Volume):
                 zyx, self._axes = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
                 dtype = _check_dtype(series.dtype, self.path)
                 self._check_codec(series)
-                pixel = _tiff_pixel_size(tf)
+                pixel = _tiff_pixel_size(tf, self._series)
         except UserError:
             raise
         except Exception as e:  # tifffile raises many types for a damaged file (struct.error, RuntimeError, ...)
@@ -246,7 +261,7 @@ class TiffVolume(Volume):
         return zyx, dtype, pixel
 
     def _check_complete(self, tf, series, pages: list) -> None:
-        size = os.path.getsize(self.path)
+        size = os.path.getsize(self._file)
         if any(page is None for page in pages):
             raise UserError(f"{self.path} is truncated or corrupt (a page cannot be read)")
         # what the file says it holds (tifffile's or ImageJ's metadata) against the images its pages give: a file
@@ -254,7 +269,8 @@ class TiffVolume(Volume):
         images = math.prod(n for n, a in zip(series.shape, series.axes) if a not in "YXS")
         said = None
         if tf.is_shaped:
-            shape = ((tf.shaped_metadata or [{}])[0] or {}).get("shape") or [0, 0, 0]
+            shaped = tf.shaped_metadata or ()  # one entry a series
+            shape = ((shaped[self._series] if self._series < len(shaped) else {}) or {}).get("shape") or [0, 0, 0]
             said = math.prod(shape) // max(1, math.prod(series.keyframe.shape))  # its shape over one page's
         elif tf.is_imagej:
             said = (tf.imagej_metadata or {}).get("images", 1)
@@ -288,38 +304,40 @@ class TiffVolume(Volume):
             raise UserError(f"{self.path} is {name}-compressed, which needs the imagecodecs package here: pip install "
                             "imagecodecs (it is a dependency of cellseg-batch; reinstall it)") from e  # fmt: skip
 
-    def _array(self):
-        arr = getattr(self._local, "arr", None)
-        if arr is None:
-            import tifffile
-            import zarr
+    def _open_array(self):
+        import tifffile
+        import zarr
 
-            try:
-                arr = tifffile.memmap(self.path, mode="r", **self._flags)
-            except (ValueError, OSError):
-                # level 0: a pyramid (OME-TIFF's SubIFDs) would give a zarr group of all its levels
-                store = tifffile.imread(self.path, aszarr=True, series=0, level=0, **self._flags)
-                arr = zarr.open(store, mode="r")
-            self._local.arr = arr
-        return arr
-
-    def read(self, z, y0, y1, x0, x1):
-        arr = self._array()
         try:
-            return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
-        except Exception as e:  # tifffile/zarr raise many types for damaged data
-            raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
+            return tifffile.memmap(self._file, mode="r", series=self._series, **self._flags)
+        except (ValueError, OSError):
+            # level 0: a pyramid (OME-TIFF's SubIFDs) would give a zarr group of all its levels
+            store = tifffile.imread(self._file, aszarr=True, series=self._series, level=0, **self._flags)
+            return zarr.open(store, mode="r")
 
 
-def _check_first_series_largest(series: list, path: str) -> None:
-    """The first series (image) of a TIFF is read; the others may be its pyramid levels or thumbnails, smaller. One
-    larger than the first (a thumbnail or overview written before the stack) means the first is not the volume."""
-    larger = [s for s in series[1:] if math.prod(s.shape) > math.prod(series[0].shape)]
-    if larger:
-        images = ", ".join(f"{'x'.join(map(str, s.shape))} {s.dtype}" for s in series[:4])
-        more = f" and {len(series) - 4} more" if len(series) > 4 else ""
-        raise UserError(f"{path} holds {len(series)} images ({images}{more}); the first, which would be read, is not "
-                        "the largest: save the stack as a file of its own (tifffile.imread(path, series=N))")  # fmt: skip
+def _check_one_image(series: list, path: str) -> None:
+    """``file.tif`` alone reads its first series (image); later ones smaller in Y or X (pyramid levels written as
+    series, thumbnails, a slide's label and macro images) are left out. One of the first's slice size (an OME-TIFF's
+    positions, stacks appended to one file) or larger (an overview written before the stack) may as well be the
+    volume: refused, naming the images and how to choose one, not read as the first alone."""
+
+    def side(s) -> tuple[int, int]:
+        return s.keyframe.imagelength, s.keyframe.imagewidth
+
+    first = series[0]
+    others = [i for i, s in enumerate(series[1:], 1)
+              if side(s) == side(first) or math.prod(s.shape) > math.prod(first.shape)]  # fmt: skip
+    if others:
+        raise UserError(f"{path} holds {_images(series)}, more than one of which may be the volume; name the one to "
+                        f"read: {path}:N, N from 0 (e.g. {path}:{others[0]})")  # fmt: skip
+
+
+def _images(series: list) -> str:
+    """The images (series) of a TIFF, for a message: '3 images (5x130x150 uint16, ...)'."""
+    images = ", ".join(f"{'x'.join(map(str, s.shape))} {s.dtype}" for s in series[:4])
+    more = f" and {len(series) - 4} more" if len(series) > 4 else ""
+    return f"{len(series)} image{'s' if len(series) > 1 else ''} ({images}{more})"
 
 
 def _page_headers(tf, series) -> list:
@@ -380,14 +398,14 @@ NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "\u03bcm": 1000.0, "micro
                "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1, "\u212b": 0.1, "pm": 1e-3}  # µ: the micro sign or Greek mu
 
 
-def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:
-    """(z, y, x) in nm from OME-XML (PhysicalSize*), else the X/YResolution tags and ImageJ's unit and spacing; z is
-    None where not recorded."""
+def _tiff_pixel_size(tf, index: int = 0) -> tuple[float | None, float, float] | None:
+    """(z, y, x) in nm of image (series) ``index`` from OME-XML (PhysicalSize*), else the X/YResolution tags and
+    ImageJ's unit and spacing; z is None where not recorded."""
     if tf.is_ome:
-        ome = _ome_pixel_size(tf)
+        ome = _ome_pixel_size(tf, index)
         if ome:
             return ome
-    tags = tf.pages[0].tags
+    tags = tf.series[index].keyframe.tags
     if "XResolution" not in tags:
         return None
     num, den = tags["XResolution"].value
@@ -403,12 +421,12 @@ def _tiff_pixel_size(tf) -> tuple[float | None, float, float] | None:
     return (z, xy, xy)
 
 
-def _ome_pixel_size(tf) -> tuple[float | None, float, float] | None:
+def _ome_pixel_size(tf, index: int) -> tuple[float | None, float, float] | None:
     import tifffile
 
     try:
         image = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]
-        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+        pixels = (image[index] if isinstance(image, list) else image)["Pixels"]
     except Exception:  # OME-XML that does not parse or lacks an image: no pixel size, as without OME
         return None
 
@@ -981,6 +999,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
     p = Path(path)
     if HDF5_PATH.match(path):
         return Hdf5Volume(path)
+    if TIFF_SERIES.match(path):
+        return TiffVolume(path)
     if any(c in p.name for c in "*?["):
         return ImageSequence(path)
     if not p.exists():

@@ -161,8 +161,8 @@ def test_an_ome_tiff_pyramid_in_subifds_is_read_at_level_0(tmp_path):
 
 def test_a_tiff_of_several_images_is_read_from_the_first_only_where_it_is_the_largest(tmp_path):
     """Series after the first (pyramid levels, a thumbnail after the stack) are left out; a thumbnail or overview
-    written before the stack is refused, naming the images (it was 'page 1 is 130x150, but page 0 is 16x18: resave
-    it with matching pages', which it has)."""
+    written before the stack is refused, naming the images and how to name the stack (it was 'page 1 is 130x150, but
+    page 0 is 16x18: resave it with matching pages', which it has)."""
     with tifffile.TiffWriter(tmp_path / "after.tif") as tw:
         tw.write(DATA, photometric="minisblack")
         tw.write(DATA[:, ::2, ::2], photometric="minisblack")
@@ -171,9 +171,36 @@ def test_a_tiff_of_several_images_is_read_from_the_first_only_where_it_is_the_la
     with tifffile.TiffWriter(tmp_path / "before.tif") as tw:
         tw.write(DATA[0, ::8, ::8], photometric="minisblack")
         tw.write(DATA, photometric="minisblack")
-    with pytest.raises(UserError, match=r"before.tif holds 2 images \(17x19 uint16, 5x130x150 uint16\); the first.*is "
-                                        "not the largest"):  # fmt: skip
+    with pytest.raises(UserError, match=r"before.tif holds 2 images \(17x19 uint16, 5x130x150 uint16\), more than one "
+                                        r"of which may be the volume; name the one to read: .*before.tif:N, N from 0 "
+                                        r"\(e.g. .*before.tif:1\)$"):  # fmt: skip
         open_volume(tmp_path / "before.tif")
+    _check(f"{tmp_path / 'before.tif'}:1")
+
+
+def test_a_tiff_of_several_full_size_images_is_read_at_the_one_named(tmp_path):
+    """Stacks appended to one TIFF (tifffile's append=True) and an OME-TIFF of several positions were read as their
+    first image alone, the others left out without a word: refused naming them, and ``file.tif:N`` (or ``/N``, as
+    ``file.h5:dataset``) reads image N with its own pixel size."""
+    tifffile.imwrite(tmp_path / "two.tif", DATA, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "two.tif", DATA // 2, photometric="minisblack", append=True)
+    with pytest.raises(UserError, match=r"two.tif holds 2 images \(5x130x150 uint16, 5x130x150 uint16\), more than one "
+                                        r"of which may be the volume; name the one to read: .*two.tif:N"):  # fmt: skip
+        open_volume(tmp_path / "two.tif")
+    _check(f"{tmp_path / 'two.tif'}:0")
+    _check(f"{tmp_path / 'two.tif'}:1", DATA // 2)
+    _check(f"{tmp_path / 'two.tif'}/1", DATA // 2)
+    assert open_volume(f"{tmp_path / 'two.tif'}:1").identity()  # the file's size and time: the resume check
+    with pytest.raises(UserError, match=r"two.tif holds 2 images .*; there is no image 2: name one of 0 to 1"):
+        open_volume(f"{tmp_path / 'two.tif'}:2")
+    with tifffile.TiffWriter(tmp_path / "positions.ome.tif", ome=True) as tw:
+        for data, nm in ((DATA, 0.004), (DATA[:3] // 2, 0.008)):
+            tw.write(data, photometric="minisblack", metadata={"axes": "ZYX", "PhysicalSizeX": nm, "PhysicalSizeY": nm})
+    with pytest.raises(UserError, match=r"positions.ome.tif holds 2 images \(5x130x150 uint16, 3x130x150 uint16\)"):
+        open_volume(tmp_path / "positions.ome.tif")
+    _check(f"{tmp_path / 'positions.ome.tif'}:1", DATA[:3] // 2)
+    assert open_volume(f"{tmp_path / 'positions.ome.tif'}:1").pixel_size_nm == pytest.approx((None, 8.0, 8.0))
+    assert open_volume(f"{tmp_path / 'positions.ome.tif'}:0").pixel_size_nm == pytest.approx((None, 4.0, 4.0))
 
 
 def _write_sequence(folder, data, kind):
