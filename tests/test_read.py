@@ -1,5 +1,5 @@
-"""Readers: TIFF (multi-page, BigTIFF, 2D, ImageJ, OME, tiled, RGB), image sequences, zarr v2/v3 and OME-Zarr, read window
-by window."""
+"""Readers: TIFF (multi-page, BigTIFF, 2D, ImageJ, OME, tiled, RGB, several images), image sequences, zarr v2/v3 and
+OME-Zarr, HDF5, MRC, NumPy .npy, read window by window."""
 
 import json
 
