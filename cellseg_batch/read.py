@@ -1097,10 +1097,18 @@ def read_class_map(spec: str) -> str | dict[int, str]:
             raise UserError(
                 f"{spec}: key {k!r} is not a label id; it must map ids to class names, e.g. {example}"
             ) from None
+        if i == 0 and isinstance(v, str) and v.strip("_ ").lower() in BACKGROUND_NAMES:
+            continue  # a class map that names the background (CVAT, semantic tools): 0 is background anyway
         if i <= 0 or not isinstance(v, str) or not v:
-            raise UserError(f"{spec}: entry {k!r}: {v!r} must map a positive label id to a class name")
+            raise UserError(f"{spec}: entry {k!r}: {v!r} must map a positive label id to a class name (0 is the "
+                            "background of a label stack, and can only be named so: \"0\": \"background\")")  # fmt: skip
         out[i] = v
+    if not out:
+        raise UserError(f"{spec} names only the background; give the class of each label id, e.g. {example}")
     return out
+
+
+BACKGROUND_NAMES = {"background", "bg", "back", "none", "unlabeled", "unlabelled", "ignore", "void", "empty"}
 
 
 def check_label_stack(layer: LabelLayer, side: int = 1024) -> None:

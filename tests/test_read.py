@@ -694,3 +694,18 @@ def test_run_on_an_mrc_stack_with_mrc_labels(tmp_path):
     out = labels_of(tmp_path / "out.zarr", "cell")
     assert out.shape == ids.shape and len(np.unique(out[out > 0])) == 2
     np.testing.assert_array_equal(out > 0, ids > 0)
+
+
+def test_a_class_map_may_name_the_background(tmp_path):
+    """Class maps from annotation tools name 0 ("0": "background", "_background_"): it is skipped, as 0 is the
+    background of every label stack; 0 named as an object class, or a map of the background alone, is refused."""
+    path = tmp_path / "classes.json"
+    for background in ("background", "_background_", "Background"):
+        path.write_text(json.dumps({"0": background, "1": "mitochondrion", "2": "alpha_granule"}))
+        assert read_class_map(str(path)) == {1: "mitochondrion", 2: "alpha_granule"}
+    path.write_text(json.dumps({"0": "cell", "1": "mitochondrion"}))
+    with pytest.raises(UserError, match="0 is the background of a label stack"):
+        read_class_map(str(path))
+    path.write_text(json.dumps({"0": "background"}))
+    with pytest.raises(UserError, match="names only the background"):
+        read_class_map(str(path))
