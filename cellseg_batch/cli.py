@@ -72,6 +72,8 @@ def _eval(args) -> int:
 
     result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode,
                             errors_png=args.errors_png)  # fmt: skip
+    for warning in result["warnings"]:
+        print(f"cellseg-batch: warning: {warning}", file=sys.stderr)
     print(format_table(result))
     drawn = result.get("errors_png")
     if drawn:
@@ -245,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("pred", help="a cellseg-batch output (OME-Zarr with labels/)")
     e.add_argument("gt", help="ground truth: an OME-Zarr with labels/, or a label stack with --gt-classes")
     e.add_argument("--gt-classes", help="class name, or JSON mapping ids to class names, for a plain GT stack")
-    e.add_argument("--slices", help="START:STOP, evaluate a range of slices")
+    e.add_argument("--slices", help="evaluate these slices only: START:STOP, or slices and ranges separated by commas "
+                   "(e.g. 0,10,20 or 0:5,10:15,28: the slices a lab annotated); in 3d mode each run of consecutive "
+                   "slices is scored as a sub-volume of its own")  # fmt: skip
     e.add_argument("--mode", choices=["3d", "2d"], default="3d", help="2d: every slice on its own")
     e.add_argument("--json", help="also write the result as JSON here (with each class's splits and merges)")
     e.add_argument("--errors-png", help="draw the worst split (3d mode) as a PNG here")

@@ -96,6 +96,47 @@ def parse_slices(text: str | None, nz: int | None, option: str = "--slices") -> 
     return z0, z1
 
 
+def parse_slice_list(text: str | None, nz: int | None, option: str = "--slices") -> list[int]:
+    """``"0,10,20"``, ``"0:5,10:15,28"``: slices and START:STOP ranges (as ``parse_slices`` reads them), separated by
+    commas -> their slices, sorted and de-duplicated; None or empty: all ``nz``. With ``nz`` None only the syntax is
+    checked. For ``eval``: labs annotate a few slices of a volume, not always one range."""
+    if not text:
+        return list(range(nz or 0))
+    out: set[int] = set()
+    for part in str(text).split(","):
+        if ":" in part:
+            out.update(range(*parse_slices(part.strip(), nz, option)))
+            continue
+        try:
+            z = int(part)
+        except ValueError:
+            raise UserError(f"{option} {text!r}: give slices and START:STOP ranges separated by commas, e.g. 0,10,20 "
+                            "or 0:5,10:15,28") from None  # fmt: skip
+        if z < 0:
+            raise UserError(f"{option} {text!r}: slice {z} is negative; slices are numbered from 0")
+        if nz is not None and z >= nz:
+            raise UserError(f"{option} {text!r}: slice {z} is outside the volume's {nz} slices; give slices within "
+                            f"0:{nz}")  # fmt: skip
+        out.add(z)
+    return sorted(out)
+
+
+def format_slice_list(zs) -> str:
+    """Sorted slices in ``parse_slice_list``'s syntax, contiguous runs as START:STOP: [0, 1, 2, 10] -> "0:3,10"."""
+    return ",".join(f"{run[0]}:{run[-1] + 1}" if len(run) > 1 else str(run[0]) for run in slice_runs(zs))
+
+
+def slice_runs(zs) -> list[list[int]]:
+    """Sorted slices cut into runs of consecutive ones: [0, 1, 2, 10, 11] -> [[0, 1, 2], [10, 11]]."""
+    runs: list[list[int]] = []
+    for z in zs:
+        if runs and z == runs[-1][-1] + 1:
+            runs[-1].append(int(z))
+        else:
+            runs.append([int(z)])
+    return runs
+
+
 def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,
                          most: int | None = None) -> tuple[int, ...]:  # fmt: skip
     """``"N"`` (every class) or ``"CLASS=N,CLASS=N"`` (a plain N among them: the other classes) -> one int in
@@ -182,6 +223,10 @@ SYNTAX = {
 }
 
 
+# a sub-command's own syntax of an option, in place of SYNTAX's: `eval --slices` also takes lists of slices
+SYNTAX_OF = {"eval": {"slices": lambda text: parse_slice_list(text, None)}}
+
+
 def check_options(command: str, values: dict) -> None:
     """Refuse, before anything is read or written, the options of ``command`` no input can make valid: the one
     validation layer of every sub-command (its values: argparse's namespace, or a config dataclass as a dict)."""
@@ -189,7 +234,7 @@ def check_options(command: str, values: dict) -> None:
         value = values.get(name)
         if value is not None and not bound.holds(value):
             raise UserError(f"--{name.replace('_', '-')} {value}: {bound}")
-    for name, parse in SYNTAX.items():
+    for name, parse in {**SYNTAX, **SYNTAX_OF.get(command, {})}.items():
         if values.get(name) is not None:
             parse(values[name])
 

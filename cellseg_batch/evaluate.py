@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from .config import parse_slices
+from .config import format_slice_list, parse_slice_list, slice_runs
 from .errors import UserError
 from .read import Volume, group_attrs
 
@@ -57,14 +58,19 @@ def evaluate(
     pred: dict[str, Volume],
     gt: dict[str, Volume],
     scores: dict[str, dict[int, float]] | None = None,
-    slices: range | None = None,
+    slices: Sequence[int] | None = None,
     mode: str = "3d",
+    z0: int = 0,
 ) -> dict:
     """Score each class both label sets hold; JSON-ready (floats, ints, lists, None where a metric is undefined).
 
     ``scores`` ranks predictions for AP (an id without a score, or no scores at all: 1.0). ``slices`` limits the
-    evaluation to those z slices. ``mode="2d"``: every slice stands alone, an object is a (slice, id) pair.
-    "mean" averages each metric over the scored classes (skipping None) and sums the counts.
+    evaluation to those z slices (a range, or any slices: a lab's annotated ones). ``mode="2d"``: every slice stands
+    alone, an object is a (slice, id) pair; ``"3d"``: each run of consecutive slices is a sub-volume of its own.
+    "mean" averages each metric over the scored classes (skipping None) and sums the counts. ``z0``: the volume's
+    number of these labels' slice 0 (a run of part of a volume), for the slice numbers the result names.
+    Without ``slices``, ground truth empty in some slices but not all gets a warning (``warnings``): a lab that
+    annotated a few slices should evaluate those alone, as every prediction elsewhere counts as a false positive.
     """
     if mode not in MODES:
         raise UserError(f"unknown evaluation mode {mode!r}; use one of {list(MODES)}")
@@ -83,17 +89,40 @@ def evaluate(
         for vol in (pred[name], gt[name]):
             if np.dtype(vol.dtype).kind not in "ui":
                 raise UserError(f"{vol.path} holds {vol.dtype} values; label images must hold integer ids")
-    zs = _slice_range(slices, gt[shared[0]].shape[0])
-    classes = {name: _score_class(pred[name], gt[name], zs, (scores or {}).get(name), mode) for name in shared}
+    zs = _slice_list(slices, gt[shared[0]].shape[0])
+    classes, annotated = {}, set()
+    for name in shared:
+        classes[name], marked = _score_class(pred[name], gt[name], zs, (scores or {}).get(name), mode)
+        annotated |= marked
     return {
         "mode": mode,
-        "slices": [zs.start, zs.stop, zs.step],
+        "slices": format_slice_list(z + z0 for z in zs),  # the volume's slice numbers, in --slices syntax
         "n_slices": len(zs),
+        "n_runs": len(slice_runs(zs)),
+        "gt_annotated_slices": format_slice_list(sorted(z + z0 for z in annotated)),
+        "warnings": [] if slices is not None else _sparse_truth_warning(len(zs), sorted(z + z0 for z in annotated)),
         "thresholds": list(THRESHOLDS),
         "classes": classes,
         "mean": _mean(list(classes.values())),
         "unmatched": {"pred_only": sorted(set(pred) - set(gt)), "gt_only": sorted(set(gt) - set(pred))},
     }
+
+
+MAX_NAMED_RUNS = 12  # runs of annotated slices a warning names (the result's gt_annotated_slices holds them all)
+
+
+def _sparse_truth_warning(n_slices: int, annotated: list[int]) -> list[str]:
+    """A warning where the ground truth is empty in some of the scored slices but not all: likely a lab's few
+    annotated slices, where every prediction elsewhere would count as a false positive (or, in 3D, whole objects
+    against truth objects a few slices thick). Only a warning: an empty truth slice can be real."""
+    if not annotated or len(annotated) == n_slices:
+        return []
+    runs = slice_runs(annotated)
+    named = format_slice_list(annotated) if len(runs) <= MAX_NAMED_RUNS else (
+        f"{format_slice_list([z for run in runs[:MAX_NAMED_RUNS] for z in run])},... ({len(runs)} runs of slices: "
+        "the --json result's gt_annotated_slices lists them all)")  # fmt: skip
+    return [f"ground truth is empty in {n_slices - len(annotated)} of {n_slices} slices; if only slices {named} were "
+            f"annotated, evaluate them alone with --slices {format_slice_list(annotated)}"]  # fmt: skip
 
 
 def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,
@@ -108,16 +137,16 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     gt_sets = class_volumes(open_label_layers([gt], [gt_classes] if gt_classes else []))
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() else None
-    zs = range(*parse_slices(slices, next(iter(gt_sets.values())).shape[0])) if slices else None
+    zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None
     z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
     if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth
         depth = next(iter(pred_sets.values())).shape[0]
         gt_sets = {name: SliceRange(volume, z0, depth) for name, volume in gt_sets.items()}
         if zs is not None:  # given in the volume's slice numbers, as the run's --slices were
-            if zs.start < z0 or zs.stop > z0 + depth:
+            if zs[0] < z0 or zs[-1] >= z0 + depth:
                 raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
-            zs = range(zs.start - z0, zs.stop - z0)
-    result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode)
+            zs = [z - z0 for z in zs]
+    result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0 or 0)
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
@@ -163,33 +192,44 @@ class SliceRange(Volume):
         return self.volume.read(self.z0 + z, y0, y1, x0, x1)
 
 
-def _slice_range(slices: range | None, depth: int) -> range:
+def _slice_list(slices: Sequence[int] | None, depth: int) -> list[int]:
+    """The z slices to score, sorted and de-duplicated: all of them where ``slices`` is None."""
     if slices is None:
-        return range(depth)
-    if not isinstance(slices, range) or len(slices) == 0:
-        raise UserError(f"slices {slices!r}: give a non-empty range of z slices")
-    lo, hi = sorted((slices[0], slices[-1]))
-    if lo < 0 or hi >= depth:
-        raise UserError(f"slices {lo}..{hi} are out of range: the volumes have {depth} slices (0..{depth - 1})")
-    return slices
+        return list(range(depth))
+    zs = sorted({int(z) for z in slices})
+    if not zs:
+        raise UserError(f"slices {slices!r}: give at least one z slice")
+    if zs[0] < 0 or zs[-1] >= depth:
+        raise UserError(f"slices {zs[0]}..{zs[-1]} are out of range: the volumes have {depth} slices (0..{depth - 1})")
+    return zs
 
 
-def _score_class(pv: Volume, gv: Volume, zs: range, scores: dict[int, float] | None, mode: str) -> dict:
-    """Every metric of one class, from one pass over its slices (two 2D reads per slice)."""
+def _score_class(pv: Volume, gv: Volume, zs: list[int], scores: dict[int, float] | None,
+                 mode: str) -> tuple[dict, set[int]]:  # fmt: skip
+    """Every metric of one class, and the slices where its ground truth has any object, from one pass over its
+    slices (two 2D reads per slice)."""
     _, h, w = gv.shape
     ap = _MaskAP(scores)
-    parts = []
+    parts, annotated = [], set()
     for z in zs:
         p = np.asarray(pv.read(z, 0, h, 0, w)).astype(np.uint64, copy=False)
         g = np.asarray(gv.read(z, 0, h, 0, w)).astype(np.uint64, copy=False)
         ap.add(z, p, g)
         pid, gid, n = _pair_counts(p.ravel(), g.ravel())
         parts.append((np.full(len(n), z, np.uint64), pid, gid, n))
+        if gid.max() > 0:  # gid lists the slice's ids: cheaper than another pass over its pixels
+            annotated.add(z)
     z, pid, gid, n = (np.concatenate(a) for a in zip(*parts))
-    out = {**ap.result(), **_instance_scores(z, pid, gid, n, mode)}
+    # an object is an id within a segment: a slice (2d), or a run of consecutive slices (3d). Slices given as a list
+    # of runs (a lab's annotated blocks) are scored run by run, each a sub-volume whose objects are cut at its ends,
+    # as --slices START:STOP scores one, and the counts summed: the same numbers as one eval per run added up.
+    # Refusing instead would leave such a lab to add them by hand; single-slice runs score as --mode 2d would.
+    starts = np.array([run[0] for run in slice_runs(zs)], np.uint64)
+    seg = z if mode == "2d" else (np.searchsorted(starts, z, side="right") - 1).astype(np.uint64)
+    out = {**ap.result(), **_instance_scores(seg, pid, gid, n)}
     if mode == "3d":
-        out["errors"] = explain_errors(z, pid, gid, n)
-    return out
+        out["errors"] = _errors_per_run(z, seg, pid, gid, n)
+    return out, annotated
 
 
 # -- why F1 is what it is: splits and merges ------------------------------------------------------------------------
@@ -235,6 +275,17 @@ def explain_errors(z, pid, gid, n, share: float = 0.5) -> dict:
         name = "gt" if kind == "splits" else "pred"
         out[f"n_{kind}"] = len(listed)
         out[kind] = [{name: e["id"], "voxels": e["voxels"], "parts": e["parts"]} for e in listed[:MAX_LISTED]]
+    return out
+
+
+def _errors_per_run(z, seg, pid, gid, n) -> dict:
+    """``explain_errors`` of each run of slices (``seg``) on its own, merged: an object does not cross runs."""
+    found = [explain_errors(z[m], pid[m], gid[m], n[m]) for m in (seg == s for s in np.unique(seg))]
+    out = {}
+    for kind, name in (("splits", "gt"), ("merges", "pred")):
+        out[f"n_{kind}"] = sum(f[f"n_{kind}"] for f in found)
+        listed = sorted((e for f in found for e in f[kind]), key=lambda e: (-e["parts"][1]["voxels"], e[name]))
+        out[kind] = listed[:MAX_LISTED]
     return out
 
 
@@ -299,16 +350,11 @@ def _pair_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 # -- instance matching, VI, adapted Rand: all from one contingency table --------------------------------------------
 
 
-def _instance_scores(z, pid, gid, n, mode: str) -> dict:
-    """P/R/F1 of one-to-one IoU matching, VI and adapted Rand error from the slice-wise pair counts."""
-    if mode == "2d":  # an object is (slice, id): the same id in another slice is another object
-        pu, pi = np.unique(np.stack([z, pid], 1), axis=0, return_inverse=True)
-        gu, gi = np.unique(np.stack([z, gid], 1), axis=0, return_inverse=True)
-        p_bg, g_bg = pu[:, 1] == 0, gu[:, 1] == 0
-    else:
-        pu, pi = np.unique(pid, return_inverse=True)
-        gu, gi = np.unique(gid, return_inverse=True)
-        p_bg, g_bg = pu == 0, gu == 0
+def _instance_scores(seg, pid, gid, n) -> dict:
+    """P/R/F1 of one-to-one IoU matching, VI and adapted Rand error from the slice-wise pair counts; an object is
+    an id within a segment (``seg``: a slice, or a run of slices): the same id in another segment is another."""
+    pu, pi, p_bg = _objects(seg, pid)
+    gu, gi, g_bg = _objects(seg, gid)
     # rows: gt segments, columns: predicted ones; tocsr() sums a pair's counts over slices
     table = sp.coo_array((n.astype(np.float64), (gi.ravel(), pi.ravel())), shape=(len(gu), len(pu))).tocsr()
     g_size, p_size = table.sum(axis=1), table.sum(axis=0)
@@ -329,6 +375,15 @@ def _instance_scores(z, pid, gid, n, mode: str) -> dict:
         out[f"{key}@0.5"] = prf[0][i]
         out[f"{key}@0.5:0.95"] = None if prf[0][i] is None else float(np.mean([m[i] for m in prf]))
     return {**out, **_vi_are(table, g_bg)}
+
+
+def _objects(seg, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (segment, id) objects, each pair's object index, and which objects are background."""
+    if seg.min() == seg.max():  # one segment (a whole range in 3D): a plain sort of the ids, much faster
+        u, inv = np.unique(ids, return_inverse=True)
+        return u, inv.ravel(), u == 0
+    u, inv = np.unique(np.stack([seg, ids], 1), axis=0, return_inverse=True)
+    return u, inv.ravel(), u[:, 1] == 0
 
 
 def _prf(tp: int, n_pred: int, n_gt: int) -> tuple:
@@ -548,10 +603,10 @@ def format_table(result: dict) -> str:
         if name == "mean":
             lines.append("-" * len(lines[0]))
         lines.append(name.ljust(name_w) + "".join("  " + cell(r.get(k), wd) for (_, k), wd in zip(COLUMNS, widths)))
-    start, stop, step = result["slices"]
-    objects = "3D objects" if result["mode"] == "3d" else "2D objects (slice, id)"
+    objects = "2D objects (slice, id)" if result["mode"] == "2d" else "3D objects" if result["n_runs"] == 1 else (
+        f"3D objects within each of {result['n_runs']} runs of slices (cut at their ends)")  # fmt: skip
     lines.append(
-        f"{result['n_slices']} slices (range({start}, {stop}, {step})); P/R/F1 match {objects}; AP over 2D masks; "
+        f"{result['n_slices']} slices ({result['slices']}); P/R/F1 match {objects}; AP over 2D masks; "
         "mean row: metrics averaged over classes, counts summed"
     )
     for name, r in result["classes"].items():

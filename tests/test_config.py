@@ -10,7 +10,16 @@ import pytest
 import tifffile
 
 from cellseg_batch.cli import build_parser
-from cellseg_batch.config import RunConfig, check_run_config, parse_floats, parse_pixel_size, parse_slices
+from cellseg_batch.config import (
+    RunConfig,
+    check_options,
+    check_run_config,
+    format_slice_list,
+    parse_floats,
+    parse_pixel_size,
+    parse_slice_list,
+    parse_slices,
+)
 from cellseg_batch.errors import UserError
 from cellseg_batch.predict import PREDICTORS, register
 from cellseg_batch.read import VOLUME_OPENERS, register_opener
@@ -191,3 +200,32 @@ def test_run_refuses(tmp_path, stacks, args, match):
     out = tmp_path / "out.zarr"
     _expect_refusal(out, "run", volume, "--predictor", "labels", "--labels", labels, "--classes", "cell", "--out", out,
                     "--no-progress", *args, match=match)  # fmt: skip
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("0,10,20", [0, 10, 20]), ("20,0,10,10", [0, 10, 20]), ("0:3", [0, 1, 2]), ("0:3,8,5:7,2", [0, 1, 2, 5, 6, 8]),
+    (" 4 , 1:3", [1, 2, 4]), ("28:", [28, 29]), ("29", [29]), (None, list(range(30))),
+])  # fmt: skip
+def test_parse_slice_list(text, expected):
+    assert parse_slice_list(text, 30) == expected
+
+
+@pytest.mark.parametrize("text,match", [
+    ("x", "give slices and START:STOP ranges separated by commas"), ("0,,5", "separated by commas"),
+    ("1.5", "separated by commas"), ("-1", "slice -1 is negative"), ("0,30", "slice 30 is outside the volume's 30"),
+    ("0,5:3", "outside the volume's 30 slices"), ("0,25:31", "outside"), ("1:2:3", "give START:STOP"),
+])  # fmt: skip
+def test_parse_slice_list_refuses(text, match):
+    with pytest.raises(UserError, match=match) as refused:
+        parse_slice_list(text, 30)
+    assert str(refused.value).startswith("--slices ") and "\n" not in str(refused.value)
+
+
+def test_slice_lists_are_eval_s_syntax_only():
+    check_options("eval", {"slices": "0,10:12,20"})  # no volume yet: the syntax alone
+    with pytest.raises(UserError, match="slice -3 is negative"):
+        check_options("eval", {"slices": "0,-3"})
+    for command in ("run", "convert"):  # a run or a conversion covers one range of slices
+        with pytest.raises(UserError, match="give START:STOP"):
+            check_options(command, {"slices": "0,10"})
+    assert format_slice_list([0, 1, 2, 5, 7, 8]) == "0:3,5,7:9"

@@ -277,3 +277,77 @@ def test_load_scores(tmp_path):
         load_scores(tmp_path / "bad.parquet")
     with pytest.raises(UserError, match="does not exist"):
         load_scores(tmp_path / "missing.parquet")
+
+
+@pytest.fixture(scope="module")
+def sparse_truth(tmp_path_factory):
+    """A 12-slice volume of four boxes through every slice, its run with the full truth as the prediction (exact),
+    and a truth annotated at slices 2, 6, 9 only and one at blocks 0:3 and 7:10 only (0 elsewhere)."""
+    import tifffile
+
+    from conftest import cli
+
+    root = tmp_path_factory.mktemp("sparse")
+    full = np.zeros((12, 64, 64), np.uint16)
+    for i, (y, x) in enumerate([(4, 4), (4, 36), (36, 4), (36, 36)], 1):
+        full[:, y : y + 20, x : x + 20] = i
+    tifffile.imwrite(root / "full.tif", full, photometric="minisblack")
+    for name, keep in (("slices.tif", [2, 6, 9]), ("blocks.tif", [0, 1, 2, 7, 8, 9])):
+        sparse = np.zeros_like(full)
+        sparse[keep] = full[keep]
+        tifffile.imwrite(root / name, sparse, photometric="minisblack")
+    cli("run", root / "full.tif", "--predictor", "labels", "--labels", root / "full.tif", "--classes", "cell",
+        "--tile", 32, "--overlap", 8, "--out", root / "pred.zarr", "--no-progress", "--no-image")  # fmt: skip
+    return root
+
+
+def test_eval_of_a_few_annotated_slices_scores_them_alone(sparse_truth):
+    from conftest import cli
+
+    root = sparse_truth
+    cli("eval", root / "pred.zarr", root / "slices.tif", "--gt-classes", "cell", "--slices", "9,2,6,2", "--mode", "2d",
+        "--json", root / "e.json")  # fmt: skip
+    result = json.loads((root / "e.json").read_text())
+    r = result["classes"]["cell"]
+    assert (result["slices"], result["n_slices"], result["warnings"]) == ("2,6,9", 3, [])
+    assert r["f1@0.5"] == 1.0 and r["ap50"] == 1.0 and (r["n_pred"], r["n_gt"]) == (12, 12)
+
+
+def test_eval_in_3d_scores_each_run_of_listed_slices_as_its_own_sub_volume(sparse_truth):
+    from conftest import cli
+
+    root = sparse_truth
+    proc = cli("eval", root / "pred.zarr", root / "blocks.tif", "--gt-classes", "cell", "--slices", "0:3,7:10",
+               "--json", root / "e.json")  # fmt: skip
+    result = json.loads((root / "e.json").read_text())
+    r = result["classes"]["cell"]
+    # each box is one object in each block (cut at the block's ends), found exactly
+    assert (result["n_runs"], r["n_pred"], r["n_gt"], r["exact"], r["f1@0.5"]) == (2, 8, 8, 8, 1.0)
+    assert "within each of 2 runs of slices" in proc.stdout
+
+
+def test_eval_warns_where_the_truth_is_empty_in_some_slices(sparse_truth):
+    from conftest import cli
+
+    root = sparse_truth
+    proc = cli("eval", root / "pred.zarr", root / "slices.tif", "--gt-classes", "cell", "--mode", "2d",
+               "--json", root / "e.json")  # fmt: skip
+    warning = ("ground truth is empty in 9 of 12 slices; if only slices 2,6,9 were annotated, evaluate them alone "
+               "with --slices 2,6,9")  # fmt: skip
+    assert proc.stderr.strip() == f"cellseg-batch: warning: {warning}"
+    result = json.loads((root / "e.json").read_text())
+    assert result["warnings"] == [warning] and result["gt_annotated_slices"] == "2,6,9"
+    assert result["classes"]["cell"]["precision@0.5"] == pytest.approx(0.25)  # scores unchanged: a warning only
+    blocks = cli("eval", root / "pred.zarr", root / "blocks.tif", "--gt-classes", "cell")
+    assert "empty in 6 of 12 slices; if only slices 0:3,7:10 were annotated" in blocks.stderr
+    assert cli("eval", root / "pred.zarr", root / "full.tif", "--gt-classes", "cell").stderr == ""
+
+
+def test_slices_given_as_any_list_are_scored_alone():
+    gt = blobs()
+    pred = gt.copy()
+    pred[[1, 3, 7]] = 0  # lost where the list does not look
+    r = run(pred, gt, slices=[6, 0, 2, 0], mode="2d")
+    assert (r["slices"], r["n_slices"]) == ("0,2,6", 3) and r["classes"]["mito"]["f1@0.5"] == 1.0
+    with pytest.raises(UserError, match="out of range"):
+        run(pred, gt, slices=[0, 10])
