@@ -117,12 +117,13 @@ def _sparse_truth_warning(n_slices: int, annotated: list[int]) -> list[str]:
     against truth objects a few slices thick). Only a warning: an empty truth slice can be real."""
     if not annotated or len(annotated) == n_slices:
         return []
-    runs = slice_runs(annotated)
-    named = format_slice_list(annotated) if len(runs) <= MAX_NAMED_RUNS else (
-        f"{format_slice_list([z for run in runs[:MAX_NAMED_RUNS] for z in run])},... ({len(runs)} runs of slices: "
-        "the --json result's gt_annotated_slices lists them all)")  # fmt: skip
-    return [f"ground truth is empty in {n_slices - len(annotated)} of {n_slices} slices; if only slices {named} were "
-            f"annotated, evaluate them alone with --slices {format_slice_list(annotated)}"]  # fmt: skip
+    runs, listed = slice_runs(annotated), format_slice_list(annotated)
+    hint = f"if only slices {listed} were annotated, evaluate them alone with --slices {listed}"
+    if len(runs) > MAX_NAMED_RUNS:  # a line a person can read: the whole list is in the --json result
+        first = format_slice_list([z for run in runs[:MAX_NAMED_RUNS] for z in run])
+        hint = (f"if only those {len(annotated)} slices ({first},...) were annotated, evaluate them alone with "
+                "--slices and the list the --json result holds as gt_annotated_slices")  # fmt: skip
+    return [f"ground truth is empty in {n_slices - len(annotated)} of {n_slices} slices; {hint}"]
 
 
 def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,

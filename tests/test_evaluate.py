@@ -351,3 +351,13 @@ def test_slices_given_as_any_list_are_scored_alone():
     assert (r["slices"], r["n_slices"]) == ("0,2,6", 3) and r["classes"]["mito"]["f1@0.5"] == 1.0
     with pytest.raises(UserError, match="out of range"):
         run(pred, gt, slices=[0, 10])
+
+
+def test_the_warning_of_many_annotated_slices_stays_readable():
+    gt = np.zeros((60, 8, 8), np.uint8)
+    gt[::4, 2:6, 2:6] = 1  # 15 single annotated slices
+    res = evaluate({"mito": ArrayVolume(gt.copy())}, {"mito": ArrayVolume(gt)})
+    assert res["gt_annotated_slices"] == ",".join(str(z) for z in range(0, 60, 4))
+    (warning,) = res["warnings"]
+    assert warning.startswith("ground truth is empty in 45 of 60 slices; if only those 15 slices (0,4,8,")
+    assert "44,...)" in warning and "gt_annotated_slices" in warning and "52" not in warning
