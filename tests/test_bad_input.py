@@ -109,7 +109,7 @@ TEXT = [  # (command, option, strategy of bad values)
     ("run", "slices", st.one_of(st.integers(0, 99).map(str), st.tuples(st.integers(0, 9), st.integers(0, 9)).filter(
         lambda t: t[0] >= t[1] or t[1] > 3).map(lambda t: f"{t[0]}:{t[1]}"), st.just("a:b"))),
     ("convert", "slices", st.one_of(st.integers(0, 99).map(str), st.integers(4, 99).map(lambda z: f"0:{z}"))),
-    ("eval", "slices", st.one_of(st.integers(0, 99).map(str), st.tuples(st.integers(-9, 9), st.integers(-9, 9)).filter(
+    ("eval", "slices", st.one_of(st.sampled_from(["x", "0,,1", "1.5", "-1", "2,a"]), st.tuples(st.integers(-9, 9), st.integers(-9, 9)).filter(
         lambda t: not 0 <= t[0] < t[1]).map(lambda t: f"{t[0]}:{t[1]}"))),
     ("run", "link-gap", st.one_of(st.integers(4, 100).map(str), st.integers(-9, -1).map(str), st.just("cell=x"))),
     ("run", "min-voxels", st.one_of(st.integers(-100, -1).map(str), st.sampled_from(["x", "=3", "cell=1,cell=2"]))),
