@@ -71,7 +71,7 @@ def _eval(args) -> int:
     from .evaluate import evaluate_paths, format_table
 
     result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode,
-                            errors_png=args.errors_png)  # fmt: skip
+                            errors_png=args.errors_png, pred_classes=args.pred_classes)  # fmt: skip
     for warning in result["warnings"]:
         print(f"cellseg-batch: warning: {warning}", file=sys.stderr)
     print(format_table(result))
@@ -244,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_synth)
 
     e = sub.add_parser("eval", help="score predicted labels against ground truth")
-    e.add_argument("pred", help="a cellseg-batch output (OME-Zarr with labels/)")
+    e.add_argument("pred", help="a cellseg-batch output (OME-Zarr with labels/), or another tool's label stack "
+                   "with --pred-classes")
     e.add_argument("gt", help="ground truth: an OME-Zarr with labels/, or a label stack with --gt-classes")
     e.add_argument("--gt-classes", help="class name, or JSON mapping ids to class names, for a plain GT stack")
+    e.add_argument("--pred-classes", help="class name, or JSON mapping ids to class names, for a plain PRED stack "
+                   "(another tool's 3D segmentation, scored by its own ids)")
     e.add_argument("--slices", help="evaluate these slices only: START:STOP, or slices and ranges separated by commas "
                    "(e.g. 0,10,20 or 0:5,10:15,28: the slices a lab annotated); in 3d mode each run of consecutive "
                    "slices is scored as a sub-volume of its own")  # fmt: skip

@@ -127,17 +127,19 @@ def _sparse_truth_warning(n_slices: int, annotated: list[int]) -> list[str]:
 
 
 def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,
-                   mode: str = "3d", errors_png: str | None = None) -> dict:  # fmt: skip
-    """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present); GT an
+                   mode: str = "3d", errors_png: str | None = None, pred_classes: str | None = None) -> dict:  # fmt: skip
+    """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present), or another
+    tool's 3D label stack with ``pred_classes``, scored by its own ids (its objects as that tool made them); GT an
     OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
     from .read import class_volumes, ngff_label_layers, open_label_layers
 
-    if ngff_label_layers(pred) is None:
-        raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output")
-    pred_sets = class_volumes(open_label_layers([pred], []))
+    if not pred_classes and ngff_label_layers(pred) is None:
+        raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output, or give the "
+                        "classes of another tool's label stack with --pred-classes")  # fmt: skip
+    pred_sets = class_volumes(open_label_layers([pred], [pred_classes] if pred_classes else []))
     gt_sets = class_volumes(open_label_layers([gt], [gt_classes] if gt_classes else []))
     table = Path(pred) / "cellseg" / "objects.parquet"
-    scores = load_scores(table) if table.exists() else None
+    scores = load_scores(table) if table.exists() and not pred_classes else None
     zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None
     z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
     if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth

@@ -361,3 +361,22 @@ def test_the_warning_of_many_annotated_slices_stays_readable():
     (warning,) = res["warnings"]
     assert warning.startswith("ground truth is empty in 45 of 60 slices; if only those 15 slices (0,4,8,")
     assert "44,...)" in warning and "gt_annotated_slices" in warning and "52" not in warning
+
+
+def test_another_tools_3d_segmentation_is_scored_by_its_own_ids(tmp_path):
+    """``eval PRED --pred-classes``: another tool's label stack, its objects as that tool made them. Two objects
+    stacked end to end with one footprint stay two (``run --predictor labels`` would link them into one)."""
+    import tifffile
+
+    from conftest import cli
+
+    truth = np.zeros((6, 48, 48), np.uint16)
+    truth[:3, 8:24, 8:24], truth[3:, 8:24, 8:24], truth[:, 30:44, 30:44] = 1, 2, 3
+    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "other.tif", (truth * 7).astype(np.uint32), photometric="minisblack")  # own ids
+    cli("eval", tmp_path / "other.tif", tmp_path / "truth.tif", "--pred-classes", "mito", "--gt-classes", "mito",
+        "--json", tmp_path / "e.json")  # fmt: skip
+    r = json.loads((tmp_path / "e.json").read_text())["classes"]["mito"]
+    assert (r["n_pred"], r["n_gt"], r["f1@0.5"]) == (3, 3, 1.0)
+    refused = cli("eval", tmp_path / "other.tif", tmp_path / "truth.tif", "--gt-classes", "mito", check=False)
+    assert refused.returncode == 2 and "--pred-classes" in refused.stderr, refused.stderr
