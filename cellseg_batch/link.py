@@ -36,7 +36,9 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
   adjacent slices pile up on one translation of 3 px or more (``_slice_shift``), the pair's overlaps are counted
   again with the second slice moved back by it, from the tile cores, and rules 1-2 run on those where more of the
   first slice's area then continues one-to-one (``_registered_links``). A section moved by 5-20 px otherwise cuts
-  every small object in two and leaves its own instances as one-slice objects.
+  every small object in two and leaves its own instances as one-slice objects. Gap edges are realigned alike: the
+  gap unit frees instances from the realigned adjacent edges, votes between the two slices of each gap directly, and
+  where a step stands counts the free instances' overlaps moved by it (``gap_overlaps``, MOVED sides 2 and 3).
 - Crossings (2D merges): an instance that two or more instances of the slice before and two or more of the slice
   after link to (rules 1-2, before any cut) is two objects that meet in one section and part at once, what a
   missed boundary between touching objects looks like (``_crossings``). Its edges are cut on both sides; it joins
@@ -92,7 +94,9 @@ OBJECT = np.dtype(
 
 
 # Shared pixels of 2D instance a (slice z) and b (slice z + d) with one of them moved along its drift (``side``: 0
-# a moved forward, 1 b moved back); indices as ``_load_slice`` numbers a slice's instances.
+# a moved forward, 1 b moved back; 2, 3: the same with the translation between the two sections undone too, where
+# ``_slice_shift`` finds one: the pair's plain z-overlaps are then left out); indices as ``_load_slice`` numbers a
+# slice's instances.
 MOVED = np.dtype([("a", "<i8"), ("b", "<i8"), ("count", "<i8"), ("side", "<i1")])
 
 
@@ -111,6 +115,7 @@ class LinkStats:
     gap_seconds: float = 0.0
     crossings: int = 0  # 2D instances two objects crossed (a 2D merge): cut out of both (``_crossings``)
     shifted_pairs: int = 0  # pairs of adjacent slices linked with the second moved by its misalignment
+    gap_pairs_realigned: int = 0  # pairs of slices across a gap whose overlaps were counted with their shift undone
     objects: int = 0
     max_tiles_per_instance: int = 0
     instances_over_4_tiles: int = 0
@@ -427,7 +432,7 @@ def _moved_overlaps(cores: _Cores, grid: TileGrid, rule: LinkRule, z_own: int, z
         under = cores.instances(z_other, target)[mask]
         j, count = np.unique(under[under > 0] - 1, return_counts=True)
         rows = np.zeros(len(j), MOVED)
-        rows["a"], rows["b"] = (i, j) if side == 0 else (j, i)
+        rows["a"], rows["b"] = (i, j) if side % 2 == 0 else (j, i)
         rows["count"], rows["side"] = count, side
         out.append(rows)
     return np.concatenate(out)
@@ -440,6 +445,18 @@ def _moving(drift: np.ndarray, free: np.ndarray, d: int) -> tuple[np.ndarray, np
     shift = shift[who].astype(np.int64)
     keep = shift.any(axis=1)
     return who[keep], shift[keep]
+
+
+def _gap_moves(drift: np.ndarray, free: np.ndarray, d: int, offset: np.ndarray | None) -> list:
+    """The moves (instances, steps) to count a slice's free instances at across a gap of ``d`` slices: along their
+    drift (``_moving``); where the other slice is translated against this one (``offset``, ``_slice_shift``), every
+    free instance by that translation (where it lies, the sections realigned) and the drifting ones by their drift
+    plus it. Their plain z-overlaps are then no measure: those moves replace them."""
+    who, steps = _moving(drift, free, d)
+    if offset is None:
+        return [(who, steps)]
+    everyone = np.flatnonzero(free)
+    return [(everyone, np.tile(offset, (len(everyone), 1))), (who, steps + offset)]
 
 
 def _load_slice(store, grid: TileGrid, z: int, base: int = 0) -> tuple[_Slice, dict]:
@@ -573,9 +590,11 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
     the gap stage's unit, run off the driver once slices za - 1 .. za + d + 1 are stitched.
 
     ``build_objects`` frees an instance for a gap edge only where it has no edge to the next (previous) slice, and
-    those edges include gap edges made before; here only the adjacent edges are known, so its free instances (and
-    the positions that hold them) are a superset of what ``build_objects`` uses: it takes the rows it needs, which
-    are the same as if it had counted them itself. Drift comes from adjacent edges alone, so both agree on it.
+    those edges include gap edges made before; here only the adjacent edges are known (made as it makes them,
+    misaligned sections realigned), so its free instances (and the positions that hold them) are a superset of what
+    ``build_objects`` uses: it takes the rows it needs, which are the same as if it had counted them itself. Drift
+    comes from adjacent edges alone, so both agree on it. Where slices za and za + d are translated against one
+    another (``_slice_shift``), the free instances are counted moved by that translation only (``_gap_moves``).
     The tile cores it reads are added to ``stats.gap_cores_read``."""
     gap = _gaps(rule, n_classes)
     last = min(za + int(gap.max(initial=0)) + 1, n_slices - 1)
@@ -583,7 +602,12 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
         return {}
     loaded = {z: _load_slice(store, grid, z) for z in range(max(za - 1, 0), min(last + 1, n_slices - 1) + 1)}
     slices = {z: s for z, (s, _) in loaded.items()}
-    adjacent = {z: _adjacent_links(grid, rule, slices[z], slices[z + 1], edges["overlaps"])[0]
+    # adjacent edges as ``build_objects`` makes them, misaligned sections realigned (``_registered_links``): an
+    # instance whose partner was missed next to a moved section is free here as there, and drift agrees. The driver's
+    # cost again for a unit's few pairs: a bounded vote each, a recount from the cores only at a moved section
+    seen = LinkStats()
+    adjacent = {z: _registered_links(store, grid, rule, slices[z], slices[z + 1], z,
+                                     *_adjacent_links(grid, rule, slices[z], slices[z + 1], edges["overlaps"]), seen)[0]
                 for z, (_, edges) in loaded.items() if z + 1 in slices}  # fmt: skip
     cores = _Cores(store, grid, slices)
     a = slices[za]
@@ -595,7 +619,7 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
     forward[cut[za][:, 0]] = True
     forward[cross.get(za, none)] = True
     drift_a = _drift(a, slices[za - 1], adjacent[za - 1][:, ::-1]) if za > 0 else np.full((len(a.area), 2), np.nan)
-    wanted, free = {}, {}
+    wanted, free, shift = {}, {}, {}
     for zb in range(za + 2, last + 1):
         b = slices[zb]
         backward = np.zeros(len(b.area), bool)
@@ -603,17 +627,25 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
         backward[cross.get(zb, none)] = True
         bridged = gap >= zb - za - 1
         free[zb] = (~forward & (a.area > 0) & bridged[a.cls], ~backward & (b.area > 0) & bridged[b.cls])
-        wanted[zb] = _gap_positions(grid, a, b, *free[zb])[1]
+        # the two slices' own translation (a moved section between or at either end, or several): voted on directly,
+        # as for adjacent slices. Bounded (SHIFT_SAMPLE voters x SHIFT_NEAREST of the other slice, one k-d tree
+        # query): a few ms a pair, against the cores a unit reads
+        shift[zb] = _slice_shift(a, b, rule) if any(f.any() for f in free[zb]) else None
+        if shift[zb] is None:  # where a shift stands, the moves below count every free instance's overlaps
+            wanted[zb] = _gap_positions(grid, a, b, *free[zb])[1]
     rows = _count_gap_overlaps(cores, grid, za, wanted, {zb: store.read_zoverlaps(za, zb - za) for zb in wanted})
     out = {}
     for zb, (free_a, free_b) in free.items():
-        b, d = slices[zb], zb - za
+        b, d, s = slices[zb], zb - za, shift[zb]
         drift_b = _drift(b, slices[zb + 1], adjacent[zb]) if zb + 1 in slices else np.full((len(b.area), 2), np.nan)
-        moved = [_moved_overlaps(cores, grid, rule, za, zb, *_moving(drift_a, free_a, d), 0),
-                 _moved_overlaps(cores, grid, rule, zb, za, *_moving(drift_b, free_b, d), 1)]  # fmt: skip
-        out[d] = (rows[zb], np.concatenate(moved))
+        # a's instances moved on into b's frame (+ shift), b's moved back into a's (- shift, as _registered_links)
+        sides = ((za, zb, drift_a, free_a, s), (zb, za, drift_b, free_b, None if s is None else -s))
+        moved = [_moved_overlaps(cores, grid, rule, own, other, who, steps, side + (0 if s is None else 2))
+                 for side, (own, other, drift, mine, offset) in enumerate(sides)
+                 for who, steps in _gap_moves(drift, mine, d, offset)]  # fmt: skip
+        out[d] = (rows.get(zb, np.zeros(0, ZOVERLAP)), np.concatenate(moved))
     if stats is not None:
-        stats.gap_cores_read += cores.reads
+        stats.gap_cores_read += cores.reads + seen.gap_cores_read
     return out
 
 
@@ -658,7 +690,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
                     counted[z - d] = (rows, by_driver)
                 rows, by_driver = counted[z - d]
                 stats.gap_links += _bridge(grid, window[-d], here, rule, link_edges, stats, gap >= d - 1,
-                                           rows.get(d, (np.zeros(0, ZOVERLAP), np.zeros(0, MOVED))), by_driver)
+                                           rows.get(d, (np.zeros(0, ZOVERLAP), np.zeros(0, MOVED))), by_driver)  # fmt: skip
             counted.pop(z - int(gap.max(initial=0)) - 1, None)
         window = (window + [here])[-(int(gap.max(initial=0)) + 1) :]
         prev_edges = edges
@@ -750,7 +782,8 @@ def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkSt
     edge to a later slice and those of b left without one from an earlier slice (rules 1-2 with only these free), of
     the classes ``bridged`` (per class index) allows. Their overlaps come from ``counted``, the gap unit's rows for
     the pair (``gap_overlaps``, a superset); a pair's overlap is the larger of where the two lie and where the free
-    one would be had it moved on as it did from its neighbouring slice."""
+    one would be had it moved on as it did from its neighbouring slice (both with the two sections' translation
+    undone where the gap unit found one: its MOVED sides 2, 3, and no plain z-overlaps)."""
     free_a = ~a.forward & (a.area > 0) & bridged[a.cls]
     free_b = ~b.backward & (b.area > 0) & bridged[b.cls]
     if not (free_a.any() or free_b.any()):
@@ -762,7 +795,8 @@ def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkSt
     stats.gap_tiles_read += len(todo) if by_driver else 0
     at = np.isin(rows["iy"].astype(np.int64) * grid.nx + rows["ix"], todo)
     ia, ib, inter = _instance_overlaps(grid, a, b, rows[at])
-    moved = moved[np.where(moved["side"] == 0, free_a[moved["a"]], free_b[moved["b"]])]
+    stats.gap_pairs_realigned += bool((moved["side"] >= 2).any())  # the sections' translation undone (MOVED)
+    moved = moved[np.where(moved["side"] % 2 == 0, free_a[moved["a"]], free_b[moved["b"]])]
     ia, ib, inter = _aggregate(np.concatenate([ia, moved["a"]]), np.concatenate([ib, moved["b"]]),
                                np.concatenate([inter, moved["count"]]), largest=True)  # fmt: skip
     pairs, _ = link_pair(rule.kinds(a.cls), a.area, rule.kinds(b.cls), b.area, ia, ib, inter, rule.iou_min,
