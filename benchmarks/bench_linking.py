@@ -3,7 +3,8 @@ beside Cellpose's ``stitch3D`` (default threshold 0.25) run on the same 2D insta
 (branches, touching neighbours, misaligned slices, missed detections) and on real EM data where any has 3D truth.
 
 Usage: ``python benchmarks/bench_linking.py`` (``--real``: real 2D shapes under the faults of model output and
-acquisitions, ``real_faults``; cellpose, where wanted, from ``CELLPOSE_PATH``, e.g. a folder made by
+acquisitions, ``real_faults``; ``--real --only moved linking_real_moved.json``: only the faults whose names hold one
+of the words, into that results file; cellpose, where wanted, from ``CELLPOSE_PATH``, e.g. a folder made by
 ``pip install --no-deps --target DIR cellpose fill-voids opencv-python-headless``). Writes
 ``results/linking.json``."""
 
@@ -254,12 +255,15 @@ def faults(n: int, seed: int = 100) -> dict:
     def shift(z, dy, dx):
         return sections(lambda a: np.concatenate([a[:z], moved(a[z], dy, dx)[None], a[z + 1 :]]))
 
-    def drop(share, k):
+    def drop(share, k, zs=None):  # of all 2D instances, or of those of the slices ``zs``
         def fn(d, t):
-            ids = np.unique(d)[1:]
+            ids = np.unique(d if zs is None else d[zs])[1:]
             return np.where(np.isin(d, rng(k).choice(ids, round(share * len(ids)), replace=False)), 0, d), t
 
         return fn
+
+    def both(first, then):
+        return lambda d, t: then(*first(d, t))
 
     def split(d, t):  # a tenth of the instances of 60 px or more cut across their long axis
         top = [int(d.max()) + 1]
@@ -287,7 +291,7 @@ def faults(n: int, seed: int = 100) -> dict:
                 near = ndimage.binary_dilation(sl == i, iterations=3)
                 other = [j for j in np.unique(sl[near]) if j not in done and j not in (0, i)]
                 if other:
-                    sl[(sl == other[0]) | (near & ndimage.binary_dilation(sl == other[0], iterations=3) & (sl == 0))] = i
+                    sl[(sl == other[0]) | (near & ndimage.binary_dilation(sl == other[0], iterations=3) & (sl == 0))] = i  # fmt: skip
                     done |= {i, other[0]}
 
         r = rng(5)
@@ -312,11 +316,14 @@ def faults(n: int, seed: int = 100) -> dict:
                 size = 2 * -px + 1
                 sl[(ndimage.maximum_filter(sl, size) != sl) | (ndimage.minimum_filter(sl, size) != sl)] = 0
             for _ in range(max(px, 0)):
-                sl[:] = np.where(sl > 0, sl, ndimage.grey_dilation(sl, footprint=ndimage.generate_binary_structure(2, 1)))
+                sl[:] = np.where(sl > 0, sl, ndimage.grey_dilation(sl, footprint=ndimage.generate_binary_structure(2, 1)))  # fmt: skip
 
         return lambda d, t: (per_instance(d, fn), t)
 
     jitter = rng(1).integers(-4, 5, (n, 2))
+    two_moved = both(shift(m, 8, -6), shift(m + 1, 8, -6))
+    slow = sections(lambda a: np.stack([moved(s, round(0.8 * z), round(0.6 * z)) for z, s in enumerate(a)]))
+    jittered = sections(lambda a: np.stack([moved(s, *map(int, jitter[z])) for z, s in enumerate(a)]))
     return {
         "clean": lambda d, t: (d, t),
         "1 section missing": blank([m]),
@@ -325,10 +332,11 @@ def faults(n: int, seed: int = 100) -> dict:
         "a section moved 5 px": shift(m, 3, -4),
         "a section moved 10 px": shift(m, 8, -6),
         "a section moved 20 px": shift(m, 16, -12),
-        "slow drift (1 px a section)": sections(lambda a: np.stack([moved(s, round(0.8 * z), round(0.6 * z))
-                                                                    for z, s in enumerate(a)])),  # fmt: skip
-        "every section moved by up to 4 px": sections(lambda a: np.stack([moved(s, *map(int, jitter[z]))
-                                                                          for z, s in enumerate(a)])),  # fmt: skip
+        # a section that registered badly beside missed detections (a real stack has both): gap edges to realign
+        "a section moved 10 px, 10% missed before it": both(drop(0.10, 7, [m - 1]), shift(m, 8, -6)),
+        "2 sections moved 10 px, 10% missed before them": both(drop(0.10, 8, [m - 1]), two_moved),
+        "slow drift (1 px a section)": slow,
+        "every section moved by up to 4 px": jittered,
         "5% of 2D instances missed": drop(0.05, 2),
         "20% of 2D instances missed": drop(0.20, 3),
         "10% split in two": split,
@@ -390,12 +398,13 @@ def run_stack(det: np.ndarray, out: Path, base: Path | None = None) -> np.ndarra
     return np.asarray(zarr.open_array(str(out / "out.zarr" / "labels" / "obj" / "0"), mode="r")[:])
 
 
-def real_faults() -> dict:
+def real_faults(only: list[str] | None = None) -> dict:
     """``--real``: the platelet slice's organelles as 3D objects (``platelet_3d``), each fault of ``faults`` alone,
     linked by this checkout and by the package at ``REAL_BASE_REF`` (default: the last commit before the rules for
     misaligned sections and crossings), F1@0.5 and VI against the truth; beside stitch3D and the best any linking
     can do with those 2D instances (each takes the truth id most of its pixels have). The ISBI ssTEM stack has no
-    3D truth: its clean 2D instances are linked and how much of its volume the largest objects hold is reported."""
+    3D truth: its clean 2D instances are linked and how much of its volume the largest objects hold is reported.
+    ``only``: just the faults whose names hold one of these (no ISBI)."""
     if not (SHARED_DATA / "platelet-em-24-z0").exists():
         return {"skipped": f"no shared data at {SHARED_DATA}"}
     peer, peer_name = stitch3d_or_copy()
@@ -406,6 +415,8 @@ def real_faults() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = base_checkout(Path(tmp), ref)
         for k, (name, fault) in enumerate(faults(len(truth)).items()):
+            if only and not any(part in name for part in only):
+                continue
             d, t = fault(det, truth)
             m = d > 0
             pairs, counts = np.unique(np.stack([d[m], t[m]]), axis=1, return_counts=True)
@@ -418,7 +429,7 @@ def real_faults() -> dict:
             out[name] = {label: one_class(pred, t) for label, pred in row.items()}
             print(name, json.dumps({label: r["f1@0.5"] for label, r in out[name].items()}), flush=True)
         isbi = SHARED_DATA / "isbi2012-drosophila-sstem" / "labels.tif"
-        if isbi.exists():
+        if isbi.exists() and not only:
             import tifffile
 
             det = per_slice(tifffile.imread(isbi)[:, :384, :384])
@@ -446,9 +457,10 @@ def dense_proxies(det: np.ndarray, pred: np.ndarray) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--real"]:
-        path = HERE / "results" / "linking_real.json"
-        path.write_text(json.dumps(real_faults(), indent=1, default=str) + "\n")
+    if sys.argv[1:2] == ["--real"]:  # --real [--only NAME-PART ... OUT.json]: some faults, into results/OUT.json
+        only = sys.argv[3:-1] if sys.argv[2:3] == ["--only"] else None
+        path = HERE / "results" / (sys.argv[-1] if only else "linking_real.json")
+        path.write_text(json.dumps(real_faults(only), indent=1, default=str) + "\n")
         print("wrote", path)
     elif sys.argv[1:] == ["--cost"]:
         cost = gap_cost()
