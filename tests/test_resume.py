@@ -220,3 +220,25 @@ def test_losing_a_node_of_a_two_node_ray_cluster_mid_predict_does_not_change_the
             proc.wait()
         cluster.shutdown()
     assert not _ray_processes_of(ray_pids), [p.name() for p in _ray_processes_of(ray_pids)]
+
+
+def test_an_unfinished_run_of_older_linking_rules_is_relinked_with_its_predictions_kept(reference, tmp_path):
+    """A run killed after prediction, whose work store says older stitching and linking rules made its rows (a
+    cellseg-batch upgraded mid-run): the same command keeps every prediction and redoes stitching and linking,
+    instead of mixing rows of two rule sets."""
+    import os
+
+    out = tmp_path / "out.zarr"
+    proc = subprocess.run([sys.executable, "-m", "cellseg_batch", "run", VOLUME, *map(str, ARGS), "--out", str(out)],
+                          env={**os.environ, "CELLSEG_KILL_AFTER": "link:1"}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_json = Path(f"{out}.work") / "run.json"
+    run = json.loads(run_json.read_text())
+    del run["post_rules"]  # as a version before the rules were recorded wrote it
+    run_json.write_text(json.dumps(run))
+    cli("run", VOLUME, *ARGS, "--out", out)
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["mode"] == "reuse-predictions" and report["counts"]["tiles_predicted_now"] == 0
+    assert any("stitched and linked by another cellseg-batch version" in w for w in report["warnings"])
+    _assert_identical(out, reference)

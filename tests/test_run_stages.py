@@ -11,7 +11,7 @@ import pytest
 from cellseg_batch.errors import UserError
 from cellseg_batch.predict import PredictorSpec, build_predictor
 from cellseg_batch.read import open_label_layers
-from cellseg_batch.run.job import decide
+from cellseg_batch.run.job import POST_RULES, TILE_STORE, decide
 from cellseg_batch.run.remote import PredictorWorker, TileJob, relabel_into, stitch_task
 from cellseg_batch.run.stage import Local, Stage, drive
 from cellseg_batch.run.store import WorkStore
@@ -86,8 +86,11 @@ def test_store_reset_keeps_predictions_only_when_asked(tmp_path):
 # -- the resume rule ----------------------------------------------------------------------------------------------
 
 
+NOW = {"tile_store": TILE_STORE, "post_rules": POST_RULES}  # what this version records in run.json
+
+
 def test_decide_fresh_resume_and_re_merge():
-    prev = {"predict_fp": "P", "post_fp": "Q"}
+    prev = {"predict_fp": "P", "post_fp": "Q", **NOW}
     assert decide(None, False, None, "P", "Q", False, "o").mode == "fresh"
     d = decide("incomplete", True, prev, "P", "Q", False, "o")
     assert (d.mode, d.remove_output, d.forget) == ("resume", False, None)
@@ -101,12 +104,21 @@ def test_decide_fresh_resume_and_re_merge():
 
 @pytest.mark.parametrize("status,prev,overwrite,message", [
     (None, None, False, "not a cellseg-batch output"),
-    ("complete", {"predict_fp": "P", "post_fp": "Q"}, False, "--overwrite"),
-    ("incomplete", {"predict_fp": "P", "post_fp": "other"}, False, "other settings"),
+    ("complete", {"predict_fp": "P", "post_fp": "Q", **NOW}, False, "--overwrite"),
+    ("incomplete", {"predict_fp": "P", "post_fp": "other", **NOW}, False, "other settings"),
+    ("incomplete", {"predict_fp": "old", "post_fp": "other", **NOW, "tile_store": TILE_STORE - 1}, False,
+     "another cellseg-batch version, whose tiles this one cannot read"),
 ])  # fmt: skip
 def test_decide_refuses_what_it_must_not_touch(status, prev, overwrite, message):
     with pytest.raises(UserError, match=message):
         decide(status, True, prev, "P", "Q", overwrite, "o")
+
+
+@pytest.mark.parametrize("made_with", [{"post_rules": POST_RULES - 1}, {}])  # older rules; a run.json before versions
+def test_an_unfinished_run_of_older_linking_rules_keeps_its_predictions_and_redoes_the_rest(made_with):
+    prev = {"predict_fp": "P", "post_fp": "Q", **made_with}
+    d = decide("incomplete", True, prev, "P", "Q", False, "o")
+    assert (d.mode, d.remove_output, d.forget) == ("reuse-predictions", True, "merge")
 
 
 # -- the stage loop -----------------------------------------------------------------------------------------------

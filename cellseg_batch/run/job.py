@@ -59,6 +59,18 @@ class Decision:
     forget: str | None  # None: keep the work store; "merge": forget stitch/link/write; "all": forget everything
 
 
+# What the work store's rows were made by, recorded in run.json beside the fingerprints of the settings. Bump one
+# where a change alters what its rows hold. TILE_STORE: the tiles' layout and content (an earlier run's predictions
+# cannot be used). POST_RULES: the stitching, gap and linking rules (an unfinished run keeps its predictions and
+# redoes the rest, instead of mixing rows of two rule sets). 2: gap edges realigned beside moved sections.
+TILE_STORE, POST_RULES = 6, 2
+VERSIONS_BEFORE_RECORDED = {"tile_store": 6, "post_rules": 1}  # what a run.json without them was made with
+
+
+def made_by(previous: dict, key: str) -> int:
+    return previous.get(key, VERSIONS_BEFORE_RECORDED[key])
+
+
 def decide(output_status: str | None, output_exists: bool, previous: dict | None, predict_fp: str, post_fp: str,
            overwrite: bool, out: str) -> Decision:  # fmt: skip
     """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours)."""
@@ -68,12 +80,20 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
             raise UserError(f"{out} exists and is not a cellseg-batch output; choose another --out")
         if output_status == "complete" and not overwrite:
             raise UserError(f"{out} already holds a complete result; pass --overwrite to replace it")
-        resume = output_status == "incomplete" and bool(previous) and previous.get("post_fp") == post_fp
-        if output_status == "incomplete" and previous and not resume and not overwrite:
+        unfinished = output_status == "incomplete" and bool(previous)
+        same_settings = unfinished and previous.get("post_fp") == post_fp
+        resume = same_settings and made_by(previous, "post_rules") == POST_RULES
+        if unfinished and not same_settings and not overwrite:
+            if made_by(previous, "tile_store") != TILE_STORE:
+                raise UserError(
+                    f"{out} holds an unfinished run of another cellseg-batch version, whose tiles this one cannot "
+                    "read; finish it with that version, or pass --overwrite to start over"
+                )
             raise UserError(
                 f"{out} holds an unfinished run with other settings; rerun it with its own settings to resume, or "
                 "pass --overwrite to start over"
             )
+        # same settings, other stitching or linking rules (a newer cellseg-batch): predictions kept, the rest redone
     keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
     forget = None if resume or not previous else ("merge" if keep_predictions else "all")
     mode = "resume" if resume else ("reuse-predictions" if keep_predictions else "fresh")
@@ -207,7 +227,7 @@ class Run:
             "volume": volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": 6,
+            "normalization": self.normalization.to_dict() if self.normalization else None, "store": TILE_STORE,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.border_fill, cfg.link, asdict(self.link_rule),
@@ -224,8 +244,13 @@ class Run:
         if decision.forget:
             self.store.reset(keep_predictions=decision.forget == "merge")
         self.store.create(self.shape[0], self.grid, len(self.classes))
-        self.store.write_run({"predict_fp": predict_fp, "post_fp": post_fp, "config": asdict(cfg),
-                              "grid": asdict(self.grid), "classes": self.classes})  # fmt: skip
+        if previous and decision.mode == "reuse-predictions" and made_by(previous, "post_rules") != POST_RULES:
+            self.warnings.append(f"{cfg.out}: the earlier run was stitched and linked by another cellseg-batch "
+                                 "version; its predictions are kept, and stitching, linking and writing are redone")  # fmt: skip
+            log.warning(self.warnings[-1])
+        self.store.write_run({"predict_fp": predict_fp, "post_fp": post_fp, "tile_store": TILE_STORE,
+                              "post_rules": POST_RULES, "config": asdict(cfg), "grid": asdict(self.grid),
+                              "classes": self.classes})  # fmt: skip
         if not out.exists:
             out.create(
                 self.shape, cfg.chunk, self.classes, self.volume.dtype if cfg.write_image else None,
