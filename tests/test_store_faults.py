@@ -317,6 +317,17 @@ def test_disk_full_while_writing_is_one_line_and_the_rerun_after_freeing_space_e
     assert all(np.array_equal(resumed[k], clean[k]) if k != "table" else resumed[k] == clean[k] for k in clean)
 
 
+def test_a_filesystem_too_small_for_the_image_copy_is_said_at_the_start(small_filesystem):
+    """A 4 x 512 x 512 uint8 volume's image copy takes about 1.4 MB with its pyramid: more than the 600 KiB free."""
+    big = "synth:4x512x512,seed=3"
+    args = ["run", big, "--predictor", "labels", "--labels", big, "--no-progress", "--num-cpus", 2]
+    short = cli_subprocess(*args, "--out", small_filesystem / "o.zarr", check=False)
+    assert "the image copy alone takes about 0.0014 GB" in short.stderr and "pass --no-image" in short.stderr
+    assert short.stderr.index("the image copy alone") < short.stderr.index("no space left on the device")
+    fits = cli_subprocess(*args, "--no-image", "--out", small_filesystem / "labels_only.zarr", check=False)
+    assert "the image copy alone" not in fits.stderr
+
+
 def test_a_missing_band_chunk_of_a_tile_with_fragments_is_damage_not_zeros(tmp_path):
     from cellseg_batch.chunks import ChunkIO
 
