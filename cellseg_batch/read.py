@@ -855,20 +855,60 @@ def sequence_files(path: str) -> list[Path] | None:
 
 class ImageSequence(Volume):
     """A folder (or glob pattern) of 2D TIFF or PNG images, one slice per file in natural order: what FIB-SEM and
-    serial-section acquisitions often write. Every file's header is checked when it opens (same size and pixel
-    type). Windows are read from the slice's file as from a one-slice stack (memory-mapped where uncompressed); the
-    file read last stays open in each thread."""
+    serial-section acquisitions often write. Every file's header is checked when it opens (same size, samples and
+    pixel type). Windows are read from the slice's file as from a one-slice stack (memory-mapped where uncompressed);
+    the file read last stays open in each thread.
+
+    A label stack (``labels``, as ``open_label_volume`` opens it) may mix integer widths of one signedness, as tools
+    that save each slice in the smallest type that holds its ids write it (uint8 where a slice has < 256 ids, uint16
+    elsewhere): it reads as the widest, every id unchanged. An image sequence may not: its intensities are normalized
+    together, so 8-bit slices beside 16-bit ones would be on another scale."""
+
+    def __init__(self, path: str, labels: bool | None = None):
+        self.labels = getattr(_OPENING, "labels", False) if labels is None else labels
+        super().__init__(path)
 
     def _inspect(self):
         self.files = [str(f) for f in sequence_files(self.path)]
         first = _one_slice(self.files[0])
-        shape, dtype = first.shape[1:], first.dtype
+        shape, dtype, rgb = first.shape[1:], first.dtype, first.rgb
+        widths: dict[np.dtype, list[str]] = {dtype: [self.files[0]]}  # pixel type -> its files
         for f in self.files[1:]:
-            other = _slice_header(f)
-            if other != (shape, dtype):
-                raise UserError(f"{f} is {other[0][0]}x{other[0][1]} {other[1]}, but {self.files[0]} is "
-                                f"{shape[0]}x{shape[1]} {dtype}: every slice of a sequence must match")  # fmt: skip
-        self.rgb_files = first.rgb  # the run report's warning; each file is read as what it is
+            other, other_dtype, samples = _slice_header(f)
+            other_rgb = samples in (3, 4)
+            if other == shape and other_rgb == rgb and samples in (1, 3, 4) and other_dtype in widths:
+                widths[other_dtype].append(f)
+                continue
+            said = (f"{f} is {other[0]}x{other[1]} {other_dtype}{' RGB' if other_rgb else ''}, but {self.files[0]} is "
+                    f"{shape[0]}x{shape[1]} {dtype}{' RGB' if rgb else ''}: ")  # fmt: skip
+            if other != shape:
+                raise UserError(said + f"every slice of a sequence must have one size; crop or pad it to "
+                                f"{shape[0]}x{shape[1]}, or move it out")  # fmt: skip
+            if samples not in (1, 3, 4):
+                raise UserError(f"{f} has {samples} samples per pixel; save every slice of a sequence as greyscale")
+            if other_rgb != rgb:
+                raise UserError(said + "RGB and greyscale slices do not mix in a sequence; save every slice as "
+                                "greyscale")  # fmt: skip
+            if other_dtype.kind != dtype.kind or dtype.kind not in "ui":  # read as one type, values would change
+                kinds = {dtype.kind, other_dtype.kind}  # meaning: ids as intensities, negative ids as large ones
+                mix = "integer and float" if kinds == {"f", "u"} or kinds == {"f", "i"} else \
+                    "signed and unsigned" if kinds == {"i", "u"} else f"{other_dtype} and {dtype}"  # fmt: skip
+                raise UserError(said + f"{mix} slices do not mix in a sequence; save every slice as one pixel type "
+                                f"(e.g. {dtype})")  # fmt: skip
+            widths[other_dtype] = [f]  # an integer of another width, same signedness: read as the widest (labels)
+        self.rgb_files = rgb  # the run report's warning; each file is read as what it is
+        if len(widths) > 1:
+            wide = max(widths, key=lambda t: t.itemsize)
+            if not self.labels:
+                narrow = min((t for t in widths if t != wide), key=lambda t: len(widths[t]))
+                raise UserError(
+                    f"{self.path}: {len(widths[narrow])} slice(s) are {narrow} (the first {widths[narrow][0]}) "
+                    f"but {len(widths[wide])} {'is' if len(widths[wide]) == 1 else 'are'} {wide} (the first "
+                    f"{widths[wide][0]}); an image sequence's slices "
+                    f"are normalized together, so they must share one pixel type: save every slice as {wide} "
+                    f"(rescaled, if the {narrow} ones were exported at fewer bits)"
+                )
+            dtype = wide
         return (len(self.files), *shape), dtype, first.pixel_size_nm
 
     @property
@@ -876,6 +916,8 @@ class ImageSequence(Volume):
         return getattr(self, "rgb_files", False)
 
     def identity(self) -> list:
+        # names, sizes and times: a slice re-exported in another type changes them; the widest type is in
+        # volume_identity's dtype
         stats = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files]
         return [hashlib.sha256(repr(stats).encode()).hexdigest()[:16]]
 
@@ -883,7 +925,19 @@ class ImageSequence(Volume):
         held = getattr(self._local, "slice", None)
         if held is None or held[0] != z:
             held = self._local.slice = (z, _one_slice(self.files[z]))
-        return held[1].read(0, y0, y1, x0, x1)
+        return held[1].read(0, y0, y1, x0, x1).astype(self.dtype, copy=False)  # a narrower label slice promoted
+
+
+_OPENING = threading.local()  # what the volume opening in this thread is for (labels: open_label_volume)
+
+
+def open_label_volume(path: str) -> Volume:
+    """A label stack's volume: as ``open_volume`` opens it, except that a sequence may mix integer widths."""
+    before, _OPENING.labels = getattr(_OPENING, "labels", False), True
+    try:
+        return open_volume(path)
+    finally:
+        _OPENING.labels = before
 
 
 PNG_MODES = {"L": ("u1", 1), "I;16": ("<u2", 1), "I;16B": (">u2", 1), "I": ("<i4", 1), "F": ("<f4", 1),
@@ -934,17 +988,18 @@ def _one_slice(path: str) -> Volume:
     return volume
 
 
-def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype]:
-    """(Y, X) and pixel type from a file's header alone (thousands of files are checked when a sequence opens)."""
+def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
+    """(Y, X), pixel type and samples per pixel (1 greyscale, 3/4 RGB/RGBA) from a file's header alone (thousands of
+    files are checked when a sequence opens)."""
     if path.lower().endswith(".png"):
-        size, dtype, _ = _png_header(path)
-        return size, native(dtype)
+        size, dtype, samples = _png_header(path)
+        return size, native(dtype), samples
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            page = tf.pages[0]
-            return (page.imagelength, page.imagewidth), native(page.dtype)  # as the first slice's volume has it
+            page = tf.pages[0]  # the pixel type as the first slice's volume has it
+            return (page.imagelength, page.imagewidth), native(page.dtype), page.samplesperpixel
     except Exception as e:
         raise UserError(f"cannot read {path} as TIFF ({e}); check that it is a complete TIFF file") from e
 
@@ -1217,7 +1272,7 @@ def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLay
         if group is not None:
             layers.extend(group)
             continue
-        volume = open_volume(path)
+        volume = open_label_volume(path)
         if volume.rgb:
             raise UserError(f"{path} is RGB; a label stack holds one integer id per pixel: save it as a greyscale "
                             "(Z, Y, X) stack")  # fmt: skip

@@ -258,6 +258,67 @@ def test_an_edited_slice_changes_a_sequence_identity(tmp_path):
     assert open_volume(tmp_path / "seq").identity() != before
 
 
+def _label_slices(dtypes):
+    """Per-slice instance ids as label exporters write them: each slice in its own pixel type, ids of a 16/32-bit
+    slice above what 8 bits hold."""
+    blocks = np.zeros((96, 112), np.int64)
+    for k, (y, x) in enumerate([(4, 4), (4, 60), (50, 4), (50, 60)]):
+        blocks[y : y + 40, x : x + 48] = k + 1
+    return [np.where(blocks > 0, blocks + (0 if np.dtype(t).itemsize == 1 else 250 * z + 1000), 0).astype(t)
+            for z, t in enumerate(dtypes)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, dtypes, wide", [("png", ["u1", "<u2", "u1", "<u2"], np.uint16),
+                                                 ("tif", ["u1", "<u4", ">u2", "u1"], np.uint32)])  # fmt: skip
+def test_a_label_sequence_of_mixed_integer_widths_reads_as_the_widest(tmp_path, kind, dtypes, wide):
+    """Label exports that save each slice in the smallest type holding its ids (8-bit where a slice has < 256 ids):
+    the stack reads as the widest type, every id unchanged; the header check opens no slice's pixels."""
+    from cellseg_batch.read import volume_identity
+
+    slices = _label_slices(dtypes)
+    _write_sequence(tmp_path / "seq", slices, kind)
+    (layer,) = open_label_layers([str(tmp_path / "seq")], ["cell"])
+    v = layer.volume
+    assert v.shape == (4, 96, 112) and v.dtype is np.dtype(wide)
+    for z, ids in enumerate(slices):
+        window = v.read(z, 3, 90, 2, 111)
+        assert window.dtype is np.dtype(wide)
+        np.testing.assert_array_equal(window, ids[3:90, 2:111])
+    assert volume_identity(v)[2] == str(np.dtype(wide))
+    assert open_label_layers([str(tmp_path / "seq")], ["cell"])[0].volume.identity() == v.identity()
+
+
+def test_an_image_sequence_of_8_and_16_bit_slices_is_refused_saying_why(tmp_path):
+    """Intensities are normalized over slices together: 8-bit slices beside 16-bit ones would be on another scale
+    (near black), so an image volume must be one type; the same files as a label stack read (above)."""
+    data = [DATA[0], (DATA[1] // 16).astype(np.uint8), DATA[2], (DATA[3] // 16).astype(np.uint8), DATA[4]]
+    _write_sequence(tmp_path / "seq", data, "png")
+    with pytest.raises(UserError) as e:
+        open_volume(tmp_path / "seq")
+    said = str(e.value)
+    assert "2 slice(s) are uint8 (the first " in said and "slice_1.png" in said and "3 are uint16" in said, said
+    assert "save every slice as uint16" in said and "\n" not in said
+
+
+@pytest.mark.parametrize("odd, why", [
+    (np.zeros((96, 112), np.float32), "integer and float slices do not mix"),
+    (np.zeros((96, 112), np.int16), "signed and unsigned slices do not mix"),
+    (np.zeros((80, 112), np.uint16), "every slice of a sequence must have one size; crop or pad it to 96x112"),
+    (np.zeros((96, 112, 3), np.uint8), "RGB and greyscale slices do not mix in a sequence"),
+])  # fmt: skip
+def test_a_label_sequence_whose_slices_read_as_one_type_would_change_meaning_is_refused(tmp_path, odd, why):
+    """Only integer widths of one signedness are promoted: float beside integer, signed beside unsigned, another
+    size, RGB beside greyscale are refused in one line naming the file and what to do."""
+    import re
+
+    _write_sequence(tmp_path / "seq", _label_slices(["u1", "<u2", "u1"]), "tif")
+    tifffile.imwrite(tmp_path / "seq" / "slice_3.tif", odd, photometric="rgb" if odd.ndim == 3 else "minisblack")
+    for opened in (lambda p: open_label_layers([p], ["cell"]), open_volume):
+        with pytest.raises(UserError, match=re.escape(why)) as e:
+            opened(str(tmp_path / "seq"))
+        assert str(e.value).startswith(str(tmp_path / "seq" / "slice_3.tif")) and "\n" not in str(e.value)
+
+
 def test_hdf5_datasets_as_cremi_ilastik_and_fiji_write_them(tmp_path):
     import h5py
 

@@ -61,6 +61,30 @@ def test_a_mask_given_as_labels_is_refused_in_one_line(tmp_path):
     assert_same_instances(labels_of(tmp_path / "pieces.zarr", "cell"), np.repeat(pieces[None], 4, 0))
 
 
+def test_a_png_label_sequence_of_8_and_16_bit_slices_runs_as_its_ids(tmp_path):
+    """Per-slice label PNGs saved in the smallest type (8-bit where a slice has < 256 ids, 16-bit elsewhere) run as
+    one uint16 stack, ids unchanged; the same files given as the image volume are refused (normalized together,
+    8-bit slices would be on another scale)."""
+    from PIL import Image
+
+    blocks = np.zeros((128, 128), np.uint16)
+    for k, (y, x) in enumerate([(8, 8), (8, 70), (70, 8), (70, 70)]):
+        blocks[y : y + 50, x : x + 50] = k + 1
+    (tmp_path / "labels").mkdir()
+    for z in range(4):
+        ids = blocks.astype(np.uint8) if z % 2 == 0 else np.where(blocks > 0, blocks + 300 * z, 0).astype(np.uint16)
+        Image.fromarray(ids).save(tmp_path / "labels" / f"{z}.png")
+    tifffile.imwrite(tmp_path / "volume.tif", np.full((4, 128, 128), 90, np.uint8), photometric="minisblack")
+    args = ("--classes", "cell", "--no-progress", "--no-image")
+    cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels", *args,
+        "--out", tmp_path / "out.zarr")  # fmt: skip
+    assert_same_instances(labels_of(tmp_path / "out.zarr", "cell"), np.repeat(blocks[None], 4, 0))
+    refused = cli("run", tmp_path / "labels", "--predictor", "labels", "--labels", tmp_path / "labels", *args,
+                  "--out", tmp_path / "refused.zarr", check=False)  # fmt: skip
+    assert refused.returncode == 2 and "save every slice as uint16" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused.zarr").exists()
+
+
 @pytest.mark.parametrize("background", [np.uint16(65535), np.uint32(4294967295), np.int32(-1)])
 def test_a_background_other_than_0_is_refused_before_the_run_starts(tmp_path, background):
     """Tools that write 65535, 4294967295 or -1 for background or 'ignore': that id would be one object spread
