@@ -1,5 +1,5 @@
 """Read: open EM volumes and label stacks lazily (TIFF/BigTIFF/OME-TIFF, image sequences, HDF5, zarr v2/v3, OME-Zarr,
-MRC, NumPy .npy, synthetic) as 2D windows."""
+N5 (through tensorstore), MRC, NumPy .npy, synthetic) as 2D windows."""
 
 from __future__ import annotations
 
@@ -698,6 +698,188 @@ def _hdf5_pixel_size(attrs) -> tuple[float | None, float, float] | None:
     return None
 
 
+N5_PATH = re.compile(r"^(?P<root>.*?\.n5)(?:[:/](?P<dataset>.*))?$", re.IGNORECASE)
+N5_MAX_GROUPS = 10000  # folders a container search looks through (a dataset's block folders are not entered)
+
+
+class N5Volume(Volume):
+    """A 2D or 3D dataset of an N5 container, read through tensorstore: ``vol.n5`` where it holds one image dataset,
+    else ``vol.n5/group/name`` (or ``vol.n5:group/name``). N5 lists dimensions x first (x the fastest axis of a
+    block) and tensorstore indexes them so: they are read reversed, as (Z, Y, X). Pixel size from cosem's
+    ``transform``, n5-ij's ``pixelResolution`` or ``resolution`` (nm, x first: BigDataViewer, CellMap), of the
+    dataset or, for level ``s0``, of its multiscale group."""
+
+    CACHE_BYTES = 128 * 2**20  # decoded blocks kept per thread: a row of tiles reads each block once
+
+    def _inspect(self):
+        match = N5_PATH.match(self.path)
+        root, name = (match["root"], match["dataset"]) if match else (self.path, None)
+        name = (name or "").strip("/") or None
+        if not os.path.exists(root):
+            raise UserError(f"{root} does not exist")
+        if not os.path.isdir(root):
+            raise UserError(f"{root} is a file, not an N5 container (a folder holding attributes.json); give the "
+                            "container's folder")  # fmt: skip
+        node = Path(root, name) if name else Path(root)
+        attrs = _n5_attrs(node) if node.is_dir() else None
+        if not _n5_dataset(attrs):  # a group or the container: its one image dataset (the container is searched once)
+            images = _n5_images(Path(root), Path(root))
+            if not images and _n5_attrs(Path(root)) is None and not _n5_images(Path(root), Path(root), any_shape=True):
+                raise UserError(f"{root} is not an N5 container: it holds no attributes.json and no N5 dataset")
+            if not node.is_dir():
+                listed = ", ".join(images[:8]) or "none"
+                raise UserError(f"{root} has no dataset {name!r}; its image datasets: {listed}")
+            under = _n5_images(Path(root), node) if name else images
+            if len(under) != 1:
+                raise UserError(_n5_choose(self.path, root, under, images))
+            name = under[0]
+            node, attrs = Path(root, name), _n5_attrs(Path(root, name))
+        self._dir, self._dataset = str(node), name or ""
+        dims, kind = attrs.get("dimensions"), attrs.get("dataType")
+        if not (isinstance(dims, list) and dims and all(isinstance(n, int) and n >= 0 for n in dims)):
+            raise UserError(f"{self.path}: its attributes.json has no valid N5 dimensions ({dims!r})")
+        shape = tuple(reversed(dims))  # N5's x-first order, as (..., Z, Y, X)
+        try:
+            dtype = np.dtype(str(kind))
+        except TypeError:
+            raise UserError(f"{self.path} has the N5 data type {kind!r}; convert it to uint8, uint16 or "
+                            "float32") from None  # fmt: skip
+        dtype = _check_dtype(dtype, self.path)
+        zyx, self._axes = _to_zyx(shape, _plain_axes(shape, self.path), self.path, "name a (Z, Y, X) dataset")
+        self._block = tuple(reversed(attrs.get("blockSize") or dims))
+        check_shape(zyx, self.path)  # before tensorstore opens it
+        self._local.arr = self._open()  # now: an unsupported compression is refused before the run starts
+        pixel = _n5_pixel_size(attrs)
+        if pixel is None and Path(self._dir).name == "s0":  # a multiscale's level 0: its group's pixel size
+            factors = attrs.get("downsamplingFactors")
+            if not isinstance(factors, list) or all(f == 1 for f in factors):
+                pixel = _n5_pixel_size(_n5_attrs(Path(self._dir).parent) or {})
+        return zyx, dtype, pixel
+
+    def _open(self):
+        import tensorstore as ts
+
+        spec = {"driver": "n5", "kvstore": {"driver": "file", "path": self._dir}}
+        try:
+            context = ts.Context({"cache_pool": {"total_bytes_limit": self.CACHE_BYTES}})
+            return ts.open(spec, read=True, context=context).result().T  # .T: dimensions x first -> (Z, Y, X)
+        except Exception as e:  # ValueError for what tensorstore cannot open (compression, metadata)
+            raise UserError(f"cannot open {self.path} as N5 ({_ts_error(e)})") from e
+
+    def identity(self) -> list:
+        """What tells this dataset from an edited one (the resume check), without listing its blocks: its
+        attributes.json and the size and modification time of the first and the centre block of its first, middle
+        and last slices (see ``ZarrVolume.identity``)."""
+        meta = Path(self._dir, "attributes.json").read_bytes()
+        out: list = [self._dataset, hashlib.sha256(meta).hexdigest()[:16]]
+        nz, ny, nx = self.shape
+        for z, y, x in [(z, y, x) for z in sorted({0, nz // 2, nz - 1}) for y, x in ((0, 0), (ny // 2, nx // 2))]:
+            at = {"Z": z, "Y": y, "X": x}
+            grid = [at.get(a, 0) // b if isinstance(a, str) else 0 for a, b in zip(self._axes.template, self._block)]
+            key = "/".join(str(i) for i in reversed(grid))  # block files are named x first
+            block = Path(self._dir, key)
+            stat = block.stat() if block.is_file() else None
+            out.append([key, stat.st_size, stat.st_mtime_ns] if stat else [key, "missing"])
+        return out
+
+    def read(self, z, y0, y1, x0, x1):
+        arr = getattr(self._local, "arr", None)
+        if arr is None:
+            arr = self._local.arr = self._open()
+        y1, x1 = min(y1, self.shape[1]), min(x1, self.shape[2])  # as numpy cuts a window (tensorstore refuses)
+        try:
+            return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)].read().result()))
+        except Exception as e:
+            raise UserError(f"cannot read slice {z} of {self.path} ({_ts_error(e)}); a block may be damaged") from e
+
+
+def _ts_error(e: Exception) -> str:
+    """tensorstore's message without its status code and the spec it appends."""
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", str(e), flags=re.DOTALL)
+    return re.sub(r"^[A-Z_]+: ", "", text).replace("\n", " ")
+
+
+def _n5_attrs(folder: Path) -> dict | None:
+    """A folder's N5 attributes.json; None where it has none or it is not a JSON object."""
+    try:
+        attrs = json.loads(Path(folder, "attributes.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def _n5_dataset(attrs: dict | None) -> bool:
+    return isinstance(attrs, dict) and "dimensions" in attrs and "dataType" in attrs
+
+
+def _n5_images(root: Path, under: Path, any_shape: bool = False) -> list[str]:
+    """The datasets under ``under`` that can be a volume ((Z, Y, X) or (Y, X), X and Y at least MIN_IMAGE_SIDE; all
+    datasets with ``any_shape``), as paths from ``root``, in natural order; a dataset's block folders are not
+    entered."""
+    found, todo, seen = [], [under], 0
+    while todo and seen < N5_MAX_GROUPS:
+        folder = todo.pop()
+        seen += 1
+        attrs = _n5_attrs(folder)
+        if _n5_dataset(attrs):
+            dims = attrs["dimensions"]
+            shape = tuple(reversed(dims)) if isinstance(dims, list) else ()
+            axes = _unnamed_axes(shape) if all(isinstance(n, int) for n in shape) else None
+            if any_shape or axes is not None and all(shape[axes.index(a)] >= MIN_IMAGE_SIDE for a in "YX"):
+                found.append(folder.relative_to(root).as_posix())
+            continue
+        try:
+            folders = [f for f in folder.iterdir() if f.is_dir() and not f.name.startswith(".")]
+        except OSError:
+            continue
+        todo.extend(sorted(folders, reverse=True))
+    return sorted(found, key=_natural_key)
+
+
+def _n5_choose(path: str, root: str, under: list[str], images: list[str]) -> str:
+    """The one line that says a path holds no or several image datasets, naming them (level s0 first suggested)."""
+    if not under:
+        listed = ", ".join(images[:8]) or "none"
+        return (f"{path} holds no 2D or 3D N5 dataset of {MIN_IMAGE_SIDE} px or more a side; the container's image "
+                f"datasets: {listed}")  # fmt: skip
+    levels = [name for name in under if name.rsplit("/", 1)[-1] == "s0"]
+    more = f" and {len(under) - 6} more" if len(under) > 6 else ""
+    listed = ", ".join(f"{root}/{name}" for name in under[:6]) + more
+    return f"{path} holds {len(under)} image datasets ({listed}); name one, e.g. {root}/{(levels or under)[0]}"
+
+
+def _n5_pixel_size(attrs: dict) -> tuple[float | None, float, float] | None:
+    """(z, y, x) nm from cosem's ``transform`` (axes named, with units), n5-ij's ``pixelResolution`` (x first, with a
+    unit) or ``resolution`` (x first, nm: BigDataViewer's N5, CellMap); None where none gives X and Y."""
+    t = attrs.get("transform")
+    if isinstance(t, dict) and all(isinstance(t.get(k), list) for k in ("axes", "scale", "units")):
+        sizes = {str(a).lower(): _scaled(s, u) for a, s, u in zip(t["axes"], t["scale"], t["units"])}
+        if sizes.get("y") and sizes.get("x") and len(t["axes"]) == len(t["scale"]) == len(t["units"]):
+            return (sizes.get("z"), sizes["y"], sizes["x"])
+    pr = attrs.get("pixelResolution")
+    if isinstance(pr, dict) and isinstance(pr.get("dimensions"), list):
+        found = _x_first([_scaled(s, pr.get("unit")) for s in pr["dimensions"]])
+        if found:
+            return found
+    if isinstance(attrs.get("resolution"), list):
+        return _x_first([_scaled(s, "nm") for s in attrs["resolution"]])
+    return None
+
+
+def _scaled(size, unit) -> float | None:
+    """A size in ``unit`` (nm, um, µm, micrometer, ...) as nm; None where either is not a length."""
+    nm = NM_PER_UNIT.get(str(unit)) or NGFF_NM_PER_UNIT.get(str(unit).lower())
+    ok = nm and isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) and size > 0
+    return float(size) * nm if ok else None
+
+
+def _x_first(sizes: list) -> tuple[float | None, float, float] | None:
+    """(z, y, x) of sizes listed x first, (x, y) or (x, y, z)."""
+    if len(sizes) not in (2, 3) or not (sizes[0] and sizes[1]):
+        return None
+    return (sizes[2] if len(sizes) == 3 else None, sizes[1], sizes[0])
+
+
 MRC_SUFFIXES = (".mrc", ".mrcs", ".st", ".rec", ".ali", ".map")
 IMOD_STAMP = 1146047817  # "IMOD" at byte 152: the imodFlags after it are set (IMOD's mrc_format.txt)
 
@@ -1056,6 +1238,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
         return Hdf5Volume(path)
     if TIFF_SERIES.match(path):
         return TiffVolume(path)
+    if N5_PATH.match(path):
+        return N5Volume(path)
     if any(c in p.name for c in "*?["):
         return ImageSequence(path)
     if not p.exists():
@@ -1071,11 +1255,10 @@ def open_volume(path: str | os.PathLike) -> Volume:
         return ImageSequence(path)
     if p.is_file() and p.stat().st_size == 0:
         raise UserError(f"{path} is an empty file")
-    if p.is_dir() and (p / "attributes.json").is_file():  # N5's metadata document (zarr 3 reads no N5)
-        raise UserError(f"{path} is N5, which this tool does not read; convert it to zarr (e.g. with tensorstore or "
-                        "BigDataViewer's n5-utils) or to TIFF")  # fmt: skip
+    if p.is_dir() and (p / "attributes.json").is_file():  # N5's metadata document, a container not named .n5
+        return N5Volume(path)
     raise UserError(f"{path}: unknown volume format; give a .tif/.tiff (multi-page or BigTIFF), a .zarr, an .h5, an "
-                    "MRC (.mrc, .st, .rec, .ali, .map), a NumPy .npy, or a folder of 2D .tif or .png slices")  # fmt: skip
+                    "N5 (.n5), an MRC (.mrc, .st, .rec, .ali, .map), a NumPy .npy, or a folder of 2D .tif or .png slices")  # fmt: skip
 
 
 # -- label stacks ------------------------------------------------------------------------------------------------
@@ -1298,7 +1481,7 @@ def ngff_label_layers(path: str) -> list[LabelLayer] | None:
         return LABEL_OPENERS[scheme](path)
     p = Path(path)
     labels = p / "labels"
-    if not p.is_dir() or not labels.is_dir():
+    if not p.is_dir() or not labels.is_dir() or N5_PATH.match(path):  # an N5 may hold a dataset named labels
         return None
     import zarr
 

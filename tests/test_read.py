@@ -136,17 +136,6 @@ def test_ome_tiff_units_as_writers_spell_them(tmp_path, unit, nm):
     assert open_volume(tmp_path / "v.ome.tif").pixel_size_nm == pytest.approx((None, nm, nm))
 
 
-@pytest.mark.parametrize("where", ["", "raw"])
-def test_n5_is_named_as_what_is_not_read(tmp_path, where):
-    root = tmp_path / "vol.n5"
-    (root / "raw").mkdir(parents=True)
-    (root / "attributes.json").write_text('{"n5": "2.0.0"}')
-    (root / "raw" / "attributes.json").write_text('{"dimensions": [150, 130, 5], "blockSize": [64, 64, 1], '
-                                                  '"dataType": "uint16", "compression": {"type": "raw"}}')  # fmt: skip
-    with pytest.raises(UserError, match="is N5, which this tool does not read; convert it to zarr"):
-        open_volume(root / where)
-
-
 def test_an_ome_tiff_pyramid_in_subifds_is_read_at_level_0(tmp_path):
     """OME-TIFF pyramids (bfconvert, QuPath, tifffile's subifds) keep the lower levels in SubIFDs of each page: the
     first window read failed ('path ... is not a string') as tifffile gave a zarr group of all levels."""
