@@ -166,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="segment a volume into 3D instances (OME-Zarr labels, object table, report)")
-    r.add_argument("volume", help="TIFF/BigTIFF/OME-TIFF, zarr array, OME-Zarr image, HDF5 (file.h5[/dataset]), a "
-                   "folder (or quoted glob pattern) of 2D .tif/.png slices, or synth:ZxYxX[,seed=N]")
+    r.add_argument("volume", help="TIFF/BigTIFF/OME-TIFF, zarr array, OME-Zarr image, HDF5 (file.h5[/dataset]), N5 "
+                   "(vol.n5[/dataset]), MRC, .npy, a folder (or quoted glob pattern) of 2D .tif/.png slices, or "
+                   "synth:ZxYxX[,seed=N]")
     r.add_argument("--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
     r.add_argument("--predictor", help="detectron2 or labels (default %(default)s)")
     r.add_argument("--model", help="model directory (from `cellseg-batch train`)")
     r.add_argument("--labels", action="append", help="labels predictor: a 2D instance label stack "
-                   "(TIFF/zarr), or an OME-Zarr with a labels/ group; repeat for classes that nest")  # fmt: skip
+                   "(any volume format above), or an OME-Zarr with a labels/ group; repeat for classes that nest")  # fmt: skip
     r.add_argument("--classes", action="append", help="after each plain --labels stack: a class "
                    "name, or a JSON file mapping its ids to class names")  # fmt: skip
     g = r.add_argument_group("tiles and model")
