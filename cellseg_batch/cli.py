@@ -278,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-period", type=int, help="iterations between evaluations (default MAX_ITER/4)")
     t.add_argument("--batch-size", type=int, help="override SOLVER.IMS_PER_BATCH (all processes together)")
     t.add_argument("--lr", type=float, help="override SOLVER.BASE_LR")
-    t.add_argument("--tile", type=int, help="tile size run should use (default: the training image size)")
+    t.add_argument("--tile", type=int, help="tile size run should use (default: the training images' size, at most --crop)")
     t.add_argument("--overlap", type=int, help="tile overlap run should use (default: tile/8)")
+    t.add_argument("--crop", type=int, help="images larger than this (px) are trained as random CROP x CROP windows "
+                   "and validated as the windows that partition them (default: --tile, else 1024; 0: whole images)")
     t.add_argument("--pixel-size", help="Z,Y,X in nm of the training data (recorded in the model)")
     t.add_argument("--amp", action="store_true", help="mixed precision: float16 on GPUs, bfloat16 on CPUs that have "
                    "it (1.36x the iterations/s of float32 on this 2-core CPU)")  # fmt: skip

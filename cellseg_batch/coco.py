@@ -19,6 +19,7 @@ from pycocotools import mask as mask_util
 
 from .errors import UserError
 from .read import load_json
+from .tiles import Box, side_by_side
 
 MAX_COCO_BYTES = 2**30  # a COCO file larger than this is refused before it is read
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -224,6 +225,66 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     return CocoSet(json_path, names, records, +skipped, crowd)
 
 
+# -- windows of large annotated images (``train --crop``) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskCut:
+    """One annotation's mask cut to its box, and where the box lies in the image."""
+
+    category_id: int
+    box: Box
+    mask: np.ndarray  # bool, the box's shape
+
+
+def mask_cuts(record: dict) -> list[MaskCut]:
+    """A record's annotations as masks cut to their boxes. Made once per image: each window of it then takes its
+    masks by slicing (decoding a 4096 px slice's RLEs for every window would cost more than the training step)."""
+    h, w = record["height"], record["width"]
+    cuts = []
+    for a in record["annotations"]:
+        rle = _rle(a["segmentation"], h, w)
+        x0, y0, bw, bh = (int(v) for v in mask_util.toBbox(rle))
+        box = Box(y0, y0 + bh, x0, x0 + bw)
+        cuts.append(MaskCut(a["category_id"], box, mask_util.decode(rle)[box.y0 : box.y1, box.x0 : box.x1] > 0))
+    return cuts
+
+
+def window_annotations(cuts: list[MaskCut], window: Box) -> list[dict]:
+    """The annotations of one window of an image, in the window's coordinates: the part of each mask inside it, as
+    RLE with its box; a mask with no pixel inside is left out."""
+    out = []
+    for cut in cuts:
+        inside = cut.box.intersect(window)
+        if inside is None:
+            continue
+        part = cut.mask[inside.relative_to(cut.box)]
+        if not part.any():
+            continue
+        mask = np.zeros(window.shape, np.uint8, order="F")
+        mask[inside.relative_to(window)] = part
+        rle = mask_util.encode(mask)
+        out.append({"bbox": [float(v) for v in mask_util.toBbox(rle)], "bbox_mode": 1, "segmentation": rle,
+                    "category_id": cut.category_id, "iscrowd": 0})  # fmt: skip
+    return out
+
+
+def window_records(records: list[dict], crop: int) -> list[dict]:
+    """Images larger than ``crop`` px on a side as the windows that partition them (``tiles.side_by_side``), each a
+    record of its own (``window``: its box in the image, annotations cut to it); the others as they are. Image ids
+    are numbered anew (a window is an image to COCO evaluation)."""
+    out = []
+    for r in records:
+        if not crop or max(r["height"], r["width"]) <= crop:
+            out.append(r)
+            continue
+        cuts = mask_cuts(r)
+        for window in side_by_side(r["height"], r["width"], crop):
+            out.append({**r, "height": window.shape[0], "width": window.shape[1], "window": tuple(window),
+                        "annotations": window_annotations(cuts, window)})  # fmt: skip
+    return [{**r, "image_id": i + 1} for i, r in enumerate(out)]
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image file, from its header where PIL can read it."""
     try:
@@ -354,36 +415,34 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     ann_id = 0
     for z in zs:
         split = sets["val" if z in val_z else "train"]
-        for y0 in range(0, ny, tile):
-            for x0 in range(0, nx, tile):
-                y1, x1 = min(y0 + tile, ny), min(x0 + tile, nx)
-                name = f"z{z:05d}_y{y0:05d}_x{x0:05d}{suffix}"
-                image = volume.read(z, y0, y1, x0, x1)
-                if suffix == ".png":
-                    Image.fromarray(image).save(img_dir / name)
-                else:
-                    import tifffile
+        for y0, y1, x0, x1 in side_by_side(ny, nx, tile):
+            name = f"z{z:05d}_y{y0:05d}_x{x0:05d}{suffix}"
+            image = volume.read(z, y0, y1, x0, x1)
+            if suffix == ".png":
+                Image.fromarray(image).save(img_dir / name)
+            else:
+                import tifffile
 
-                    tifffile.imwrite(img_dir / name, image)
-                image_id = len(sets["train"]["images"]) + len(sets["val"]["images"]) + 1
-                split["images"].append({"id": image_id, "file_name": name, "height": y1 - y0, "width": x1 - x0})
-                for layer in layers:
-                    ids = layer.volume.read(z, y0, y1, x0, x1)
-                    present = np.unique(ids[ids > 0])
-                    for i, cls in zip(present, layer.classify(present, names)):
-                        mask = ids == i
-                        if cls < 0 or mask.sum() < min_area:  # ids the class map leaves out are not annotated
-                            continue
-                        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-                        segm = mask_polygons(mask) if polygons else {"size": rle["size"], "counts": rle["counts"].decode()}
-                        if polygons and not segm:
-                            continue
-                        ann_id += 1
-                        split["annotations"].append({
-                            "id": ann_id, "image_id": image_id, "category_id": int(cls) + 1, "iscrowd": 0,
-                            "area": int(mask.sum()), "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                            "segmentation": segm,
-                        })  # fmt: skip
+                tifffile.imwrite(img_dir / name, image)
+            image_id = len(sets["train"]["images"]) + len(sets["val"]["images"]) + 1
+            split["images"].append({"id": image_id, "file_name": name, "height": y1 - y0, "width": x1 - x0})
+            for layer in layers:
+                ids = layer.volume.read(z, y0, y1, x0, x1)
+                present = np.unique(ids[ids > 0])
+                for i, cls in zip(present, layer.classify(present, names)):
+                    mask = ids == i
+                    if cls < 0 or mask.sum() < min_area:  # ids the class map leaves out are not annotated
+                        continue
+                    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                    segm = mask_polygons(mask) if polygons else {"size": rle["size"], "counts": rle["counts"].decode()}
+                    if polygons and not segm:
+                        continue
+                    ann_id += 1
+                    split["annotations"].append({
+                        "id": ann_id, "image_id": image_id, "category_id": int(cls) + 1, "iscrowd": 0,
+                        "area": int(mask.sum()), "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                        "segmentation": segm,
+                    })  # fmt: skip
     paths = {"images": img_dir}
     for split, data in sets.items():
         if data["images"]:

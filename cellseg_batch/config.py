@@ -198,7 +198,7 @@ BOUNDS: dict[str, dict[str, Bound]] = {
     "convert": {"tile": Bound(MIN_TILE, zero="whole slices"), "every": Bound(1), "val_fraction": _SHARE},
     "train": {"num_gpus": Bound(0), "cpu_procs": Bound(1), "num_machines": Bound(1), "machine_rank": Bound(0),
               "max_iter": Bound(1), "max_minutes": _POSITIVE, "eval_period": Bound(0), "batch_size": Bound(1),
-              "lr": _POSITIVE, "tile": Bound(MIN_TILE), "overlap": Bound(2)},
+              "lr": _POSITIVE, "tile": Bound(MIN_TILE), "overlap": Bound(2), "crop": Bound(MIN_TILE, zero="whole images")},
     "synth": {"seed": Bound(0), "scale": _POSITIVE, "dropout": _SHARE, "shift": _SHARE},
     "demo": {"iterations": Bound(1)},
 }  # fmt: skip

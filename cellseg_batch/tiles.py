@@ -45,6 +45,13 @@ class Box(NamedTuple):
         return self.y1 - self.y0, self.x1 - self.x0
 
 
+def side_by_side(height: int, width: int, tile: int) -> list[Box]:
+    """Windows of ``tile`` px that partition a slice without overlap, in raster order, those at the far edges
+    smaller: what ``convert labels-to-coco`` cuts, and how ``train`` cuts large validation images."""
+    return [Box(y0, min(y0 + tile, height), x0, min(x0 + tile, width))
+            for y0 in range(0, height, tile) for x0 in range(0, width, tile)]  # fmt: skip
+
+
 # The four borders of a tile's core, in the order their bands are stored.
 NORTH, SOUTH, WEST, EAST = SIDES = (0, 1, 2, 3)
 

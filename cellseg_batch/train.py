@@ -15,24 +15,29 @@ import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
-from .coco import CocoSet, load_coco, read_grey
+from .coco import CocoSet, load_coco, mask_cuts, read_grey, window_annotations, window_records
 from .config import check_options, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
 from .model_dir import MANIFEST, ModelDir
 from .normalize import ByPixelType, from_samples
 from .read import load_json
+from .tiles import Box
 from .write import check_class_names
 
 TRAIN_SET, VAL_SET = "cellseg_train", "cellseg_val"
 MODEL_ZOO_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 CACHE = Path(os.environ.get("CELLSEG_CACHE", Path.home() / ".cache" / "cellseg-batch"))
+# train --crop's default where --tile is not given: a window the R50-FPN config trains on at IMS_PER_BATCH on a
+# 16 GB GPU, and the tile `run` then uses (TEST.DETECTIONS_PER_IMAGE is per tile)
+DEFAULT_CROP = 1024
+IMAGE_CACHE_BYTES = 2**30  # decoded training images a mapper keeps (large slices are cropped again and again)
 
 
 @dataclass
@@ -59,6 +64,7 @@ class TrainConfig:
     overlap: int | None = None
     pixel_size: str | None = None
     percentiles: tuple[float, float] = (1.0, 99.5)
+    crop: int | None = None
     amp: bool = False
     opts: list[str] = field(default_factory=list)
 
@@ -120,15 +126,25 @@ def _transpose_augmentation():
     return RandomTranspose()
 
 
+def training_crop(tc: TrainConfig) -> int:
+    """Images larger than this (px, either side) are trained as random windows of it and validated as the windows
+    that partition them: ``--crop``, else ``--tile``, else ``DEFAULT_CROP``; 0 never."""
+    return tc.crop if tc.crop is not None else (tc.tile or DEFAULT_CROP)
+
+
 class EMDatasetMapper:
     """Reads a greyscale slice in its own dtype, normalizes it like ``run`` does, augments (flips, transposes,
-    brightness, contrast) for training, and never resizes: tiles keep their pixel scale."""
+    brightness, contrast) for training, and never resizes: tiles keep their pixel scale. A training image larger
+    than ``crop`` is a random ``crop`` x ``crop`` window of it at each use, its masks cut to the window (annotated
+    slices of 4096 px would otherwise be trained whole, at a memory and a tile size `run` never uses); a validation
+    window (``coco.window_records``) is read as recorded."""
 
-    def __init__(self, is_train: bool, normalization: ByPixelType):
+    def __init__(self, is_train: bool, normalization: ByPixelType, crop: int = 0):
         from detectron2.data import transforms as T
 
         self.is_train = is_train
         self.normalization = normalization
+        self.crop = crop
         self.augmentations = T.AugmentationList(
             [
                 T.RandomFlip(0.5, horizontal=True, vertical=False),
@@ -140,22 +156,54 @@ class EMDatasetMapper:
             if is_train
             else []
         )
+        self._cuts: dict = {}  # image id -> its masks cut to their boxes (``coco.mask_cuts``)
+        self._images: dict[str, np.ndarray] = {}  # file -> decoded image, oldest first, IMAGE_CACHE_BYTES at most
+
+    def window(self, record: dict) -> tuple[Box | None, list[dict]]:
+        """The part of the image this sample is (None: all of it) and its annotations."""
+        if "window" in record:
+            return Box(*record["window"]), record["annotations"]
+        h, w = record["height"], record["width"]
+        if not (self.is_train and self.crop and max(h, w) > self.crop):
+            return None, record["annotations"]
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        y0, x0 = np.random.randint(0, h - ch + 1), np.random.randint(0, w - cw + 1)  # detectron2 seeds numpy
+        window = Box(int(y0), int(y0) + ch, int(x0), int(x0) + cw)
+        if record["image_id"] not in self._cuts:
+            self._cuts[record["image_id"]] = mask_cuts(record)
+        return window, window_annotations(self._cuts[record["image_id"]], window)
+
+    def _read(self, path: str, whole: bool) -> np.ndarray:
+        """An image file, decoded once where it is cropped (``whole`` False) and then kept while there is room."""
+        if whole:
+            return read_grey(path)
+        if path not in self._images:
+            image = read_grey(path)
+            while self._images and sum(i.nbytes for i in self._images.values()) + image.nbytes > IMAGE_CACHE_BYTES:
+                del self._images[next(iter(self._images))]
+            self._images[path] = image
+        return self._images[path]
 
     def __call__(self, record: dict) -> dict:
         import torch
         from detectron2.data import detection_utils as utils
         from detectron2.data import transforms as T
 
-        image = self.normalization.apply(read_grey(record["file_name"]))
+        window, annotations = self.window(record)
+        image = self._read(record["file_name"], whole=window is None)
+        if window is not None:
+            image = image[window.y0 : window.y1, window.x0 : window.x1]
+        image = self.normalization.apply(image)
         image = np.repeat(image[:, :, None], 3, axis=2)
         aug = T.AugInput(image)
         transforms = self.augmentations(aug)
         image = np.clip(aug.image, 0, 255)
-        out = {k: record[k] for k in ("file_name", "image_id", "height", "width")}
+        out = {k: record[k] for k in ("file_name", "image_id")}
+        out["height"], out["width"] = image.shape[:2]
         out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
         if self.is_train:
             annos = [utils.transform_instance_annotations(dict(a), transforms, image.shape[:2])
-                     for a in record["annotations"] if not a.get("iscrowd", 0)]  # fmt: skip
+                     for a in annotations if not a.get("iscrowd", 0)]  # fmt: skip
             instances = utils.annotations_to_instances(annos, image.shape[:2], mask_format="bitmask")
             out["instances"] = utils.filter_empty_instances(instances)
         return out
@@ -263,7 +311,8 @@ class _TimeUp(Exception):
     """Raised by the time-limit hook; every rank stops at the same iteration."""
 
 
-def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has_val: bool, cpu_amp=None):
+def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has_val: bool, cpu_amp=None,
+                 crop: int = 0):  # fmt: skip
     import torch
     import torch.distributed as dist
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -294,7 +343,7 @@ def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has
 
         @classmethod
         def build_train_loader(cls, cfg):
-            return build_detection_train_loader(cfg, mapper=EMDatasetMapper(True, normalization))
+            return build_detection_train_loader(cfg, mapper=EMDatasetMapper(True, normalization, crop))
 
         @classmethod
         def build_test_loader(cls, cfg, dataset_name):
@@ -331,7 +380,8 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
     train_set = load_coco(tc.train, tc.images)
     register(TRAIN_SET, train_set)
     if tc.val:
-        register(VAL_SET, load_coco(tc.val, tc.val_images or tc.images, classes=classes))
+        val_set = load_coco(tc.val, tc.val_images or tc.images, classes=classes)
+        register(VAL_SET, replace(val_set, records=window_records(val_set.records, training_crop(tc))))
     cfg = build_cfg(tc, classes, device)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     default_setup(cfg, _Args(tc))
@@ -341,7 +391,7 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
         from .predict.detectron2_predictor import amp_dtype
 
         cpu_amp = amp_dtype(device)
-    trainer = make_trainer(cfg, normalization, tc.max_minutes, bool(tc.val), cpu_amp)
+    trainer = make_trainer(cfg, normalization, tc.max_minutes, bool(tc.val), cpu_amp, training_crop(tc))
     trainer.resume_or_load(resume=tc.resume)
     start_iter, t0 = trainer.start_iter, time.perf_counter()
     stopped_early = False
@@ -378,7 +428,8 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
     final.MODEL.WEIGHTS = ""
     final.DATASETS.TRAIN, final.DATASETS.TEST = (), ()
     (out / "config.yaml").write_text(final.dump())
-    sizes = sorted({max(r["height"], r["width"]) for r in train_set.records})
+    crop = training_crop(tc)  # the size the model was trained at, where images were larger
+    sizes = sorted({min(max(r["height"], r["width"]), crop or np.inf) for r in train_set.records})
     tile = tc.tile or int(sizes[len(sizes) // 2])
     metrics = _last_eval(work)
     model = ModelDir(
@@ -392,7 +443,7 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
             "config": str(tc.config), "weights": source.name, "iterations": int(iters), "last_iter": int(last_iter),
             "seconds": round(elapsed, 1), "iters_per_s": round(iters / elapsed, 4) if elapsed else None,
             "images_per_s": round(iters * cfg.SOLVER.IMS_PER_BATCH / elapsed, 3) if elapsed else None,
-            "amp": tc.amp, "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
+            "amp": tc.amp, "crop": crop, "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
             "skipped": dict(train_set.skipped), "validation": metrics,
         },
     )  # fmt: skip

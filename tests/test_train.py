@@ -357,3 +357,90 @@ def test_training_images_without_contrast_are_refused_before_the_training_proces
     assert proc.returncode == 2 and "the uint8 training images have no contrast (every sampled pixel is 7" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+# -- annotated slices larger than the model's tile: random crops for training, windows for validation ---------------
+
+
+def _large_record(h=300, w=260, n=25, seed=0) -> tuple[dict, list[np.ndarray]]:
+    """A record of one large image's RLE annotations (discs, many across any window border), and their masks."""
+    rng = np.random.default_rng(seed)
+    anns, masks = [], []
+    yy, xx = np.ogrid[:h, :w]
+    for k in range(n):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(4, 40)
+        m = np.asfortranarray(((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8))
+        if m.any():
+            masks.append(m)
+            anns.append({"bbox": [0, 0, 1, 1], "bbox_mode": 1, "segmentation": mask_util.encode(m),
+                         "category_id": k % 3, "iscrowd": 0})  # fmt: skip
+    return {"file_name": "slice.png", "height": h, "width": w, "image_id": 5, "annotations": anns}, masks
+
+
+def test_validation_windows_partition_a_large_image_and_cut_every_mask_exactly():
+    from cellseg_batch.coco import window_records
+
+    record, masks = _large_record()
+    small = {**record, "height": 100, "width": 100, "image_id": 9}
+    windows = window_records([record, small], 128)
+    assert [w["window"] for w in windows[:-1]] == [(y0, min(y0 + 128, 300), x0, min(x0 + 128, 260))
+                                                    for y0 in (0, 128, 256) for x0 in (0, 128, 256)]  # fmt: skip
+    assert "window" not in windows[-1] and windows[-1]["annotations"] is small["annotations"]
+    assert [w["image_id"] for w in windows] == list(range(1, 11))  # each window an image of its own
+    rebuilt = [np.zeros((300, 260), np.uint8) for _ in masks]
+    for w in windows[:-1]:
+        y0, y1, x0, x1 = w["window"]
+        assert (w["height"], w["width"]) == (y1 - y0, x1 - x0)
+        for a in w["annotations"]:
+            part = mask_util.decode(a["segmentation"])
+            k = next(i for i, m in enumerate(masks) if (m[y0:y1, x0:x1] == part).all() and part.any())
+            x, y, bw, bh = a["bbox"]
+            ys, xs = np.nonzero(part)
+            assert (x, y, bw, bh) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+            rebuilt[k][y0:y1, x0:x1] |= part
+    assert all((r == m).all() for r, m in zip(rebuilt, masks))  # every pixel of every mask, in exactly its windows
+
+
+def test_a_training_image_larger_than_the_crop_is_a_random_window_with_its_masks_cut_to_it(tmp_path):
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.normalize import ByPixelType, Normalization
+    from cellseg_batch.train import EMDatasetMapper
+
+    detectron2_ready()
+    record, masks = _large_record()
+    image = (np.arange(300 * 260) % 251).reshape(300, 260).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "slice.png")
+    record["file_name"] = str(tmp_path / "slice.png")
+    mapper = EMDatasetMapper(True, ByPixelType({"uint8": Normalization(0.0, 255.0, (0.0, 255.0))}), crop=128)
+    seen = set()
+    for seed in range(6):
+        np.random.seed(seed)
+        window, annotations = mapper.window(record)
+        seen.add(window)
+        assert window.shape == (128, 128) and 0 <= window.y0 <= 172 and 0 <= window.x0 <= 132
+        inside = [m[window.y0 : window.y1, window.x0 : window.x1] for m in masks]
+        assert sorted(int(mask_util.area(a["segmentation"])) for a in annotations) == sorted(
+            int(m.sum()) for m in inside if m.any())
+        np.random.seed(seed)
+        sample = mapper(record)  # the same window: the crop is drawn first
+        assert tuple(sample["image"].shape) == (3, 128, 128) and (sample["height"], sample["width"]) == (128, 128)
+        areas = sorted(int(a) for a in sample["instances"].gt_masks.tensor.sum(dim=(1, 2)))
+        assert areas == sorted(int(m.sum()) for m in inside if m.any())  # flips and transposes keep areas
+    assert len(seen) > 1
+    whole = EMDatasetMapper(True, mapper.normalization, crop=0)(record)  # --crop 0: the whole image, as before
+    assert sorted(whole["image"].shape[1:]) == [260, 300] and len(whole["instances"]) == len(masks)  # maybe transposed
+
+
+def test_training_on_whole_annotated_slices_crops_them_and_the_model_runs_at_the_crop(tmp_path):
+    cli("synth", tmp_path / "s", "--shape", "4,256,256", "--seed", 9)
+    cli("convert", "labels-to-coco", tmp_path / "s" / "truth.zarr", tmp_path / "s" / "volume.tif", "--out",
+        tmp_path / "coco", "--tile", 0, "--val-fraction", 0.25)  # whole 256 px slices, as an annotation tool has them
+    out = tmp_path / "model"
+    cli("train", "--train", tmp_path / "coco" / "train.json", "--images", tmp_path / "coco" / "images",
+        "--val", tmp_path / "coco" / "val.json", "--config", CONFIG, "--out", out, "--max-iter", 2, "--crop", 128,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)  # fmt: skip
+    model = ModelDir.load(out)
+    assert model.tile == 128 and model.training["crop"] == 128 and model.overlap == 16
+    assert model.training["validation"] is not None and "segm/AP" in model.training["validation"]
+    evaluated = json.loads(next((out / "train" / "eval").glob("*_coco_format.json")).read_text())
+    assert [(i["height"], i["width"]) for i in evaluated["images"]] == [(128, 128)] * 4  # the slice's 4 windows
