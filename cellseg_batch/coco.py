@@ -239,14 +239,30 @@ class MaskCut:
 
 def mask_cuts(record: dict) -> list[MaskCut]:
     """A record's annotations as masks cut to their boxes. Made once per image: each window of it then takes its
-    masks by slicing (decoding a 4096 px slice's RLEs for every window would cost more than the training step)."""
+    masks by slicing (decoding a 4096 px slice's masks for every window would cost more than the training step).
+    Polygons are drawn by pycocotools in a frame 2 px around their points, cut by the image's edges where they
+    cross them: the pixels of a drawing in the whole image (a frame as tight as the pixels' box, or one it clips,
+    gives other pixels along the edge), for ~0.1 ms instead of ~30 ms a polygon in a 4096 px slice. An RLE is
+    decoded whole, once."""
     h, w = record["height"], record["width"]
     cuts = []
     for a in record["annotations"]:
-        rle = _rle(a["segmentation"], h, w)
-        x0, y0, bw, bh = (int(v) for v in mask_util.toBbox(rle))
-        box = Box(y0, y0 + bh, x0, x0 + bw)
-        cuts.append(MaskCut(a["category_id"], box, mask_util.decode(rle)[box.y0 : box.y1, box.x0 : box.x1] > 0))
+        segm = a["segmentation"]
+        if isinstance(segm, list):
+            xy = np.concatenate([np.asarray(p, dtype=np.float64) for p in segm])
+            frame = Box(max(int(np.floor(xy[1::2].min())) - 2, 0), min(int(np.ceil(xy[1::2].max())) + 2, h),
+                        max(int(np.floor(xy[0::2].min())) - 2, 0), min(int(np.ceil(xy[0::2].max())) + 2, w))  # fmt: skip
+            if frame.y0 >= frame.y1 or frame.x0 >= frame.x1:
+                continue
+            moved = [[v - (frame.x0 if i % 2 == 0 else frame.y0) for i, v in enumerate(p)] for p in segm]
+            mask, origin = mask_util.decode(mask_util.merge(mask_util.frPyObjects(moved, *frame.shape))) > 0, frame
+        else:
+            mask, origin = mask_util.decode(segm) > 0, Box(0, h, 0, w)
+        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if not len(ys):
+            continue
+        box = Box(origin.y0 + int(ys[0]), origin.y0 + int(ys[-1]) + 1, origin.x0 + int(xs[0]), origin.x0 + int(xs[-1]) + 1)
+        cuts.append(MaskCut(a["category_id"], box, mask[box.relative_to(origin)]))
     return cuts
 
 

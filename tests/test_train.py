@@ -401,6 +401,29 @@ def test_validation_windows_partition_a_large_image_and_cut_every_mask_exactly()
     assert all((r == m).all() for r, m in zip(rebuilt, masks))  # every pixel of every mask, in exactly its windows
 
 
+def test_polygons_drawn_around_themselves_give_the_pixels_of_a_whole_image_drawing():
+    """mask_cuts draws each polygon in a small frame (cheap in a 4096 px slice): random polygons, some across the
+    image's edges, must give exactly the pixels pycocotools draws for them in the whole image."""
+    from cellseg_batch.coco import mask_cuts
+
+    rng = np.random.default_rng(2)
+    h, w = 300, 260
+    polygons = []
+    for _ in range(400):
+        cx, cy, n = rng.uniform(-20, w + 20), rng.uniform(-20, h + 20), rng.integers(3, 20)
+        polygons.append([float(v) for a in np.sort(rng.uniform(0, 2 * np.pi, n))
+                         for v in (cx + rng.uniform(0.3, 50) * np.cos(a), cy + rng.uniform(0.3, 50) * np.sin(a))])  # fmt: skip
+    whole = [mask_util.decode(mask_util.merge(mask_util.frPyObjects([p], h, w))) > 0 for p in polygons]
+    kept = [(p, m) for p, m in zip(polygons, whole) if m.any()]
+    cuts = mask_cuts({"height": h, "width": w,
+                      "annotations": [{"segmentation": [p], "category_id": 0} for p, _ in kept]})  # fmt: skip
+    assert len(cuts) == len(kept) > 300
+    for cut, (_, mask) in zip(cuts, kept):
+        placed = np.zeros((h, w), bool)
+        placed[cut.box.y0 : cut.box.y1, cut.box.x0 : cut.box.x1] = cut.mask
+        assert (placed == mask).all()
+
+
 def test_a_training_image_larger_than_the_crop_is_a_random_window_with_its_masks_cut_to_it(tmp_path):
     from cellseg_batch.d2compat import detectron2_ready
     from cellseg_batch.normalize import ByPixelType, Normalization
