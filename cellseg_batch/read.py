@@ -398,6 +398,11 @@ NM_PER_UNIT = {"nm": 1.0, "um": 1000.0, "µm": 1000.0, "\u03bcm": 1000.0, "micro
                "mm": 1e6, "cm": 1e7, "m": 1e9, "Å": 0.1, "\u212b": 0.1, "pm": 1e-3}  # µ: the micro sign or Greek mu
 
 
+# X/YResolution tags (no ImageJ unit) that give pixels larger than this are the dpi image programs write by default
+# (72, 96, 300 dpi: 353, 265, 85 um), not a microscope's pixel size
+MAX_TAG_PIXEL_NM = 20_000.0
+
+
 def _tiff_pixel_size(tf, index: int = 0) -> tuple[float | None, float, float] | None:
     """(z, y, x) in nm of image (series) ``index`` from OME-XML (PhysicalSize*), else the X/YResolution tags and
     ImageJ's unit and spacing; z is None where not recorded."""
@@ -412,11 +417,14 @@ def _tiff_pixel_size(tf, index: int = 0) -> tuple[float | None, float, float] | 
     ij = tf.imagej_metadata or {}
     unit = str(ij.get("unit", "")).replace("\\u00B5", "u").replace("µ", "u")
     nm_per_unit = NM_PER_UNIT.get(unit)
-    if nm_per_unit is None and "ResolutionUnit" in tags:
+    from_tags = nm_per_unit is None
+    if from_tags and "ResolutionUnit" in tags:
         nm_per_unit = {2: 2.54e7, 3: 1e7}.get(int(tags["ResolutionUnit"].value))  # per inch, per cm
     if not nm_per_unit or not num:
         return None
     xy = nm_per_unit * den / num
+    if from_tags and xy > MAX_TAG_PIXEL_NM:  # a print or screen resolution (72 dpi: 352,778 nm), not a pixel size
+        return None
     z = float(ij["spacing"]) * nm_per_unit if "spacing" in ij and ij.get("unit") else None
     return (z, xy, xy)
 
@@ -1031,7 +1039,7 @@ def sequence_files(path: str) -> list[Path] | None:
     kinds = sorted({".tif" if f.suffix.lower() == ".tiff" else f.suffix.lower() for f in files})
     if len(kinds) > 1 or kinds[0] not in SEQUENCE_SUFFIXES:
         raise UserError(f"{path} holds {', '.join(kinds)} files; an image sequence is one kind of 2D image (.tif or "
-                        ".png): move the others out or give a pattern such as {p / '*.tif'}")  # fmt: skip
+                        f".png): move the others out or give a pattern such as {p / '*.tif'}")  # fmt: skip
     return sorted(files, key=lambda f: _natural_key(f.name))
 
 

@@ -759,3 +759,14 @@ def test_a_class_map_may_name_the_background(tmp_path):
     path.write_text(json.dumps({"0": "background"}))
     with pytest.raises(UserError, match="names only the background"):
         read_class_map(str(path))
+
+
+@pytest.mark.parametrize("resolution,unit,expected", [
+    ((72, 72), "INCH", None),  # what image programs write by default: no pixel size at all
+    ((300, 300), "INCH", None),
+    ((1e6, 1e6), "CENTIMETER", 10.0),  # 10 nm pixels given in the tags: kept
+])  # fmt: skip
+def test_a_print_resolution_in_the_tiff_tags_is_not_a_pixel_size(tmp_path, resolution, unit, expected):
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((2, 32, 32), np.uint8), resolution=resolution, resolutionunit=unit)
+    size = open_volume(tmp_path / "v.tif").pixel_size_nm
+    assert size is None if expected is None else size == pytest.approx((None, expected, expected))

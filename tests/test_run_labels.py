@@ -406,3 +406,16 @@ def test_a_label_stack_edited_between_runs_is_predicted_again(tmp_path, stack):
             "--tile", 64, "--overlap", 16, "--out", out, "--no-progress", "--no-image", "--keep-tiles", "--overwrite")  # fmt: skip
         assert_same_instances(labels_of(out, "cell"), lab)
     assert json.loads((out / "cellseg" / "report.json").read_text())["mode"] == "fresh"
+
+
+def test_a_warning_about_the_volume_reaches_the_terminal_not_only_the_report(tmp_path):
+    """A volume whose file records its pixel size in X and Y but not its z spacing: the run says so as it starts."""
+    labels = np.zeros((3, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "v.tif", labels, photometric="minisblack", resolution=(1e6, 1e6),
+                     resolutionunit="CENTIMETER")  # 10 nm pixels
+    done = cli("run", tmp_path / "v.tif", "--predictor", "labels", "--labels", tmp_path / "v.tif", "--classes", "cell",
+               "--no-progress", "--out", tmp_path / "out.zarr")  # fmt: skip
+    said = "the volume does not record its z spacing; pass --pixel-size Z,Y,X"
+    assert said in done.stderr
+    assert said in json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())["warnings"]

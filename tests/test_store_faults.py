@@ -153,6 +153,23 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_
     assert not lock_path(out).exists()
 
 
+def test_a_work_dir_another_run_is_using_is_refused_and_left_as_it_is(tmp_path, zarr_volume):
+    """One --work-dir given to two runs (one scratch folder for a lab's jobs): the second is refused before it
+    reads or deletes anything of the first's."""
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    (shared / "run.json").write_text('{"first": 1}')
+    holder = _holder(shared)  # the first run, holding the work dir
+    try:
+        second = cli_subprocess(*_labels_run(zarr_volume, tmp_path / "o.zarr", "--work-dir", shared), check=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"another run (pid {holder.pid} on {socket.gethostname()}" in second.stderr and str(shared) in second.stderr
+    assert (shared / "run.json").read_text() == '{"first": 1}'
+
+
 def test_a_lock_recorded_by_another_host_is_refused_with_the_way_out(tmp_path):
     lock_path(tmp_path / "o.zarr").write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "then"}))
     with pytest.raises(Exception, match=r"node-17.*delete .*o\.zarr\.lock"):

@@ -178,12 +178,14 @@ class Run:
                 return None
             if size[0] is None:
                 self.warnings.append("the volume does not record its z spacing; pass --pixel-size Z,Y,X")
+                log.warning(self.warnings[-1])
                 size = (size[1], size[1], size[2])
         if model and abs(size[2] - model[2]) > 0.1 * model[2] and not self.cfg.rescale:
             self.warnings.append(
                 f"the volume's pixel size ({size[2]:g} nm) differs from the model's ({model[2]:g} nm); tiles are not "
                 "resized: pass --rescale to resize them to the model's pixel size"
             )
+            log.warning(self.warnings[-1])
         return size
 
     def _zoom(self) -> tuple[float, float]:
@@ -204,6 +206,7 @@ class Run:
         if min(zoom) > 1.1:  # measured on synthetic EM: shrinking helped, enlarging did not (benchmarks/REPORT.md)
             self.warnings.append(f"--rescale enlarges tiles {min(zoom):.2g}x to the model's pixel size, which adds "
                                  "no detail; compare with a run without it")  # fmt: skip
+            log.warning(self.warnings[-1])
         return zoom
 
     def _timed(self, name: str, fn, *args):
@@ -243,6 +246,7 @@ class Run:
         previous = self.store.read_run()
         if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
             self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
+            log.warning(self.warnings[-1])
             self.store.reset(keep_predictions=False)
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
@@ -301,7 +305,12 @@ class Run:
         mode = None  # known once the earlier run's leftovers are settled
         lock = OutputLock(cfg.out)
         lock.acquire()  # before anything of the output is read or written: one writer at a time
+        # a --work-dir two runs were given (one scratch folder for a lab's jobs) has one user at a time too: a second
+        # run would take the first's predictions as its own, and the first that ends deletes the folder
+        work_lock = OutputLock(self.store.root) if cfg.work_dir else None
         try:
+            if work_lock is not None:
+                work_lock.acquire()
             # Ray starts (seconds) while the plan is settled and the normalization sampled, not after; on a fresh
             # run the actors start as soon as Ray is up, loading their model while the driver is still at it
             fresh = self.store.read_run() is None
@@ -323,11 +332,14 @@ class Run:
                 self.output.remove()
                 self.store.reset(keep_predictions=False)
             raise
+        else:
+            if not cfg.keep_tiles:  # while its lock is held: the next run to take it finds it gone, not half gone
+                self.store.reset(keep_predictions=False)
         finally:
             distribute.stop()
+            if work_lock is not None:
+                work_lock.release()
             lock.release()
-        if not cfg.keep_tiles:
-            self.store.reset(keep_predictions=False)
         return report
 
     def _repairing(self, mode: str, t_start: float) -> dict:
