@@ -117,7 +117,7 @@ def _convert(args) -> int:
             check_label_stack(layer)
     z0, z1 = parse_slices(args.slices, volume.shape[0])
     paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
-                           val_fraction=args.val_fraction, polygons=polygons)  # fmt: skip
+                           val_fraction=args.val_fraction, polygons=polygons, overwrite=args.overwrite)  # fmt: skip
     for name, p in paths.items():
         print(f"  {name:7s} {p}")
     return 0
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--slices", help="START:STOP")
         sp.add_argument("--every", type=int, default=1, help="use every Nth slice")
         sp.add_argument("--val-fraction", type=float, default=0.0, help="share of slices written to val.json")
+        sp.add_argument("--overwrite", action="store_true", help="replace the COCO set --out already holds")
         sp.set_defaults(func=_convert)
 
     m = sub.add_parser("demo", help="synthesize, train, run and evaluate on synthetic EM (CPU, minutes)")

@@ -406,17 +406,31 @@ def mask_polygons(mask: np.ndarray) -> list[list[float]]:
 
 
 def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: range | None = None,
-                   val_fraction: float = 0.0, polygons: bool = False, min_area: int = 1) -> dict[str, Path]:  # fmt: skip
+                   val_fraction: float = 0.0, polygons: bool = False, min_area: int = 1,
+                   overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
     """Cut a volume and its label layers into image tiles plus COCO files (train.json, and val.json when
     ``val_fraction`` > 0: whole slices, evenly spaced, go to validation).
 
     One annotation per instance id per tile, of the class its layer gives it; masks as RLE, or polygons for
     tools that edit them. Tiles are written in the volume's own dtype (PNG for 8/16-bit, TIFF otherwise), so
-    training normalizes them exactly as ``run`` normalizes the volume."""
+    training normalizes them exactly as ``run`` normalizes the volume. A folder that already holds a COCO set is
+    refused without ``overwrite``, which removes it first: a set written over another would keep its stale images
+    and val.json (validation images that are also training images)."""
+    import shutil
+
     from PIL import Image
 
     out = Path(out)
     img_dir = out / "images"
+    held = [p for p in (img_dir, out / "train.json", out / "val.json") if p.exists()]
+    if held and not overwrite:
+        raise UserError(f"{out} already holds a COCO set ({', '.join(p.name for p in held)}); pass --overwrite to "
+                        "replace it, or choose another --out")  # fmt: skip
+    for p in held:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     img_dir.mkdir(parents=True, exist_ok=True)
     names = [n for layer in layers for n in layer.class_names]
     nz, ny, nx = volume.shape

@@ -45,7 +45,7 @@ def demo(out: str | Path, iterations: int = 720, overwrite: bool = True) -> dict
     train_data = step("synthesize training volume", lambda: write_synthetic(out / "train", TRAIN_SHAPE, seed=1, overwrite=overwrite))
     coco = step("convert its labels to COCO", lambda: labels_to_coco(
         open_volume(train_data["volume"]), ngff_label_layers(str(train_data["truth"])), out / "coco", tile=TILE,
-        val_fraction=1 / 6))  # fmt: skip
+        val_fraction=1 / 6, overwrite=overwrite))  # fmt: skip
     model = out / "model"
     if model.exists() and overwrite:
         import shutil

@@ -100,3 +100,26 @@ def test_polygons_give_back_exactly_the_mask(tmp_path):
     for name, mask in shapes.items():
         back = mask_util.decode(mask_util.merge(mask_util.frPyObjects(mask_polygons(mask), 64, 64))).astype(bool)
         assert (back == ndimage.binary_fill_holes(mask)).all(), name
+
+
+def test_convert_into_a_folder_holding_a_coco_set_is_refused_and_overwrite_leaves_no_stale_file(tmp_path, capsys):
+    """A second conversion into the same --out (fewer slices, no validation share) would have left the first's
+    val.json and images beside the new train.json: its validation images were also training images."""
+    import tifffile
+
+    from cellseg_batch import cli as command
+
+    labels = np.zeros((4, 64, 64), np.uint16)
+    labels[:, 8:24, 8:24] = 1
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "vol.tif", np.where(labels > 0, 200, 30).astype(np.uint8), photometric="minisblack")
+    argv = ["convert", "labels-to-coco", tmp_path / "lab.tif", tmp_path / "vol.tif", "--classes", "cell", "--tile", 0,
+            "--out", tmp_path / "coco"]  # fmt: skip
+    assert command.main([*argv, "--val-fraction", 0.5]) == 0
+    assert (tmp_path / "coco" / "val.json").exists() and len(list((tmp_path / "coco" / "images").iterdir())) == 4
+    capsys.readouterr()
+    assert command.main([*argv, "--slices", "0:2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a COCO set" in err[0] and "--overwrite" in err[0]
+    assert command.main([*argv, "--slices", "0:2", "--overwrite"]) == 0
+    assert not (tmp_path / "coco" / "val.json").exists() and len(list((tmp_path / "coco" / "images").iterdir())) == 2
