@@ -334,8 +334,10 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    command = None
     try:
         args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+        command = args.command
         logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                             format="%(levelname)s %(message)s")  # fmt: skip
         logging.getLogger("cellseg_batch").setLevel(logging.INFO)
@@ -345,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cellseg-batch: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("cellseg-batch: interrupted; run the same command again to resume", file=sys.stderr)
+        resumes = command == "run"  # the others start over
+        print("cellseg-batch: interrupted" + ("; run the same command again to resume" if resumes else ""),
+              file=sys.stderr)  # fmt: skip
         return 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

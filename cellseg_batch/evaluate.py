@@ -131,13 +131,16 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present), or another
     tool's 3D label stack with ``pred_classes``, scored by its own ids (its objects as that tool made them); GT an
     OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
-    from .read import class_volumes, ngff_label_layers, open_label_layers
+    from .read import check_label_stack, class_volumes, ngff_label_layers, open_label_layers
 
     if not pred_classes and ngff_label_layers(pred) is None:
         raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output, or give the "
                         "classes of another tool's label stack with --pred-classes")  # fmt: skip
-    pred_sets = class_volumes(open_label_layers([pred], [pred_classes] if pred_classes else []))
-    gt_sets = class_volumes(open_label_layers([gt], [gt_classes] if gt_classes else []))
+    pred_layers = open_label_layers([pred], [pred_classes] if pred_classes else [])
+    gt_layers = open_label_layers([gt], [gt_classes] if gt_classes else [])
+    for layer in (*pred_layers, *gt_layers):  # a background of -1 or 65535 would be scored as an object
+        check_label_stack(layer, instances=False)
+    pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None
     zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None

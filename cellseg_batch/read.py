@@ -1357,14 +1357,15 @@ def read_class_map(spec: str) -> str | dict[int, str]:
 BACKGROUND_NAMES = {"background", "bg", "back", "none", "unlabeled", "unlabelled", "ignore", "void", "empty"}
 
 
-def check_label_stack(layer: LabelLayer, side: int = 1024) -> None:
+def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = True) -> None:
     """Refuse, when a run (or a conversion) starts, a label stack that is not 2D instance ids: negative ids, ids its
     class map lacks, a background other than 0 (``refuse_*`` below), and a semantic mask: an id in many separate
     pieces in a slice (a pixel classifier's binary output). Each id of a tile is one 2D instance (pieces of one object
     that a tile window cuts apart, joined outside it, must stay one), so a mask's pieces would be one instance per
     tile and the objects would depend on the tile size. Checked in the central ``side`` px of the first, middle and
     last slices (by ``run --predictor labels`` and ``convert labels-to-coco``, whose annotations would be such pieces
-    too)."""
+    too). ``instances`` False (``eval``'s 3D labels, whose objects may lie in several pieces of a slice): only the
+    background checks."""
     import cc3d
 
     nz, h, w = layer.volume.shape
@@ -1372,6 +1373,9 @@ def check_label_stack(layer: LabelLayer, side: int = 1024) -> None:
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
         refuse_other_background(layer, ids, z)
+        if not instances:
+            refuse_top_background(layer, ids, z)
+            continue
         refuse_unmapped(layer, ids, z)
         if not ids.any():
             continue

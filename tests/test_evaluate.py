@@ -380,3 +380,23 @@ def test_another_tools_3d_segmentation_is_scored_by_its_own_ids(tmp_path):
     assert (r["n_pred"], r["n_gt"], r["f1@0.5"]) == (3, 3, 1.0)
     refused = cli("eval", tmp_path / "other.tif", tmp_path / "truth.tif", "--gt-classes", "mito", check=False)
     assert refused.returncode == 2 and "--pred-classes" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("background", [-1, 65535])
+def test_eval_refuses_ground_truth_whose_background_is_not_0(tmp_path, background):
+    """A truth stack with background -1 (int32) or 65535 (uint16), as `run --labels` refuses it: scored, the
+    background would be one more true object in every slice."""
+    import tifffile
+
+    from conftest import cli
+
+    pred = np.zeros((3, 64, 64), np.uint16)
+    pred[:, 8:24, 8:24] = 1
+    truth = np.where(pred > 0, 1, background).astype(np.int32 if background < 0 else np.uint16)
+    tifffile.imwrite(tmp_path / "pred.tif", pred, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
+    done = cli("eval", tmp_path / "pred.tif", tmp_path / "truth.tif", "--pred-classes", "cell", "--gt-classes", "cell",
+               check=False)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "truth.tif" in done.stderr and "set it to 0 first" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
