@@ -114,6 +114,17 @@ def test_decide_refuses_what_it_must_not_touch(status, prev, overwrite, message)
         decide(status, True, prev, "P", "Q", overwrite, "o")
 
 
+def test_a_refused_resume_names_the_options_that_changed_or_says_an_input_changed():
+    from cellseg_batch.run.job import changed_settings
+
+    before = {"config": {"tile": 64, "link_gap": "2", "num_cpus": 2, "volume": "v.tif"}}
+    assert changed_settings(before, {"tile": 128, "link_gap": "2", "num_cpus": 4, "volume": "v.tif"}) == "--tile 64 -> 128"
+    assert "an input file was rewritten" in changed_settings(before, {**before["config"], "num_cpus": 8})
+    with pytest.raises(UserError, match=r"other settings \(--tile 64 -> 128\)"):
+        decide("incomplete", True, {"predict_fp": "P", "post_fp": "Q", **NOW}, "P2", "Q2", False, "o",
+               changed_settings(before, {**before["config"], "tile": 128}))
+
+
 @pytest.mark.parametrize("made_with", [{"post_rules": POST_RULES - 1}, {}])  # older rules; a run.json before versions
 def test_an_unfinished_run_of_older_linking_rules_keeps_its_predictions_and_redoes_the_rest(made_with):
     prev = {"predict_fp": "P", "post_fp": "Q", **made_with}

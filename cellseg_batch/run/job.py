@@ -73,8 +73,23 @@ def made_by(previous: dict, key: str) -> int:
     return previous.get(key, VERSIONS_BEFORE_RECORDED[key])
 
 
+# options that decide how a run goes, not what it computes: no fingerprint holds them
+RUN_MECHANICS = frozenset({"overwrite", "progress", "verbose", "address", "num_cpus", "num_gpus", "actors",
+                           "cpus_per_actor", "batch_size", "keep_tiles", "work_dir", "export_tiff"})
+
+
+def changed_settings(previous: dict | None, config: dict) -> str:
+    """What differs between an earlier run's recorded configuration and this one's, as options (for the message of
+    a refused resume); where no option differs, an input was rewritten since (its identity is in the fingerprint)."""
+    before = (previous or {}).get("config") or {}
+    keys = [k for k in config if k in before and before[k] != config[k] and k not in RUN_MECHANICS]
+    if not keys:
+        return "the same options, but an input file was rewritten since"
+    return ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {config[k]!r}" for k in keys[:4])
+
+
 def decide(output_status: str | None, output_exists: bool, previous: dict | None, predict_fp: str, post_fp: str,
-           overwrite: bool, out: str) -> Decision:  # fmt: skip
+           overwrite: bool, out: str, changed: str = "") -> Decision:  # fmt: skip
     """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours)."""
     resume = False
     if output_exists:
@@ -92,8 +107,8 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
                     "read; finish it with that version, or pass --overwrite to start over"
                 )
             raise UserError(
-                f"{out} holds an unfinished run with other settings; rerun it with its own settings to resume, or "
-                "pass --overwrite to start over"
+                f"{out} holds an unfinished run with other settings{f' ({changed})' if changed else ''}; rerun it "
+                "with its own settings to resume, or pass --overwrite to start over"
             )
         # same settings, other stitching or linking rules (a newer cellseg-batch): predictions kept, the rest redone
     keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
@@ -250,7 +265,7 @@ class Run:
             self.store.reset(keep_predictions=False)
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
-                          cfg.overwrite, cfg.out)  # fmt: skip
+                          cfg.overwrite, cfg.out, changed_settings(previous, json.loads(json.dumps(asdict(cfg)))))  # fmt: skip
         if decision.remove_output:
             out.remove()
         if decision.forget:
