@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from cellseg_batch.errors import UserError
-from cellseg_batch.evaluate import _n_matched, _slice_rles, evaluate, format_table, load_scores
+from cellseg_batch.evaluate import _MaskAP, _n_matched, evaluate, format_table, load_scores
 from cellseg_batch.read import ArrayVolume
 
 SHAPE = (10, 64, 64)
@@ -105,32 +105,29 @@ def test_metrics_agree_with_whole_array_references():
     assert r["ap"] == pytest.approx(coco_ap(pred, gt, scores))
 
 
-def coco_ap(pred, gt, scores) -> float:
-    """AP of one standard COCOeval over all slices at once (masks encoded by pycocotools itself; its default
-    maxDets of 100 per slice is plenty here)."""
-    images = [{"id": z, "height": SHAPE[1], "width": SHAPE[2]} for z in range(SHAPE[0])]
-
-    def anns(lab, scored):
-        out = []
-        for z in range(SHAPE[0]):
-            for i in np.unique(lab[z])[1:]:
-                m = np.asfortranarray((lab[z] == i).astype(np.uint8))
-                ann = {
-                    "id": len(out) + 1,
-                    "image_id": z,
-                    "category_id": 1,
-                    "segmentation": mask_utils.encode(m),
-                    "area": int(m.sum()),
-                    "iscrowd": 0,
-                }
-                out.append(ann | ({"score": scores[int(i)]} if scored else {}))
-        c = COCO()
-        c.dataset = {"images": images, "categories": [{"id": 1}], "annotations": out}
-        c.createIndex()
-        return c
-
+def coco_set(lab: np.ndarray, zs, scores: dict | None = None, label_ids: bool = False) -> COCO:
+    """Slices ``zs`` of a label stack as a COCO set, each slice an image, masks encoded by pycocotools itself.
+    Annotation ids count up, or are the label ids (``label_ids``: one slice only, as ids must be unique)."""
+    anns = []
+    for z in zs:
+        for i in np.setdiff1d(lab[z], [0]):
+            m = np.asfortranarray((lab[z] == i).astype(np.uint8))
+            ann = {"id": int(i) if label_ids else len(anns) + 1, "image_id": z, "category_id": 1,
+                   "segmentation": mask_utils.encode(m), "area": int(m.sum()), "iscrowd": 0}  # fmt: skip
+            anns.append(ann | ({} if scores is None else {"score": scores[int(i)]}))
+    c = COCO()
+    images = [{"id": z, "height": lab.shape[1], "width": lab.shape[2]} for z in zs]
+    c.dataset = {"images": images, "categories": [{"id": 1}], "annotations": anns}
     with contextlib.redirect_stdout(io.StringIO()):
-        e = COCOeval(anns(gt, False), anns(pred, True), "segm")
+        c.createIndex()
+    return c
+
+
+def coco_ap(pred, gt, scores) -> float:
+    """AP of one standard COCOeval over all slices at once (its default maxDets of 100 per slice is plenty here)."""
+    zs = range(len(gt))
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(coco_set(gt, zs), coco_set(pred, zs, scores), "segm")
         e.evaluate()
         e.accumulate()
         e.summarize()
@@ -146,14 +143,54 @@ def test_ap_counts_every_instance_of_a_crowded_slice():
     assert r["ap"] == 1.0
 
 
-def test_rles_match_pycocotools_encode():
-    lab = np.random.default_rng(2).integers(0, 6, (13, 11)).astype(np.uint64)
-    lab[0, 0], lab[-1, -1] = 3, 5  # runs touching the first and last pixel
-    rles = _slice_rles(lab)
-    assert sorted(rles) == [1, 2, 3, 4, 5]
-    for i, (rle, area) in rles.items():
-        expected = mask_utils.encode(np.asfortranarray((lab == i).astype(np.uint8)))
-        assert rle == expected and area == int((lab == i).sum())
+def coco_records(pred: np.ndarray, gt: np.ndarray, scores: dict) -> list[dict]:
+    """COCOeval's own per-slice match records, every detection kept, annotation ids = label ids."""
+    out = []
+    for z in range(len(gt)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            e = COCOeval(coco_set(gt, [z], label_ids=True), coco_set(pred, [z], scores, label_ids=True), "segm")
+            e.params = _MaskAP.params([z])
+            e.evaluate()
+        out.extend(r for r in e.evalImgs if r is not None)
+    return out
+
+
+def test_ap_match_records_are_cocoevals_own():
+    """The sparse matching gives COCOeval.evaluateImg's records exactly: ties in score (load order), an exact IoU
+    tie at 0.5 (the later gt wins), splits, merges, shifts, misses and false positives; and the same AP."""
+    rng = np.random.default_rng(7)
+    coarse = rng.integers(0, 9, (6, 6, 6))
+    coarse[coarse > 6] = 0
+    gt = np.kron(coarse, np.ones((1, 5, 5), np.int64)).astype(np.uint16)
+    for z in range(len(gt)):
+        gt[z][gt[z] > 0] += 10 * z  # each slice its own ids
+    pred = np.roll(gt, 2, axis=2) * 3  # shifted, other ids
+    pred[1][pred[1] == pred[1].max()] = 0  # a miss
+    pred[2, :4, :4] = 999  # a false positive over parts of several objects
+    pred[3, :, 15:][pred[3, :, 15:] > 0] += 1  # splits
+    # an exact tie at IoU 0.5: one 4-pixel detection holds two 2-pixel gt objects whole
+    gt[5], pred[5] = 0, 0
+    gt[5, 0, 0:2], gt[5, 0, 2:4], pred[5, 0, 0:4] = 1, 2, 7
+    ids = np.unique(pred)[1:]
+    scores = {int(i): float(rng.choice([0.3, 0.6, 0.9])) for i in ids}  # few values: many ties
+    ap = _MaskAP(scores)
+    for z in range(len(gt)):
+        ap.add(z, pred[z], gt[z])
+    expected = coco_records(pred, gt, scores)
+    assert len(ap.records) == len(expected) == len(gt)
+    for mine, theirs in zip(ap.records, expected):
+        for key in ("dtIds", "gtIds", "dtScores"):
+            assert list(mine[key]) == list(theirs[key]), key
+        for key in ("dtMatches", "gtMatches", "dtIgnore", "gtIgnore"):
+            np.testing.assert_array_equal(np.asarray(mine[key], float), np.asarray(theirs[key], float), key)
+    assert expected[-1]["dtMatches"][0].tolist() == [2.0]  # the tie went to the later gt, in both
+    reference = COCOeval(iouType="segm")
+    reference.params = _MaskAP.params(list(range(len(gt))))
+    reference._paramsEval, reference.evalImgs = reference.params, expected
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference.accumulate()
+    precision = reference.eval["precision"][:, :, 0, 0, -1]
+    assert ap.result()["ap"] == pytest.approx(float(precision[precision > -1].mean()))
 
 
 def test_scores_rank_false_positives():
