@@ -258,30 +258,45 @@ def mask_cuts(record: dict) -> list[MaskCut]:
             mask, origin = mask_util.decode(mask_util.merge(mask_util.frPyObjects(moved, *frame.shape))) > 0, frame
         else:
             mask, origin = mask_util.decode(segm) > 0, Box(0, h, 0, w)
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        if not len(ys):
-            continue
-        box = Box(origin.y0 + int(ys[0]), origin.y0 + int(ys[-1]) + 1, origin.x0 + int(xs[0]), origin.x0 + int(xs[-1]) + 1)
-        cuts.append(MaskCut(a["category_id"], box, mask[box.relative_to(origin)]))
+        cut = _cut_to_pixels(a["category_id"], mask, origin)
+        if cut is not None:
+            cuts.append(cut)
     return cuts
 
 
-def window_annotations(cuts: list[MaskCut], window: Box) -> list[dict]:
-    """The annotations of one window of an image, in the window's coordinates: the part of each mask inside it, as
-    RLE with its box; a mask with no pixel inside is left out."""
+def _cut_to_pixels(category_id: int, mask: np.ndarray, origin: Box) -> MaskCut | None:
+    """A mask lying at ``origin``, cut to the box of its pixels (None: it has none)."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(ys):
+        return None
+    box = Box(origin.y0 + int(ys[0]), origin.y0 + int(ys[-1]) + 1, origin.x0 + int(xs[0]), origin.x0 + int(xs[-1]) + 1)
+    return MaskCut(category_id, box, mask[box.relative_to(origin)])
+
+
+def window_parts(cuts: list[MaskCut], window: Box) -> list[MaskCut]:
+    """The masks of one window of an image: the part of each inside it, cut to its pixels, its box in the window's
+    coordinates; a mask with no pixel inside is left out."""
     out = []
     for cut in cuts:
         inside = cut.box.intersect(window)
         if inside is None:
             continue
-        part = cut.mask[inside.relative_to(cut.box)]
-        if not part.any():
-            continue
+        at = Box(inside.y0 - window.y0, inside.y1 - window.y0, inside.x0 - window.x0, inside.x1 - window.x0)
+        part = _cut_to_pixels(cut.category_id, cut.mask[inside.relative_to(cut.box)], at)
+        if part is not None:
+            out.append(part)
+    return out
+
+
+def window_annotations(cuts: list[MaskCut], window: Box) -> list[dict]:
+    """The annotations of one window of an image (``window_parts``) as COCO annotations: RLE and box."""
+    out = []
+    for part in window_parts(cuts, window):
         mask = np.zeros(window.shape, np.uint8, order="F")
-        mask[inside.relative_to(window)] = part
-        rle = mask_util.encode(mask)
-        out.append({"bbox": [float(v) for v in mask_util.toBbox(rle)], "bbox_mode": 1, "segmentation": rle,
-                    "category_id": cut.category_id, "iscrowd": 0})  # fmt: skip
+        mask[part.box.y0 : part.box.y1, part.box.x0 : part.box.x1] = part.mask
+        box = [float(v) for v in (part.box.x0, part.box.y0, part.box.x1 - part.box.x0, part.box.y1 - part.box.y0)]
+        out.append({"bbox": box, "bbox_mode": 1, "segmentation": mask_util.encode(mask),
+                    "category_id": part.category_id, "iscrowd": 0})  # fmt: skip
     return out
 
 

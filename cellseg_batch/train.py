@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .coco import CocoSet, load_coco, mask_cuts, read_grey, window_annotations, window_records
+from .coco import CocoSet, MaskCut, load_coco, mask_cuts, read_grey, window_parts, window_records
 from .config import check_options, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
@@ -159,19 +159,20 @@ class EMDatasetMapper:
         self._cuts: dict = {}  # image id -> its masks cut to their boxes (``coco.mask_cuts``)
         self._images: dict[str, np.ndarray] = {}  # file -> decoded image, oldest first, IMAGE_CACHE_BYTES at most
 
-    def window(self, record: dict) -> tuple[Box | None, list[dict]]:
-        """The part of the image this sample is (None: all of it) and its annotations."""
+    def window(self, record: dict) -> tuple[Box | None, list[MaskCut] | None]:
+        """The part of the image this sample is (None: all of it), and, for a random training window, the masks
+        inside it (``coco.window_parts``; None: the record's annotations are the sample's)."""
         if "window" in record:
-            return Box(*record["window"]), record["annotations"]
+            return Box(*record["window"]), None
         h, w = record["height"], record["width"]
         if not (self.is_train and self.crop and max(h, w) > self.crop):
-            return None, record["annotations"]
+            return None, None
         ch, cw = min(self.crop, h), min(self.crop, w)
         y0, x0 = np.random.randint(0, h - ch + 1), np.random.randint(0, w - cw + 1)  # detectron2 seeds numpy
         window = Box(int(y0), int(y0) + ch, int(x0), int(x0) + cw)
         if record["image_id"] not in self._cuts:
             self._cuts[record["image_id"]] = mask_cuts(record)
-        return window, window_annotations(self._cuts[record["image_id"]], window)
+        return window, window_parts(self._cuts[record["image_id"]], window)
 
     def _read(self, path: str, whole: bool) -> np.ndarray:
         """An image file, decoded once where it is cropped (``whole`` False) and then kept while there is room."""
@@ -189,7 +190,7 @@ class EMDatasetMapper:
         from detectron2.data import detection_utils as utils
         from detectron2.data import transforms as T
 
-        window, annotations = self.window(record)
+        window, parts = self.window(record)
         image = self._read(record["file_name"], whole=window is None)
         if window is not None:
             image = image[window.y0 : window.y1, window.x0 : window.x1]
@@ -201,12 +202,38 @@ class EMDatasetMapper:
         out = {k: record[k] for k in ("file_name", "image_id")}
         out["height"], out["width"] = image.shape[:2]
         out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
-        if self.is_train:
+        if self.is_train and parts is not None:
+            out["instances"] = instances_of_parts(parts, window.shape, transforms, image.shape[:2])
+        elif self.is_train:
             annos = [utils.transform_instance_annotations(dict(a), transforms, image.shape[:2])
-                     for a in annotations if not a.get("iscrowd", 0)]  # fmt: skip
+                     for a in record["annotations"] if not a.get("iscrowd", 0)]  # fmt: skip
             instances = utils.annotations_to_instances(annos, image.shape[:2], mask_format="bitmask")
             out["instances"] = utils.filter_empty_instances(instances)
         return out
+
+
+def instances_of_parts(parts: list[MaskCut], window_shape: tuple[int, int], transforms, image_shape: tuple[int, int]):
+    """A training window's masks (``coco.window_parts``) after the sample's transforms, as detectron2 ``Instances``:
+    what ``annotations_to_instances`` makes of the same masks as RLE annotations, without encoding each mask to RLE
+    and decoding it again (~0.8 s a sample for ~90 masks in a 1024 px window, against ~0.2 s)."""
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    masks = np.zeros((len(parts), *image_shape), bool)
+    boxes = np.zeros((len(parts), 4))
+    window = np.zeros(window_shape, bool)
+    for k, part in enumerate(parts):
+        window[part.box.y0 : part.box.y1, part.box.x0 : part.box.x1] = part.mask
+        masks[k] = transforms.apply_segmentation(window)  # one mask at a time: faster than all as an image's channels
+        window[part.box.y0 : part.box.y1, part.box.x0 : part.box.x1] = False
+        boxes[k] = part.box.x0, part.box.y0, part.box.x1, part.box.y1
+    if parts:  # clipped to the image, as transform_instance_annotations clips them (Boxes stores float32)
+        boxes = np.minimum(transforms.apply_box(boxes).clip(min=0), [*image_shape[::-1], *image_shape[::-1]])
+    out = Instances(image_shape)
+    out.gt_boxes = Boxes(boxes)
+    out.gt_classes = torch.tensor([p.category_id for p in parts], dtype=torch.int64)
+    out.gt_masks = BitMasks(torch.from_numpy(masks))
+    return out
 
 
 def register(name: str, dataset: CocoSet) -> None:

@@ -438,12 +438,11 @@ def test_a_training_image_larger_than_the_crop_is_a_random_window_with_its_masks
     seen = set()
     for seed in range(6):
         np.random.seed(seed)
-        window, annotations = mapper.window(record)
+        window, parts = mapper.window(record)
         seen.add(window)
         assert window.shape == (128, 128) and 0 <= window.y0 <= 172 and 0 <= window.x0 <= 132
         inside = [m[window.y0 : window.y1, window.x0 : window.x1] for m in masks]
-        assert sorted(int(mask_util.area(a["segmentation"])) for a in annotations) == sorted(
-            int(m.sum()) for m in inside if m.any())
+        assert sorted(int(p.mask.sum()) for p in parts) == sorted(int(m.sum()) for m in inside if m.any())
         np.random.seed(seed)
         sample = mapper(record)  # the same window: the crop is drawn first
         assert tuple(sample["image"].shape) == (3, 128, 128) and (sample["height"], sample["width"]) == (128, 128)
@@ -452,6 +451,42 @@ def test_a_training_image_larger_than_the_crop_is_a_random_window_with_its_masks
     assert len(seen) > 1
     whole = EMDatasetMapper(True, mapper.normalization, crop=0)(record)  # --crop 0: the whole image, as before
     assert sorted(whole["image"].shape[1:]) == [260, 300] and len(whole["instances"]) == len(masks)  # maybe transposed
+
+
+@pytest.mark.parametrize("crop", [128, 280])  # 280: a window of 280 x 260, not square, transposed in some samples
+def test_a_training_windows_instances_are_detectron2s_own_for_the_same_masks(crop):
+    """instances_of_parts (all masks transformed together, no RLE) gives what detectron2's
+    transform_instance_annotations and annotations_to_instances make of the same window's masks as RLE annotations:
+    the same boxes, classes and masks, for each of the flips and transposes the samples draw."""
+    from cellseg_batch.coco import mask_cuts, window_annotations
+    from cellseg_batch.d2compat import detectron2_ready
+    from cellseg_batch.normalize import ByPixelType, Normalization
+    from cellseg_batch.train import EMDatasetMapper, instances_of_parts
+
+    detectron2_ready()
+    import torch
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+
+    record, _ = _large_record(n=40, seed=3)
+    mapper = EMDatasetMapper(True, ByPixelType({"uint8": Normalization(0.0, 255.0, (0.0, 255.0))}), crop=crop)
+    cuts, drawn = mask_cuts(record), set()
+    for seed in range(12):
+        np.random.seed(seed)
+        window, parts = mapper.window(record)
+        aug = T.AugInput(np.zeros((*window.shape, 3), np.float32))
+        transforms = mapper.augmentations(aug)
+        drawn.add(tuple(type(t).__name__ for t in transforms if type(t).__name__ != "NoOpTransform"))
+        shape = aug.image.shape[:2]
+        mine = instances_of_parts(parts, window.shape, transforms, shape)
+        annos = [utils.transform_instance_annotations(dict(a), transforms, shape)
+                 for a in window_annotations(cuts, window)]  # fmt: skip
+        theirs = utils.filter_empty_instances(utils.annotations_to_instances(annos, shape, mask_format="bitmask"))
+        assert len(mine) == len(theirs) > 0 and mine.image_size == theirs.image_size
+        assert torch.equal(mine.gt_boxes.tensor, theirs.gt_boxes.tensor)
+        assert torch.equal(mine.gt_classes, theirs.gt_classes)
+        assert torch.equal(mine.gt_masks.tensor, theirs.gt_masks.tensor)
+    assert any("TransposeTransform" in d for d in drawn) and any("HFlipTransform" in d for d in drawn)
 
 
 def test_training_on_whole_annotated_slices_crops_them_and_the_model_runs_at_the_crop(tmp_path):
