@@ -284,7 +284,9 @@ class Output:
         info["status"] = "complete"
         root.attrs["cellseg_batch"] = info
 
-    def write_table(self, table: np.ndarray, classes: list[str]) -> Path:
+    def write_table(self, table: np.ndarray, classes: list[str], z_offset: int = 0) -> Path:
+        """The object table: box and centroid in the label arrays' voxels; first and last slice in the input
+        volume's numbering (``z_offset``: the first slice run, --slices' START)."""
         import pyarrow as pa
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
@@ -294,7 +296,7 @@ class Output:
             "score": table["score"], "voxels": table["voxels"],
             "z0": table["z0"], "y0": table["y0"], "x0": table["x0"], "z1": table["z1"], "y1": table["y1"],
             "x1": table["x1"], "centroid_z": table["cz"], "centroid_y": table["cy"], "centroid_x": table["cx"],
-            "first_slice": table["z0"], "last_slice": table["z1"] - 1,
+            "first_slice": table["z0"] + z_offset, "last_slice": table["z1"] - 1 + z_offset,
         }  # fmt: skip
         t = pa.table({k: pa.array(v, type=pa.string() if k == "class" else None) for k, v in columns.items()})
         self.meta_dir.mkdir(parents=True, exist_ok=True)
@@ -307,9 +309,10 @@ class Output:
         p.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return p
 
-    def export_tiff(self, max_id: int, max_bytes: float = 4e9) -> list[Path]:
-        """One BigTIFF per class (full resolution), slice by slice; refused for large volumes. uint32 where the
-        ids (1..max_id) fit, which most TIFF readers prefer to uint64."""
+    def export_tiff(self, max_id: int, pixel_size_nm=None, max_bytes: float = 4e9) -> list[Path]:
+        """One OME-TIFF (BigTIFF) per class (full resolution), slice by slice, with the pixel size where it is known
+        (OME's PhysicalSizeZ/Y/X: Fiji's Bio-Formats, tifffile and this tool read it); refused for large volumes.
+        uint32 where the ids (1..max_id) fit, which most TIFF readers prefer to uint64."""
         import tifffile
 
         info = self.info
@@ -323,8 +326,11 @@ class Output:
             dtype = np.uint32 if max_id < 2**32 else np.uint64
             path = self.meta_dir / f"labels_{name}.tif"
             slices = (np.asarray(arr[k]).astype(dtype) for k in range(z))  # one slice in memory at a time
+            metadata = {"axes": "ZYX"} | ({} if pixel_size_nm is None else {
+                f"PhysicalSize{axis}": float(v) for axis, v in zip("ZYX", pixel_size_nm)} | {
+                f"PhysicalSize{axis}Unit": "nm" for axis in "ZYX"})  # fmt: skip
             tifffile.imwrite(path, slices, shape=(z, y, x), dtype=dtype, bigtiff=True, compression="zlib",
-                             photometric="minisblack")  # fmt: skip
+                             photometric="minisblack", ome=True, metadata=metadata)  # fmt: skip
             paths.append(path)
         return paths
 

@@ -250,7 +250,14 @@ def test_tiff_export_and_object_table_match_the_labels(synth_small, tmp_path):
             assert row["voxels"] == len(zz)
             bbox = (zz.min(), yy.min(), xx.min(), zz.max() + 1, yy.max() + 1, xx.max() + 1)
             assert tuple(row[k] for k in ("z0", "y0", "x0", "z1", "y1", "x1")) == bbox
-            assert abs(row["centroid_y"] - yy.mean()) < 1e-6 and row["first_slice"] == zz.min()
+            assert abs(row["centroid_y"] - yy.mean()) < 1e-6
+            # the label arrays start at --slices' first slice (1); first/last slice number the input's slices
+            assert (row["first_slice"], row["last_slice"]) == (zz.min() + 1, zz.max() + 1)
+    from cellseg_batch.read import open_label_volume, open_volume
+
+    exported = open_label_volume(str(out / "cellseg" / f"labels_{CLASSES[0]}.tif"))
+    size = open_volume(str(synth_small["volume"])).pixel_size_nm
+    assert size is not None and exported.pixel_size_nm == pytest.approx(size)  # the export keeps the pixel size
 
 
 def test_a_run_without_address_starts_its_own_ray_whatever_names_another(tmp_path):

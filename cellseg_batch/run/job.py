@@ -479,7 +479,7 @@ class Run:
     def _finish(self, table, stats, mode: str, t_start: float, touching_per_slice: list[int],
                 pictures: list[str]) -> dict:  # fmt: skip
         out, cfg = self.output, self.cfg
-        out.write_table(table, self.classes)
+        out.write_table(table, self.classes, self.z0)
         touching = sum(touching_per_slice)
         voxels = int(np.prod(self.shape))
         predict_s = self.times.get("predict", 0.0)
@@ -542,7 +542,7 @@ class Run:
             "warnings": self.warnings,
         }  # fmt: skip
         if cfg.export_tiff:
-            report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table))]
+            report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table), pixel_size_nm=self.pixel_size)]
         out.write_report(report)
         write_html(out, report, pictures)
         with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
