@@ -426,3 +426,15 @@ def test_a_warning_about_the_volume_reaches_the_terminal_not_only_the_report(tmp
     said = "the volume does not record its z spacing; pass --pixel-size Z,Y,X"
     assert said in done.stderr
     assert said in json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())["warnings"]
+
+
+def test_options_the_predictor_does_not_use_are_named_not_silently_dropped(tmp_path):
+    """--score-threshold with the labels predictor (its labels have no scores) did nothing and said nothing."""
+    labels = np.zeros((2, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "v.tif", labels)
+    done = cli("run", tmp_path / "v.tif", "--predictor", "labels", "--labels", tmp_path / "v.tif", "--classes", "cell",
+               "--score-threshold", 0.9, "--normalization", "0,255", "--no-progress", "--out", tmp_path / "out.zarr")  # fmt: skip
+    said = "--score-threshold, --normalization ignored: the labels predictor does not use them"
+    assert said in done.stderr
+    assert said in json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())["warnings"]

@@ -9,10 +9,11 @@ from .base import (
     PredictorSpec,
     TileLabels,
     build_predictor,
+    given,
     paint_instances,
     register,
     resolve_predictor,
 )
 
-__all__ = ["PREDICTORS", "Plan", "Predictor", "PredictorSpec", "TileLabels", "build_predictor", "paint_instances",
+__all__ = ["PREDICTORS", "Plan", "Predictor", "PredictorSpec", "TileLabels", "build_predictor", "given", "paint_instances",
            "register", "resolve_predictor"]  # fmt: skip

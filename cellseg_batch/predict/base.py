@@ -62,6 +62,12 @@ class Plan:
     layer_of: tuple[int, ...] | None = None  # class -> its label layer, where classes exclude one another (TileLabels)
     uses_gpu: bool = False  # actors get one GPU each where the cluster has GPUs
     zoom: tuple[float, float] = (1.0, 1.0)  # (y, x) volume pixels -> model pixels (--rescale; ``Predictor.rescaled``)
+    ignored: tuple[str, ...] = ()  # options given that this predictor does not use (``given``): warned about
+
+
+def given(options, *flags: str) -> tuple[str, ...]:
+    """Those of ``flags`` (``--score-threshold``) that the run's options set: for ``Plan.ignored``."""
+    return tuple(f for f in flags if getattr(options, f.lstrip("-").replace("-", "_"), None))
 
 
 class Predictor(ABC):

@@ -28,6 +28,7 @@ from .base import (
     TileLabels,
     exclusive_groups,
     exclusive_layers,
+    given,
     paint_instances,
     register,
 )
@@ -123,6 +124,7 @@ class Detectron2Predictor(Predictor):
             identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
                       "config": model.config_path.read_text()},
             uses_gpu=True,
+            ignored=given(options, "--labels", "--classes"),
             layer_of=exclusive_layers(model.classes, exclusive),
         )
 

@@ -22,6 +22,7 @@ from .base import (
     TileLabels,
     exclusive_groups,
     exclusive_layers,
+    given,
     register,
 )
 
@@ -58,6 +59,7 @@ class LabelsPredictor(Predictor):
             overlap=options.overlap if options.overlap is not None else DEFAULT_OVERLAP,
             identity={"stacks": [[volume_identity(layer.volume), layer.classes] for layer in layers]},
             layer_of=layer_of,
+            ignored=given(options, "--model", "--score-threshold", "--amp"),
         )
 
 

@@ -32,7 +32,7 @@ from ..config import (
 from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
-from ..predict import Plan, resolve_predictor
+from ..predict import Plan, given, resolve_predictor
 from ..read import open_volume, volume_identity
 from ..report_html import gallery_pictures, gallery_slices, write_html
 from ..tiles import TileGrid
@@ -234,9 +234,10 @@ class Run:
     # -- resume / overwrite -------------------------------------------------------------------------------------
     def _prepare(self) -> str:
         cfg = self.cfg
-        ignored = [o for o, v in (("--normalization", cfg.normalization), ("--invert", cfg.invert)) if v]
-        if ignored and not self.plan.needs_image:
-            self.warnings.append(f"{' and '.join(ignored)} ignored: the {cfg.predictor} predictor reads no image")
+        ignored = [*self.plan.ignored, *(() if self.plan.needs_image else given(cfg, "--normalization", "--invert"))]
+        if ignored:
+            self.warnings.append(f"{', '.join(ignored)} ignored: the {cfg.predictor} predictor does not use "
+                                 f"{'it' if len(ignored) == 1 else 'them'}")
             log.warning(self.warnings[-1])
         if self.plan.needs_image:
             if cfg.normalization:
