@@ -620,6 +620,11 @@ def train(tc: TrainConfig) -> Path:
         # the checkpoint's heads would keep their classes' order under other names, or be started over
         raise UserError(f"--resume: {out} was trained on classes {', '.join(map(str, before or []))}, but {tc.train} "
                         f"has {', '.join(train_set.classes)}; resume with the same classes, or train a new --out")  # fmt: skip
+    if tc.resume and not (out / "train" / "last_checkpoint").exists():
+        # not refused: a job script that always passes --resume (a requeued SLURM job) starts this way the first time
+        logging.getLogger("cellseg_batch").warning(
+            f"--resume: {out} holds no checkpoint yet (no {out / 'train' / 'last_checkpoint'}); training starts at "
+            "iteration 0 from the weights")
     device = "cuda" if tc.num_gpus else "cpu"
     build_cfg(tc, train_set.classes, device)  # config errors and weights downloads surface here, once
     # every image read (seconds for thousands): after the quick checks above

@@ -159,7 +159,9 @@ def test_two_gloo_processes_train_in_step_and_resume_continues(tmp_path):
     out = tmp_path / "model"
     common = ["train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", out,
               "--cpu-procs", 2, "--batch-size", 2]  # fmt: skip
-    cli(*common, "--max-iter", 4, "SOLVER.CHECKPOINT_PERIOD", 100)
+    # --resume with nothing to resume yet (a job script that always passes it) starts afresh, saying so
+    first = cli(*common, "--max-iter", 4, "SOLVER.CHECKPOINT_PERIOD", 100, "--resume")
+    assert "holds no checkpoint yet" in first.stderr and "training starts at iteration 0" in first.stderr
     work = out / "train"
     logs = [work / "log.txt", work / "log.txt.rank1"]
     for log in logs:  # both ranks ran the same iterations of one DDP job
@@ -167,7 +169,7 @@ def test_two_gloo_processes_train_in_step_and_resume_continues(tmp_path):
     assert (work / "metrics.json").exists()
     assert sorted(p.name for p in work.glob("model_*.pth")) == ["model_final.pth"]  # one checkpoint
     assert json.loads((out / "cellseg.json").read_text())["training"]["iterations"] == 4
-    cli(*common, "--max-iter", 6, "--resume")
+    assert "holds no checkpoint yet" not in cli(*common, "--max-iter", 6, "--resume").stderr
     for log in logs:
         assert "Starting training from iteration 4" in log.read_text()
     model = ModelDir.load(out)
