@@ -241,6 +241,7 @@ def _score_class(pv: Volume, gv: Volume, zs: list[int], scores: dict[int, float]
 # -- why F1 is what it is: splits and merges ------------------------------------------------------------------------
 
 MAX_LISTED = 50  # errors listed per kind and class (all are counted)
+MAX_PARTS = 10  # parts listed per error (all are counted): a merge can hold thousands
 
 
 def explain_errors(z, pid, gid, n, share: float = 0.5) -> dict:
@@ -250,7 +251,7 @@ def explain_errors(z, pid, gid, n, share: float = 0.5) -> dict:
     two or more parts is split. Symmetrically a gt object lies *in* a predicted one when at least ``share`` of its
     voxels do; a predicted object holding two or more is a merge. Each is listed with ids, voxel counts and slice
     ranges [first, last], worst first (a split by the size of its second-largest part, a merge by that of its
-    second-largest gt object)."""
+    second-largest gt object), its largest ``MAX_PARTS`` parts listed and all counted (``n_parts``)."""
     fg = (pid > 0) & (gid > 0)
     keys, inv = np.unique(np.stack([pid[fg], gid[fg]], 1), axis=0, return_inverse=True)
     inv = inv.ravel()
@@ -259,28 +260,24 @@ def explain_errors(z, pid, gid, n, share: float = 0.5) -> dict:
     z1 = np.full(len(keys), -1)
     np.minimum.at(z0, inv, z[fg].astype(np.int64))
     np.maximum.at(z1, inv, z[fg].astype(np.int64))
-    p_size = _sizes(pid, n)
-    g_size = _sizes(gid, n)
     p, g = keys[:, 0], keys[:, 1]
     out = {}
-    for kind, whole, part, size_whole, size_part in (
-        ("splits", g, p, g_size, p_size),
-        ("merges", p, g, p_size, g_size),
-    ):
-        inside = inter >= share * np.array([size_part[int(i)] for i in part])
-        rows = np.flatnonzero(inside)
-        listed = []
-        for w in np.unique(whole[rows]):
-            mine = rows[whole[rows] == w]
-            if len(mine) < 2:
-                continue
-            mine = mine[np.argsort(-inter[mine], kind="stable")]
-            parts = [{"id": int(part[i]), "voxels": int(inter[i]), "slices": [int(z0[i]), int(z1[i])]} for i in mine]
-            listed.append({"id": int(w), "voxels": int(size_whole[int(w)]), "parts": parts})
-        listed.sort(key=lambda e: (-e["parts"][1]["voxels"], e["id"]))
+    for kind, whole, part, whole_ids, part_ids in (("splits", g, p, gid, pid), ("merges", p, g, pid, gid)):
+        size_whole, size_part = _sizes(whole_ids, n, whole), _sizes(part_ids, n, part)
+        rows = np.flatnonzero(inter >= share * size_part)
+        rows = rows[np.lexsort((part[rows], -inter[rows], whole[rows]))]  # by object; its largest part first
+        starts = np.flatnonzero(np.r_[True, whole[rows][1:] != whole[rows][:-1]]) if len(rows) else rows
+        counts = np.diff(np.r_[starts, len(rows)])
+        starts, counts = starts[counts >= 2], counts[counts >= 2]
+        worst = np.lexsort((whole[rows[starts]], -inter[rows[starts + 1]]))[:MAX_LISTED]
         name = "gt" if kind == "splits" else "pred"
-        out[f"n_{kind}"] = len(listed)
-        out[kind] = [{name: e["id"], "voxels": e["voxels"], "parts": e["parts"]} for e in listed[:MAX_LISTED]]
+        out[f"n_{kind}"] = len(starts)
+        out[kind] = []
+        for first, count in zip(starts[worst].tolist(), counts[worst].tolist()):
+            mine = rows[first : first + min(count, MAX_PARTS)]
+            parts = [{"id": int(part[i]), "voxels": int(inter[i]), "slices": [int(z0[i]), int(z1[i])]} for i in mine]
+            out[kind].append({name: int(whole[mine[0]]), "voxels": int(size_whole[mine[0]]), "n_parts": count,
+                              "parts": parts})  # fmt: skip
     return out
 
 
@@ -295,9 +292,10 @@ def _errors_per_run(z, seg, pid, gid, n) -> dict:
     return out
 
 
-def _sizes(ids, n) -> dict[int, int]:
+def _sizes(ids, n, of) -> np.ndarray:
+    """The voxel count of each id in ``of``, from the pair counts' ids and counts."""
     u, inv = np.unique(ids, return_inverse=True)
-    return dict(zip(u.tolist(), np.bincount(inv.ravel(), weights=n).astype(np.int64).tolist()))
+    return np.bincount(inv.ravel(), weights=n).astype(np.int64)[np.searchsorted(u, of)]
 
 
 def draw_split(pred: Volume, gt: Volume, split: dict, path: str | os.PathLike, max_slices: int = 12) -> Path:
@@ -624,7 +622,8 @@ def format_table(result: dict) -> str:
             worst = [f"gt {s['gt']} -> pred {', '.join(str(p['id']) for p in s['parts'])} (z {s['parts'][0]['slices'][0]}-"
                      f"{s['parts'][0]['slices'][1]} / {s['parts'][1]['slices'][0]}-{s['parts'][1]['slices'][1]})"
                      for s in e["splits"][:3]]  # fmt: skip
-            merged = [f"pred {m['pred']} <- gt {', '.join(str(p['id']) for p in m['parts'])}" for m in e["merges"][:3]]
+            merged = [f"pred {m['pred']} <- gt {', '.join(str(p['id']) for p in m['parts'][:4])}"
+                      + (f" and {m['n_parts'] - 4} more" if m["n_parts"] > 4 else "") for m in e["merges"][:3]]
             lines.append(
                 f"{name}: {e['n_splits']} split(s) {'; '.join(worst)}  {e['n_merges']} merge(s) {'; '.join(merged)}"
             )

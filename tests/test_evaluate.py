@@ -437,3 +437,39 @@ def test_eval_refuses_ground_truth_whose_background_is_not_0(tmp_path, backgroun
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "truth.tif" in done.stderr and "set it to 0 first" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_split_and_merge_lists_follow_their_definition_worst_first_and_stay_short():
+    """Splits and merges as defined (a part: an object with at least half its voxels inside the other side's),
+    checked against a plain count per object pair; a merge of 40 gt objects lists its 10 largest and counts 40."""
+    from cellseg_batch.evaluate import MAX_PARTS
+
+    rng = np.random.default_rng(4)
+    gt = np.kron(rng.permutation(8 * 8 * 8).reshape(2, 16, 16) + 1, np.ones((3, 4, 4), np.int64)).astype(np.uint32)
+    pred = gt * 4
+    for i in rng.choice(np.unique(gt), 60, replace=False):  # splits into 2-3 parts along z or y
+        zz, yy, _ = np.nonzero(gt == i)
+        pred[gt == i] = i * 4 + (zz > zz.min()) + (yy > yy.min() + 1 if i % 3 == 0 else 0)
+    pred[np.isin(gt, np.unique(gt)[-40:])] = 10**6  # one merge of 40 objects
+    pred[np.isin(gt, np.unique(gt)[-44:-40])] = 10**6 + 1  # and one of 4
+    errors = evaluate({"m": ArrayVolume(pred)}, {"m": ArrayVolume(gt)})["classes"]["m"]["errors"]
+    for kind, whole, part, key in (("splits", gt, pred, "gt"), ("merges", pred, gt, "pred")):
+        pairs = {}
+        for w, q in zip(whole.ravel(), part.ravel()):
+            pairs[w, q] = pairs.get((w, q), 0) + 1
+        size = dict(zip(*np.unique(part, return_counts=True)))
+        found = {}
+        for (w, q), k in pairs.items():
+            if w and q and k >= 0.5 * size[q]:
+                found.setdefault(int(w), []).append((-k, int(q)))
+        expected = {w: sorted(v) for w, v in found.items() if len(v) >= 2}
+        order = sorted(expected, key=lambda w: (expected[w][1][0], w))[:50]
+        assert errors[f"n_{kind}"] == len(expected)
+        assert [e[key] for e in errors[kind]] == order
+        for e in errors[kind]:
+            assert e["n_parts"] == len(expected[e[key]])
+            assert [(-p["voxels"], p["id"]) for p in e["parts"]] == expected[e[key]][:MAX_PARTS]
+    big = next(m for m in errors["merges"] if m["pred"] == 10**6)
+    assert big["n_parts"] == 40 and len(big["parts"]) == MAX_PARTS
+    table = format_table(evaluate({"m": ArrayVolume(pred)}, {"m": ArrayVolume(gt)}))
+    assert "and 36 more" in table
