@@ -136,8 +136,8 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     if not pred_classes and ngff_label_layers(pred) is None:
         raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output, or give the "
                         "classes of another tool's label stack with --pred-classes")  # fmt: skip
-    pred_layers = open_label_layers([pred], [pred_classes] if pred_classes else [])
-    gt_layers = open_label_layers([gt], [gt_classes] if gt_classes else [])
+    pred_layers = open_label_layers([pred], [pred_classes] if pred_classes else [], "--pred-classes")
+    gt_layers = open_label_layers([gt], [gt_classes] if gt_classes else [], "--gt-classes")
     for layer in (*pred_layers, *gt_layers):  # a background of -1 or 65535 would be scored as an object
         check_label_stack(layer, instances=False)
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)

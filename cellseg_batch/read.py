@@ -1278,6 +1278,7 @@ class LabelLayer:
 
     volume: Volume
     classes: str | dict[int, str]
+    option: str = "--classes"  # the option that gave the classes, for messages (eval: --gt-classes)
 
     @property
     def class_names(self) -> list[str]:
@@ -1315,12 +1316,13 @@ def load_json(path: str | Path, max_bytes: int = 2**30):
 MAX_CLASS_MAP_BYTES = 64 * 2**20  # a million ids with their names fit in a tenth of it
 
 
-def read_class_map(spec: str) -> str | dict[int, str]:
-    """A ``--classes`` value: a JSON file mapping label ids to class names, or one class name for every id."""
+def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]:
+    """A ``--classes`` value (``option``'s): a JSON file mapping label ids to class names, or one class name for
+    every id."""
     p = Path(spec)
     if not p.suffix.lower() == ".json":
         if not spec or "/" in spec:
-            raise UserError(f"--classes {spec!r}: give a class name or a .json file mapping ids to class names")
+            raise UserError(f"{option} {spec!r}: give a class name or a .json file mapping ids to class names")
         return spec
     data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
@@ -1439,7 +1441,7 @@ def refuse_unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
         known = np.array(sorted(layer.classes))
         raise UserError(
             f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
-            f"class in its --classes map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}: add "
+            f"class in its {layer.option} map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}: add "
             "those ids to it (or set them to 0 in the stack)"
         )
 
@@ -1448,8 +1450,9 @@ def _share(ids: np.ndarray, value: int) -> str:
     return f"{np.count_nonzero(ids == value) / ids.size:.0%}"
 
 
-def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLayer]:
-    """Label stacks with their classes: ``--labels A --classes a.json --labels B --classes cell``.
+def open_label_layers(paths: list[str], class_specs: list[str], option: str = "--classes") -> list[LabelLayer]:
+    """Label stacks with their classes: ``--labels A --classes a.json --labels B --classes cell``; ``option``: the
+    option that gives the classes where it is not ``run``'s ``--classes`` (eval's ``--gt-classes``: one stack).
 
     An OME-Zarr holding a ``labels/`` group (this tool's output, or ``synth`` truth) gives one layer per label
     image, named by it; there ``--classes`` is not needed.
@@ -1457,6 +1460,10 @@ def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLay
     layers: list[LabelLayer] = []
     groups = [ngff_label_layers(path) for path in paths]
     plain = [path for path, group in zip(paths, groups) if group is None]
+    if len(class_specs) != len(plain) and option != "--classes":
+        raise UserError(f"{plain[0]} is a label stack without class names: give its classes with {option} (a class "
+                        "name, or a JSON map of ids to class names)" if plain else
+                        f"{paths[0]} is an OME-Zarr whose labels/ group names its classes: drop {option}")  # fmt: skip
     if len(class_specs) != len(plain):
         raise UserError(
             f"{len(plain)} label stack(s) need classes but {len(class_specs)} --classes were given; put one "
@@ -1473,7 +1480,7 @@ def open_label_layers(paths: list[str], class_specs: list[str]) -> list[LabelLay
                             "(Z, Y, X) stack")  # fmt: skip
         if volume.dtype.kind not in "ui":
             raise UserError(f"{path} holds {volume.dtype} values; a label stack must hold integer ids")
-        layers.append(LabelLayer(volume, read_class_map(next(specs))))
+        layers.append(LabelLayer(volume, read_class_map(next(specs), option), option))
     names = [n for layer in layers for n in layer.class_names]
     if not layers:
         raise UserError("no label stacks given; pass --labels PATH --classes CLASSES")

@@ -401,6 +401,21 @@ def test_eval_of_a_whole_volume_s_run_against_deeper_ground_truth_is_refused_not
     assert "(3, 64, 64) but the ground truth has (10, 64, 64)" in line
 
 
+@pytest.mark.parametrize("args, said", [
+    (["crop.zarr", "crop.tif"], "crop.tif is a label stack without class names: give its classes with --gt-classes"),
+    (["crop.zarr", "crop.tif", "--gt-classes", "a/b"], "--gt-classes 'a/b': give a class name"),
+    (["crop.tif", "crop.tif", "--pred-classes", "x/y", "--gt-classes", "cell"], "--pred-classes 'x/y': give a class"),
+    (["crop.zarr", "crop.zarr", "--gt-classes", "cell"], "crop.zarr is an OME-Zarr whose labels/ group names its "
+                                                          "classes: drop --gt-classes"),
+])  # fmt: skip
+def test_eval_s_class_mistakes_name_eval_s_own_options(capsys, cropped_run, args, said):
+    """Said in run's terms before: '1 label stack(s) need classes but 0 --classes were given; put one --classes
+    after each --labels stack', options eval does not have."""
+    line = _refused(capsys, cropped_run, ["eval", *(cropped_run / a if a.startswith("crop") else a for a in args)],
+                    ["classes"])  # fmt: skip
+    assert said in line and "--labels" not in line
+
+
 @pytest.mark.parametrize("mode, why", [("3d", "no ground-truth object is split"), ("2d", "--mode 2d finds no 3D")])
 def test_eval_says_why_it_drew_no_errors_png(capsys, cropped_run, tmp_path, mode, why):
     """--errors-png with nothing to draw left no file and said nothing."""
