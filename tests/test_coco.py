@@ -123,3 +123,49 @@ def test_convert_into_a_folder_holding_a_coco_set_is_refused_and_overwrite_leave
     assert len(err) == 1 and "already holds a COCO set" in err[0] and "--overwrite" in err[0]
     assert command.main([*argv, "--slices", "0:2", "--overwrite"]) == 0
     assert not (tmp_path / "coco" / "val.json").exists() and len(list((tmp_path / "coco" / "images").iterdir())) == 2
+
+
+def test_label_rles_match_pycocotools_encode():
+    from pycocotools import mask as mask_util
+
+    from cellseg_batch.coco import label_rles
+
+    lab = np.random.default_rng(2).integers(0, 6, (13, 11)).astype(np.uint64)
+    lab[0, 0], lab[-1, -1] = 3, 5  # runs touching the first and last pixel
+    rles = label_rles(lab)
+    assert list(rles) == [1, 2, 3, 4, 5]
+    for i, (rle, area) in rles.items():
+        assert rle == mask_util.encode(np.asfortranarray((lab == i).astype(np.uint8)))
+        assert area == int((lab == i).sum())
+
+
+@pytest.mark.parametrize("polygons", [False, True])
+def test_labels_to_coco_annotations_are_those_of_each_instance_s_whole_tile_mask(tmp_path, polygons):
+    """The annotations come from the tile's runs (RLE) and each instance's box (polygons), not from one whole-tile
+    mask per instance (minutes for a 2048 px slice of 16,384 cells); they must be what those masks give: instances
+    at the tiles' edges and corners, in several pieces, one pixel, with holes."""
+    from pycocotools import mask as mask_util
+
+    from cellseg_batch.coco import labels_to_coco, mask_polygons
+    from cellseg_batch.read import ArrayVolume, LabelLayer
+
+    rng = np.random.default_rng(5)
+    lab = np.kron(rng.integers(0, 40, (2, 12, 12)), np.ones((1, 6, 6), np.int64)).astype(np.uint16)
+    lab[lab > 30] = 0
+    lab[0, 30:40, 30:40], lab[0, 33:36, 33:36] = 77, 0  # a ring
+    lab[1, 0, 71], lab[1, 5, 5] = 78, 78  # one-pixel pieces, one at a corner of a tile
+    volume = ArrayVolume(rng.integers(0, 255, lab.shape).astype(np.uint8))
+    paths = labels_to_coco(volume, [LabelLayer(ArrayVolume(lab), "cell")], tmp_path / "coco", tile=40,
+                           polygons=polygons)  # fmt: skip
+    data = json.loads(paths["train"].read_text())
+    expected = []
+    for image in data["images"]:
+        z, y0, x0 = (int(part[1:]) for part in Path(image["file_name"]).stem.split("_"))
+        ids = lab[z, y0 : y0 + image["height"], x0 : x0 + image["width"]]
+        for i in np.unique(ids[ids > 0]):
+            mask = ids == i
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            segm = mask_polygons(mask) if polygons else {"size": rle["size"], "counts": rle["counts"].decode()}
+            expected.append((image["id"], int(mask.sum()), [float(v) for v in mask_util.toBbox(rle)], segm))
+    found = [(a["image_id"], a["area"], a["bbox"], a["segmentation"]) for a in data["annotations"]]
+    assert found == expected and len(found) > 50
