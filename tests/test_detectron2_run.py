@@ -230,3 +230,29 @@ def test_invert_gives_the_model_a_negative_volume_as_its_positive(model_dir, syn
     assert runs["positive"].any()
     assert np.array_equal(runs["inverted"] > 0, runs["positive"] > 0)
     assert not np.array_equal(runs["negative"] > 0, runs["positive"] > 0)
+
+
+def test_tiles_that_reach_the_model_s_detection_cap_are_counted_and_named(model_dir, synth_small, tmp_path):
+    """detectron2 keeps a tile's top TEST.DETECTIONS_PER_IMAGE detections and drops the rest without a word: a
+    tile of dense organelles lost objects and the output looked complete. The run counts such tiles and says what
+    to do."""
+    import shutil
+
+    capped = tmp_path / "capped"
+    shutil.copytree(model_dir, capped)
+    config = capped / "config.yaml"
+    config.write_text(config.read_text().replace("DETECTIONS_PER_IMAGE: 300", "DETECTIONS_PER_IMAGE: 2"))
+    out = tmp_path / "pred.zarr"
+    done = cli("run", synth_small["volume"], "--model", capped, "--out", out, "--slices", "2:3", "--score-threshold",
+               0.2, "--no-progress", "--no-image")  # fmt: skip
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    n = report["counts"]["tiles_at_instance_cap"]
+    assert 0 < n <= report["counts"]["tiles"]
+    said = f"{n} of the {report['counts']['tiles']} tiles predicted gave the most instances the predictor gives a tile"
+    assert said in done.stderr and any(w.startswith(said) for w in report["warnings"])
+    # scores of an untrained head are ~1/3: above 0.9 none is kept, no tile is at the cap, and nothing is said
+    done = cli("run", synth_small["volume"], "--model", capped, "--out", out, "--slices", "2:3", "--score-threshold",
+               0.9, "--no-progress", "--no-image", "--overwrite")  # fmt: skip
+    assert json.loads((out / "cellseg" / "report.json").read_text())["counts"]["tiles_at_instance_cap"] == 0
+    assert "gave the most instances" not in done.stderr
+

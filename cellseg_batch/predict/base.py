@@ -32,6 +32,7 @@ class TileLabels:
     labels: np.ndarray  # (n_classes, h, w) uint16
     classes: np.ndarray  # (n,) int16
     scores: np.ndarray  # (n,) float32
+    capped: bool = False  # the predictor gave the most instances it gives a tile: more may have been dropped
 
     @property
     def count(self) -> int:

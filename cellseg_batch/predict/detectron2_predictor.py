@@ -171,7 +171,7 @@ class Detectron2Predictor(Predictor):
                 continue
             inst = next(outputs)["instances"]
             result.append(
-                paint_instances(
+                replace(paint_instances(
                     inst.pred_masks,
                     inst.pred_classes.cpu().numpy(),
                     inst.scores.float().cpu().numpy(),
@@ -179,7 +179,7 @@ class Detectron2Predictor(Predictor):
                     boxes=inst.pred_boxes.tensor.float().cpu().numpy(),
                     layer_of=self.layer_of,
                     min_visible=self.min_visible,
-                )
+                ), capped=len(inst) >= self.cfg.TEST.DETECTIONS_PER_IMAGE)  # detectron2 keeps the top ones by score
             )
         self.times["forward"] += t1 - t0
         self.times["paint"] += time.perf_counter() - t1

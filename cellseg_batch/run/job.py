@@ -400,6 +400,13 @@ class Run:
         self.counts["tiles"] = nz * len(grid)
         self.counts["tiles_predicted_now"] = predict.remaining
         self.counts["batches_rebalanced"] = predict.stolen
+        self.counts["tiles_at_instance_cap"] = predict.capped
+        if predict.capped:  # a dense tile lost its lowest-scoring objects, silently: say so, and how to avoid it
+            self.warnings.append(
+                f"{predict.capped} of the {predict.remaining} tiles predicted gave the most instances the predictor "
+                f"gives a tile, so objects beyond it were dropped there (detectron2: TEST.DETECTIONS_PER_IMAGE in "
+                f"the model's config.yaml): run with a smaller --tile, or raise that number")  # fmt: skip
+            log.warning(self.warnings[-1])
         self.counts["tile_positions_read_back_for_z_overlaps"] = stitch.cores_read_back
         self.counts["cpu_units_run_by_predictor_actors"] = cpu_tasks.by_actors
         # cores read back for gap overlaps no actor counted: by the gap stage's units, or the driver where none ran

@@ -130,6 +130,7 @@ class PredictStage(Stage):
         self.hold_every_core = False  # CPU actors holding all of the cluster's cores: no task runs beside them
         self.cpu_tasks: CpuTasks | None = None  # other stages' work the actors may run: kept while it needs them
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
+        self.capped = 0  # tiles whose predictor gave the most instances it gives a tile (``TileLabels.capped``)
         self.tiles_timed = 0
 
     def _shares(self) -> list[list[tuple[int, int]]]:
@@ -251,6 +252,7 @@ class PredictStage(Stage):
         for step, seconds in result.get("times", {}).items():
             self.step_seconds[step] += seconds
         self.tiles_timed += len(fragments)
+        self.capped += result.get("capped", 0)
         for key, rows in result["zoverlaps"]:
             self.unlogged_zov[key[0], 1].append((key, rows))
             self.zoverlaps[key[0]][key[1:]] = rows

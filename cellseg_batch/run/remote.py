@@ -104,7 +104,8 @@ class PredictorWorker:
             overlaps += near
             far_overlaps += far
         times["store"] = time.perf_counter() - t3  # cores, bands, fragment tables, z-overlaps
-        return {"fragments": fragments, "zoverlaps": overlaps, "far_zoverlaps": far_overlaps, "times": times}
+        return {"fragments": fragments, "zoverlaps": overlaps, "far_zoverlaps": far_overlaps, "times": times,
+                "capped": sum(tile.capped for tile in tiles)}  # fmt: skip
 
     def call(self, fn, *args):
         """A later stage's task, run here between two batches (``run.predict.CpuTasks``)."""
