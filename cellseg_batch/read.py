@@ -466,7 +466,7 @@ class ZarrVolume(Volume):
             base, ms = self.path.rstrip("/"), multiscales(node.attrs)
             if ms is None:
                 base, ms = self._one_image(node, base)
-            level0 = ms["datasets"][0]
+            level0 = finest_level(ms)
             self._array_path = f"{base}/{level0['path']}"
             node = zarr.open(self._array_path, mode="r")
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
@@ -596,12 +596,35 @@ NGFF_NM_PER_UNIT = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "
                     "angstrom": 0.1, "picometer": 1e-3}  # NGFF's (UDUNITS-2) names of the lengths EM pixels have
 
 
+def _scale(node: dict) -> list | None:
+    """The scale transform of a multiscale or of one of its datasets (NGFF ``coordinateTransformations``)."""
+    transforms = node.get("coordinateTransformations")
+    return next((t.get("scale") for t in transforms if isinstance(t, dict) and t.get("type") == "scale"), None) if (
+        isinstance(transforms, list)) else None  # fmt: skip
+
+
+def finest_level(ms: dict) -> dict:
+    """The dataset of a multiscale with the finest pixels: the first, as NGFF orders them, unless their scales
+    say that another is finer (a file that lists its levels smallest first)."""
+    levels = ms["datasets"]
+    scales = [_scale(level) for level in levels]
+    if len(levels) < 2 or not all(isinstance(s, list) and all(isinstance(v, (int, float)) for v in s) for s in scales):
+        return levels[0]
+    return levels[min(range(len(levels)), key=lambda k: (float(np.prod(scales[k])), k))]
+
+
 def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None:
-    """Z, Y, X nm of a multiscale's dataset ``level0`` (its scale transform and the axes' units), else None."""
+    """Z, Y, X nm of a multiscale's dataset ``level0`` (its scale transform, times the multiscale's own where it
+    has one, as NGFF 0.4+ applies it after each dataset's; and the axes' units), else None."""
     axes = ms.get("axes", [])
-    scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t.get("type") == "scale"), None)
+    scale = _scale(level0)
     if not scale or len(scale) != len(axes):
         return None
+    overall = _scale(ms)
+    if overall is not None:
+        if len(overall) != len(axes) or not all(isinstance(v, (int, float)) for v in [*scale, *overall]):
+            return None
+        scale = [a * b for a, b in zip(scale, overall)]
     out = {}
     for a, s in zip(axes, scale):
         # an axis without a unit (ome-zarr-py's default, this tool's output of a volume of unknown pixel size) or

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import UserError
 from .preview import class_colour_hex
-from .read import Volume, group_attrs, multiscales, ngff_pixel_size, open_volume
+from .read import Volume, finest_level, group_attrs, multiscales, ngff_pixel_size, open_volume
 
 
 @dataclass
@@ -79,7 +79,7 @@ def open_scene(path: str | Path) -> Scene:
             raise UserError(f"{path} is neither a cellseg-batch output nor a volume to view ({e})") from e
         return Scene(p, "input", image=VolumeArray(volume), pixel_size_nm=volume.pixel_size_nm)
     ms = multiscales(attrs)  # written when the run completes
-    pixel = ngff_pixel_size(ms, ms["datasets"][0]) if ms else info.get("pixel_size_nm")
+    pixel = ngff_pixel_size(ms, finest_level(ms)) if ms else info.get("pixel_size_nm")
     classes = list(info.get("classes", []))
     labels = {name: a for name in classes if (a := _array(p / "labels" / name / "0")) is not None}
     image = _array(p / "0") if info.get("image") else None

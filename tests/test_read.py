@@ -482,6 +482,26 @@ def test_ome_zarr_pixel_size_is_known_only_in_a_unit_of_length(tmp_path, unit, s
     assert open_volume(tmp_path / "img.zarr").pixel_size_nm == nm
 
 
+@pytest.mark.parametrize("smallest_first", [False, True])
+def test_ome_zarr_scale_of_the_whole_multiscale_and_levels_out_of_order(tmp_path, smallest_first):
+    """NGFF 0.4+ lets a multiscale carry a scale of its own, applied after each level's: it was ignored, so a file
+    with level scales of 1 and the pixel size there read as 1000 nm (micrometer axes) without a word. And a file
+    listing its levels smallest first had its 2x smaller level taken as the volume."""
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    levels = [("0", DATA, [1.0, 1.0, 1.0]), ("1", DATA[:, ::2, ::2], [1.0, 2.0, 2.0])]
+    for name, data, _ in levels:
+        root.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape)[:] = data
+    datasets = [{"path": name, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                for name, _, scale in levels]  # fmt: skip
+    root.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        "datasets": datasets[::-1] if smallest_first else datasets,
+        "coordinateTransformations": [{"type": "scale", "scale": [0.03, 0.004, 0.004]}],
+    }]  # fmt: skip
+    _check(tmp_path / "img.zarr")
+    assert open_volume(tmp_path / "img.zarr").pixel_size_nm == pytest.approx((30.0, 4.0, 4.0))
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_dtypes(tmp_path, dtype):
     data = (DATA / 16).astype(dtype)
