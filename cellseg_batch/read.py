@@ -1397,9 +1397,9 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
-        refuse_other_background(layer, ids, z)
+        refuse_other_background(layer.volume.path, ids, z)
         if not instances:
-            refuse_top_background(layer, ids, z)
+            refuse_top_background(layer.volume.path, ids, z)
             continue
         refuse_unmapped(layer, ids, z)
         if not ids.any():
@@ -1419,22 +1419,22 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
                 "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
                 "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
             )
-        refuse_top_background(layer, ids, z)
+        refuse_top_background(layer.volume.path, ids, z)
 
 
-def refuse_other_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+def refuse_other_background(path: str, ids: np.ndarray, z: int) -> None:
     """Refuse negative ids (-1 is a common 'background' or 'ignore' of int32 label images) when the run starts, not
     when a tile first reads one."""
     if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
         low = int(ids.min())
         raise UserError(
-            f"{layer.volume.path} holds the negative label id {low} in slice {z} ({_share(ids, low)} of the part "
-            f"checked); label ids must be 0 (background) or positive: if {low} marks background or 'ignore', set it "
+            f"{path} holds the negative label id {low} in slice {z} ({_share(ids, low)} of the part "
+            f"read); label ids must be 0 (background) or positive: if {low} marks background or 'ignore', set it "
             f"to 0 first (numpy: labels[labels < 0] = 0)"
         )
 
 
-def refuse_top_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
+def refuse_top_background(path: str, ids: np.ndarray, z: int) -> None:
     """Refuse a stack whose background is the largest value of its type (65535, 4294967295: what some tools write
     for background or 'ignore') instead of 0: it would become one object spread over every slice. Caught where that
     id covers more of the checked window than any other; an object that merely has that id is not refused."""
@@ -1444,8 +1444,8 @@ def refuse_top_background(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
     values, counts = np.unique(ids, return_counts=True)
     if values[counts.argmax()] == top:
         raise UserError(
-            f"{layer.volume.path}: id {top}, the largest {ids.dtype} value, covers {_share(ids, top)} of the part of "
-            f"slice {z} checked, more than any other id; it looks like background or 'ignore', which must be 0 in a "
+            f"{path}: id {top}, the largest {ids.dtype} value, covers {_share(ids, top)} of the part of slice {z} "
+            f"read, more than any other id; it looks like background or 'ignore', which must be 0 in a "
             f"label stack: set it to 0 first (numpy: labels[labels == {top}] = 0)"
         )
 
@@ -1551,6 +1551,10 @@ class ClassView(Volume):
 
     def read(self, z, y0, y1, x0, x1):
         ids = self.layer.volume.read(z, y0, y1, x0, x1)
+        # every slice read is checked, not only those check_label_stack saw when eval started: a slice exporter's
+        # -1 or 65535 background in one slice would be scored as an object (or a wrapped id) there
+        refuse_other_background(self.layer.volume.path, ids, z)
+        refuse_top_background(self.layer.volume.path, ids, z)
         if self._ids is None:
             return ids
         return np.where(np.isin(ids, self._ids), ids, 0).astype(ids.dtype, copy=False)

@@ -132,3 +132,28 @@ def test_negative_ids_in_a_signed_label_stack_are_refused_and_nothing_is_left(tm
     tifffile.imwrite(tmp_path / "signed.tif", labels, photometric="minisblack")
     _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "signed.tif",
                   "--classes", "cell", match="negative label id -3")  # fmt: skip
+
+
+def test_a_background_of_65535_or_minus_1_in_a_slice_no_start_check_reads_is_refused_when_read(tmp_path):
+    """The start checks read the first, middle and last slices; a per-slice exporter's 65535 background in another
+    slice became one object spread over that slice (run), and -1 one more object in eval (scored as id 2**64 - 1)."""
+    labels = np.zeros((6, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    bad = labels.copy()
+    bad[1][bad[1] == 0] = 65535  # slice 1: neither 0, 3 nor 5
+    tifffile.imwrite(tmp_path / "bad.tif", bad, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "vol.tif", (labels * 100).astype(np.uint8), photometric="minisblack")
+    proc = cli("run", tmp_path / "vol.tif", "--predictor", "labels", "--labels", tmp_path / "bad.tif", "--classes",
+               "cell", "--out", tmp_path / "out.zarr", "--no-progress", check=False)  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("cellseg-batch: error:")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "id 65535, the largest uint16 value, covers" in lines[0] and "slice 1" in lines[0]
+    signed = labels.astype(np.int32)
+    signed[4][signed[4] == 0] = -1
+    tifffile.imwrite(tmp_path / "signed.tif", signed, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "truth.tif", labels, photometric="minisblack")
+    for pred, truth in (("truth.tif", "signed.tif"), ("signed.tif", "truth.tif"), ("truth.tif", "bad.tif")):
+        proc = cli("eval", tmp_path / pred, tmp_path / truth, "--pred-classes", "cell", "--gt-classes", "cell",
+                   check=False)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.startswith("cellseg-batch: error:"), proc.stderr
+        assert ("negative label id -1 in slice 4" in proc.stderr) or ("id 65535" in proc.stderr), proc.stderr

@@ -10,7 +10,14 @@ import fastremap
 import numpy as np
 
 from ..errors import UserError
-from ..read import LabelLayer, check_label_stack, open_label_layers, volume_identity
+from ..read import (
+    LabelLayer,
+    check_label_stack,
+    open_label_layers,
+    refuse_other_background,
+    refuse_top_background,
+    volume_identity,
+)
 from ..runs import label_runs
 from ..tiles import Box
 from .base import (
@@ -72,12 +79,11 @@ class LabelsPredictor(Predictor):
         offset = 0
         for layer in self.layers:
             ids = layer.volume.read(z, *window)
-            if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
-                raise UserError(
-                    f"{layer.volume.path} holds the negative label id {int(ids.min())} in slice {z}; label ids must be "
-                    "0 (background) or positive"
-                )
+            # every tile read is checked, not only the slices check_label_stack saw when the run started
+            refuse_other_background(layer.volume.path, ids, z)
             local, original = renumber(ids)  # original: local id -> the stack's id
+            if ids.dtype.kind in "ui" and original.max() == np.iinfo(ids.dtype).max:  # rare: the check costs then
+                refuse_top_background(layer.volume.path, ids, z)
             n = len(original) - 1
             if offset + n > MAX_LOCAL:
                 # a tile's ids shrink with its area: a side that would hold ~half the limit at this density
