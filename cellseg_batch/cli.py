@@ -68,8 +68,11 @@ def _synth(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from .evaluate import evaluate_paths, format_table
+    from .evaluate import evaluate_paths, format_table, written
 
+    for option, value, example in (("--json", args.json, "eval.json"), ("--errors-png", args.errors_png, "split.png")):
+        if value and Path(value).is_dir():  # refused before minutes of scoring, not after
+            raise UserError(f"{option} {value} is a folder; give a file in it, e.g. {Path(value) / example}")
     result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode,
                             errors_png=args.errors_png, pred_classes=args.pred_classes)  # fmt: skip
     for warning in result["warnings"]:
@@ -82,7 +85,8 @@ def _eval(args) -> int:
         why = "--mode 2d finds no 3D splits" if args.mode == "2d" else "no ground-truth object is split"
         print(f"did not write {args.errors_png}: {why}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with written(args.json, "--json") as path:
+            path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -157,9 +157,23 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
         if worst is not None:
-            result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"],
-                                    "path": str(draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], errors_png))}  # fmt: skip
+            # matplotlib adds .png to a name without a suffix: the name said is the file written
+            with written(errors_png if Path(errors_png).suffix else f"{errors_png}.png", "--errors-png") as path:
+                drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], path)
+            result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"], "path": str(drawn)}
     return result
+
+
+@contextlib.contextmanager
+def written(path: str, option: str):
+    """Write an output file of ``option`` inside the block (its folders made first); a path that cannot be
+    written is a one-line error naming it, not a traceback after the scores were printed."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        yield p
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); give a file in a folder you can write") from e
 
 
 def _run_offset(pred: str, pred_depth: int, gt_depth: int) -> int | None:

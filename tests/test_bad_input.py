@@ -416,6 +416,32 @@ def test_eval_s_class_mistakes_name_eval_s_own_options(capsys, cropped_run, args
     assert said in line and "--labels" not in line
 
 
+def test_eval_s_output_files_go_where_said_or_are_refused_in_one_line(capsys, tmp_path):
+    """--json into a folder ended in a traceback after the scores (IsADirectoryError), and into folders not made yet
+    too (FileNotFoundError); --errors-png NAME said 'wrote NAME' where matplotlib wrote NAME.png."""
+    gt = np.zeros((4, 32, 32), np.uint16)
+    gt[:, 4:20, 4:20] = 1
+    pred = gt.copy()
+    pred[2:][pred[2:] == 1] = 2  # a split at z 2
+    tifffile.imwrite(tmp_path / "gt.tif", gt, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "pred.tif", pred, photometric="minisblack")
+    base = ["eval", tmp_path / "pred.tif", tmp_path / "gt.tif", "--pred-classes", "cell", "--gt-classes", "cell"]
+    (tmp_path / "folder").mkdir()
+    for option in ("--json", "--errors-png"):
+        line = _refused(capsys, tmp_path, [*base, option, tmp_path / "folder"], [option])
+        assert "is a folder; give a file in it" in line
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    assert cli.main([str(a) for a in [*base, "--json", tmp_path / "a_file" / "r.json"]]) == 2  # after the scores
+    assert capsys.readouterr().err.strip() == (f"cellseg-batch: error: cannot write --json {tmp_path / 'a_file' / 'r.json'}"
+                                               " (File exists); give a file in a folder you can write")  # fmt: skip
+    assert cli.main([str(a) for a in [*base, "--json", tmp_path / "new" / "r.json", "--errors-png",
+                                      tmp_path / "pics" / "split"]]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["classes"]["cell"]["errors"]["n_splits"] == 1
+    assert (tmp_path / "pics" / "split.png").stat().st_size > 1000 and f"wrote {tmp_path / 'pics' / 'split.png'} (" in said
+
+
 @pytest.mark.parametrize("mode, why", [("3d", "no ground-truth object is split"), ("2d", "--mode 2d finds no 3D")])
 def test_eval_says_why_it_drew_no_errors_png(capsys, cropped_run, tmp_path, mode, why):
     """--errors-png with nothing to draw left no file and said nothing."""
