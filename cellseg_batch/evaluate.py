@@ -138,8 +138,9 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
                         "classes of another tool's label stack with --pred-classes")  # fmt: skip
     pred_layers = open_label_layers([pred], [pred_classes] if pred_classes else [], "--pred-classes")
     gt_layers = open_label_layers([gt], [gt_classes] if gt_classes else [], "--gt-classes")
+    warnings = []
     for layer in (*pred_layers, *gt_layers):  # a background of -1 or 65535 would be scored as an object
-        check_label_stack(layer, instances=False)
+        warnings += check_label_stack(layer, instances=False)
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None
@@ -153,6 +154,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
                 raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
             zs = [z - z0 for z in zs]
     result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0 or 0)
+    result["warnings"] = warnings + result["warnings"]
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip

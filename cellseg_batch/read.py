@@ -1382,7 +1382,7 @@ def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]
 BACKGROUND_NAMES = {"background", "bg", "back", "none", "unlabeled", "unlabelled", "ignore", "void", "empty"}
 
 
-def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = True) -> None:
+def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = True) -> list[str]:
     """Refuse, when a run (or a conversion) starts, a label stack that is not 2D instance ids: negative ids, ids its
     class map lacks, a background other than 0 (``refuse_*`` below), and a semantic mask: an id in many separate
     pieces in a slice (a pixel classifier's binary output). Each id of a tile is one 2D instance (pieces of one object
@@ -1390,16 +1390,20 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
     tile and the objects would depend on the tile size. Checked in the central ``side`` px of the first, middle and
     last slices (by ``run --predictor labels`` and ``convert labels-to-coco``, whose annotations would be such pieces
     too). ``instances`` False (``eval``'s 3D labels, whose objects may lie in several pieces of a slice): only the
-    background checks."""
+    background checks, and ids the class map lacks are returned as warnings (a map may leave classes out on
+    purpose, to score some)."""
     import cc3d
 
     nz, h, w = layer.volume.shape
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    warnings = []
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
         refuse_other_background(layer.volume.path, ids, z)
         if not instances:
             refuse_top_background(layer.volume.path, ids, z)
+            said = unmapped(layer, ids, z)
+            warnings += [f"{said}: they are not scored"] if said and not warnings else []  # once a stack
             continue
         refuse_unmapped(layer, ids, z)
         if not ids.any():
@@ -1420,6 +1424,7 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
                 "scipy.ndimage.label on each slice, or cellseg-batch's own output)"
             )
         refuse_top_background(layer.volume.path, ids, z)
+    return warnings
 
 
 def refuse_other_background(path: str, ids: np.ndarray, z: int) -> None:
@@ -1453,20 +1458,25 @@ def refuse_top_background(path: str, ids: np.ndarray, z: int) -> None:
 def refuse_unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> None:
     """Refuse ids that the layer's class map lists no class for when the run starts (a tile would refuse the first
     it reads, once the run is under way), naming all of them that the checked window holds."""
+    said = unmapped(layer, ids, z)
+    if said:
+        raise UserError(f"{said}: add those ids to it (or set them to 0 in the stack)")
+
+
+def unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> str | None:
+    """What to say of the ids of ``ids`` that the layer's class map lists no class for; None where there are none."""
     if isinstance(layer.classes, str) or not ids.any():
-        return
+        return None
     runs = label_runs(ids)
     present = np.unique(ids if runs is None else runs.values[0])
     present = present[present != 0]
     missing = present[layer.classify(present, layer.class_names) < 0]
-    if len(missing):
-        listed = ", ".join(str(i) for i in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        known = np.array(sorted(layer.classes))
-        raise UserError(
-            f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
-            f"class in its {layer.option} map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}: add "
-            "those ids to it (or set them to 0 in the stack)"
-        )
+    if not len(missing):
+        return None
+    listed = ", ".join(str(i) for i in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    known = np.array(sorted(layer.classes))
+    return (f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
+            f"class in its {layer.option} map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}")
 
 
 def _share(ids: np.ndarray, value: int) -> str:
