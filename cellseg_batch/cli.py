@@ -161,6 +161,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, whose usage errors are one line like every other error (its sub-parsers are made of it too)."""
 
     def error(self, message: str):
+        extra = message.split(": ", 1)[1].split() if message.startswith("unrecognized arguments: ") else []
+        if extra and all(Path(a).exists() for a in extra):  # a glob the shell expanded into many files
+            raise UserError(f"{message}: quote a file pattern ('slices/*.tif') so that the shell passes it whole, "
+                            f"or give the folder (see {self.prog} --help)")  # fmt: skip
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

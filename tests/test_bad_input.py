@@ -143,6 +143,14 @@ def test_usage_mistakes_are_one_line_too(capsys, tmp_path, argv, name):
     _refused(capsys, tmp_path, argv, [name])
 
 
+def test_a_glob_the_shell_expanded_is_told_to_be_quoted(capsys, tmp_path):
+    for k in range(3):
+        tifffile.imwrite(tmp_path / f"s{k}.tif", np.zeros((8, 8), np.uint8))
+    line = _refused(capsys, tmp_path, ["run", *sorted(tmp_path.glob("s*.tif")), "--out", tmp_path / "o.zarr"],
+                    ["unrecognized arguments"])  # fmt: skip
+    assert "quote a file pattern ('slices/*.tif') so that the shell passes it whole" in line
+
+
 def test_train_with_a_missing_config_leaves_no_model_directory(capsys, inputs, tmp_path):
     from PIL import Image
 
