@@ -160,8 +160,8 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
         if worst is not None:
             # matplotlib adds .png to a name without a suffix: the name said is the file written
-            with written(errors_png if Path(errors_png).suffix else f"{errors_png}.png", "--errors-png") as path:
-                drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], path)
+            name = errors_png if Path(errors_png).suffix else f"{errors_png}.png"
+            drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], name)
             result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"], "path": str(drawn)}
     return result
 
@@ -316,7 +316,8 @@ def _sizes(ids, n, of) -> np.ndarray:
 
 def draw_split(pred: Volume, gt: Volume, split: dict, path: str | os.PathLike, max_slices: int = 12) -> Path:
     """A PNG of one split (an entry of ``errors["splits"]``): the gt object's slices side by side, cropped to its
-    box, each predicted part in its own colour and the gt outline in white."""
+    box, each predicted part in its own colour and the gt outline in white. Only the file's writing is reported as
+    a path that cannot be written (``--errors-png``); an error reading the volumes stays that error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,10 +349,12 @@ def draw_split(pred: Volume, gt: Volume, split: dict, path: str | os.PathLike, m
     parts = ", ".join(f"{p['id']} (z {p['slices'][0]}-{p['slices'][1]})" for p in split["parts"][:4])
     fig.suptitle(f"gt {split['gt']} split into predicted {parts}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        with written(path, "--errors-png") as p:
+            fig.savefig(p, dpi=110)
+    finally:
+        plt.close(fig)
+    return p
 
 
 def _pair_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

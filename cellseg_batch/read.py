@@ -123,29 +123,38 @@ def _check_dtype(dtype: np.dtype, path: str) -> np.dtype:
     return native(dtype)
 
 
+SAMPLES = {1: "greyscale", 2: "grey + alpha", 3: "RGB", 4: "RGBA"}  # samples per pixel read, as named to a user
+
+
 @dataclass(frozen=True)
 class AxisMap:
-    """Where Z, Y and X (and an RGB sample axis) sit in a stored array, and how a 2D window is cut from it.
+    """Where Z, Y and X (and a sample axis) sit in a stored array, and how a 2D window is cut from it.
 
-    ``template`` has one entry per stored axis: "Z", "Y", "X", "S" (RGB/RGBA samples), or 0 for a singleton axis."""
+    ``template`` has one entry per stored axis: "Z", "Y", "X", "S" (samples), or 0 for a singleton axis; ``samples``
+    is the length of "S": 2 grey + alpha, 3 RGB, 4 RGBA."""
 
     template: tuple
+    samples: int = 1
 
     def window(self, z: int, y0: int, y1: int, x0: int, x1: int) -> tuple:
-        cut = {"Z": z, "Y": slice(y0, y1), "X": slice(x0, x1), "S": slice(0, 3)}  # alpha is not image
+        image = slice(0, 3) if self.rgb else slice(0, 1)  # alpha is not image
+        cut = {"Z": z, "Y": slice(y0, y1), "X": slice(x0, x1), "S": image}
         return tuple(cut[a] if isinstance(a, str) else a for a in self.template)
 
     @property
     def rgb(self) -> bool:
-        return "S" in self.template
+        return self.samples >= 3
 
     def grey(self, window: np.ndarray) -> np.ndarray:
         """A window as cut, as 2D greyscale: RGB becomes the mean of R, G and B (ImageJ's unweighted conversion;
-        greyscale EM saved as RGB has three equal channels, so its values come back unchanged)."""
-        if not self.rgb:
+        greyscale EM saved as RGB has three equal channels, so its values come back unchanged); grey + alpha its
+        grey."""
+        if "S" not in self.template:
             return window
-        kept = [a for a in self.template if a in ("Y", "X", "S")]
-        mean = window.mean(axis=kept.index("S"))
+        axis = [a for a in self.template if a in ("Y", "X", "S")].index("S")
+        if not self.rgb:
+            return window.take(0, axis=axis)
+        mean = window.mean(axis=axis)
         return np.rint(mean).astype(window.dtype) if window.dtype.kind in "ui" else mean.astype(window.dtype)
 
 
@@ -167,20 +176,21 @@ def _unnamed_axes(shape: tuple[int, ...]) -> str | None:
 
 def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], AxisMap]:
     """Map an array's axes to (Z, Y, X): singleton extra axes are dropped wherever they are, a missing Z becomes
-    one slice, and RGB/RGBA samples (3 or 4) are kept for ``AxisMap.grey``."""
+    one slice, and grey + alpha, RGB or RGBA samples (2, 3 or 4) are kept for ``AxisMap.grey``."""
     axes = axes.upper()
     if len(axes) != len(shape):
         raise UserError(f"{path}: {len(shape)}D data with axes {axes!r}; {hint}")
     if 0 in shape:
         raise UserError(f"{path} is empty (shape {shape})")
     kept = [a for a, n in zip(axes, shape) if n > 1 or a in "YX"]
-    if "S" in kept and shape[axes.index("S")] not in (3, 4):
+    samples = shape[axes.index("S")] if "S" in kept else 1
+    if samples not in SAMPLES:
         raise UserError(f"{path} is multi-sample ({shape}); convert it to a greyscale stack")
     rest = [a for a in kept if a != "S"]
     if "S" in kept and len(rest) == 2 and axes.index("S") < axes.index("Y"):
         # tifffile (and others) store a (3, Y, X) or (4, Y, X) array as one planar RGB image by default: that is far
         # more often a 3-slice stack than a colour image
-        raise UserError(f"{path} is one planar RGB image of shape {shape}; if its planes are slices, save it as a "
+        raise UserError(f"{path} is one planar {SAMPLES[samples]} image of shape {shape}; if its planes are slices, save it as a "
                         "greyscale stack (tifffile: photometric='minisblack')")  # fmt: skip
     if rest[-2:] != ["Y", "X"]:
         raise UserError(f"{path} has axes {axes!r}; the last two axes must be Y and X ({hint})")
@@ -190,7 +200,7 @@ def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tu
         )
     template = tuple((a if a in "YXS" else "Z") if (n > 1 or a in "YX") else 0 for a, n in zip(axes, shape))
     size = dict(zip(template, shape))
-    return (size.get("Z", 1), size["Y"], size["X"]), AxisMap(template)
+    return (size.get("Z", 1), size["Y"], size["X"]), AxisMap(template, samples)
 
 
 class MappedVolume(Volume):
@@ -1089,7 +1099,7 @@ class ImageSequence(Volume):
         for f in self.files[1:]:
             other, other_dtype, samples = _slice_header(f)
             other_rgb = samples in (3, 4)
-            if other == shape and other_rgb == rgb and samples in (1, 3, 4) and other_dtype in widths:
+            if other == shape and other_rgb == rgb and samples in SAMPLES and other_dtype in widths:
                 widths[other_dtype].append(f)
                 continue
             said = (f"{f} is {other[0]}x{other[1]} {other_dtype}{' RGB' if other_rgb else ''}, but {self.files[0]} is "
@@ -1097,7 +1107,7 @@ class ImageSequence(Volume):
             if other != shape:
                 raise UserError(said + f"every slice of a sequence must have one size; crop or pad it to "
                                 f"{shape[0]}x{shape[1]}, or move it out")  # fmt: skip
-            if samples not in (1, 3, 4):
+            if samples not in SAMPLES:
                 raise UserError(f"{f} has {samples} samples per pixel; save every slice of a sequence as greyscale")
             if other_rgb != rgb:
                 raise UserError(said + "RGB and greyscale slices do not mix in a sequence; save every slice as "
@@ -1202,8 +1212,9 @@ def _one_slice(path: str) -> Volume:
 
 
 def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
-    """(Y, X), pixel type and samples per pixel (1 greyscale, 3/4 RGB/RGBA) from a file's header alone (thousands of
-    files are checked when a sequence opens)."""
+    """(Y, X), pixel type and samples per pixel (``SAMPLES``) from a file's header alone (thousands of files are
+    checked when a sequence opens). A TIFF of more than one page is opened whole: a stack among the slices is
+    refused here, before the run starts, while one slice with a thumbnail page is not."""
     if path.lower().endswith(".png"):
         size, dtype, samples = _png_header(path)
         return size, native(dtype), samples
@@ -1212,9 +1223,13 @@ def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]  # the pixel type as the first slice's volume has it
-            return (page.imagelength, page.imagewidth), native(page.dtype), page.samplesperpixel
+            header = (page.imagelength, page.imagewidth), native(page.dtype), page.samplesperpixel
+            pages = len(tf.pages)  # one IFD offset more to read where there is one page
     except Exception as e:
         raise UserError(f"cannot read {path} as TIFF ({e}); check that it is a complete TIFF file") from e
+    if pages > 1:
+        _one_slice(path)
+    return header
 
 
 class ArrayVolume(Volume):

@@ -293,6 +293,17 @@ def test_eval_lists_splits_and_merges_and_draws_the_worst_split(tmp_path):
     assert r["merges"][0]["pred"] == 2 and sorted(p["id"] for p in r["merges"][0]["parts"]) == [2, 3]
     png = draw_split(ArrayVolume(pred), ArrayVolume(gt), split, tmp_path / "split.png")
     assert png.stat().st_size > 1000
+    # only the PNG's writing is "cannot write --errors-png": a volume that fails to read says its own error
+    with pytest.raises(UserError, match="cannot write --errors-png"):
+        draw_split(ArrayVolume(pred), ArrayVolume(gt), split, tmp_path / "split.png" / "in_a_file.png")
+
+    class Unreadable(ArrayVolume):
+        def read(self, *box):
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        draw_split(Unreadable(pred), ArrayVolume(gt), split, tmp_path / "again.png")
+    assert not isinstance(raised.value, UserError) and not (tmp_path / "again.png").exists()
 
 
 def test_class_flips_between_slices_follow_the_object_with_exclusive_classes(tmp_path):

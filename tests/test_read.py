@@ -71,6 +71,26 @@ def test_rgb_em_is_read_as_the_mean_of_its_channels(tmp_path, planar):
     _check(tmp_path / "colour.tif", expected)
 
 
+def test_grey_with_alpha_is_read_as_its_grey(tmp_path):
+    """Grey + alpha (Fiji, GIMP and Pillow "LA" exports) was refused as multi-sample: the grey is the image."""
+    from PIL import Image
+
+    grey = (DATA // 16).astype(np.uint8)
+    alpha = np.full_like(grey, 255)
+    tifffile.imwrite(tmp_path / "la.tif", np.stack([grey, alpha], axis=-1), photometric="minisblack",
+                     extrasamples=["unassalpha"])  # fmt: skip
+    _check(tmp_path / "la.tif", grey)
+    assert not open_volume(tmp_path / "la.tif").rgb  # its grey values are not a mean of colours
+    (tmp_path / "seq").mkdir()
+    for z, image in enumerate(grey):  # a sequence mixing L and LA slices reads as one greyscale stack
+        frame = Image.fromarray(np.stack([image, alpha[z]], axis=-1), "LA") if z % 2 else Image.fromarray(image)
+        frame.save(tmp_path / "seq" / f"s{z}.png")
+    _check(tmp_path / "seq", grey)
+    tifffile.imwrite(tmp_path / "five.tif", np.stack([grey] * 5, axis=-1), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(UserError, match="multi-sample"):
+        open_volume(tmp_path / "five.tif")
+
+
 def test_three_planes_stored_as_one_planar_rgb_image_are_refused(tmp_path):
     """tifffile writes a (3, Y, X) array as one planar RGB image by default: more likely 3 slices than colour."""
     tifffile.imwrite(tmp_path / "v.tif", (DATA[:3] // 16).astype(np.uint8))
@@ -231,6 +251,16 @@ def test_an_image_sequence_that_does_not_fit_together_is_refused_naming_the_file
     tifffile.imwrite(tmp_path / "seq" / "slice_0.tif", DATA[:2], photometric="minisblack")
     with pytest.raises(UserError, match="slice_0.tif holds 2 slices; an image sequence holds one 2D image per file"):
         open_volume(tmp_path / "seq")
+    # a stack among the slices is refused when the sequence opens (it was found by the run's first read of it),
+    # a slice saved with a thumbnail page is a slice
+    _write_sequence(tmp_path / "seq2", DATA, "tif")
+    with tifffile.TiffWriter(tmp_path / "seq2" / "slice_3.tif") as w:
+        w.write(DATA[3], photometric="minisblack")
+        w.write(DATA[3, ::4, ::4], photometric="minisblack", subfiletype=1)  # a reduced image: the thumbnail
+    _check(tmp_path / "seq2")
+    tifffile.imwrite(tmp_path / "seq2" / "slice_4.tif", DATA[:2], photometric="minisblack")
+    with pytest.raises(UserError, match="slice_4.tif holds 2 slices; an image sequence holds one 2D image per file"):
+        open_volume(tmp_path / "seq2")
     with pytest.raises(UserError, match="no file matches"):
         open_volume(tmp_path / "seq" / "*.png")
 
