@@ -45,6 +45,7 @@ class Volume:
     """A (Z, Y, X) greyscale volume read one 2D window at a time; picklable (workers reopen it by path)."""
 
     kind = "volume"
+    origin_nm: tuple[float, float, float] | None = None  # where voxel (0, 0, 0) sits (Z, Y, X nm), if the file says
 
     def __init_subclass__(cls, **kwargs):
         # every reader's windows come back in native byte order (fastremap, cc3d and zarr refuse big-endian ids and
@@ -481,6 +482,7 @@ class ZarrVolume(Volume):
             node = zarr.open(self._array_path, mode="r")
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
             pixel = ngff_pixel_size(ms, level0)
+            self.origin_nm = ngff_origin(ms, level0)
         if axes is None or len(axes) != node.ndim:
             axes = _plain_axes(node.shape, self.path)
         zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
@@ -606,10 +608,11 @@ NGFF_NM_PER_UNIT = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "
                     "angstrom": 0.1, "picometer": 1e-3}  # NGFF's (UDUNITS-2) names of the lengths EM pixels have
 
 
-def _scale(node: dict) -> list | None:
-    """The scale transform of a multiscale or of one of its datasets (NGFF ``coordinateTransformations``)."""
+def _scale(node: dict, kind: str = "scale") -> list | None:
+    """The scale (or translation) transform of a multiscale or of one of its datasets (NGFF
+    ``coordinateTransformations``)."""
     transforms = node.get("coordinateTransformations")
-    return next((t.get("scale") for t in transforms if isinstance(t, dict) and t.get("type") == "scale"), None) if (
+    return next((t.get(kind) for t in transforms if isinstance(t, dict) and t.get("type") == kind), None) if (
         isinstance(transforms, list)) else None  # fmt: skip
 
 
@@ -647,6 +650,38 @@ def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None
     return (out.get("z", out["y"]), out["y"], out["x"])
 
 
+def ngff_origin(ms: dict, level0: dict) -> tuple[float, float, float] | None:
+    """Z, Y, X nm of the first voxel of a multiscale's dataset ``level0`` (a crop of a larger volume): its translation,
+    then the multiscale's own scale and translation, as NGFF 0.4+ applies them; None where there is none, or where
+    an axis has no length unit."""
+    axes = ms.get("axes", [])
+    own, scale, shift = (_scale(level0, "translation"), _scale(ms), _scale(ms, "translation"))
+    if own is None and shift is None:
+        return None
+    own, scale, shift = own or [0.0] * len(axes), scale or [1.0] * len(axes), shift or [0.0] * len(axes)
+    numbers = [*own, *scale, *shift]
+    if not len(own) == len(scale) == len(shift) == len(axes) or not all(_is_number(v) for v in numbers):
+        return None
+    out = {}
+    for a, t, s, u in zip(axes, own, scale, shift):
+        name = a.get("name", "").lower() if isinstance(a, dict) else str(a).lower()
+        if name in ("z", "y", "x"):
+            nm = NGFF_NM_PER_UNIT.get(a.get("unit")) if isinstance(a, dict) else None
+            if nm is None:
+                return None
+            out[name] = (t * s + u) * nm
+    return _origin(out.get("z", 0.0), out.get("y", 0.0), out.get("x", 0.0))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _origin(*zyx: float) -> tuple[float, float, float] | None:
+    """An origin worth carrying: None where it is the default, (0, 0, 0)."""
+    return tuple(float(v) for v in zyx) if any(zyx) else None
+
+
 HDF5_PATH = re.compile(r"^(?P<file>.*\.(?:h5|hdf5|hdf))(?:[:/](?P<dataset>.+))?$", re.IGNORECASE)
 
 
@@ -679,6 +714,7 @@ class Hdf5Volume(Volume):
                 self._dataset = name
                 axes = _hdf5_axes(node) or _plain_axes(node.shape, self.path)
                 zyx, self._axes = _to_zyx(node.shape, axes, self.path, "name a (Z, Y, X) dataset")
+                self.origin_nm = _hdf5_origin(node.attrs)
                 return zyx, _check_dtype(node.dtype, self.path), _hdf5_pixel_size(node.attrs)
         except UserError:
             raise
@@ -725,6 +761,15 @@ def _hdf5_axes(node) -> str | None:
         except (ValueError, KeyError, TypeError):
             pass
     return _unnamed_axes(node.shape)
+
+
+def _hdf5_origin(attrs) -> tuple[float, float, float] | None:
+    """CREMI's ``offset`` (Z, Y, X nm: where a padded or cropped volume sits in the whole), else None."""
+    try:
+        offset = [float(v) for v in np.ravel(attrs.get("offset", []))]
+    except (TypeError, ValueError):
+        return None
+    return _origin(*offset) if len(offset) == 3 and all(map(math.isfinite, offset)) else None
 
 
 def _hdf5_pixel_size(attrs) -> tuple[float | None, float, float] | None:
@@ -790,11 +835,12 @@ class N5Volume(Volume):
         self._block = tuple(reversed(attrs.get("blockSize") or dims))
         check_shape(zyx, self.path)  # before tensorstore opens it
         self._local.arr = self._open()  # now: an unsupported compression is refused before the run starts
-        pixel = _n5_pixel_size(attrs)
+        pixel, self.origin_nm = _n5_pixel_size(attrs), _n5_origin(attrs)
         if pixel is None and Path(self._dir).name == "s0":  # a multiscale's level 0: its group's pixel size
             factors = attrs.get("downsamplingFactors")
             if not isinstance(factors, list) or all(f == 1 for f in factors):
-                pixel = _n5_pixel_size(_n5_attrs(Path(self._dir).parent) or {})
+                group = _n5_attrs(Path(self._dir).parent) or {}
+                pixel, self.origin_nm = _n5_pixel_size(group), self.origin_nm or _n5_origin(group)
         return zyx, dtype, pixel
 
     def _open(self):
@@ -905,6 +951,22 @@ def _n5_pixel_size(attrs: dict) -> tuple[float | None, float, float] | None:
     if isinstance(attrs.get("resolution"), list):
         return _x_first([_scaled(s, "nm") for s in attrs["resolution"]])
     return None
+
+
+def _n5_origin(attrs: dict) -> tuple[float, float, float] | None:
+    """(z, y, x) nm of the first voxel from cosem's ``transform`` (its ``translate``, axes named, with units)."""
+    t = attrs.get("transform")
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), list) for k in ("axes", "translate", "units")):
+        return None
+    if not len(t["axes"]) == len(t["translate"]) == len(t["units"]):
+        return None
+    at = {}
+    for a, v, u in zip(t["axes"], t["translate"], t["units"]):
+        nm = NM_PER_UNIT.get(str(u)) or NGFF_NM_PER_UNIT.get(str(u).lower())
+        if not (_is_number(v) and nm):
+            return None
+        at[str(a).lower()] = float(v) * nm
+    return _origin(at.get("z", 0.0), at.get("y", 0.0), at.get("x", 0.0))
 
 
 def _scaled(size, unit) -> float | None:

@@ -253,8 +253,10 @@ class Output:
                 after_layer()
 
     # -- completion (driver) ------------------------------------------------------------------------------------
-    def finalize(self, pixel_size_nm, z_offset: int = 0) -> None:
-        """Write the NGFF metadata and mark the output complete: the last write of a successful run."""
+    def finalize(self, pixel_size_nm, z_offset: int = 0, origin_nm=None) -> None:
+        """Write the NGFF metadata and mark the output complete: the last write of a successful run. Each level's
+        translation puts its voxels where the input's are: the input's own origin (``origin_nm``, a crop of a larger
+        volume), the first slice run (``z_offset``) and the level's downsampling."""
         import zarr
 
         root = zarr.open_group(str(self.path), mode="r+")
@@ -263,13 +265,15 @@ class Output:
         version = FORMATS[self.format][0]
         unit = "nanometer" if pixel_size_nm else None
         pz, py, px = pixel_size_nm or (1.0, 1.0, 1.0)
+        oz, oy, ox = origin_nm if pixel_size_nm and origin_nm else (0.0, 0.0, 0.0)  # nm: unitless scales have none
 
         def multiscales(name: str, kind: str) -> list:
             axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in "zyx"]
             datasets = [
                 {"path": str(k), "coordinateTransformations": [
                     {"type": "scale", "scale": [pz, py * 2**k, px * 2**k]},
-                    {"type": "translation", "translation": [z_offset * pz, *level_offset(k, kind, (py, px))]},
+                    {"type": "translation", "translation": [oz + z_offset * pz, *(
+                        o + d for o, d in zip((oy, ox), level_offset(k, kind, (py, px))))]},
                 ]}
                 for k in range(levels)
             ]  # fmt: skip

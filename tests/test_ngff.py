@@ -178,3 +178,36 @@ def test_image_levels_are_2x2_means_without_overflow_or_wrapping(dtype):
     assert got.dtype == dtype and got.shape == (5, 4)
     np.testing.assert_allclose(got.astype(np.float64), want.astype(dtype).astype(np.float64), rtol=1e-6)
     assert got[0, 0] == hi
+
+
+def test_a_crop_of_a_larger_volume_keeps_its_place(tmp_path):
+    """An OME-Zarr crop (its datasets translated, as webKnossos, OpenOrganelle and ome-zarr crops write them) was
+    run as if at (0, 0, 0): labels written without the image copy (a TB volume's usual run) did not overlay their
+    own input in a viewer. Its origin, then the first slice run, then each level's own shift."""
+    import json
+
+    from cellseg_batch.read import open_volume
+    from conftest import cli
+
+    cells = np.zeros((4, 96, 80), np.uint32)
+    cells[:, 10:40, 10:50], cells[:, 50:90, 20:70] = 1, 2
+    image = (cells * 90 + 20).astype(np.uint8)
+    origin = [1200.0, 4000.0, 800.0]  # nm: a crop 40 slices and 800 x 200 px into its volume
+    for name, data in (("img", image), ("seg", cells)):  # NGFF 0.4 as ome-zarr-py writes a translated image
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=2)
+        root.create_array("0", shape=data.shape, dtype=data.dtype, chunks=(1, 32, 32))[:] = data
+        root.attrs["multiscales"] = [{
+            "version": "0.4", "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [30.0, 5.0, 4.0]}, {"type": "translation", "translation": origin}]}],
+        }]  # fmt: skip
+    assert open_volume(tmp_path / "img.zarr").origin_nm == tuple(origin)
+    cli("run", tmp_path / "img.zarr", "--predictor", "labels", "--labels", tmp_path / "seg.zarr", "--classes", "cell",
+        "--tile", 64, "--overlap", 16, "--slices", "1:4", "--no-progress", "--out", tmp_path / "o.zarr")  # fmt: skip
+    for group, kind_shift in ((tmp_path / "o.zarr" / "labels" / "cell", 0.0), (tmp_path / "o.zarr", 1.0)):
+        for k, dataset in enumerate(_multiscale(group)["datasets"]):
+            t = {c["type"]: c[c["type"]] for c in dataset["coordinateTransformations"]}["translation"]
+            shift = kind_shift * (2**k - 1) / 2  # the mean-pooled image's levels sit half their pooling further
+            assert t == pytest.approx([origin[0] + 30.0, origin[1] + shift * 5.0, origin[2] + shift * 4.0]), (group, k)
+    report = json.loads((tmp_path / "o.zarr" / "cellseg" / "report.json").read_text())
+    assert report["input"]["origin_nm"] == origin

@@ -345,9 +345,11 @@ def test_hdf5_datasets_as_cremi_ilastik_and_fiji_write_them(tmp_path):
         f.create_dataset("volumes/raw", data=DATA, chunks=(1, 64, 64), compression="gzip")
         f["volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
         f.create_dataset("volumes/labels/neuron_ids", data=DATA.astype(np.uint64))
+        f["volumes/labels/neuron_ids"].attrs["offset"] = (1520.0, 3644.0, 3644.0)  # CREMI's padded volumes: nm
     for path in (f"{tmp_path / 'cremi.hdf'}/volumes/raw", f"{tmp_path / 'cremi.hdf'}:volumes/raw"):
         _check(path)
-        assert open_volume(path).pixel_size_nm == (40.0, 4.0, 4.0)
+        assert open_volume(path).pixel_size_nm == (40.0, 4.0, 4.0) and open_volume(path).origin_nm is None
+    assert open_volume(f"{tmp_path / 'cremi.hdf'}/volumes/labels/neuron_ids").origin_nm == (1520.0, 3644.0, 3644.0)
     with pytest.raises(UserError, match=r"holds 2 image datasets \(volumes/labels/neuron_ids, volumes/raw\); name one"):
         open_volume(tmp_path / "cremi.hdf")
     with pytest.raises(UserError, match="has no dataset 'volumes/rwa'; its image datasets: volumes/labels"):
@@ -530,6 +532,27 @@ def test_ome_zarr_scale_of_the_whole_multiscale_and_levels_out_of_order(tmp_path
     }]  # fmt: skip
     _check(tmp_path / "img.zarr")
     assert open_volume(tmp_path / "img.zarr").pixel_size_nm == pytest.approx((30.0, 4.0, 4.0))
+
+
+@pytest.mark.parametrize("level, whole, origin", [
+    ([2.0, 10.0, 0.0], None, (2000.0, 10000.0, 0.0)),  # the dataset's translation, micrometer axes
+    ([2.0, 10.0, 0.0], {"scale": [0.03, 0.004, 0.004], "translation": [1.0, 0.0, 0.5]}, (1060.0, 40.0, 500.0)),
+    (None, {"translation": [0.0, 0.0, 0.0]}, None),  # at (0, 0, 0): nothing to carry
+    ([2.0, 10.0, "0"], None, None),  # not a number: unknown, not a guess
+])  # fmt: skip
+def test_an_ome_zarr_crop_says_where_its_first_voxel_is(tmp_path, level, whole, origin):
+    """Where voxel (0, 0, 0) sits: the dataset's translation, then the multiscale's scale and translation (NGFF 0.4+);
+    the output's translations start there (test_ngff)."""
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    root.create_array("0", shape=DATA.shape, dtype=DATA.dtype, chunks=DATA.shape)[:] = DATA
+    transforms = [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]
+    transforms += [{"type": "translation", "translation": level}] if level else []
+    root.attrs["multiscales"] = [{
+        "version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+        **({"coordinateTransformations": [{"type": k, k: v} for k, v in whole.items()]} if whole else {}),
+    }]  # fmt: skip
+    assert open_volume(tmp_path / "img.zarr").origin_nm == (pytest.approx(origin) if origin else None)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])

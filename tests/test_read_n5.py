@@ -107,6 +107,14 @@ def test_n5_pixel_size_from_the_common_attributes(tmp_path, attrs, nm):
     _write_by_hand(tmp_path / "vol.n5" / "raw", DATA, attrs=attrs)
     v = open_volume(tmp_path / "vol.n5" / "raw")
     assert v.pixel_size_nm == (pytest.approx(nm) if nm else None)
+    assert v.origin_nm is None
+
+
+def test_a_cosem_n5_crop_says_where_its_first_voxel_is(tmp_path):
+    """OpenOrganelle's crops carry a ``translate`` (units per axis): the run's output starts there (test_ngff)."""
+    transform = {"axes": ["z", "y", "x"], "scale": [8, 8, 8], "units": ["nm", "nm", "nm"], "translate": [1.6, 800, 0]}
+    _write_by_hand(tmp_path / "vol.n5" / "raw", DATA, attrs={"transform": transform})
+    assert open_volume(tmp_path / "vol.n5" / "raw").origin_nm == pytest.approx((1.6, 800.0, 0.0))
 
 
 def _bdv(root: Path) -> None:

@@ -498,7 +498,8 @@ class Run:
             "status": "complete",
             "mode": mode,
             "input": {"volume": cfg.volume, "shape": list(self.volume.shape), "dtype": str(self.volume.dtype),
-                      "slices": [self.z0, self.z1], "pixel_size_nm": self.pixel_size},
+                      "slices": [self.z0, self.z1], "pixel_size_nm": self.pixel_size,
+                      "origin_nm": self.volume.origin_nm},
             "config": asdict(cfg),
             "plan": {"predictor": cfg.predictor, "classes": self.classes, "tile": self.grid.tile,
                      "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid), "zoom": list(self.plan.zoom),
@@ -554,7 +555,7 @@ class Run:
         out.write_report(report)
         write_html(out, report, pictures)
         with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
-            out.finalize(self.pixel_size, self.z0)
+            out.finalize(self.pixel_size, self.z0, self.volume.origin_nm)
         if arrived:
             log.warning("a stop request arrived while the output was being finished; it is complete")
         return report
