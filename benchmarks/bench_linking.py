@@ -381,8 +381,9 @@ def stitch3d_or_copy():
     return copy, "stitch3D re-implemented (cellpose not importable)"
 
 
-def run_stack(det: np.ndarray, out: Path, base: Path | None = None) -> np.ndarray:
-    """One class of 2D instances through ``run --predictor labels`` (256 px tiles): this checkout, or ``base``."""
+def run_stack(det: np.ndarray, out: Path, base: Path | None = None, extra: tuple = ()) -> np.ndarray:
+    """One class of 2D instances through ``run --predictor labels`` (256 px tiles, then the options ``extra``): this
+    checkout, or ``base``."""
     import tifffile
     import zarr
 
@@ -391,7 +392,7 @@ def run_stack(det: np.ndarray, out: Path, base: Path | None = None) -> np.ndarra
     tifffile.imwrite(out / "vol.tif", np.where(det > 0, 60, 200).astype(np.uint8))
     root = base or HERE.parent
     args = ["run", out / "vol.tif", "--predictor", "labels", "--labels", out / "det.tif", "--classes", "obj", "--tile",
-            256, "--overlap", 16, "--no-progress", "--no-image", "--out", out / "out.zarr"]  # fmt: skip
+            256, "--overlap", 16, "--no-progress", "--no-image", "--out", out / "out.zarr", *extra]  # fmt: skip
     subprocess.run([sys.executable, "-c", "import sys; from cellseg_batch.cli import main; sys.exit(main(sys.argv[1:]))",
                     *map(str, args)], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(root)},
                    cwd=root)  # fmt: skip
@@ -404,14 +405,17 @@ def real_faults(only: list[str] | None = None) -> dict:
     misaligned sections and crossings), F1@0.5 and VI against the truth; beside stitch3D and the best any linking
     can do with those 2D instances (each takes the truth id most of its pixels have). The ISBI ssTEM stack has no
     3D truth: its clean 2D instances are linked and how much of its volume the largest objects hold is reported.
-    ``only``: just the faults whose names hold one of these (no ISBI)."""
+    ``only``: just the faults whose names hold one of these (no ISBI). ``REAL_AFTER_ARGS``: options of this
+    checkout's runs (e.g. ``--min-slices auto``), recorded."""
     if not (SHARED_DATA / "platelet-em-24-z0").exists():
         return {"skipped": f"no shared data at {SHARED_DATA}"}
     peer, peer_name = stitch3d_or_copy()
     truth = platelet_3d()
     det = per_slice(truth)
     ref = os.environ.get("REAL_BASE_REF", "ba94679")
-    out = {"truth": "platelet-em-24-z0's organelles, platelet_3d(24, seed 0)", "before": ref, "peer": peer_name}
+    extra = tuple(os.environ.get("REAL_AFTER_ARGS", "").split())
+    out = {"truth": "platelet-em-24-z0's organelles, platelet_3d(24, seed 0)", "before": ref, "peer": peer_name,
+           "after_options": " ".join(extra)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         base = base_checkout(Path(tmp), ref)
         for k, (name, fault) in enumerate(faults(len(truth)).items()):
@@ -423,7 +427,7 @@ def real_faults(only: list[str] | None = None) -> dict:
             order = np.lexsort((-counts, pairs[0]))
             best = np.zeros(int(d.max()) + 1, np.uint32)
             best[pairs[0][order][::-1]] = pairs[1][order][::-1]  # the last write of each id: its largest share
-            row = {"before": run_stack(d, Path(tmp) / f"b{k}", base), "after": run_stack(d, Path(tmp) / f"a{k}"),
+            row = {"before": run_stack(d, Path(tmp) / f"b{k}", base), "after": run_stack(d, Path(tmp) / f"a{k}", extra=extra),
                    "stitch3D": np.asarray(peer(d.copy(), stitch_threshold=0.25)).astype(np.uint32),
                    "best possible": best[d]}  # fmt: skip
             out[name] = {label: one_class(pred, t) for label, pred in row.items()}
@@ -434,7 +438,7 @@ def real_faults(only: list[str] | None = None) -> dict:
 
             det = per_slice(tifffile.imread(isbi)[:, :384, :384])
             out["isbi2012 (no 3D truth)"] = {label: dense_proxies(det, pred) for label, pred in (
-                ("before", run_stack(det, Path(tmp) / "ib", base)), ("after", run_stack(det, Path(tmp) / "ia")),
+                ("before", run_stack(det, Path(tmp) / "ib", base)), ("after", run_stack(det, Path(tmp) / "ia", extra=extra)),
                 ("stitch3D", np.asarray(peer(det.copy(), stitch_threshold=0.25))))}  # fmt: skip
     return out
 

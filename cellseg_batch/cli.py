@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 to 3: N, or CLASS=N,... (default %(default)s)")  # fmt: skip
     g.add_argument("--min-voxels", help="drop objects smaller than this: N, or CLASS=N,... (default: keep all)")
     g.add_argument("--min-slices", help="drop objects spanning fewer slices, except those in the first or last slice "
-                   "(the volume cuts them): N, or CLASS=N,... (default: keep all)")  # fmt: skip
+                   "(the volume cuts them): N, auto, or CLASS=N,...; auto drops a class's one-slice objects where its "
+                   "objects span 3 or more slices (0: keep all) (default %(default)s)")  # fmt: skip
     g = r.add_argument_group("input and output")
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--chunk", type=int, help="output chunk side in pixels, every level (default %(default)s); "

@@ -34,7 +34,7 @@ class RunConfig:
     link_ioa: float = 0.5
     link_gap: str = "2"
     min_voxels: str | None = None
-    min_slices: str | None = None
+    min_slices: str | None = "auto"  # one-slice specks dropped where the class spans many slices (link._clean_up)
     slices: str | None = None
     pixel_size: str | None = None
     rescale: bool = False
@@ -137,21 +137,27 @@ def slice_runs(zs) -> list[list[int]]:
     return runs
 
 
+AUTO = -1  # a class minimum the data decides (``--min-slices auto``: ``link._clean_up``)
+
+
 def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,
-                         most: int | None = None) -> tuple[int, ...]:  # fmt: skip
+                         most: int | None = None, auto: bool = False) -> tuple[int, ...]:  # fmt: skip
     """``"N"`` (every class) or ``"CLASS=N,CLASS=N"`` (a plain N among them: the other classes) -> one int in
-    [0, most] per class (0 where not given); with ``classes`` None only the syntax is checked."""
+    [0, most] per class (0 where not given); with ``auto``, N may be ``auto`` (``AUTO``); with ``classes`` None only
+    the syntax is checked."""
     if text is None or str(text) == "":
         return tuple(0 for _ in classes or ())
-    usage = f"{option} {text!r}: give N or CLASS=N,CLASS=N (N a whole number from 0{f' to {most}' if most else ''})"
+    n_is = f"a whole number from 0{f' to {most}' if most else ''}{' or auto' if auto else ''}"
+    usage = f"{option} {text!r}: give N or CLASS=N,CLASS=N (N {n_is})"
     out: dict[str | None, int] = {}
     for part in str(text).split(","):
         name, sep, value = (s.strip() for s in part.rpartition("="))
+        is_auto = auto and value.lower() == "auto"
         try:
-            n = int(value)
+            n = AUTO if is_auto else int(value)
         except ValueError:
             raise UserError(usage) from None
-        if n < 0 or (most is not None and n > most) or (sep and not name) or (name if sep else None) in out:
+        if (n < 0 and not is_auto) or (most is not None and n > most) or (sep and not name) or (name if sep else None) in out:
             raise UserError(usage)
         out[name if sep else None] = n
     if classes is None:
@@ -219,7 +225,7 @@ SYNTAX = {
     "slices": lambda text: parse_slices(text, None),
     "link_gap": lambda text: parse_class_minimums(text, None, "--link-gap", most=3),
     "min_voxels": lambda text: parse_class_minimums(text, None, "--min-voxels"),
-    "min_slices": lambda text: parse_class_minimums(text, None, "--min-slices"),
+    "min_slices": lambda text: parse_class_minimums(text, None, "--min-slices", auto=True),
 }
 
 

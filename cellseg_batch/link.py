@@ -51,7 +51,11 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
    takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them). An object in
-   the run's first or last slice is never dropped for its slices: the volume's end cut it.
+   the run's first or last slice is never dropped for its slices: the volume's end cut it. ``min_slices`` auto
+   lets the class's own objects decide: where those inside the run (in neither end slice) that span two or more
+   slices are ``AUTO_MIN_OBJECTS`` or more and span ``AUTO_TYPICAL_SLICES`` or more at the median, an object there in
+   one slice alone (no partner above, below or across a gap) is not what the class looks like at this z spacing:
+   a false detection; it is dropped. Elsewhere (a thin class, thick sections, too few objects to tell) nothing is.
    Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
 
 Scores break ties only (equal IoU, equal IoA: the higher-scored partner, then the lower index), so the result
@@ -81,6 +85,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import AUTO
 from .stitch import ZOVERLAP, fragment_rows, slice_instances, zoverlaps
 from .tiles import Box, TileGrid
 
@@ -121,6 +126,8 @@ class LinkStats:
     instances_over_4_tiles: int = 0
     per_class: dict = field(default_factory=dict)
     dropped: dict = field(default_factory=dict)  # class index -> {"objects": n, "voxels": v} removed by clean-up
+    # class index -> what ``--min-slices auto`` saw and chose for it (``_auto_min_slices``)
+    min_slices_auto: dict = field(default_factory=dict)
     # class index -> (2D instances whose object has another instance in their slice, 2D instances): a branch makes a
     # few; most of them means objects that tile the plane (neurites) joining through rule 2 and gap edges
     sharing_a_slice: dict = field(default_factory=dict)
@@ -837,6 +844,10 @@ def _count_sharing(comp, z, cls, area, n_classes: int, n_slices: int, stats: Lin
             stats.sharing_a_slice[c] = (int(shared[mine].sum()), int(mine.sum()))
 
 
+AUTO_MIN_OBJECTS = 5  # --min-slices auto: interior objects of two or more slices needed to tell a class's extent
+AUTO_TYPICAL_SLICES = 3  # ... and the median slices they span, for one-slice objects to be out of place
+
+
 def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, n_slices: int, rule: LinkRule, stats: LinkStats
               ) -> np.ndarray:  # fmt: skip
     """Per component: whether it meets its class's minimum voxels and slices; counts what is dropped. An object in
@@ -848,17 +859,32 @@ def _clean_up(comp, comp_cls, area, z, voxels, n_classes: int, n_slices: int, ru
     present = area > 0
     np.minimum.at(z0, comp[present], z[present])
     np.maximum.at(z1, comp[present], z[present])
+    span, inside = z1 - z0 + 1, (z0 > 0) & (z1 < n_slices - 1) & (voxels > 0)
     min_vox = np.zeros(n_classes, np.int64)
     min_sl = np.zeros(n_classes, np.int64)
     min_vox[: len(rule.min_voxels)] = rule.min_voxels
     min_sl[: len(rule.min_slices)] = rule.min_slices
-    ok = (voxels >= min_vox[comp_cls]) & ((z1 - z0 + 1 >= min_sl[comp_cls]) | (z0 == 0) | (z1 == n_slices - 1))
+    for c in np.nonzero(min_sl == AUTO)[0]:
+        min_sl[c] = _auto_min_slices(span[inside & (comp_cls == c)], int(c), stats)
+    ok = (voxels >= min_vox[comp_cls]) & ((span >= min_sl[comp_cls]) | ~inside)
     drop = ~ok & (voxels > 0)
     for c in range(n_classes):
         mine = drop & (comp_cls == c)
         if mine.any():
             stats.dropped[c] = {"objects": int(mine.sum()), "voxels": int(voxels[mine].sum())}
     return ok
+
+
+def _auto_min_slices(spans: np.ndarray, cls: int, stats: LinkStats) -> int:
+    """``--min-slices auto`` for one class from the slices its interior objects span: 2 (one-slice objects dropped)
+    where those of two or more slices are enough to tell and typically span ``AUTO_TYPICAL_SLICES`` or more; else 0.
+    One-slice objects do not count towards the median: a model's specks can outnumber the objects."""
+    long = spans[spans >= 2]
+    median = float(np.median(long)) if len(long) else 0.0
+    chosen = 2 if len(long) >= AUTO_MIN_OBJECTS and median >= AUTO_TYPICAL_SLICES else 0
+    stats.min_slices_auto[cls] = {"interior_objects_of_2_or_more_slices": int(len(long)),
+                                  "their_median_slices": median, "min_slices": chosen}  # fmt: skip
+    return chosen
 
 
 def _with_fills(frag: np.ndarray, per_row: np.ndarray, fills, grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:

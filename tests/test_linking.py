@@ -49,7 +49,12 @@ def test_class_minimums():
     with pytest.raises(UserError, match="unknown class 'c'"):
         parse_class_minimums("c=2", ["a", "b"], "--min-voxels")
     assert parse_class_minimums("cell=0,2", ["cell", "mito"], "--link-gap", most=3) == (0, 2)
-    for field, value in (("link_gap", "4"), ("link_gap", "cell=-1"), ("min_slices", "a=x")):
+    assert parse_class_minimums("auto", ["a", "b"], "--min-slices", auto=True) == (-1, -1)
+    assert parse_class_minimums("b=AUTO,2", ["a", "b"], "--min-slices", auto=True) == (2, -1)
+    with pytest.raises(UserError, match=r"N a whole number from 0\)$"):  # auto only where it means something
+        parse_class_minimums("auto", ["a"], "--min-voxels")
+    for field, value in (("link_gap", "4"), ("link_gap", "cell=-1"), ("min_slices", "a=x"), ("min_slices", "autox"),
+                         ("min_voxels", "auto")):  # fmt: skip
         with pytest.raises(UserError):
             check_run_config(RunConfig("v", "o", predictor="labels", **{field: value}))
 
@@ -564,3 +569,49 @@ def test_gap_edges_beside_moved_sections_free_the_instances_the_link_stage_frees
     truth = _discs(12, 224, centres, rng, (6, 8))
     out, seen = _missed_and_moved(tmp_path, truth, (5, 7, 8), {5: (14, 10), 8: (-13, 6)}, rng)
     assert_same_instances(labels_of(out, "mitochondrion"), seen)
+
+
+def test_min_slices_auto_drops_one_slice_specks_only_where_the_class_spans_many_slices(tmp_path):
+    """``--min-slices auto``: a class whose objects span many slices (tubes) loses its one-slice specks inside the
+    run, not the one in the first slice (the volume's end cut it); a class of one-slice objects (vesicles in thick
+    sections) and a class of too few objects to tell keep theirs. The report says what each class was judged by."""
+    import tifffile
+
+    det = np.zeros((12, 160, 160), np.uint32)
+    classes, n = {}, 0
+
+    def put(name, zs, y, x, r):
+        nonlocal n
+        n += 1
+        for z in zs:
+            det[z, y - r : y + r, x - r : x + r] = n
+        classes[str(n)] = name
+
+    for k in range(6):  # six tubes inside the run, 3-8 slices long: the class spans many slices
+        put("tube", range(2, 5 + k % 6), 12 + 26 * k, 14, 6)
+    specks = [(3, 12, 60), (6, 64, 60), (9, 120, 60)]
+    for z, y, x in specks:
+        put("tube", [z], y, x, 3)
+    put("tube", [0], 150, 60, 3)  # in the first slice: kept whatever its extent
+    for k in range(8):  # vesicles: each in one slice, as thick sections show small objects
+        put("vesicle", [1 + k], 12 + 18 * k, 110, 3)
+    put("rare", range(2, 9), 30, 145, 5)  # one long object and one speck: too few to tell
+    put("rare", [5], 90, 145, 3)
+    data = tmp_path / "d"
+    data.mkdir()
+    tifffile.imwrite(data / "volume.tif", np.where(det > 0, 60, 200).astype(np.uint8))
+    tifffile.imwrite(data / "det.tif", det)
+    (data / "classes.json").write_text(json.dumps(classes))
+    out = tmp_path / "o.zarr"
+    cli("run", data / "volume.tif", "--predictor", "labels", "--labels", data / "det.tif", "--classes",
+        data / "classes.json", "--tile", 96, "--overlap", 16, "--min-slices", "auto", "--out", out, "--no-progress")  # fmt: skip
+    tubes = labels_of(out, "tube")
+    for z, y, x in specks:
+        assert tubes[z, y, x] == 0, (z, y, x)
+    assert tubes[0, 150, 60] > 0 and len(np.unique(tubes[tubes > 0])) == 7
+    assert len(np.unique(labels_of(out, "vesicle"))) == 9 and len(np.unique(labels_of(out, "rare"))) == 3
+    counts = json.loads((out / "cellseg" / "report.json").read_text())["counts"]
+    assert counts["dropped_by_cleanup"] == {"tube": {"objects": 3, "voxels": 3 * 36}}
+    auto = counts["min_slices_auto"]
+    assert auto["tube"] == {"interior_objects_of_2_or_more_slices": 6, "their_median_slices": 5.5, "min_slices": 2}
+    assert auto["vesicle"]["min_slices"] == 0 and auto["rare"]["min_slices"] == 0

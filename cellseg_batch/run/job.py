@@ -160,7 +160,7 @@ class Run:
         self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
                                   parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
                                   parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
-                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices"),
+                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices", auto=True),
                                   tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.output = Output(cfg.out)
@@ -525,6 +525,7 @@ class Run:
                 "z_crossings_cut": stats.crossings,
                 "gap_seconds": round(stats.gap_seconds, 3),
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
+                "min_slices_auto": {self.classes[int(c)]: d for c, d in stats.min_slices_auto.items()},
             },
             "output": {"label_dtype": str(np.dtype(next(s for s in self.stages if s.name == "write").dtype or "uint32"))},
             "merge_quality": {
