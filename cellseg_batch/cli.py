@@ -101,9 +101,10 @@ def _train(args) -> int:
 
 
 def _convert(args) -> int:
-    from .coco import labels_to_coco
+    from .coco import labels_to_coco, output_volume
     from .read import check_label_stack, ngff_label_layers, open_label_layers, open_volume
 
+    first = 0  # the volume slice of the labels' slice 0: a run of part of its volume (run --slices) starts later
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
         layers = open_label_layers(([args.labels] if args.labels else []) + args.more_labels, args.classes)
@@ -112,16 +113,20 @@ def _convert(args) -> int:
         layers = ngff_label_layers(args.output)
         if layers is None:
             raise UserError(f"{args.output} is not a cellseg-batch output (no labels/ group)")
-        volume = open_volume(args.volume or args.output)
+        volume, first = output_volume(args.output, args.volume, layers[0].volume.shape[0])
         polygons = not args.rle
     for layer in layers:
         if layer.volume.shape != volume.shape:
             raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
         if args.direction == "labels-to-coco":  # as `run --predictor labels` refuses it: one instance per piece
             check_label_stack(layer)
-    z0, z1 = parse_slices(args.slices, volume.shape[0])
-    paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0, z1, args.every),
-                           val_fraction=args.val_fraction, polygons=polygons, overwrite=args.overwrite)  # fmt: skip
+    z0, z1 = parse_slices(args.slices, first + volume.shape[0]) if args.slices else (first, first + volume.shape[0])
+    if z0 < first:
+        raise UserError(f"--slices {args.slices}: {args.output} holds slices {first}:{first + volume.shape[0]} of its "
+                        "volume (run --slices)")  # fmt: skip
+    paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0 - first, z1 - first, args.every),
+                           val_fraction=args.val_fraction, polygons=polygons, overwrite=args.overwrite,
+                           z_offset=first)  # fmt: skip
     for name, p in paths.items():
         print(f"  {name:7s} {p}")
     return 0

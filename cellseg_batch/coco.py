@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_util
 
+from .config import check_output_folder
 from .errors import UserError
-from .read import load_json
+from .read import SliceRange, group_attrs, load_json, one_slice, open_volume, to_zyx
 from .tiles import Box, side_by_side
+from .write import CLASS_NAME
 
 MAX_COCO_BYTES = 2**30  # a COCO file larger than this is refused before it is read
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -34,6 +37,7 @@ class CocoSet:
     records: list[dict]
     skipped: Counter = field(default_factory=Counter)
     crowd: int = 0  # masks flagged iscrowd (CVAT's mask export) taken as instances
+    notes: list[str] = field(default_factory=list)  # what a user should check: names missing, renamed, unmatched
 
     def summary(self) -> str:
         n = sum(len(r["annotations"]) for r in self.records)
@@ -42,7 +46,7 @@ class CocoSet:
             text += f"; {self.crowd} of them flagged iscrowd (as CVAT exports masks), taken as instances"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
-        return text
+        return "\n  ".join([text, *self.notes])
 
     def exclusive_classes(self, nested_ioa: float = 0.5) -> list[list[str]]:
         """Groups of classes that exclude one another in these annotations: they appear in the same images, and no
@@ -82,30 +86,28 @@ def _rle(segm, h: int, w: int) -> dict:
 
 
 def read_grey(path: str | Path) -> np.ndarray:
-    """An image file as a 2D array in its own dtype (8/16-bit, float); RGB(A) of equal channels becomes grey."""
+    """An image file as a 2D array in its own dtype, as ``run`` reads a volume's slices, so that a model trains on
+    the values it will see: TIFF and PNG through the volume readers (``read.one_slice``), other formats (JPEG)
+    through Pillow by the same rule: grey + alpha gives its grey, RGB(A) the mean of R, G and B, singleton axes
+    are dropped."""
     path = Path(path)
+    why = "training images must be single greyscale slices"
+    if path.suffix.lower() in (".tif", ".tiff", ".png"):
+        volume = one_slice(str(path), why)
+        return volume.read(0, 0, volume.shape[1], 0, volume.shape[2])
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+        from PIL import Image
 
-            image = tifffile.imread(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if im.mode == "P":  # its pixels are indices into a colour table, not intensities
-                    raise UserError(f"{path} holds colour-table indices (mode P), not intensities; save it as 8/16-bit greyscale")
-                image = np.asarray(im)
+        with Image.open(path) as im:
+            if im.mode == "P":  # its pixels are indices into a colour table, not intensities
+                raise UserError(f"{path} holds colour-table indices (mode P), not intensities; save it as 8/16-bit greyscale")
+            image = np.asarray(im)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"cannot read image {path} ({e})") from e
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
-        rgb = image[..., :3]
-        image = rgb[..., 0] if (rgb == rgb[..., :1]).all() else (rgb @ np.array([0.299, 0.587, 0.114])).astype(np.float32)
-    if image.ndim != 2:
-        raise UserError(f"{path} has shape {image.shape}; training images must be single greyscale slices")
-    return image
+    (_, h, w), axes = to_zyx(image.shape, "YX" if image.ndim == 2 else "YXS", str(path), why)
+    return axes.grey(image[axes.window(0, 0, h, 0, w)])
 
 
 def _load_coco_json(path: Path) -> dict:
@@ -121,34 +123,108 @@ def _load_coco_json(path: Path) -> dict:
 
 
 def _segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]:
-    """A usable segmentation (polygons or compressed RLE) and None, or None and why it was skipped."""
+    """A usable segmentation (polygons as lists of floats, or compressed RLE) and None, or None and why it was
+    skipped. Nothing reaches pycocotools unchecked: an RLE whose runs do not cover the image exactly (pycocotools
+    decodes a short one from memory it never wrote, and refuses a long one only when training reads it), or a
+    polygon with a point far outside the image (a stray 1e9 crashed the process) is skipped and counted."""
     if isinstance(segm, list):
-        polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        polys = _polygons(segm)
+        if polys is None:
+            return None, "polygons of values that are not numbers"
+        polys = [p for p in polys if len(p) >= 6 and len(p) % 2 == 0]
         if not polys:
-            return None, "degenerate polygons"
-        flat = np.concatenate([np.asarray(p, dtype=np.float64) for p in polys])
-        if not np.isfinite(flat).all():
-            return None, "degenerate polygons"
+            return None, "degenerate polygons" if segm else "annotations without segmentation (boxes only)"
+        flat = np.concatenate([np.asarray(p) for p in polys])
         xs, ys = flat[0::2], flat[1::2]
         if xs.max() <= 0 or ys.max() <= 0 or xs.min() >= w or ys.min() >= h:
             return None, "annotations outside the image"
+        if xs.min() < -w or ys.min() < -h or xs.max() > 2 * w or ys.max() > 2 * h:
+            return None, "polygons with a point more than an image's size outside it"
         rle = mask_util.merge(mask_util.frPyObjects(polys, h, w))
         if mask_util.area(rle) == 0:
             return None, "degenerate polygons"
         return polys, None
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if list(segm["size"]) != [h, w]:
+        if not isinstance(segm["size"], list) or [_key(v) for v in segm["size"]] != [h, w]:
             return None, "RLE of another image size"
-        rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
-        if isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode()}
+        counts = segm["counts"]
+        runs = _rle_runs(counts.encode() if isinstance(counts, str) else counts) if isinstance(counts, (str, bytes)) \
+            else counts if isinstance(counts, list) and all(_whole(v) for v in counts) else None  # fmt: skip
+        if runs is None or any(v < 0 for v in runs) or sum(runs) != h * w:
+            return None, "RLE masks whose runs do not add up to height x width"
+        if isinstance(counts, list):
+            rle = mask_util.frPyObjects({"size": [h, w], "counts": [int(v) for v in counts]}, h, w)
+        else:
+            rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
         if mask_util.area(rle) == 0:
             return None, "empty masks"
         return rle, None
     return None, "annotations without segmentation"
 
 
-def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | None = None) -> CocoSet:
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _polygons(segm: list) -> list[list[float]] | None:
+    """COCO's polygons ``[[x, y, x, y, ...], ...]`` from the layouts tools write: that, one flat ``[x, y, ...]``,
+    point pairs ``[[x, y], ...]``, a list of such, or one of these nested once more; coordinates written as text
+    ("18.5") are numbers. None where a value is not a finite number."""
+
+    def one(p) -> list[float] | None | bool:  # a polygon, None (values not numbers), False (not one polygon)
+        if not isinstance(p, list):
+            return False
+        if all(isinstance(v, list) and len(v) == 2 for v in p) and p:  # point pairs
+            p = [v for pair in p for v in pair]
+        if any(isinstance(v, list) for v in p):
+            return False
+        try:
+            values = [float(v) for v in p if not isinstance(v, bool)]
+        except (TypeError, ValueError):
+            return None
+        return values if len(values) == len(p) and all(np.isfinite(values)) else None
+
+    whole = one(segm)
+    if whole is not False:
+        return None if whole is None else [whole]
+    out = []
+    for part in segm:
+        got = one(part)
+        if got is False:  # nested once more: a list of polygons
+            got = _polygons(part) if isinstance(part, list) and part and all(isinstance(q, list) for q in part) else None
+            if got is None:
+                return None
+            out.extend(got)
+        elif got is None:
+            return None
+        else:
+            out.append(got)
+    return out
+
+
+def _rle_runs(counts: bytes) -> list[int] | None:
+    """The runs of a compressed RLE string (COCO's format, as pycocotools' ``rleFrString`` reads it: 6-bit digits
+    from '0', a run the difference to the one two before); None where it is not one."""
+    runs: list[int] = []
+    x = k = 0
+    for ch in counts:
+        c = ch - 48
+        if not 0 <= c < 64:
+            return None
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if not c & 0x20:  # the run's last digit
+            if c & 0x10:
+                x |= -1 << (5 * k)
+            if len(runs) > 2:
+                x += runs[-2]
+            runs.append(x)
+            x = k = 0
+    return runs if k == 0 else None
+
+
+def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | None = None,
+              images_option: str = "--images") -> CocoSet:  # fmt: skip
     """Resolve a COCO file against its images folder into detectron2 dataset dicts.
 
     ``classes`` fixes the class order (e.g. the training set's, for its validation set); by default classes are
@@ -156,13 +232,9 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     """
     json_path, images = Path(json_path), Path(images)
     if not images.is_dir():
-        raise UserError(f"images folder {images} does not exist")
+        raise UserError(f"{images_option} {images}: no such folder")
     data = _load_coco_json(json_path)
-    cats = {}
-    for c in data["categories"]:
-        if not isinstance(c, dict) or "id" not in c or not c.get("name"):
-            raise UserError(f"{json_path}: every category needs an id and a name, got {c!r}")
-        cats[c["id"]] = str(c["name"])
+    cats, notes = _categories(data["categories"], json_path)
     # categories of one name (a tool's export that repeats a class) are one class
     names = classes or list(dict.fromkeys(cats[i] for i in sorted(cats, key=lambda k: (str(type(k)), k))))
     index = {name: i for i, name in enumerate(names)}
@@ -182,7 +254,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             raise UserError(f"{json_path}: image id {image_id} is given to {len(files)} images ({', '.join(files[:3])}); "
                             "every image needs an id of its own")  # fmt: skip
     skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
-    records, crowd = [], 0
+    records, crowd, missing, seen, twice = [], 0, [], {}, []
     find_image = _ImageFinder(images)
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
@@ -191,9 +263,13 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
         path = find_image(str(img["file_name"]))
         if path is None:
             skipped["missing image files"] += 1
-            if by_image.get(img["id"]):
-                skipped["annotations of missing images"] += len(by_image[img["id"]])
+            missing.append(str(img["file_name"]))
+            if by_image.get(_key(img["id"])):
+                skipped["annotations of missing images"] += len(by_image[_key(img["id"])])
             continue
+        if path in seen:  # its annotations train twice, or contradict each other
+            twice.append((seen[path], img["file_name"], path))
+        seen[path] = img["file_name"]
         h, w = _size(img, json_path)
         if (h, w) != (real := _image_size(path)) and h and w:  # masks and the model's tile size follow the file
             raise UserError(f"{json_path}: image {img['file_name']!r} is {real[0]}x{real[1]} px but the file gives "
@@ -201,7 +277,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
         h, w = real
         annotations = []
         for a in by_image.get(_key(img["id"]), []):
-            name = cats.get(a.get("category_id"))
+            name = cats.get(_key(a.get("category_id")))
             if name is None or name not in index:
                 skipped["unknown categories"] += 1
                 continue
@@ -220,9 +296,48 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                                 "category_id": index[name], "iscrowd": 0})  # fmt: skip
         records.append({"file_name": str(path), "height": int(h), "width": int(w), "image_id": img["id"],
                         "annotations": annotations})  # fmt: skip
+    if missing:
+        notes.append(f"not found under {images}: {find_image.describe(missing)}")
+    if twice:
+        (a, b, path), n = twice[0], len(twice)
+        notes.append(f"{n} image(s) listed more than once (the first: {a!r} and {b!r}, both {path}): their "
+                     "annotations train once per listing")  # fmt: skip
+    if find_image.by_name_only:
+        (said, found), n = find_image.by_name_only[0], len(find_image.by_name_only)
+        notes.append(f"{n} image(s) found by file name alone in another folder than the COCO file names (the first: "
+                     f"{said!r} -> {found}); check that --images holds the images these annotations were made on")  # fmt: skip
     if not records:
-        raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images}")
-    return CocoSet(json_path, names, records, +skipped, crowd)
+        raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images} "
+                        f"({find_image.describe(missing)})")  # fmt: skip
+    counted = Counter(a["category_id"] for r in records for a in r["annotations"])
+    unused = [name for i, name in enumerate(names) if not counted[i]]
+    if unused and any(counted.values()):
+        notes.append(f"no usable annotation of class(es) {', '.join(unused)}: the model gets such a class and never "
+                     "learns it; annotate some or remove the category")  # fmt: skip
+    return CocoSet(json_path, names, records, +skipped, crowd, notes)
+
+
+def _categories(categories: list, json_path: Path) -> tuple[dict, list[str]]:
+    """Category id (as ``_key`` gives it: 1, 1.0 and "1" are one) -> class name, and notes. A name that cannot
+    name a label layer (``alpha granule``, as annotation tools allow) becomes one (``alpha_granule``), said in a
+    note; two names that would become one are refused."""
+    cats, renamed, notes = {}, {}, []
+    for c in categories:
+        if not isinstance(c, dict) or "id" not in c or not c.get("name"):
+            raise UserError(f"{json_path}: every category needs an id and a name, got {c!r}")
+        name = str(c["name"]).strip()
+        layer = name if CLASS_NAME.match(name) else re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")
+        if not layer or not CLASS_NAME.match(layer):
+            raise UserError(f"{json_path}: category {name!r} cannot name a class; use letters, digits, '_', '-' and "
+                            "'.'")  # fmt: skip
+        if renamed.setdefault(layer, name) != name:
+            raise UserError(f"{json_path}: categories {renamed[layer]!r} and {name!r} would both be class {layer!r} "
+                            "(a label layer's name: letters, digits, '_', '-', '.'); rename one")  # fmt: skip
+        cats[_key(c["id"])] = layer
+    changed = [f"{name!r} -> {layer}" for layer, name in renamed.items() if layer != name]
+    if changed:
+        notes.append(f"class names as label layers name them (letters, digits, '_', '-', '.'): {', '.join(changed)}")
+    return cats, notes
 
 
 # -- windows of large annotated images (``train --crop``) -----------------------------------------------------------
@@ -364,6 +479,29 @@ class _ImageFinder:
     def __init__(self, folder: Path):
         self.folder = folder
         self._by_name: dict[str, list[tuple[str, ...]]] | None = None
+        self._paths: dict[tuple[str, ...], Path] = {}
+        self.by_name_only: list[tuple[str, Path]] = []  # found in another folder than the name gives
+
+    def describe(self, missing: list[str], most: int = 3) -> str:
+        """The first of the ``missing`` names, each with the file it most likely means (same name but for case,
+        .tif/.tiff or .jpg/.jpeg) where the folder holds one."""
+        if not missing:
+            return "every image is there"
+        said = []
+        for name in missing[:most]:
+            parts = _nfc(_name_parts(name))
+            near = self._near(parts[-1]) if parts else []
+            said.append(f"{name!r}" + (f" (there is {'/'.join(near[0])})" if near else ""))
+        more = f" and {len(missing) - most} more" if len(missing) > most else ""
+        return ", ".join(said) + more
+
+    def _near(self, name: str) -> list[tuple[str, ...]]:
+        def loose(n: str) -> str:
+            stem, dot, ext = n.lower().rpartition(".")
+            return f"{stem}.{ {'tiff': 'tif', 'jpeg': 'jpg'}.get(ext, ext)}" if dot else n.lower()
+
+        want = loose(name)
+        return [rel for key, rels in self._files().items() if loose(key) == want for rel in rels]
 
     def __call__(self, file_name: str) -> Path | None:
         if Path(file_name).is_absolute() and Path(file_name).is_file():  # the annotator's own path, on this machine
@@ -375,6 +513,7 @@ class _ImageFinder:
             return None
         if (self.folder.joinpath(*parts)).is_file():  # the whole name: no file can match it better
             return self.folder.joinpath(*parts)
+        parts = _nfc(parts)  # one name to a user, two to the file system: macOS writes names decomposed (NFD)
         found = self._files().get(parts[-1], [])
         if not found:
             return None
@@ -385,16 +524,25 @@ class _ImageFinder:
             a, b = ("/".join(rel) for rel in best[:2])
             raise UserError(f"image {file_name!r} matches both {a} and {b} under {self.folder}; give its path relative "
                             "to --images in the COCO file, or point --images at the folder that holds it")  # fmt: skip
-        return self.folder.joinpath(*best[0])
+        path = self._paths[best[0]]
+        if _common_suffix(best[0], parts) < min(len(best[0]), len(parts)):  # both name a folder, and they differ
+            self.by_name_only.append((file_name, path))
+        return path
 
     def _files(self) -> dict[str, list[tuple[str, ...]]]:
+        """File name -> the paths under the folder that end in it, as NFC parts (``_paths`` gives each file)."""
         if self._by_name is None:
-            self._by_name = {}
+            self._by_name, self._paths = {}, {}
             for path in sorted(self.folder.rglob("*")):
                 if path.is_file():
-                    rel = path.relative_to(self.folder).parts
+                    rel = _nfc(path.relative_to(self.folder).parts)
                     self._by_name.setdefault(rel[-1], []).append(rel)
+                    self._paths[rel] = path
         return self._by_name
+
+
+def _nfc(parts: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(unicodedata.normalize("NFC", p) for p in parts)
 
 
 def _common_suffix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
@@ -458,9 +606,10 @@ def _polygons_in_box(ids: np.ndarray, i: int, bbox: list[float]) -> list[list[fl
 
 def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: range | None = None,
                    val_fraction: float = 0.0, polygons: bool = False, min_area: int = 1,
-                   overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
+                   overwrite: bool = False, z_offset: int = 0) -> dict[str, Path]:  # fmt: skip
     """Cut a volume and its label layers into image tiles plus COCO files (train.json, and val.json when
-    ``val_fraction`` > 0: whole slices, evenly spaced, go to validation).
+    ``val_fraction`` > 0: whole slices, evenly spaced, go to validation). Tiles are named by their slice in the
+    input volume's numbering (``z_offset``: the volume slice of slice 0, a run of part of its volume).
 
     One annotation per instance id per tile, of the class its layer gives it; masks as RLE, or polygons for
     tools that edit them. Tiles are written in the volume's own dtype (PNG for 8/16-bit, TIFF otherwise), so
@@ -472,6 +621,7 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     from PIL import Image
 
     out = Path(out)
+    check_output_folder(out)
     img_dir = out / "images"
     held = [p for p in (img_dir, out / "train.json", out / "val.json") if p.exists()]
     if held and not overwrite:
@@ -487,6 +637,11 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     nz, ny, nx = volume.shape
     zs = list(slices or range(nz))
     n_val = int(round(len(zs) * val_fraction))
+    if val_fraction > 0 and n_val == 0:  # asked for a validation set: one slice at least, never none silently
+        if len(zs) < 2:
+            raise UserError(f"--val-fraction {val_fraction}: {len(zs)} slice to convert, none left to train on; "
+                            "convert more slices or leave --val-fraction out")  # fmt: skip
+        n_val = 1
     val_z = set(zs[len(zs) // (2 * n_val)::max(1, len(zs) // n_val)][:n_val]) if n_val else set()
     categories = [{"id": i + 1, "name": n, "supercategory": "em"} for i, n in enumerate(names)]
     sets = {"train": {"images": [], "annotations": [], "categories": categories},
@@ -497,7 +652,7 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     for z in zs:
         split = sets["val" if z in val_z else "train"]
         for y0, y1, x0, x1 in side_by_side(ny, nx, tile):
-            name = f"z{z:05d}_y{y0:05d}_x{x0:05d}{suffix}"
+            name = f"z{z + z_offset:05d}_y{y0:05d}_x{x0:05d}{suffix}"
             image = volume.read(z, y0, y1, x0, x1)
             if suffix == ".png":
                 Image.fromarray(image).save(img_dir / name)
@@ -531,3 +686,21 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
             paths[split] = out / f"{split}.json"
             paths[split].write_text(json.dumps(data))
     return paths
+
+
+def output_volume(output: str, volume_path: str | None, depth: int):
+    """The image of a run's output and the volume slice its slice 0 is: its image copy, or ``volume_path`` (the
+    volume it was run on: the slices the run took are cut from it)."""
+    info = (group_attrs(output) or {}).get("cellseg_batch") or {}
+    recorded = info.get("slices")
+    first = int(recorded[0]) if isinstance(recorded, list) and len(recorded) == 2 and recorded[1] - recorded[0] == depth \
+        else 0  # fmt: skip
+    if volume_path is None:
+        if info.get("image") is False:
+            raise UserError(f"{output} holds no image copy (it was run with --no-image); pass --volume VOLUME, the "
+                            "volume it was run on")  # fmt: skip
+        return open_volume(output), first
+    volume = open_volume(volume_path)
+    if volume.shape[0] != depth and first and first + depth <= volume.shape[0]:
+        volume = SliceRange(volume, first, depth)
+    return volume, first

@@ -263,6 +263,17 @@ def check_run_config(cfg: RunConfig) -> None:
     check_options("run", asdict(cfg))
 
 
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before anything is read, an output folder that is a file or lies under one (it was a traceback
+    once the inputs had been read)."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise UserError(f"{option} {path}: {q} is a file; give a folder")
+            return
+
+
 def check_output_path(path: str, inputs: list[str], option: str = "--out") -> None:
     """Refuse an output (a folder a run creates, and replaces with --overwrite) that is a symbolic link, that lies
     inside one of the ``inputs``, or that holds one of them. Symbolic links above it are followed."""

@@ -17,7 +17,7 @@ from scipy.sparse.csgraph import connected_components
 
 from .config import format_slice_list, parse_slice_list, slice_runs
 from .errors import UserError
-from .read import Volume, group_attrs
+from .read import SliceRange, Volume, group_attrs
 
 MODES = ("3d", "2d")
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # IoU 0.5:0.05:0.95
@@ -198,20 +198,6 @@ def _volume_depth(pred: str) -> int | None:
         return int(json.loads((Path(pred) / "cellseg" / "report.json").read_text())["input"]["shape"][0])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-
-
-class SliceRange(Volume):
-    """Slices ``z0`` .. ``z0 + depth - 1`` of a volume, as a volume of their own."""
-
-    def __init__(self, volume: Volume, z0: int, depth: int):
-        self.volume, self.z0, self.depth = volume, z0, depth
-        super().__init__(f"{volume.path}[z {z0}:{z0 + depth}]")
-
-    def _inspect(self):
-        return (self.depth, *self.volume.shape[1:]), self.volume.dtype, self.volume.pixel_size_nm
-
-    def read(self, z, y0, y1, x0, x1):
-        return self.volume.read(self.z0 + z, y0, y1, x0, x1)
 
 
 def _slice_list(slices: Sequence[int] | None, depth: int) -> list[int]:

@@ -175,7 +175,7 @@ def _unnamed_axes(shape: tuple[int, ...]) -> str | None:
     return {2: "YX", 3: "ZYX"}.get(len(shape))
 
 
-def _to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], AxisMap]:
+def to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tuple[int, int, int], AxisMap]:
     """Map an array's axes to (Z, Y, X): singleton extra axes are dropped wherever they are, a missing Z becomes
     one slice, and grey + alpha, RGB or RGBA samples (2, 3 or 4) are kept for ``AxisMap.grey``."""
     axes = axes.upper()
@@ -261,7 +261,7 @@ class TiffVolume(MappedVolume):
                     raise UserError(f"{self.path} is an ImageJ stack of {series.shape[0]} channels; save one channel")
                 if axes[0] == "C" and len(axes) == 3:
                     axes = "Z" + axes[1:]  # an ImageJ stack saved without hyperstack axes reads as channels
-                zyx, self._axes = _to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
+                zyx, self._axes = to_zyx(series.shape, axes, self.path, "save it as a Z, Y, X stack")
                 dtype = _check_dtype(series.dtype, self.path)
                 self._check_codec(series)
                 pixel = _tiff_pixel_size(tf, self._series)
@@ -485,7 +485,7 @@ class ZarrVolume(Volume):
             self.origin_nm = ngff_origin(ms, level0)
         if axes is None or len(axes) != node.ndim:
             axes = _plain_axes(node.shape, self.path)
-        zyx, self._axes = _to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
+        zyx, self._axes = to_zyx(node.shape, axes, self.path, "pass a 3D (Z, Y, X) array")
         return zyx, _check_dtype(node.dtype, self.path), pixel
 
     def _one_image(self, group, base: str) -> tuple[str, dict]:
@@ -713,7 +713,7 @@ class Hdf5Volume(Volume):
                                     f"{', '.join(images[:8]) or 'none'}")  # fmt: skip
                 self._dataset = name
                 axes = _hdf5_axes(node) or _plain_axes(node.shape, self.path)
-                zyx, self._axes = _to_zyx(node.shape, axes, self.path, "name a (Z, Y, X) dataset")
+                zyx, self._axes = to_zyx(node.shape, axes, self.path, "name a (Z, Y, X) dataset")
                 self.origin_nm = _hdf5_origin(node.attrs)
                 return zyx, _check_dtype(node.dtype, self.path), _hdf5_pixel_size(node.attrs)
         except UserError:
@@ -831,7 +831,7 @@ class N5Volume(Volume):
             raise UserError(f"{self.path} has the N5 data type {kind!r}; convert it to uint8, uint16 or "
                             "float32") from None  # fmt: skip
         dtype = _check_dtype(dtype, self.path)
-        zyx, self._axes = _to_zyx(shape, _plain_axes(shape, self.path), self.path, "name a (Z, Y, X) dataset")
+        zyx, self._axes = to_zyx(shape, _plain_axes(shape, self.path), self.path, "name a (Z, Y, X) dataset")
         self._block = tuple(reversed(attrs.get("blockSize") or dims))
         check_shape(zyx, self.path)  # before tensorstore opens it
         self._local.arr = self._open()  # now: an unsupported compression is refused before the run starts
@@ -998,7 +998,7 @@ class MrcVolume(MappedVolume):
         self._unsigned = int(header.mode) == 0 and _mrc_bytes_unsigned(header)
         self._local.arr = self._view(data)
         axes = _plain_axes(data.shape, self.path)  # (Y, X), (Z, Y, X); a stack of volumes (Z/mz, mz, Y, X) if one
-        zyx, self._axes = _to_zyx(data.shape, axes, self.path, "save it as one (Z, Y, X) stack")
+        zyx, self._axes = to_zyx(data.shape, axes, self.path, "save it as one (Z, Y, X) stack")
         return zyx, _check_dtype(self._local.arr.dtype, self.path), _mrc_pixel_size(header, voxel)
 
     def _view(self, data: np.ndarray) -> np.ndarray:
@@ -1080,7 +1080,7 @@ class NpyVolume(MappedVolume):
         except Exception as e:  # ValueError for what is not .npy or a damaged header
             raise UserError(f"cannot read {self.path} as a NumPy .npy file ({e}); save the volume with np.save") from e
         dtype = _check_dtype(dtype, self.path)  # before mapping: an object array cannot be mapped
-        zyx, self._axes = _to_zyx(shape, _plain_axes(shape, self.path), self.path, "save a (Z, Y, X) array")
+        zyx, self._axes = to_zyx(shape, _plain_axes(shape, self.path), self.path, "save a (Z, Y, X) array")
         if fortran and zyx[0] > 1:
             # each slice would be spread over the whole file: every window read would touch all of it
             raise UserError(f"{self.path} is saved in Fortran (column-major) order; save it in C order: "
@@ -1155,7 +1155,7 @@ class ImageSequence(Volume):
 
     def _inspect(self):
         self.files = [str(f) for f in sequence_files(self.path)]
-        first = _one_slice(self.files[0])
+        first = one_slice(self.files[0])
         shape, dtype, rgb = first.shape[1:], first.dtype, first.rgb
         widths: dict[np.dtype, list[str]] = {dtype: [self.files[0]]}  # pixel type -> its files
         for f in self.files[1:]:
@@ -1209,7 +1209,7 @@ class ImageSequence(Volume):
     def read(self, z, y0, y1, x0, x1):
         held = getattr(self._local, "slice", None)
         if held is None or held[0] != z:
-            held = self._local.slice = (z, _one_slice(self.files[z]))
+            held = self._local.slice = (z, one_slice(self.files[z]))
         return held[1].read(0, y0, y1, x0, x1).astype(self.dtype, copy=False)  # a narrower label slice promoted
 
 
@@ -1235,7 +1235,7 @@ class PngImage(Volume):
     def _inspect(self):
         (ny, nx), dtype, samples = _png_header(self.path)
         shape, axes = ((ny, nx), "YX") if samples == 1 else ((ny, nx, samples), "YXS")  # as Pillow gives the pixels
-        zyx, self._axes = _to_zyx(shape, axes, self.path, "save greyscale images")
+        zyx, self._axes = to_zyx(shape, axes, self.path, "save greyscale images")
         return zyx, _check_dtype(dtype, self.path), None
 
     def read(self, z, y0, y1, x0, x1):
@@ -1261,15 +1261,17 @@ def _png_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
     except Exception as e:
         raise UserError(f"cannot read {path} as an image ({e}); check that it is a complete PNG file") from e
     if mode not in PNG_MODES:
-        raise UserError(f"{path} is a PNG of mode {mode} (palette or 1-bit); save it as 8/16-bit greyscale")
+        kind = "colour-table indices (mode P), not intensities" if mode == "P" else f"mode {mode}"
+        raise UserError(f"{path} is a PNG of {kind}; save it as 8/16-bit greyscale")
     dtype, samples = PNG_MODES[mode]
     return size, np.dtype(dtype), samples
 
 
-def _one_slice(path: str) -> Volume:
+def one_slice(path: str, why: str = "an image sequence holds one 2D image per file") -> Volume:
+    """A 2D TIFF or PNG as a one-slice volume (a sequence's slice, a training image); more slices are refused."""
     volume = PngImage(path) if path.lower().endswith(".png") else TiffVolume(path)
     if volume.shape[0] != 1:
-        raise UserError(f"{path} holds {volume.shape[0]} slices; an image sequence holds one 2D image per file")
+        raise UserError(f"{path} holds {volume.shape[0]} slices; {why}")
     return volume
 
 
@@ -1290,8 +1292,22 @@ def _slice_header(path: str) -> tuple[tuple[int, int], np.dtype, int]:
     except Exception as e:
         raise UserError(f"cannot read {path} as TIFF ({e}); check that it is a complete TIFF file") from e
     if pages > 1:
-        _one_slice(path)
+        one_slice(path)
     return header
+
+
+class SliceRange(Volume):
+    """Slices ``z0`` .. ``z0 + depth - 1`` of a volume, as a volume of their own."""
+
+    def __init__(self, volume: Volume, z0: int, depth: int):
+        self.volume, self.z0, self.depth = volume, z0, depth
+        super().__init__(f"{volume.path}[z {z0}:{z0 + depth}]")
+
+    def _inspect(self):
+        return (self.depth, *self.volume.shape[1:]), self.volume.dtype, self.volume.pixel_size_nm
+
+    def read(self, z, y0, y1, x0, x1):
+        return self.volume.read(self.z0 + z, y0, y1, x0, x1)
 
 
 class ArrayVolume(Volume):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .coco import CocoSet, MaskCut, load_coco, mask_cuts, read_grey, window_parts, window_records
-from .config import check_options, parse_pixel_size
+from .config import check_options, check_output_folder, parse_pixel_size
 from .d2compat import detectron2_ready, has_compiled_ops
 from .errors import UserError
 from .model_dir import MANIFEST, ModelDir
@@ -592,6 +592,7 @@ def train(tc: TrainConfig) -> Path:
     """Validate everything a user can get wrong here, in this process, then launch the training processes (the
     options' values were checked by ``config.check_options``; an API caller's are checked here)."""
     check_options("train", asdict(tc))
+    check_output_folder(tc.out)
     import torch
 
     if tc.num_gpus and not torch.cuda.is_available():
@@ -605,7 +606,8 @@ def train(tc: TrainConfig) -> Path:
     print(train_set.summary())
     check_class_names(train_set.classes)  # here, not when the trained model's first run writes its layers
     if tc.val:
-        val_set = load_coco(tc.val, tc.val_images or tc.images, classes=train_set.classes)
+        val_set = load_coco(tc.val, tc.val_images or tc.images, classes=train_set.classes,
+                            images_option="--val-images" if tc.val_images else "--images")  # fmt: skip
         print(val_set.summary())
         if not any(r["annotations"] for r in val_set.records):
             raise UserError(f"--val {tc.val} has no usable annotation of the training classes "

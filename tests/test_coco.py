@@ -169,3 +169,171 @@ def test_labels_to_coco_annotations_are_those_of_each_instance_s_whole_tile_mask
             expected.append((image["id"], int(mask.sum()), [float(v) for v in mask_util.toBbox(rle)], segm))
     found = [(a["image_id"], a["area"], a["bbox"], a["segmentation"]) for a in data["annotations"]]
     assert found == expected and len(found) > 50
+
+
+def _one_image_set(root: Path, segmentations: list, categories=None, category_id=1, size=96) -> tuple[Path, Path]:
+    """One 96 px image (a.png) and one annotation per segmentation, as a tool might write them."""
+    folder = root / "img"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(np.full((size, size), 90, np.uint8)).save(folder / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": size, "height": size}],
+            "categories": categories or [{"id": 1, "name": "cell"}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": category_id, "segmentation": s}
+                            for i, s in enumerate(segmentations, 1)]}  # fmt: skip
+    path = root / "ann.json"
+    path.write_text(json.dumps(coco))
+    return path, folder
+
+
+def test_rle_masks_whose_runs_do_not_cover_the_image_are_skipped_and_counted(tmp_path):
+    """pycocotools decodes an RLE that stops short from memory it never wrote (a 24 px mask came back as thousands of
+    px, differently each time), and refuses one that runs long only when training reads it (a traceback mid-run):
+    both, negative runs and a corrupt compressed string are skipped and counted at load."""
+    from pycocotools import mask as mask_util
+
+    square = np.zeros((96, 96), np.uint8, order="F")
+    square[18:42, 18:42] = 1
+    good = mask_util.encode(square)
+    runs = [18 * 96 + 18, 24] + [72, 24] * 23  # column by column; the trailing background run left out, as some
+    # home-made encoders do
+    bad = [
+        {"size": [96, 96], "counts": runs},  # short
+        {"size": [96, 96], "counts": runs + [96 * 96]},  # long
+        {"size": [96, 96], "counts": [-5, 100, 96 * 96 - 95]},  # negative
+        {"size": [96, 96], "counts": "garbage!!"},  # not COCO's compressed format
+        {"size": [96, 96], "counts": good["counts"].decode()[:-2]},  # compressed, cut short
+    ]
+    full = runs + [96 * 96 - sum(runs)]
+    ok = [{"size": [96, 96], "counts": good["counts"].decode()}, {"size": [96, 96], "counts": full}]
+    ann, folder = _one_image_set(tmp_path, bad + ok)
+    s = load_coco(ann, folder)
+    assert s.skipped == {"RLE masks whose runs do not add up to height x width": len(bad)}
+    masks = [mask_util.decode(a["segmentation"]) for a in s.records[0]["annotations"]]
+    assert len(masks) == 2 and all((m == square).all() for m in masks)
+
+
+def test_polygon_layouts_tools_write_load_as_polygons(tmp_path):
+    """A flat [x, y, ...], point pairs, one more level of nesting and coordinates written as text are the same
+    polygon (they were dropped as 'degenerate'); a value that is not a number or a stray point far outside the image
+    (a 1e9 crashed the process in pycocotools) is skipped and counted; a box without a mask is said to be one."""
+    from pycocotools import mask as mask_util
+
+    flat = [18, 18, 42, 18, 42, 42, 18, 42]
+    pairs = [[18, 18], [42, 18], [42, 42], [18, 42]]
+    layouts = [[flat], flat, pairs, [pairs], [[flat]], [[str(v) for v in flat]]]
+    bad = [[flat[:-1] + ["x"]], [flat[:-2] + [1e9, 42]], []]
+    ann, folder = _one_image_set(tmp_path, layouts + bad)
+    s = load_coco(ann, folder)
+    assert s.skipped == {"polygons of values that are not numbers": 1, "annotations without segmentation (boxes only)": 1,
+                         "polygons with a point more than an image's size outside it": 1}  # fmt: skip
+    got = s.records[0]["annotations"]
+    assert len(got) == len(layouts)
+    expected = mask_util.decode(mask_util.frPyObjects([[float(v) for v in flat]], 96, 96))[..., 0]
+    for a in got:
+        assert all(isinstance(v, float) for p in a["segmentation"] for v in p)
+        assert (mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 96, 96))) == expected).all()
+
+
+def test_category_ids_as_text_class_names_tools_allow_and_unused_classes(tmp_path):
+    """Category ids "1" and 1 are one (as image ids were); 'alpha granule' becomes the class alpha_granule (a label
+    layer's name), said; a class with no annotation is named (the model would never learn it); a list as a
+    category id is an unknown category, not a traceback."""
+    cats = [{"id": "1", "name": "alpha granule"}, {"id": 2, "name": "mito"}]
+    ann, folder = _one_image_set(tmp_path, [[[18, 18, 42, 18, 42, 42]]] * 2, categories=cats, category_id=1)
+    data = json.loads(ann.read_text())
+    data["annotations"].append(dict(data["annotations"][0], id=9, category_id=[1]))
+    ann.write_text(json.dumps(data))
+    s = load_coco(ann, folder)
+    assert s.classes == ["alpha_granule", "mito"] and len(s.records[0]["annotations"]) == 2
+    assert s.skipped == {"unknown categories": 1}
+    summary = s.summary()
+    assert "'alpha granule' -> alpha_granule" in summary and "no usable annotation of class(es) mito" in summary
+
+
+def test_missing_images_are_named_with_the_file_they_likely_mean_and_other_folders_are_said(tmp_path):
+    """Images not found were only counted; now the first are named, with the file of the same name but for case or
+    .tif/.tiff beside them. An image found by its name alone in another folder than the COCO file gives (another
+    volume's slice of the same name) is said, and so is an image listed twice."""
+    images = _images(tmp_path, "volB/a.png", "b.png", "C.PNG", "d.tiff", "café.png")
+    import unicodedata
+
+    names = ["volA/a.png", "B.png", "c.png", "d.tif", unicodedata.normalize("NFD", "café.png"), "b.png", "./b.png"]
+    s = load_coco(_coco_of(tmp_path, names), images)
+    found = [Path(r["file_name"]).relative_to(images).as_posix() for r in s.records]
+    assert found == ["volB/a.png", "café.png", "b.png", "b.png"]  # a decomposed é is the same name
+    summary = s.summary()
+    assert "'B.png' (there is b.png), 'c.png' (there is C.PNG), 'd.tif' (there is d.tiff)" in summary
+    assert "found by file name alone in another folder" in summary and "'volA/a.png' ->" in summary
+    assert "listed more than once (the first: 'b.png' and './b.png'" in summary
+    with pytest.raises(UserError, match=r"none of its 1 images was found under .* \('B.png' \(there is b.png\)\)"):
+        load_coco(_coco_of(tmp_path, ["B.png"]), images)
+
+
+@pytest.mark.parametrize("kind", ["la.png", "singleton.tif", "colour.png", "colour.jpg"])
+def test_training_images_read_as_run_reads_slices(tmp_path, kind):
+    """Grey + alpha and a singleton axis are greyscale (they were refused); colour is the mean of R, G and B as
+    `run` reads a volume (it was a luminance-weighted float: a model trained on other values than it sees)."""
+    from cellseg_batch.coco import read_grey
+    from cellseg_batch.read import open_volume
+
+    grey = np.random.default_rng(0).integers(0, 256, (40, 50)).astype(np.uint8)
+    path = tmp_path / kind
+    if kind == "la.png":
+        Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), "LA").save(path)
+        expected = grey
+    elif kind == "singleton.tif":
+        import tifffile
+
+        tifffile.imwrite(path, grey[..., None])  # (Y, X, 1), as numpy arrays of one channel are saved
+        expected = grey
+    else:
+        colour = np.stack([grey, grey // 2, np.zeros_like(grey)], -1)
+        Image.fromarray(colour).save(path, **({"quality": 100, "subsampling": 0} if kind.endswith("jpg") else {}))
+        if kind.endswith("png"):
+            expected = open_volume(str(path)).read(0, 0, 40, 0, 50)
+            assert (expected == np.rint(colour.mean(-1))).all()
+        else:
+            expected = np.rint(np.asarray(Image.open(path)).astype(float).mean(-1)).astype(np.uint8)
+    got = read_grey(path)
+    assert got.shape == (40, 50) and got.dtype == np.uint8
+    assert (got == expected).all()
+
+
+def test_output_to_coco_of_a_run_of_some_slices_names_them_as_the_volume_does(tmp_path, capsys):
+    """A `run --slices 2:5` output's tiles were named z00000.. and --slices in the volume's numbering refused; a
+    --no-image output without --volume gave a zarr error. And --val-fraction too small for the slices still gives
+    one validation slice (it gave none, silently); an --out that is a file is one line (it was a traceback)."""
+    import tifffile
+
+    from cellseg_batch import cli
+    from conftest import cli as run_cli
+
+    cells = np.zeros((6, 64, 64), np.uint16)
+    for z in range(6):
+        cells[z, 8:30, 8:30], cells[z, 36:60, 30:58] = 1, 2
+    image = (np.arange(6)[:, None, None] * 20 + cells * 50).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "vol.tif", image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", cells, photometric="minisblack")
+    out = tmp_path / "part.zarr"
+    run_cli("run", tmp_path / "vol.tif", "--predictor", "labels", "--labels", tmp_path / "lab.tif", "--classes", "cell",
+            "--slices", "2:5", "--no-image", "--tile", 64, "--out", out, "--no-progress")  # fmt: skip
+    argv = ["convert", "output-to-coco", str(out), "--tile", "0"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "holds no image copy (it was run with --no-image); pass --volume VOLUME" in capsys.readouterr().err
+    assert cli.main([*argv, "--volume", str(tmp_path / "vol.tif"), "--slices", "0:3", "--out", str(tmp_path / "b")]) == 2
+    assert "holds slices 2:5 of its volume" in capsys.readouterr().err
+    assert cli.main([*argv, "--volume", str(tmp_path / "vol.tif"), "--slices", "3:5", "--val-fraction", "0.1",
+                     "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    sets = {name: json.loads((tmp_path / "c" / f"{name}.json").read_text()) for name in ("train", "val")}
+    names = sorted(i["file_name"] for s in sets.values() for i in s["images"])
+    assert names == ["z00003_y00000_x00000.png", "z00004_y00000_x00000.png"] and len(sets["val"]["images"]) == 1
+    for name in names:  # the pixels of the slice the name says
+        assert (np.asarray(Image.open(tmp_path / "c" / "images" / name)) == image[int(name[1:6])]).all()
+    (tmp_path / "file").write_text("")
+    assert cli.main([*argv, "--volume", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "file" / "d")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    config = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
+    assert cli.main(["train", "--train", str(tmp_path / "c" / "train.json"), "--images", str(tmp_path / "c" / "images"),
+                     "--config", str(config), "--out", str(tmp_path / "file")]) == 2  # fmt: skip
+    assert "--out " in (err := capsys.readouterr().err) and "is a file; give a folder" in err
