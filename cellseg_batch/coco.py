@@ -38,6 +38,7 @@ class CocoSet:
     skipped: Counter = field(default_factory=Counter)
     crowd: int = 0  # masks flagged iscrowd (CVAT's mask export) taken as instances
     notes: list[str] = field(default_factory=list)  # what a user should check: names missing, renamed, unmatched
+    categories: list[str] = field(default_factory=list)  # the class names the file's categories give, all of them
 
     def summary(self) -> str:
         n = sum(len(r["annotations"]) for r in self.records)
@@ -314,7 +315,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     if unused and any(counted.values()):
         notes.append(f"no usable annotation of class(es) {', '.join(unused)}: the model gets such a class and never "
                      "learns it; annotate some or remove the category")  # fmt: skip
-    return CocoSet(json_path, names, records, +skipped, crowd, notes)
+    return CocoSet(json_path, names, records, +skipped, crowd, notes, list(dict.fromkeys(cats.values())))
 
 
 def _categories(categories: list, json_path: Path) -> tuple[dict, list[str]]:

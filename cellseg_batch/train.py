@@ -611,7 +611,8 @@ def train(tc: TrainConfig) -> Path:
         print(val_set.summary())
         if not any(r["annotations"] for r in val_set.records):
             raise UserError(f"--val {tc.val} has no usable annotation of the training classes "
-                            f"({', '.join(train_set.classes)}; see the summary above)")  # fmt: skip
+                            f"({', '.join(train_set.classes)}; its categories: {', '.join(val_set.categories)}; see "
+                            "the summary above)")  # fmt: skip
     if not any(r["annotations"] for r in train_set.records):
         raise UserError(f"{tc.train} has no usable annotation (see the summary above)")
     out = Path(tc.out)

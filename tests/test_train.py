@@ -122,7 +122,7 @@ def test_train_refuses_class_names_run_cannot_write_other_classes_on_resume_and_
     for args, match in (
         (["--train", slash, "--out", tmp_path / "a"], "categories 'cell/x' and 'cell x' would both be class 'cell_x'"),
         (["--out", tmp_path / "m", "--resume"], "was trained on classes granule, cell, mitochondrion"),
-        (["--val", renamed, "--out", tmp_path / "b"], "has no usable annotation of the training classes"),
+        (["--val", renamed, "--out", tmp_path / "b"], "training classes (cell, granule, mitochondrion; its categories: Mitochondrion, Cell, Granule"),
     ):
         proc = cli(*base, *args, check=False)
         assert proc.returncode == 2 and match in proc.stderr, proc.stderr
