@@ -105,7 +105,9 @@ def test_decide_fresh_resume_and_re_merge():
 @pytest.mark.parametrize("status,prev,overwrite,message", [
     (None, None, False, "not a cellseg-batch output"),
     ("complete", {"predict_fp": "P", "post_fp": "Q", **NOW}, False, "--overwrite"),
-    ("incomplete", {"predict_fp": "P", "post_fp": "other", **NOW}, False, "other settings"),
+    ("incomplete", {"predict_fp": "P", "post_fp": "other", **NOW}, False,
+     r"other settings; .* --overwrite to stitch, link and write again with these \(its predictions are kept\)"),
+    ("incomplete", {"predict_fp": "P0", "post_fp": "other", **NOW}, False, "other settings; .* --overwrite to start over"),
     ("incomplete", {"predict_fp": "old", "post_fp": "other", **NOW, "tile_store": TILE_STORE - 1}, False,
      "another cellseg-batch version, whose tiles this one cannot read"),
 ])  # fmt: skip

@@ -106,9 +106,13 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
                     f"{out} holds an unfinished run of another cellseg-batch version, whose tiles this one cannot "
                     "read; finish it with that version, or pass --overwrite to start over"
                 )
+            # where only stitching, linking or writing options changed (or their defaults, in a newer version),
+            # --overwrite keeps the predictions: say so, it is the way on for most such cases
+            kept = previous.get("predict_fp") == predict_fp
             raise UserError(
                 f"{out} holds an unfinished run with other settings{f' ({changed})' if changed else ''}; rerun it "
-                "with its own settings to resume, or pass --overwrite to start over"
+                "with its own settings to resume, or pass --overwrite to "
+                + ("stitch, link and write again with these (its predictions are kept)" if kept else "start over")
             )
         # same settings, other stitching or linking rules (a newer cellseg-batch): predictions kept, the rest redone
     keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
