@@ -95,7 +95,8 @@ def read_grey(path: str | Path) -> np.ndarray:
     why = "training images must be single greyscale slices"
     if path.suffix.lower() in (".tif", ".tiff", ".png"):
         volume = one_slice(str(path), why)
-        return volume.read(0, 0, volume.shape[1], 0, volume.shape[2])
+        # a copy in memory: an uncompressed TIFF reads as a view of its mapped file, which training would hold
+        return np.array(volume.read(0, 0, volume.shape[1], 0, volume.shape[2]))
     try:
         from PIL import Image
 
