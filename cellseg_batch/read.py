@@ -191,8 +191,8 @@ def to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tup
     if "S" in kept and len(rest) == 2 and axes.index("S") < axes.index("Y"):
         # tifffile (and others) store a (3, Y, X) or (4, Y, X) array as one planar RGB image by default: that is far
         # more often a 3-slice stack than a colour image
-        raise UserError(f"{path} is one planar {SAMPLES[samples]} image of shape {shape}; if its planes are slices, save it as a "
-                        "greyscale stack (tifffile: photometric='minisblack')")  # fmt: skip
+        raise UserError(f"{path} is one planar {SAMPLES[samples]} image of shape {shape}; if its planes are slices, "
+                        "save it as a greyscale stack (tifffile: photometric='minisblack')")  # fmt: skip
     if rest[-2:] != ["Y", "X"]:
         raise UserError(f"{path} has axes {axes!r}; the last two axes must be Y and X ({hint})")
     if len(rest) > 3 or (len(rest) == 3 and rest[0] not in "ZQIT"):
@@ -608,8 +608,8 @@ NGFF_NM_PER_UNIT = {"nanometer": 1.0, "micrometer": 1000.0, "millimeter": 1e6, "
                     "angstrom": 0.1, "picometer": 1e-3}  # NGFF's (UDUNITS-2) names of the lengths EM pixels have
 
 
-def _scale(node: dict, kind: str = "scale") -> list | None:
-    """The scale (or translation) transform of a multiscale or of one of its datasets (NGFF
+def _transform(node: dict, kind: str = "scale") -> list | None:
+    """The ``kind`` ("scale" or "translation") transform of a multiscale or of one of its datasets (NGFF
     ``coordinateTransformations``)."""
     transforms = node.get("coordinateTransformations")
     return next((t.get(kind) for t in transforms if isinstance(t, dict) and t.get("type") == kind), None) if (
@@ -620,7 +620,7 @@ def finest_level(ms: dict) -> dict:
     """The dataset of a multiscale with the finest pixels: the first, as NGFF orders them, unless their scales
     say that another is finer (a file that lists its levels smallest first)."""
     levels = ms["datasets"]
-    scales = [_scale(level) for level in levels]
+    scales = [_transform(level) for level in levels]
     if len(levels) < 2 or not all(isinstance(s, list) and all(isinstance(v, (int, float)) for v in s) for s in scales):
         return levels[0]
     return levels[min(range(len(levels)), key=lambda k: (float(np.prod(scales[k])), k))]
@@ -630,10 +630,10 @@ def ngff_pixel_size(ms: dict, level0: dict) -> tuple[float, float, float] | None
     """Z, Y, X nm of a multiscale's dataset ``level0`` (its scale transform, times the multiscale's own where it
     has one, as NGFF 0.4+ applies it after each dataset's; and the axes' units), else None."""
     axes = ms.get("axes", [])
-    scale = _scale(level0)
+    scale = _transform(level0)
     if not scale or len(scale) != len(axes):
         return None
-    overall = _scale(ms)
+    overall = _transform(ms)
     if overall is not None:
         if len(overall) != len(axes) or not all(isinstance(v, (int, float)) for v in [*scale, *overall]):
             return None
@@ -655,7 +655,7 @@ def ngff_origin(ms: dict, level0: dict) -> tuple[float, float, float] | None:
     then the multiscale's own scale and translation, as NGFF 0.4+ applies them; None where there is none, or where
     an axis has no length unit."""
     axes = ms.get("axes", [])
-    own, scale, shift = (_scale(level0, "translation"), _scale(ms), _scale(ms, "translation"))
+    own, scale, shift = (_transform(level0, "translation"), _transform(ms), _transform(ms, "translation"))
     if own is None and shift is None:
         return None
     own, scale, shift = own or [0.0] * len(axes), scale or [1.0] * len(axes), shift or [0.0] * len(axes)
@@ -962,7 +962,7 @@ def _n5_origin(attrs: dict) -> tuple[float, float, float] | None:
         return None
     at = {}
     for a, v, u in zip(t["axes"], t["translate"], t["units"]):
-        nm = NM_PER_UNIT.get(str(u)) or NGFF_NM_PER_UNIT.get(str(u).lower())
+        nm = _nm_per(u)
         if not (_is_number(v) and nm):
             return None
         at[str(a).lower()] = float(v) * nm
@@ -971,9 +971,13 @@ def _n5_origin(attrs: dict) -> tuple[float, float, float] | None:
 
 def _scaled(size, unit) -> float | None:
     """A size in ``unit`` (nm, um, µm, micrometer, ...) as nm; None where either is not a length."""
-    nm = NM_PER_UNIT.get(str(unit)) or NGFF_NM_PER_UNIT.get(str(unit).lower())
-    ok = nm and isinstance(size, (int, float)) and not isinstance(size, bool) and math.isfinite(size) and size > 0
-    return float(size) * nm if ok else None
+    nm = _nm_per(unit)
+    return float(size) * nm if nm and _is_number(size) and size > 0 else None
+
+
+def _nm_per(unit) -> float | None:
+    """Nanometres in one ``unit`` as EM files name it (nm, um, µm, micrometer, ...); None where it is no length."""
+    return NM_PER_UNIT.get(str(unit)) or NGFF_NM_PER_UNIT.get(str(unit).lower())
 
 
 def _x_first(sizes: list) -> tuple[float | None, float, float] | None:

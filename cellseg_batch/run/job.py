@@ -92,6 +92,7 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
            overwrite: bool, out: str, changed: str = "") -> Decision:  # fmt: skip
     """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours)."""
     resume = False
+    keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
     if output_exists:
         if output_status is None:
             raise UserError(f"{out} exists and is not a cellseg-batch output; choose another --out")
@@ -108,14 +109,13 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
                 )
             # where only stitching, linking or writing options changed (or their defaults, in a newer version),
             # --overwrite keeps the predictions: say so, it is the way on for most such cases
-            kept = previous.get("predict_fp") == predict_fp
             raise UserError(
                 f"{out} holds an unfinished run with other settings{f' ({changed})' if changed else ''}; rerun it "
                 "with its own settings to resume, or pass --overwrite to "
-                + ("stitch, link and write again with these (its predictions are kept)" if kept else "start over")
+                + ("stitch, link and write again with these (its predictions are kept)" if keep_predictions
+                   else "start over")
             )
         # same settings, other stitching or linking rules (a newer cellseg-batch): predictions kept, the rest redone
-    keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
     forget = None if resume or not previous else ("merge" if keep_predictions else "all")
     mode = "resume" if resume else ("reuse-predictions" if keep_predictions else "fresh")
     return Decision(mode, output_exists and not resume, forget)
