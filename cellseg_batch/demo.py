@@ -62,7 +62,9 @@ def demo(out: str | Path, iterations: int = 720, overwrite: bool = True) -> dict
     result = step("evaluate against the ground truth", lambda: evaluate_paths(str(seg), str(test_data["truth"])))
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
-    per_class = {c: {"mask_ap50": r["ap50"], "f1_3d@0.5": r["f1@0.5"], "objects": r["n_pred"], "true": r["n_gt"]}
+    per_class = {c: {"mask_ap50": r["ap50"], "f1_3d@0.5": r["f1@0.5"], "objects": r["n_pred"], "true": r["n_gt"],
+                     "false": r["errors"]["n_false"], "false_other_class": r["errors"]["n_false_other_class"],
+                     "missed": r["errors"]["n_missed"], "splits": r["errors"]["n_splits"], "merges": r["errors"]["n_merges"]}
                  for c, r in result["classes"].items()}  # fmt: skip
     summary = {"times_s": times, "mask_ap50_mean": result["mean"]["ap50"], "mask_ap_mean": result["mean"]["ap"],
                "f1_3d_mean": result["mean"]["f1@0.5"], "classes": per_class,
@@ -70,7 +72,7 @@ def demo(out: str | Path, iterations: int = 720, overwrite: bool = True) -> dict
                "run_report_html": str(seg / "cellseg" / "report.html")}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     scores = "\n".join(f"  {c:<20} mask AP50 {v['mask_ap50']:.3f}   3D F1@0.5 {v['f1_3d@0.5']:.3f} "
-                       f"({v['objects']} objects for {v['true']} true)" for c, v in per_class.items())  # fmt: skip
+                       f"({v['objects']} objects for {v['true']} true: {_errors_text(v)})" for c, v in per_class.items())  # fmt: skip
     print(f"""
 demo finished in {sum(times.values()):.0f} s; mean over classes: mask AP50 {result['mean']['ap50']:.3f} (2D, per slice),
 3D F1@0.5 {result['mean']['f1@0.5']:.3f} (whole objects: a split or a merge counts against it)
@@ -83,3 +85,12 @@ demo finished in {sum(times.values()):.0f} s; mean over classes: mask AP50 {resu
   scores     {out}/eval.json
 """)
     return summary
+
+
+def _errors_text(v: dict) -> str:
+    """What a class's 3D F1 lost, in words: false objects (and how many are another class's), misses, splits,
+    merges (``eval --json`` lists each)."""
+    other = f" ({v['false_other_class']} are another class in the truth)" if v["false_other_class"] else ""
+    parts = [f"{v['false']} false{other}" if v["false"] else "", f"{v['missed']} missed" if v["missed"] else "",
+             f"{v['splits']} split" if v["splits"] else "", f"{v['merges']} merged" if v["merges"] else ""]  # fmt: skip
+    return ", ".join(p for p in parts if p) or "none wrong"

@@ -8,6 +8,7 @@ import copy
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,12 @@ def evaluate(
             if np.dtype(vol.dtype).kind not in "ui":
                 raise UserError(f"{vol.path} holds {vol.dtype} values; label images must hold integer ids")
     zs = _slice_list(slices, gt[shared[0]].shape[0])
-    classes, annotated = {}, set()
+    classes, annotated, objects = {}, set(), {}
     for name in shared:
-        classes[name], marked = _score_class(pred[name], gt[name], zs, (scores or {}).get(name), mode)
+        classes[name], marked, objects[name] = _score_class(pred[name], gt[name], zs, (scores or {}).get(name), mode)
         annotated |= marked
+    if mode == "3d" and len(shared) > 1:
+        _other_class(pred, gt, objects, classes, zs)
     return {
         "mode": mode,
         "slices": format_slice_list(z + z0 for z in zs),  # the volume's slice numbers, in --slices syntax
@@ -213,9 +216,9 @@ def _slice_list(slices: Sequence[int] | None, depth: int) -> list[int]:
 
 
 def _score_class(pv: Volume, gv: Volume, zs: list[int], scores: dict[int, float] | None,
-                 mode: str) -> tuple[dict, set[int]]:  # fmt: skip
-    """Every metric of one class, and the slices where its ground truth has any object, from one pass over its
-    slices (two 2D reads per slice)."""
+                 mode: str) -> tuple[dict, set[int], _Objects]:  # fmt: skip
+    """Every metric of one class, the slices where its ground truth has any object, and its objects (matched or
+    not, for the errors), from one pass over its slices (two 2D reads per slice)."""
     _, h, w = gv.shape
     ap = _MaskAP(scores)
     parts, annotated = [], set()
@@ -234,10 +237,11 @@ def _score_class(pv: Volume, gv: Volume, zs: list[int], scores: dict[int, float]
     # Refusing instead would leave such a lab to add them by hand; single-slice runs score as --mode 2d would.
     starts = np.array([run[0] for run in slice_runs(zs)], np.uint64)
     seg = z if mode == "2d" else (np.searchsorted(starts, z, side="right") - 1).astype(np.uint64)
-    out = {**ap.result(), **_instance_scores(seg, pid, gid, n)}
+    scores, objects = _instance_scores(z, seg, pid, gid, n)
+    out = {**ap.result(), **scores}
     if mode == "3d":
-        out["errors"] = _errors_per_run(z, seg, pid, gid, n)
-    return out, annotated
+        out["errors"] = {**_errors_per_run(z, seg, pid, gid, n), **objects.listed()}
+    return out, annotated, objects
 
 
 # -- why F1 is what it is: splits and merges ------------------------------------------------------------------------
@@ -292,6 +296,127 @@ def _errors_per_run(z, seg, pid, gid, n) -> dict:
         listed = sorted((e for f in found for e in f[kind]), key=lambda e: (-e["parts"][1]["voxels"], e[name]))
         out[kind] = listed[:MAX_LISTED]
     return out
+
+
+@dataclass
+class _Side:
+    """One side's objects of a class (background left out): (segment, id) rows in sorted order, voxels, first and
+    last slice, best IoU with an object of the other side of the same class, matched at IoU 0.5 or not."""
+
+    rows: np.ndarray
+    voxels: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+    best_iou: np.ndarray
+    matched: np.ndarray
+
+    def find(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of these (segment, id) rows, which must be among this side's."""
+        as_records = [("seg", "<u8"), ("id", "<u8")]
+        mine = np.ascontiguousarray(self.rows, np.uint64).view(as_records).ravel()
+        return np.searchsorted(mine, np.ascontiguousarray(rows, np.uint64).view(as_records).ravel())
+
+
+@dataclass
+class _Objects:
+    """A class's predicted and gt objects, and where an unmatched one is another class's object (``_other_class``):
+    index -> (class, the other object's id, IoU)."""
+
+    pred: _Side
+    gt: _Side
+    pred_is: dict = field(default_factory=dict)  # a false object that is a gt object of another class
+    gt_as: dict = field(default_factory=dict)  # a missed object that is a predicted object of another class
+
+    def listed(self) -> dict:
+        """The false (predicted, unmatched at IoU 0.5) and missed (gt, unmatched) objects: counted, the largest
+        ``MAX_LISTED`` listed with their slices and best IoU in their own class; where one is another class's
+        object (a class mistake), which."""
+        out = {}
+        for kind, side, name, other, other_name, key in (
+                ("false", self.pred, "id", self.pred_is, "gt", "truth"),
+                ("missed", self.gt, "gt", self.gt_as, "pred", "predicted_as")):  # fmt: skip
+            idx = np.flatnonzero(~side.matched)
+            idx = idx[np.lexsort((side.rows[idx, 1], -side.voxels[idx]))]
+            out[f"n_{kind}"] = len(idx)
+            out[f"n_{kind}_other_class"] = sum(i in other for i in idx.tolist())
+            out[kind] = []
+            for i in idx[:MAX_LISTED].tolist():
+                entry = {name: int(side.rows[i, 1]), "voxels": int(side.voxels[i]),
+                         "slices": [int(side.first[i]), int(side.last[i])], "best_iou": round(float(side.best_iou[i]), 3)}  # fmt: skip
+                if i in other:
+                    cls, j, iou = other[i]
+                    entry[key] = {"class": cls, other_name: j, "iou": round(iou, 3)}
+                out[kind].append(entry)
+        return out
+
+
+def _other_class(pred: dict[str, Volume], gt: dict[str, Volume], objects: dict[str, _Objects], classes: dict,
+                 zs: list[int]) -> None:  # fmt: skip
+    """Class mistakes: each false object of a class that is a gt object of another class (IoU >= 0.5 over the
+    slices of its run) is marked so, and that gt object as found under the wrong class, in ``classes``' errors.
+    One more read, of the slices that hold false objects only: the predicted class there and every other gt class."""
+    depth = gt[next(iter(gt))].shape[0]
+    starts = np.array([run[0] for run in slice_runs(zs)])
+    where = {}  # class -> the slices its false objects lie in
+    for name, obj in objects.items():
+        false = ~obj.pred.matched
+        cover = np.zeros(depth + 1, np.int64)
+        np.add.at(cover, obj.pred.first[false], 1)
+        np.add.at(cover, obj.pred.last[false] + 1, -1)
+        where[name] = np.cumsum(cover)[:depth] > 0
+    meets = {}  # (predicted class, gt class) -> [(segment, pred id, gt id, voxels)] of false objects
+    for z in zs:
+        todo = [a for a in objects if where[a][z]]
+        if not todo:
+            continue
+        seg = np.uint64(np.searchsorted(starts, z, side="right") - 1)
+        _, h, w = gt[todo[0]].shape
+        truth = {}
+        for a in todo:
+            obj = objects[a]
+            false_ids = obj.pred.rows[~obj.pred.matched & (obj.pred.rows[:, 0] == seg), 1]
+            p = np.asarray(pred[a].read(z, 0, h, 0, w)).astype(np.uint64, copy=False).ravel()
+            at = np.flatnonzero(_among(p, false_ids))  # only their pixels are counted: most of a slice is not
+            if not len(at):
+                continue
+            for b in objects:
+                if b == a:
+                    continue
+                if b not in truth:
+                    truth[b] = np.asarray(gt[b].read(z, 0, h, 0, w)).astype(np.uint64, copy=False).ravel()
+                g = truth[b][at]
+                inside = g > 0  # pixels over this class's background cannot make a mistake
+                if inside.any():
+                    pid, gid, n = _pair_counts(p[at][inside], g[inside])
+                    meets.setdefault((a, b), []).append(np.stack([np.full(len(n), seg), pid, gid, n], 1))
+    best: dict = {}  # (predicted class, pred index) -> (IoU, gt class, gt index)
+    for (a, b), parts in meets.items():
+        keys, inv = np.unique(np.concatenate(parts)[:, :3], axis=0, return_inverse=True)
+        inter = np.bincount(inv.ravel(), weights=np.concatenate(parts)[:, 3])
+        pi, gi = objects[a].pred.find(keys[:, :2]), objects[b].gt.find(keys[:, [0, 2]])
+        iou = inter / (objects[a].pred.voxels[pi] + objects[b].gt.voxels[gi] - inter)
+        for k in np.flatnonzero(iou >= 0.5).tolist():
+            if iou[k] > best.get((a, int(pi[k])), (0.0,))[0]:
+                best[a, int(pi[k])] = (float(iou[k]), b, int(gi[k]))
+    for (a, i), (iou, b, j) in best.items():
+        objects[a].pred_is[i] = (b, int(objects[b].gt.rows[j, 1]), iou)
+        if not objects[b].gt.matched[j]:
+            objects[b].gt_as[j] = (a, int(objects[a].pred.rows[i, 1]), iou)
+    for name, obj in objects.items():
+        classes[name]["errors"].update(obj.listed())
+
+
+def _among(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which pixels hold one of ``ids`` (sorted): a lookup table where the labels' ids are small, else a binary
+    search per pixel (no sort of the pixels, as ``np.isin`` would do)."""
+    if not len(ids):
+        return np.zeros(labels.shape, bool)
+    top = int(labels.max())
+    if top < 1 << 24:
+        table = np.zeros(top + 1, bool)
+        table[ids[ids <= top].astype(np.int64)] = True
+        return table[labels]
+    return ids[np.minimum(np.searchsorted(ids, labels), len(ids) - 1)] == labels
 
 
 def _sizes(ids, n, of) -> np.ndarray:
@@ -359,9 +484,10 @@ def _pair_counts(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 # -- instance matching, VI, adapted Rand: all from one contingency table --------------------------------------------
 
 
-def _instance_scores(seg, pid, gid, n) -> dict:
-    """P/R/F1 of one-to-one IoU matching, VI and adapted Rand error from the slice-wise pair counts; an object is
-    an id within a segment (``seg``: a slice, or a run of slices): the same id in another segment is another."""
+def _instance_scores(z, seg, pid, gid, n) -> tuple[dict, _Objects]:
+    """P/R/F1 of one-to-one IoU matching, VI and adapted Rand error from the slice-wise pair counts, and each side's
+    objects with their match at IoU 0.5; an object is an id within a segment (``seg``: a slice, or a run of
+    slices): the same id in another segment is another."""
     pu, pi, p_bg = _objects(seg, pid)
     gu, gi, g_bg = _objects(seg, gid)
     # rows: gt segments, columns: predicted ones; tocsr() sums a pair's counts over slices
@@ -372,7 +498,8 @@ def _instance_scores(seg, pid, gid, n) -> dict:
     gg, pp, inter = cells.row[obj], cells.col[obj], cells.data[obj]
     iou = inter / (p_size[pp] + g_size[gg] - inter)
     n_pred, n_gt = int((~p_bg).sum()), int((~g_bg).sum())
-    tp = [_n_matched(pp, gg, iou, t) for t in THRESHOLDS]
+    matches = [_match(pp, gg, iou, t) for t in THRESHOLDS]
+    tp = [len(m[0]) for m in matches]
     prf = [_prf(k, n_pred, n_gt) for k in tp]
     out = {
         "n_pred": n_pred,
@@ -383,7 +510,20 @@ def _instance_scores(seg, pid, gid, n) -> dict:
     for i, key in enumerate(("precision", "recall", "f1")):
         out[f"{key}@0.5"] = prf[0][i]
         out[f"{key}@0.5:0.95"] = None if prf[0][i] is None else float(np.mean([m[i] for m in prf]))
-    return {**out, **_vi_are(table, g_bg)}
+    sides = []
+    for u, idx, bg, size, mine, ends in ((pu, pi, p_bg, p_size, pp, matches[0][0]), (gu, gi, g_bg, g_size, gg, matches[0][1])):
+        best = np.zeros(len(u))
+        np.maximum.at(best, mine, iou)
+        first, last = np.full(len(u), np.iinfo(np.int64).max), np.full(len(u), -1)
+        np.minimum.at(first, idx, z.astype(np.int64))
+        np.maximum.at(last, idx, z.astype(np.int64))
+        matched = np.zeros(len(u), bool)
+        matched[ends] = True
+        rows = u if u.ndim == 2 else np.stack([np.full(len(u), seg[0], np.uint64), u], 1)
+        keep = ~bg
+        sides.append(_Side(rows[keep], np.ravel(size)[keep].astype(np.int64), first[keep], last[keep], best[keep],
+                           matched[keep]))  # fmt: skip
+    return {**out, **_vi_are(table, g_bg)}, _Objects(*sides)
 
 
 def _objects(seg, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -401,8 +541,9 @@ def _prf(tp: int, n_pred: int, n_gt: int) -> tuple:
     return (tp / n_pred if n_pred else 0.0, tp / n_gt if n_gt else 0.0, 2 * tp / (n_pred + n_gt))
 
 
-def _n_matched(pp: np.ndarray, gg: np.ndarray, iou: np.ndarray, t: float) -> int:
-    """Size of the best one-to-one matching of predicted to gt objects among pairs with IoU >= t.
+def _match(pp: np.ndarray, gg: np.ndarray, iou: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """The best one-to-one matching of predicted to gt objects among pairs with IoU >= t: the matched objects'
+    indices (``pp``'s and ``gg``'s values), pair by pair.
 
     The candidate pairs form a bipartite graph; each connected component is assigned on its own
     (linear_sum_assignment on a small dense matrix), so this scales to any number of objects. At t >= 0.5 almost
@@ -411,7 +552,7 @@ def _n_matched(pp: np.ndarray, gg: np.ndarray, iou: np.ndarray, t: float) -> int
     keep = iou >= t
     pp, gg, w = pp[keep], gg[keep], iou[keep]
     if not len(w):
-        return 0
+        return pp, gg
     _, pr = np.unique(pp, return_inverse=True)
     _, gr = np.unique(gg, return_inverse=True)
     n_p = int(pr.max()) + 1
@@ -419,21 +560,24 @@ def _n_matched(pp: np.ndarray, gg: np.ndarray, iou: np.ndarray, t: float) -> int
     graph = sp.coo_array((np.ones(len(w)), (pr, n_p + gr)), shape=(nodes, nodes))
     comp = connected_components(graph, directed=False)[1][pr]
     size = np.bincount(comp)
-    matched = int((size[comp] == 1).sum())
-    multi = np.flatnonzero(size[comp] > 1)
+    single = size[comp] == 1
+    found_p, found_g = [pp[single]], [gg[single]]
+    multi = np.flatnonzero(~single)
     multi = multi[np.argsort(comp[multi], kind="stable")]
     groups = np.split(multi, np.flatnonzero(np.diff(comp[multi])) + 1) if len(multi) else []
     for idx in groups:
-        _, r = np.unique(pr[idx], return_inverse=True)
-        _, c = np.unique(gr[idx], return_inverse=True)
+        p_ids, r = np.unique(pp[idx], return_inverse=True)
+        g_ids, c = np.unique(gg[idx], return_inverse=True)
         gain = np.zeros((r.max() + 1, c.max() + 1))
         # a candidate is worth 1 plus a share of its IoU that sums to < 1 over any matching: the assignment first
         # maximizes the number of matches (the TP count), then their IoU. Plain IoU-sum maximization could give
         # up one pair at IoU 0.5 for two pairs at 0.33 and lose a true positive.
         gain[r, c] = 1 + w[idx] / (2 * min(gain.shape))
         rows, cols = linear_sum_assignment(gain, maximize=True)
-        matched += int((gain[rows, cols] > 0).sum())
-    return matched
+        ok = gain[rows, cols] > 0
+        found_p.append(p_ids[rows[ok]])
+        found_g.append(g_ids[cols[ok]])
+    return np.concatenate(found_p), np.concatenate(found_g)
 
 
 def _vi_are(table: sp.csr_array, g_bg: np.ndarray) -> dict:
@@ -632,7 +776,21 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"{name}: {e['n_splits']} split(s) {'; '.join(worst)}  {e['n_merges']} merge(s) {'; '.join(merged)}"
             )
+        if e and (e["n_false"] or e["n_missed"]):
+            mistaken = [f"pred {f['id']} is {f['truth']['class']} {f['truth']['gt']} (z {_z_text(f['slices'])})"
+                        for f in e["false"] if "truth" in f][:3]  # fmt: skip
+            lines.append(
+                f"{name}: {e['n_false']} false object(s)"
+                + (f", {e['n_false_other_class']} of them other classes in the truth: {'; '.join(mistaken)}"
+                   + ("; ..." if e["n_false_other_class"] > len(mistaken) else "") if e["n_false_other_class"] else "")
+                + f"  {e['n_missed']} missed"
+                + (f" ({e['n_missed_other_class']} found as another class)" if e["n_missed_other_class"] else "")
+            )  # fmt: skip
     for side, label in (("pred_only", "prediction"), ("gt_only", "ground truth")):
         if result["unmatched"][side]:
             lines.append(f"not scored, only in the {label}: {', '.join(result['unmatched'][side])}")
     return "\n".join(lines)
+
+
+def _z_text(slices: list[int]) -> str:
+    return str(slices[0]) if slices[0] == slices[1] else f"{slices[0]}-{slices[1]}"

@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from skimage.metrics import adapted_rand_error, variation_of_information
 
 from cellseg_batch.errors import UserError
-from cellseg_batch.evaluate import _MaskAP, _n_matched, evaluate, format_table, load_scores
+from cellseg_batch.evaluate import _MaskAP, _match, evaluate, format_table, load_scores
 from cellseg_batch.read import ArrayVolume
 
 SHAPE = (10, 64, 64)
@@ -227,9 +227,9 @@ def test_assignment_maximizes_matches():
     # pred 0 fits gt 0 (IoU 0.5) and gt 1 (0.55); pred 1 fits only gt 1. Greedy by IoU would pair pred 0 with
     # gt 1 and stop at one match; the assignment finds two.
     pp, gg, iou = np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([0.5, 0.55, 0.5])
-    assert _n_matched(pp, gg, iou, 0.5) == 2
-    assert _n_matched(pp, gg, iou, 0.55) == 1
-    assert _n_matched(pp, gg, iou, 0.6) == 0
+    assert sorted(zip(*map(list, _match(pp, gg, iou, 0.5)))) == [(0, 0), (1, 1)]
+    assert list(map(list, _match(pp, gg, iou, 0.55))) == [[0], [1]]
+    assert list(map(len, _match(pp, gg, iou, 0.6))) == [0, 0]
 
 
 def test_slices_restrict_evaluation():
@@ -473,3 +473,39 @@ def test_split_and_merge_lists_follow_their_definition_worst_first_and_stay_shor
     assert big["n_parts"] == 40 and len(big["parts"]) == MAX_PARTS
     table = format_table(evaluate({"m": ArrayVolume(pred)}, {"m": ArrayVolume(gt)}))
     assert "and 36 more" in table
+
+
+def test_false_and_missed_objects_name_the_class_they_are_in_the_truth():
+    """A false object of one class that is a gt object of another (IoU >= 0.5 in 3D) is a class mistake: listed on
+    both sides; a false object with nothing under it, and one that duplicates a found object of another class, are
+    told apart; slices given as two runs cut objects into one per run, each matched on its own."""
+    shape = (6, 40, 40)
+    gm, gg, pm, pg = (np.zeros(shape, np.uint16) for _ in range(4))
+    gm[0:4, 2:8, 2:8] = pm[0:4, 2:8, 2:8] = 1  # a mitochondrion found
+    gg[1:5, 12:18, 2:8] = 7  # a granule ...
+    pm[1:5, 12:18, 2:9] = 5  # ... called a mitochondrion, one column wider: IoU 144 / 168
+    pm[2, 30:34, 30:34] = 6  # a false object over nothing
+    gg[0:3, 22:28, 22:28] = pg[0:3, 22:28, 22:28] = 8  # a granule found, and also called a mitochondrion
+    pm[0:3, 22:28, 22:28] = 9
+    gg[0:6, 30:36, 2:8] = 3  # a granule missed
+    r = evaluate({"mito": ArrayVolume(pm), "granule": ArrayVolume(pg)}, {"mito": ArrayVolume(gm), "granule": ArrayVolume(gg)})
+    mito, gran = r["classes"]["mito"]["errors"], r["classes"]["granule"]["errors"]
+    assert (mito["n_false"], mito["n_false_other_class"], mito["n_missed"]) == (3, 2, 0)
+    assert [(f["id"], f["voxels"], f["slices"], f.get("truth")) for f in mito["false"]] == [
+        (5, 168, [1, 4], {"class": "granule", "gt": 7, "iou": round(144 / 168, 3)}),
+        (9, 108, [0, 2], {"class": "granule", "gt": 8, "iou": 1.0}),
+        (6, 16, [2, 2], None),
+    ]
+    assert (gran["n_false"], gran["n_missed"], gran["n_missed_other_class"]) == (0, 2, 1)
+    assert [(m["gt"], m["slices"], m.get("predicted_as")) for m in gran["missed"]] == [
+        (3, [0, 5], None), (7, [1, 4], {"class": "mito", "pred": 5, "iou": round(144 / 168, 3)})]
+    text = format_table(r)
+    assert "mito: 3 false object(s), 2 of them other classes in the truth: pred 5 is granule 7 (z 1-4); pred 9 is granule 8 (z 0-2)" in text
+    assert "granule: 0 false object(s)  2 missed (1 found as another class)" in text
+    # two runs of slices: 0-2 and 4-5; the mistaken granule is two objects in each class, both mistaken
+    r = evaluate({"mito": ArrayVolume(pm), "granule": ArrayVolume(pg)}, {"mito": ArrayVolume(gm), "granule": ArrayVolume(gg)},
+                 slices=[0, 1, 2, 4, 5])  # fmt: skip
+    mito, gran = r["classes"]["mito"]["errors"], r["classes"]["granule"]["errors"]
+    assert sorted((f["id"], f["slices"], f.get("truth", {}).get("gt")) for f in mito["false"]) == [
+        (5, [1, 2], 7), (5, [4, 4], 7), (6, [2, 2], None), (9, [0, 2], 8)]
+    assert (gran["n_missed"], gran["n_missed_other_class"]) == (4, 2)  # granule 3 in both runs, 7 in both
