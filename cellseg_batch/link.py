@@ -48,7 +48,9 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
   two or more sections in a row is still a merge.
 
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
-   takes the class of most of its voxels (ties: the lower class index); its pixels of other classes move to it.
+   takes the class of most of its voxels (ties: the lower class index), where a detection the model also gave
+   under another class (a dropped duplicate, ``TileLabels.alt_classes``) shares its voxels with that class by
+   score; its pixels of other classes move to it.
    Clean-up (optional, per class): objects with fewer than ``min_voxels`` voxels or spanning fewer than
    ``min_slices`` slices are dropped (their pixels become background; the run report counts them). An object in
    the run's first or last slice is never dropped for its slices: the volume's end cut it. ``min_slices`` auto
@@ -664,7 +666,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     from scipy.sparse.csgraph import connected_components
 
     stats = LinkStats()
-    bases, areas, classes, zs, link_edges = [0], [], [], [], []
+    bases, areas, classes, zs, link_edges, runners_up = [0], [], [], [], [], []
     window: list[_Slice] = []  # the last slices (up to the largest gap + 1), oldest first
     gap = _gaps(rule, n_classes)
     counted: dict[int, tuple[dict, bool]] = {}  # za -> the gap unit's rows per distance; counted by the driver?
@@ -707,6 +709,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
         filled, filled_inst = _with_fills(frag, inst, fills, grid)
         areas.append(np.bincount(filled_inst, weights=filled["area"], minlength=n).astype(np.int64))
         classes.append(cls)
+        runners_up.append(_runner_up_votes(frag, inst, bases[-1]))
         zs.append(np.full(n, z, np.int64))
         bases.append(bases[-1] + n)
         if progress:
@@ -720,7 +723,8 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     _, comp = connected_components(graph, directed=False)
     voxels = np.bincount(comp, weights=area_all).astype(np.int64) if total else np.zeros(0, np.int64)
     cls_all = np.concatenate(classes) if classes else np.zeros(0, np.int16)
-    comp_cls = _component_classes(comp, cls_all, area_all, len(voxels), n_classes)
+    runner_up = tuple(np.concatenate(parts) for parts in zip(*runners_up)) if runners_up else None
+    comp_cls = _component_classes(comp, cls_all, area_all, len(voxels), n_classes, runner_up)
     kept = voxels > 0
     z_all = np.concatenate(zs) if zs else np.zeros(0, np.int64)
     _count_sharing(comp, z_all, cls_all, area_all, n_classes, n_slices, stats)
@@ -813,19 +817,37 @@ def _bridge(grid, a: _Slice, b: _Slice, rule: LinkRule, out: list, stats: LinkSt
     return len(pairs)
 
 
-def _component_classes(comp: np.ndarray, cls: np.ndarray, area: np.ndarray, n: int, n_classes: int) -> np.ndarray:
+def _runner_up_votes(frag: np.ndarray, inst: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The class votes of a slice's runner-up detections (``TileLabels.alt_classes``): node, class and voxels,
+    each fragment's area shared between its class and its runner-up in proportion to their scores."""
+    has = frag["alt_cls"] >= 0
+    f = frag[has]
+    share = f["alt_score"].astype(np.float64) / np.maximum(f["score"].astype(np.float64) + f["alt_score"], 1e-12)
+    return base + inst[has].astype(np.int64), f["alt_cls"].astype(np.int16), f["area"] * share
+
+
+def _component_classes(comp: np.ndarray, cls: np.ndarray, area: np.ndarray, n: int, n_classes: int,
+                       runner_up: tuple | None = None) -> np.ndarray:  # fmt: skip
     """Each component's class: that of most of its voxels (ties: the lower class index). Components mix classes
-    only where classes exclude one another and a detection's class flipped between slices or tiles."""
+    only where classes exclude one another and a detection's class flipped between slices or tiles, or where the
+    model gave an object under two classes: then the lower-scoring detection's class (``runner_up``: node, class,
+    voxels, from ``_runner_up_votes``) takes its share of the voxels, by score."""
     out = np.zeros(n, np.int64)
     if len(comp) == 0:
         return out
     out[comp] = cls
     mixed = np.zeros(n, bool)
     np.logical_or.at(mixed, comp, cls != out[comp])
+    node, other, share = runner_up if runner_up is not None else (np.zeros(0, np.int64), np.zeros(0, np.int16), np.zeros(0))
+    mixed[comp[node]] = True
     if mixed.any():  # votes only for the mixed ones: (component, class) -> voxels, the largest per component
-        sel = mixed[comp]
-        key, inverse = np.unique(comp[sel].astype(np.int64) * n_classes + cls[sel], return_inverse=True)
-        votes = np.bincount(inverse.ravel(), weights=area[sel])
+        weight = area.astype(np.float64)
+        np.subtract.at(weight, node, share)
+        sel, alt = mixed[comp], mixed[comp[node]]
+        key, inverse = np.unique(np.concatenate([comp[sel].astype(np.int64) * n_classes + cls[sel],
+                                                 comp[node[alt]].astype(np.int64) * n_classes + other[alt]]),
+                                 return_inverse=True)  # fmt: skip
+        votes = np.bincount(inverse.ravel(), weights=np.concatenate([weight[sel], share[alt]]))
         order = np.lexsort((key % n_classes, -votes, key // n_classes))
         first = order[np.concatenate([[True], np.diff(key[order] // n_classes) != 0])]
         out[key[first] // n_classes] = key[first] % n_classes
@@ -894,7 +916,8 @@ def _with_fills(frag: np.ndarray, per_row: np.ndarray, fills, grid: TileGrid) ->
     if len(extra) == 0:
         return frag, per_row
     rows = fragment_rows(frag, grid)(extra["iy"], extra["ix"], extra["local"])
-    extra["cls"], extra["score"] = frag["cls"][rows], frag["score"][rows]
+    for name in ("cls", "score", "alt_cls", "alt_score"):
+        extra[name] = frag[name][rows]
     return np.concatenate([frag, extra]), np.concatenate([per_row, per_row[rows]])
 
 

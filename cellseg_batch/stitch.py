@@ -40,6 +40,7 @@ from .tiles import EAST, NORTH, SOUTH, WEST, Box, TileGrid, TileKey
 FRAGMENT = np.dtype(
     [
         ("iy", "<u4"), ("ix", "<u4"), ("local", "<u2"), ("cls", "<i2"), ("score", "<f4"),
+        ("alt_cls", "<i2"), ("alt_score", "<f4"),  # the runner-up class of the detection (TileLabels), -1: none
         ("area", "<i8"), ("y0", "<i4"), ("x0", "<i4"), ("y1", "<i4"), ("x1", "<i4"),
         ("sy", "<f8"), ("sx", "<f8"),
     ]
@@ -117,6 +118,9 @@ def fragment_table(key: TileKey, tile: TileLabels, grid: TileGrid, runs: list | 
     rows["iy"], rows["ix"] = key.iy, key.ix
     rows["local"] = np.arange(1, n + 1)
     rows["cls"], rows["score"] = tile.classes, tile.scores
+    rows["alt_cls"] = -1 if tile.alt_classes is None else tile.alt_classes
+    if tile.alt_scores is not None:
+        rows["alt_score"] = tile.alt_scores
     if n == 0:
         return rows
     for k, layer in enumerate(tile.labels):

@@ -9,7 +9,7 @@ import pytest
 from cellseg_batch.config import RunConfig, check_run_config, parse_class_minimums
 from cellseg_batch.errors import UserError
 from cellseg_batch.evaluate import draw_split, evaluate
-from cellseg_batch.link import link_pair
+from cellseg_batch.link import _component_classes, _runner_up_votes, link_pair
 from cellseg_batch.read import ArrayVolume
 from cellseg_batch.synth import LINK_CLASSES, linking_cases
 from conftest import assert_same_instances, cli, labels_of
@@ -615,3 +615,26 @@ def test_min_slices_auto_drops_one_slice_specks_only_where_the_class_spans_many_
     auto = counts["min_slices_auto"]
     assert auto["tube"] == {"interior_objects_of_2_or_more_slices": 6, "their_median_slices": 5.5, "min_slices": 2}
     assert auto["vesicle"]["min_slices"] == 0 and auto["rare"]["min_slices"] == 0
+
+
+def test_class_vote_weighs_the_runner_up_classes_of_detections():
+    """An object's class: its voxels by class, each detection's area shared with its runner-up class (a dropped
+    duplicate under another class) in proportion to their scores. Four slices called mitochondrion (1) twice and
+    alpha granule (2) twice: by voxels alone mitochondrion wins (larger sections), with the runner-ups the granule
+    evidence is larger; components without runner-ups keep the voxel vote, ties the lower class."""
+    from cellseg_batch.stitch import FRAGMENT
+
+    frag = np.zeros(6, FRAGMENT)
+    frag["cls"] = [2, 1, 1, 2, 1, 2]  # nodes 0-3: one object (four slices); node 4, 5: one object of two
+    frag["score"] = [0.61, 0.72, 0.56, 0.75, 0.5, 0.5]
+    frag["alt_cls"] = [1, 2, 2, 1, -1, -1]
+    frag["alt_score"] = [0.42, 0.41, 0.52, 0.27, 0, 0]
+    frag["area"] = [100, 110, 110, 90, 50, 50]
+    inst = np.arange(6)
+    votes = _runner_up_votes(frag, inst, 10)
+    assert votes[0].tolist() == [10, 11, 12, 13] and votes[1].tolist() == [1, 2, 2, 1]
+    assert np.allclose(votes[2], [100 * 0.42 / 1.03, 110 * 0.41 / 1.13, 110 * 0.52 / 1.08, 90 * 0.27 / 1.02])
+    comp, cls, area = np.array([0, 0, 0, 0, 1, 1]), frag["cls"], frag["area"]
+    assert _component_classes(comp, cls, area, 2, 3).tolist() == [1, 1]  # voxels: 220 against 190; a tie: 1
+    node = votes[0] - 10
+    assert _component_classes(comp, cls, area, 2, 3, (node, votes[1], votes[2])).tolist() == [2, 1]

@@ -188,7 +188,42 @@ def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped
         assert np.allclose(got, want, atol=1e-6)
     ids = np.unique(tile.labels[tile.labels > 0])
     assert list(ids) == list(range(1, tile.count + 1))
-    assert (tile.classes == np.array([classes[np.flatnonzero(np.isclose(scores, s))[0]] for s in tile.scores])).all()
+    source = np.array([np.flatnonzero(np.isclose(scores, s))[0] for s in tile.scores])  # kept -> input index
+    assert (tile.classes == classes[source]).all()
+    # runner-ups: a dropped detection of the shared layer whose mask lies at least half under one kept instance of
+    # the other class gives that one its class and score (the best such); none elsewhere
+    mine = np.isin(classes, [1, 2])
+    cover = np.where(masks & mine[:, None, None], scores[:, None, None], -1)
+    winner = np.where(cover.max(0) >= 0, cover.argmax(0), -1)
+    want_alt = {}
+    for j in sorted(set(np.flatnonzero(mine)) - set(source.tolist()), key=lambda j: scores[j]):
+        under = winner[masks[j]]
+        under = under[(under >= 0) & (under != j)]
+        if len(under):
+            top, count = np.unique(under, return_counts=True)
+            i = top[np.argmax(count)]
+            if 2 * count.max() >= masks[j].sum() and i in source and classes[i] != classes[j]:
+                want_alt[int(i)] = (int(classes[j]), float(scores[j]))
+    got_alt = {int(i): (int(c), float(a)) for i, c, a in zip(source, tile.alt_classes, tile.alt_scores) if c >= 0}
+    assert got_alt.keys() == want_alt.keys() and all(np.isclose(got_alt[i][1], want_alt[i][1]) for i in got_alt)
+    assert all(got_alt[i][0] == want_alt[i][0] for i in got_alt)
+
+
+def test_paint_instances_keeps_a_dropped_duplicates_class_as_runner_up():
+    """One object given twice under two exclusive classes: the lower-scoring one is dropped and its class and score
+    stay with the kept one; a duplicate of the same class, or of a class with a layer of its own, gives none."""
+    masks = np.zeros((5, 32, 32), bool)
+    masks[0, 4:14, 4:14] = masks[1, 5:14, 4:14] = True  # mitochondrion 0.8, and the same object as a granule 0.6
+    masks[2, 18:28, 4:14] = masks[3, 18:28, 4:14] = True  # a granule 0.9 and a granule duplicate 0.5
+    masks[4, 18:28, 18:28] = True  # a cell 0.7, nothing under it
+    classes, scores = np.array([1, 2, 2, 2, 0]), np.array([0.8, 0.6, 0.9, 0.5, 0.7])
+    tile = paint_instances(masks, classes, scores, 3, layer_of=[0, 1, 1], min_visible=0.5)
+    assert tile.count == 3
+    alt = {int(c): (int(a), round(float(s), 3)) for c, a, s in zip(tile.classes, tile.alt_classes, tile.alt_scores)}
+    assert alt == {1: (2, 0.6), 2: (-1, 0.0), 0: (-1, 0.0)}
+    # the same masks without exclusive classes: nothing is dropped on another class's account
+    tile = paint_instances(masks, classes, scores, 3, min_visible=0.5)
+    assert tile.count == 4 and (tile.alt_classes == -1).all()
 
 
 def _stitch_tiles(truth: np.ndarray, grid: TileGrid, missed: dict, fill: bool = True):

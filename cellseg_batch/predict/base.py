@@ -26,13 +26,19 @@ class TileLabels:
     ``classes[i - 1]`` / ``scores[i - 1]`` belong to local id i. Coordinates are the tile window's. Classes that
     exclude one another (``Plan.layer_of``) share the layer of the first of them: there, the instances of all of
     them, told apart by ``classes`` (the others' layers are empty). Stitching and linking then see a detection's
-    class flip between tiles or slices as the same object; the object takes the class of most of its voxels.
+    class flip between tiles or slices as the same object; the object takes the class of most of its voxels,
+    counting the runner-up classes below by score.
     """
 
     labels: np.ndarray  # (n_classes, h, w) uint16
     classes: np.ndarray  # (n,) int16
     scores: np.ndarray  # (n,) float32
     capped: bool = False  # the predictor gave the most instances it gives a tile: more may have been dropped
+    # Where classes exclude one another, a model often gives one object twice, under two classes; the lower-scoring
+    # detection is dropped (``paint_instances``), and its class and score stay with the instance it lay under, as
+    # evidence for the object's class vote in 3D: (n,) int16, -1 where none, and (n,) float32.
+    alt_classes: np.ndarray | None = None
+    alt_scores: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -184,7 +190,8 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
     ``min_visible``: an instance that keeps less than this share of its mask once higher-scoring ones are painted
     over it is dropped, not kept as a sliver (a duplicate of another class, or a box spanning two objects).
     Instances left with no visible pixel are dropped and ids renumbered so local ids stay dense. Equal scores are
-    broken by input order, so the result is deterministic.
+    broken by input order, so the result is deterministic. A dropped instance of another class whose mask lies
+    mostly under a kept one is that one's runner-up class (``alt_classes``, ``alt_scores``: the best such).
     """
     n = len(classes)
     h, w = masks.shape[-2:]
@@ -206,11 +213,7 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
         masks = masks.cpu().numpy() if on_torch else np.asarray(masks)
         layers = np.zeros((n_classes, h, w), dtype=LOCAL_ID)
         for i in order:
-            y0, y1, x0, x1 = 0, h, 0, w
-            if boxes is not None:
-                bx0, by0, bx1, by1 = np.asarray(boxes[i], dtype=np.float64)
-                y0, y1 = max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h)
-                x0, x1 = max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
+            y0, y1, x0, x1 = _mask_box(boxes, i, h, w)
             mask = masks[i, y0:y1, x0:x1]
             layers[layer_of[classes[i]], y0:y1, x0:x1][mask] = rank[i]
             if min_visible > 0:
@@ -224,12 +227,46 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
     present[0] = False
     kept = np.flatnonzero(present)
     instance = order[kept - 1]
+    alt_classes, alt_scores = _runners_up(masks, boxes, layers, classes, scores, layer_of, order, present)
     if len(kept) < n:
         remap = np.zeros(n + 1, dtype=LOCAL_ID)
         remap[kept] = np.arange(1, len(kept) + 1)
         layers = remap[layers]
     # else every instance is visible: ranks are already the dense ids
-    return TileLabels(layers, classes[instance], scores[instance])
+    return TileLabels(layers, classes[instance], scores[instance], alt_classes=alt_classes[kept],
+                      alt_scores=alt_scores[kept])  # fmt: skip
+
+
+def _mask_box(boxes, i: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """The rows and columns (y0, y1, x0, x1) where mask i can be nonzero: its box, or the whole tile."""
+    if boxes is None:
+        return 0, h, 0, w
+    bx0, by0, bx1, by1 = np.asarray(boxes[i], dtype=np.float64)
+    return max(int(np.floor(by0)), 0), min(int(np.ceil(by1)) + 1, h), max(int(np.floor(bx0)), 0), min(int(np.ceil(bx1)) + 1, w)
+
+
+def _runners_up(masks, boxes, layers, classes, scores, layer_of, order, present) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank: the class and score of the best dropped detection of another class (``present`` False) whose
+    mask lies at least half under the instance of that rank, in their shared layer; -1 and 0 where none. Only
+    dropped detections are looked at: few per tile (duplicates and boxes over two objects)."""
+    n = len(classes)
+    alt_classes, alt_scores = np.full(n + 1, -1, np.int16), np.zeros(n + 1, np.float32)
+    h, w = layers.shape[-2:]
+    for r in np.flatnonzero(~present[1:]) + 1:  # ranks of dropped detections, lowest score first
+        i = order[r - 1]
+        y0, y1, x0, x1 = _mask_box(boxes, i, h, w)
+        mask = masks[i, y0:y1, x0:x1]
+        mask = mask.cpu().numpy() if type(mask).__module__.startswith("torch") else np.asarray(mask)
+        under = layers[layer_of[classes[i]], y0:y1, x0:x1][mask]
+        if not len(under):
+            continue
+        count = np.bincount(under, minlength=n + 1)
+        count[0] = count[r] = 0  # the background, and what the dropped one won itself
+        top = int(np.argmax(count))
+        if count[top] * 2 >= len(under) and present[top] and classes[order[top - 1]] != classes[i]:
+            # later (higher-scoring) dropped ones overwrite: each kept instance keeps its best runner-up
+            alt_classes[top], alt_scores[top] = classes[i], scores[i]
+    return alt_classes, alt_scores
 
 
 def _paint_torch(masks, layer: np.ndarray, rank: np.ndarray, n_layers: int) -> np.ndarray:

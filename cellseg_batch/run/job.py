@@ -64,8 +64,9 @@ class Decision:
 # What the work store's rows were made by, recorded in run.json beside the fingerprints of the settings. Bump one
 # where a change alters what its rows hold. TILE_STORE: the tiles' layout and content (an earlier run's predictions
 # cannot be used). POST_RULES: the stitching, gap and linking rules (an unfinished run keeps its predictions and
-# redoes the rest, instead of mixing rows of two rule sets). 2: gap edges realigned beside moved sections.
-TILE_STORE, POST_RULES = 6, 2
+# redoes the rest, instead of mixing rows of two rule sets). 2: gap edges realigned beside moved sections; 3: the
+# class vote weighs runner-up classes. Tile store 7: fragment rows hold each detection's runner-up class.
+TILE_STORE, POST_RULES = 7, 3
 VERSIONS_BEFORE_RECORDED = {"tile_store": 6, "post_rules": 1}  # what a run.json without them was made with
 
 
