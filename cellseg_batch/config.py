@@ -138,6 +138,9 @@ def slice_runs(zs) -> list[list[int]]:
 
 
 AUTO = -1  # a class minimum the data decides (``--min-slices auto``: ``link._clean_up``)
+# 2D instances this small (px) are stray pixels (label noise, a model's specks): no shape to link two objects by
+# (``link.link_pair``), and a label stack whose ids come in many of them is noisy, not a mask (``read``)
+SPECK_PIXELS = 4
 
 
 def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,

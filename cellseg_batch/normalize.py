@@ -26,6 +26,9 @@ class Normalization:
     blank: str = field(default="", compare=False)  # why the sample had no contrast to stretch ("": it had)
     # the volume's contrast is the opposite of the training images' (``run --invert``): high maps to 0, low to 255
     invert: bool = False
+    # 0 is fill around registered sections, not tissue (``_without_padding``): left out of the percentiles, and
+    # ``run`` labels no object there
+    zero_is_fill: bool = False
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """float32 in [0, 255]."""
@@ -37,6 +40,14 @@ class Normalization:
         if image.dtype.kind == "f":  # NaN (no data in a float volume) becomes black: in the model, one NaN pixel
             np.nan_to_num(out, copy=False, nan=0.0)  # spreads through every convolution and norm of its tile
         return np.clip(out, 0.0, 255.0, out=out)
+
+    def no_data(self, image: np.ndarray) -> np.ndarray | None:
+        """Where a raw window holds no data (NaN, inf; 0 where it is the volume's fill), or None where none is:
+        ``run`` keeps objects out of it (``predict.base.without_no_data``)."""
+        where = ~np.isfinite(image) if image.dtype.kind == "f" else None
+        if self.zero_is_fill:
+            where = image == 0 if where is None else where | (image == 0)
+        return where if where is not None and where.any() else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,13 +72,19 @@ class ByPixelType:
 
 
 PADDING_SHARE = 0.05  # zeros this common are fill around registered sections, not tissue
+# Rarer zeros are fill where they stand apart from the tissue's values: at least FILL_MIN_SHARE of the sample, and
+# FILL_SPIKE times as many as the values within 1% of the range above 0. A 4 px zero border around 512 px slices
+# (3% of the pixels) made the 1st percentile 0 and dimmed every slice the model saw.
+FILL_MIN_SHARE, FILL_SPIKE = 0.001, 10
 
 
 def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:
     samples = _with_contrast(samples)
     values = np.concatenate([np.asarray(s, dtype=np.float64).ravel() for s in samples])
     finite = values[np.isfinite(values)]
-    finite = _without_padding(finite)
+    tissue = _without_padding(finite)
+    zero_is_fill = tissue.size < finite.size
+    finite = tissue
     if finite.size == 0:
         return Normalization(0.0, 1.0, tuple(percentiles), blank="no sampled pixel has a value (all NaN)")
     low, high = np.percentile(finite, percentiles)
@@ -76,7 +93,7 @@ def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (
         blank = f"every sampled pixel is {low:g}" if finite.min() == finite.max() else (
             f"at least {percentiles[1] - percentiles[0]:g}% of the sampled pixels are {low:g}")  # fmt: skip
         high = low + 1.0
-    return Normalization(float(low), float(high), tuple(float(p) for p in percentiles), blank)
+    return Normalization(float(low), float(high), tuple(float(p) for p in percentiles), blank, zero_is_fill=zero_is_fill)
 
 
 def _with_contrast(samples: list[np.ndarray]) -> list[np.ndarray]:
@@ -88,13 +105,21 @@ def _with_contrast(samples: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _without_padding(values: np.ndarray) -> np.ndarray:
-    """Registered or stitched sections are filled out to a rectangle with 0 (TrakEM2, elastix, Fiji): where 0 makes up
-    at least ``PADDING_SHARE`` of the sample, it is left out of the percentiles, which would otherwise follow the
-    fill's share instead of the tissue's contrast. (Saturated bright pixels are kept: they are image.)"""
+    """Registered or stitched sections are filled out to a rectangle with 0 (TrakEM2, elastix, Fiji), and folds or
+    cut-off parts of a section are blanked with it: where 0 makes up at least ``PADDING_SHARE`` of the sample, or
+    at least ``FILL_MIN_SHARE`` and stands apart from the tissue's values (``FILL_SPIKE``), it is left out of the
+    percentiles, which would otherwise follow the fill's share instead of the tissue's contrast. A few zeros among
+    dark tissue values are image and stay. (Saturated bright pixels are kept: they are image.)"""
     fill = values == 0
-    if values.size and fill.mean() >= PADDING_SHARE and not fill.all():
-        return values[~fill]
-    return values
+    zeros = int(np.count_nonzero(fill))
+    if not zeros or zeros == values.size or zeros < FILL_MIN_SHARE * values.size:
+        return values
+    rest = values[~fill]
+    if zeros >= PADDING_SHARE * values.size:
+        return rest
+    size = np.abs(rest)
+    near = np.count_nonzero(size <= 0.01 * np.percentile(size, 99.5))
+    return rest if zeros >= FILL_SPIKE * near else values
 
 
 def sample_volume(volume: Volume, max_slices: int = 16, window: int = 512, per_slice: int = 4) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import SPECK_PIXELS
 from .errors import UserError
 from .registry import Registry
 from .runs import label_runs
@@ -1515,6 +1516,14 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
         values, counts = np.unique(of_piece[1:], return_counts=True)
         most = int(counts.argmax())
         if counts[most] >= 8 or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+            sizes = np.bincount(pieces.reshape(-1))[1:][of_piece[1:] == values[most]]
+            if np.median(sizes) <= SPECK_PIXELS:  # most pieces are specks: noise on instance labels, not a mask
+                raise UserError(
+                    f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces in slice {z}, most "
+                    f"of {SPECK_PIXELS} pixels or fewer: stray pixels (label noise) around instances? remove pieces "
+                    "smaller than an object first (e.g. skimage.morphology.remove_small_objects on each id, or a "
+                    "majority filter); giving each piece its own id would make every speck an object"
+                )  # fmt: skip
             raise UserError(
                 f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces in slice {z}; this "
                 "looks like a mask, not 2D instance labels: give each piece its own id first (e.g. "
@@ -1529,6 +1538,14 @@ def refuse_other_background(path: str, ids: np.ndarray, z: int) -> None:
     when a tile first reads one."""
     if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
         low = int(ids.min())
+        negative = np.unique(ids[ids < 0])
+        if len(negative) > 2:  # many negative ids: unsigned ids written to a signed type wrap around below 0
+            unsigned = f"uint{8 * ids.dtype.itemsize}"
+            raise UserError(
+                f"{path} holds {len(negative)} different negative label ids in slice {z} (down to {low}): unsigned "
+                f"ids saved as signed {ids.dtype} (ids over {np.iinfo(ids.dtype).max} wrap around)? read them as "
+                f"unsigned and save again (numpy: labels.view(np.{unsigned})); setting them to 0 would delete objects"
+            )  # fmt: skip
         raise UserError(
             f"{path} holds the negative label id {low} in slice {z} ({_share(ids, low)} of the part "
             f"read); label ids must be 0 (background) or positive: if {low} marks background or 'ignore', set it "

@@ -256,3 +256,28 @@ def test_tiles_that_reach_the_model_s_detection_cap_are_counted_and_named(model_
     assert json.loads((out / "cellseg" / "report.json").read_text())["counts"]["tiles_at_instance_cap"] == 0
     assert "gave the most instances" not in done.stderr
 
+
+
+def test_no_objects_where_the_volume_holds_no_data(model_dir, synth_small, tmp_path):
+    """A section cut off (its right part 0, as registration fills it) beside a 4 px zero frame on every slice, and
+    NaN in a float copy: no object has a pixel there, the zeros are recorded as fill, and the normalization is the
+    tissue's (the frame alone made its 1st percentile 0)."""
+    import tifffile
+
+    volume = tifffile.imread(synth_small["volume"])[2:5]
+    filled = volume.copy()
+    filled[:, :4] = filled[:, -4:] = filled[:, :, :4] = filled[:, :, -4:] = 0
+    filled[1, :, 200:] = 0
+    blank = np.nan_to_num(volume.astype(np.float32))
+    blank[1, 100:300, 100:300] = np.nan
+    for name, data, nothing in (("filled", filled, filled == 0), ("nan", blank, np.isnan(blank))):
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, photometric="minisblack")
+        out = tmp_path / f"{name}.zarr"
+        cli("run", tmp_path / f"{name}.tif", "--model", model_dir, "--out", out, "--score-threshold", 0.2,
+            "--no-progress", "--no-image")  # fmt: skip
+        labels = [labels_of(out, cls) for cls in ("cell", "mitochondrion")]
+        assert sum(int(layer.max()) for layer in labels) > 0  # the model found objects elsewhere
+        for layer in labels:
+            assert not layer[nothing].any(), name
+        plan = json.loads((out / "cellseg" / "report.json").read_text())["plan"]["normalization"]
+        assert plan["zero_is_fill"] == (name == "filled") and plan["low"] > 0

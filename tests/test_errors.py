@@ -134,6 +134,29 @@ def test_negative_ids_in_a_signed_label_stack_are_refused_and_nothing_is_left(tm
                   "--classes", "cell", match="negative label id -3")  # fmt: skip
 
 
+def test_unsigned_ids_saved_as_signed_are_told_to_be_read_as_unsigned(tmp_path):
+    """uint16 ids over 32767 written as int16 come back negative, many of them: the message says to view them as
+    unsigned (setting them to 0, as for a -1 background, would delete those objects)."""
+    ids = np.zeros((3, 64, 64), np.uint16)
+    for k in range(6):
+        ids[:, 8 * k : 8 * k + 6, 5:15] = 40000 + k
+    tifffile.imwrite(tmp_path / "wrapped.tif", ids.view(np.int16), photometric="minisblack")
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "wrapped.tif",
+                  "--classes", "cell", match="labels.view(np.uint16)")  # fmt: skip
+
+
+def test_instance_labels_with_stray_pixels_are_told_to_lose_the_specks_not_to_label_them(tmp_path):
+    """Salt-and-pepper noise on instance labels (stray pixels of existing ids) is refused as pieces, and the message
+    names removing small pieces, not labelling each (which made every speck an object: 1488 false of 1516)."""
+    ids = np.zeros((3, 64, 64), np.uint16)
+    ids[:, 10:30, 10:30], ids[:, 35:60, 35:60] = 1, 2
+    stray = np.random.default_rng(1).random(ids.shape) < 0.01
+    ids[stray] = 1
+    tifffile.imwrite(tmp_path / "salt.tif", ids, photometric="minisblack")
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", tmp_path / "salt.tif",
+                  "--classes", "cell", match="remove pieces smaller than an object first")  # fmt: skip
+
+
 def test_a_background_of_65535_or_minus_1_in_a_slice_no_start_check_reads_is_refused_when_read(tmp_path):
     """The start checks read the first, middle and last slices; a per-slice exporter's 65535 background in another
     slice became one object spread over that slice (run), and -1 one more object in eval (scored as id 2**64 - 1)."""

@@ -209,6 +209,28 @@ def test_paint_instances_exclusive_classes_share_a_layer_and_slivers_are_dropped
     assert all(got_alt[i][0] == want_alt[i][0] for i in got_alt)
 
 
+def test_instances_lose_their_pixels_where_the_volume_holds_no_data():
+    """Pixels of no data (fill, NaN) belong to no instance; one left with less than half its pixels is dropped, the
+    ids renumbered densely, the runner-up classes kept with their instances."""
+    from cellseg_batch.predict.base import TileLabels, without_no_data
+
+    labels = np.zeros((2, 20, 20), np.uint16)
+    labels[0, 0:10, 0:10] = 1  # 30% over no data: kept, less those pixels
+    labels[1, 10:20, 0:10] = 2  # 80% over no data: dropped
+    labels[1, 0:10, 10:20] = 3  # clear of it
+    tile = TileLabels(labels, np.array([0, 1, 2], np.int16), np.array([0.9, 0.8, 0.7], np.float32),
+                      alt_classes=np.array([-1, 2, 1], np.int16), alt_scores=np.array([0, 0.5, 0.4], np.float32))  # fmt: skip
+    no_data = np.zeros((20, 20), bool)
+    no_data[7:20, 0:10] = True
+    no_data[10:12, 0:10] = False
+    out = without_no_data(tile, no_data)
+    assert out.count == 2 and out.classes.tolist() == [0, 2] and np.allclose(out.scores, [0.9, 0.7])
+    assert out.alt_classes.tolist() == [-1, 1] and np.allclose(out.alt_scores, [0, 0.4])
+    assert (out.labels[0] == np.where(no_data, 0, labels[0])).all()
+    assert (out.labels[1] == np.where(labels[1] == 3, 2, 0)).all()  # instance 2 gone (its 20% too), 3 is now 2
+    assert without_no_data(tile, np.zeros((20, 20), bool)).count == 3
+
+
 def test_paint_instances_keeps_a_dropped_duplicates_class_as_runner_up():
     """One object given twice under two exclusive classes: the lower-scoring one is dropped and its class and score
     stay with the kept one; a duplicate of the same class, or of a class with a layer of its own, gives none."""

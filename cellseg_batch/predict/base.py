@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -235,6 +235,28 @@ def paint_instances(masks, classes, scores, n_classes: int, boxes=None, layer_of
     # else every instance is visible: ranks are already the dense ids
     return TileLabels(layers, classes[instance], scores[instance], alt_classes=alt_classes[kept],
                       alt_scores=alt_scores[kept])  # fmt: skip
+
+
+def without_no_data(tile: TileLabels, no_data: np.ndarray, min_visible: float = 0.5) -> TileLabels:
+    """The tile's instances without the pixels where the volume holds no data (``no_data``: NaN, zero fill around
+    registered sections, a blanked fold); an instance left with less than ``min_visible`` of its pixels is dropped
+    (a model finds "objects" in fill: a cut-off half section was labelled one cell, joined to real cells in 3D), and
+    ids renumbered so local ids stay dense."""
+    n = tile.count
+    if not n:
+        return tile
+    before = np.bincount(tile.labels.ravel(), minlength=n + 1)
+    labels = np.where(no_data[None], 0, tile.labels).astype(LOCAL_ID, copy=False)
+    after = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = (after > 0) & (after >= min_visible * before)
+    keep[0] = False
+    index = np.flatnonzero(keep[1:])
+    if len(index) < n:
+        remap = np.zeros(n + 1, dtype=LOCAL_ID)
+        remap[index + 1] = np.arange(1, len(index) + 1)
+        labels = remap[labels]
+    alt = {name: getattr(tile, name)[index] for name in ("alt_classes", "alt_scores") if getattr(tile, name) is not None}
+    return replace(tile, labels=labels, classes=tile.classes[index], scores=tile.scores[index], **alt)
 
 
 def _mask_box(boxes, i: int, h: int, w: int) -> tuple[int, int, int, int]:

@@ -437,8 +437,9 @@ class Run:
             if n >= DENSE_MIN_INSTANCES and shared >= DENSE_SHARE * n:
                 self.warnings.append(
                     f"{self.classes[c]}: {shared} of its {n} 2D instances share their slice with another of their "
-                    f"3D object, so most of its objects are merges; for objects that tile the plane (neurites, dense "
-                    f"label stacks) link one-to-one: --link-gap 0 --link-ioa 1.0")  # fmt: skip
+                    f"3D object: many of its objects may be merges (branched organelles give a few percent); for "
+                    f"objects that tile the plane (neurites, dense label stacks) link one-to-one: --link-gap 0 "
+                    f"--link-ioa 1.0")  # fmt: skip
                 log.warning(self.warnings[-1])
 
     def _bar(self, total: int, desc: str, initial: int):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..chunks import ChunkIO
 from ..distribute import kill_point, reuse_freed_memory
+from ..predict.base import without_no_data
 from ..runs import label_runs
 from ..stitch import SPARSE_SHARE, ZOVERLAP, fragment_table, stitch_slice, tile_bands, zoverlaps
 from ..tiles import Box, TileGrid, TileKey
@@ -67,19 +68,24 @@ class PredictorWorker:
         ``(d, (z_low, iy, ix), rows)`` between z_low and z_low + d for d = 2 .. ``job.reach``."""
         job, grid = self.job, self.job.grid
         windows = [grid.window(iy, ix) for iy, ix in positions]
-        images = None
+        images, no_data = None, [None] * len(windows)
         t0 = time.perf_counter()
         times = {"read": 0.0, "normalize": 0.0}
         if self.predictor.needs_image:
             raw = [job.volume.read(job.z_offset + z, *w) for w in windows]
             t1 = time.perf_counter()
             images = [normalization.apply(r) for r in raw]
+            no_data = [normalization.no_data(r) for r in raw]
+            for image, where in zip(images, no_data):
+                if where is not None and not where.all():  # no data reaches the model as the tile's median grey,
+                    image[where] = np.median(image[~where])  # not as black: dark is image (membranes, dense matter)
             times = {"read": t1 - t0, "normalize": time.perf_counter() - t1}
         with self.predict_lock:
             t2 = time.perf_counter()
             tiles = self.predictor.predict(job.z_offset + z, windows, images)
             t3 = time.perf_counter()
             steps = self.predictor.step_times()
+        tiles = [tile if where is None else without_no_data(tile, where) for tile, where in zip(tiles, no_data)]
         times.update(steps or {"predict": t3 - t2})
         fragments, overlaps, far_overlaps = [], [], []
         if self.cores is None:
