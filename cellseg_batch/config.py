@@ -138,8 +138,8 @@ def slice_runs(zs) -> list[list[int]]:
 
 
 AUTO = -1  # a class minimum the data decides (``--min-slices auto``: ``link._clean_up``)
-# 2D instances this small (px) are stray pixels (label noise, a model's specks): no shape to link two objects by
-# (``link.link_pair``), and a label stack whose ids come in many of them is noisy, not a mask (``read``)
+# Pieces this small (px) are stray pixels: a label stack whose ids come in many of them is noisy, not a mask
+# (``read.check_label_stack``)
 SPECK_PIXELS = 4
 
 
