@@ -138,9 +138,6 @@ def slice_runs(zs) -> list[list[int]]:
 
 
 AUTO = -1  # a class minimum the data decides (``--min-slices auto``: ``link._clean_up``)
-# Pieces this small (px) are stray pixels: a label stack whose ids come in many of them is noisy, not a mask
-# (``read.check_label_stack``)
-SPECK_PIXELS = 4
 
 
 def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,

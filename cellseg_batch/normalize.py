@@ -42,11 +42,20 @@ class Normalization:
         return np.clip(out, 0.0, 255.0, out=out)
 
     def no_data(self, image: np.ndarray) -> np.ndarray | None:
-        """Where a raw window holds no data (NaN, inf; 0 where it is the volume's fill), or None where none is:
-        ``run`` keeps objects out of it (``predict.base.without_no_data``)."""
+        """Where a raw window holds no data, or None where none is: NaN and inf, and where 0 is the volume's fill,
+        its zeros in regions of ``FILL_MIN_REGION`` px or more (fill is a frame, a wedge, a stripe, a cut-off part;
+        a small patch of zeros is dark tissue clipped by the export). ``run`` keeps objects out of it
+        (``predict.base.without_no_data``)."""
         where = ~np.isfinite(image) if image.dtype.kind == "f" else None
-        if self.zero_is_fill:
-            where = image == 0 if where is None else where | (image == 0)
+        zeros = image == 0 if self.zero_is_fill else None
+        if zeros is not None and zeros.any():
+            import cc3d
+
+            regions = cc3d.connected_components(zeros, connectivity=8)
+            large = np.bincount(regions.ravel()) >= FILL_MIN_REGION
+            large[0] = False
+            zeros = large[regions]
+            where = zeros if where is None else where | zeros
         return where if where is not None and where.any() else None
 
     def to_dict(self) -> dict:
@@ -76,6 +85,7 @@ PADDING_SHARE = 0.05  # zeros this common are fill around registered sections, n
 # FILL_SPIKE times as many as the values within 1% of the range above 0. A 4 px zero border around 512 px slices
 # (3% of the pixels) made the 1st percentile 0 and dimmed every slice the model saw.
 FILL_MIN_SHARE, FILL_SPIKE = 0.001, 10
+FILL_MIN_REGION = 256  # px: zeros of a fill volume in a connected region this large are no data (``no_data``)
 
 
 def from_samples(samples: list[np.ndarray], percentiles: tuple[float, float] = (1.0, 99.5)) -> Normalization:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SPECK_PIXELS
 from .errors import UserError
 from .registry import Registry
 from .runs import label_runs
@@ -1477,6 +1476,7 @@ def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]
     return out
 
 
+SPECK_PIXELS = 4  # pieces this small are stray pixels: a label stack whose ids come in many of them is noisy, not a mask
 BACKGROUND_NAMES = {"background", "bg", "back", "none", "unlabeled", "unlabelled", "ignore", "void", "empty"}
 
 

@@ -674,6 +674,9 @@ def test_a_thin_zero_border_or_a_blanked_fold_does_not_move_the_normalization(tm
         n = estimate(open_volume(tmp_path / f"{name}.tif"))
         assert abs(n.low - plain.low) < 100 and abs(n.high - plain.high) < 100 and n.zero_is_fill, (name, n, plain)
     assert (estimate(open_volume(tmp_path / "framed.tif")).no_data(framed[0]) == (framed[0] == 0)).all()
+    clipped = framed[0].copy()
+    clipped[100:110, 100:110] = 0  # a small patch of zeros inside the tissue: dark tissue clipped, not fill
+    assert (estimate(open_volume(tmp_path / "framed.tif")).no_data(clipped) == (framed[0] == 0)).all()
     n = estimate(open_volume(tmp_path / "dark.tif"))
     assert not n.zero_is_fill and n.low == np.percentile(dark, 1.0)
 
