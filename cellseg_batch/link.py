@@ -524,12 +524,12 @@ def _slice_shift(a: _Slice, b: _Slice, rule: LinkRule) -> np.ndarray | None:
     votes = sum(raw[1 + dy : side - 1 + dy, 1 + dx : side - 1 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     peak = np.array(np.unravel_index(np.argmax(votes), votes.shape))
     best, still = votes[tuple(peak)], votes[SHIFT_REACH, SHIFT_REACH]
-    window = raw[peak[0] : peak[0] + 3, peak[1] : peak[1] + 3]  # the peak's 3 x 3 bins: their mean step
+    if best < max(4, min(len(here), len(there)) / 4) or best < 2 * still:  # also: no votes (0 / 0 below)
+        return None
+    window = raw[peak[0] : peak[0] + 3, peak[1] : peak[1] + 3]  # the peak's 3 x 3 bins (best votes): their mean step
     offset = np.array([(window.sum(1) * [-1, 0, 1]).sum(), (window.sum(0) * [-1, 0, 1]).sum()]) / window.sum()
     shift = peak - SHIFT_REACH + np.rint(offset).astype(np.int64)
-    if np.hypot(*shift) < SHIFT_MIN or best < max(4, min(len(here), len(there)) / 4) or best < 2 * still:
-        return None
-    return shift
+    return None if np.hypot(*shift) < SHIFT_MIN else shift
 
 
 def _paired_share(a: _Slice, pairs: np.ndarray, heal: int) -> float:

@@ -258,6 +258,26 @@ def test_tiles_that_reach_the_model_s_detection_cap_are_counted_and_named(model_
 
 
 
+def test_a_section_far_darker_than_the_others_is_named_and_left_out_of_the_normalization(model_dir, synth_small,
+                                                                                          tmp_path):
+    """One section of four imaged at a quarter of the others' brightness: the run goes on, says which section and
+    why (stderr and the report's warnings), and the contrast is the other sections'."""
+    import tifffile
+
+    volume = tifffile.imread(synth_small["volume"])[2:6]
+    dark = volume.copy()
+    dark[2] = dark[2] // 4
+    tifffile.imwrite(tmp_path / "dark.tif", dark, photometric="minisblack")
+    out = tmp_path / "dark.zarr"
+    done = cli("run", tmp_path / "dark.tif", "--model", model_dir, "--out", out, "--no-progress", "--no-image")
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    said = [w for w in report["warnings"] if "sampled slice(s) 2 (" in w and "left out of the normalization" in w]
+    assert len(said) == 1 and said[0].split(":")[0] in done.stderr, report["warnings"]
+    plan = report["plan"]["normalization"]
+    assert [z for z, _, _ in plan["odd_slices"]] == [2]
+    assert plan["low"] >= np.percentile(volume[[0, 1, 3]], 1.0) - 1, plan
+
+
 def test_no_objects_where_the_volume_holds_no_data(model_dir, synth_small, tmp_path):
     """A section cut off (its right part 0, as registration fills it) beside a 4 px zero frame on every slice, and
     NaN in a float copy: no object has a pixel there, the zeros are recorded as fill, and the normalization is the

@@ -681,6 +681,21 @@ def test_a_thin_zero_border_or_a_blanked_fold_does_not_move_the_normalization(tm
     assert not n.zero_is_fill and n.low == np.percentile(dark, 1.0)
 
 
+def test_a_section_much_darker_than_the_others_is_left_out_of_the_normalization(tmp_path):
+    """A section imaged at a quarter of the others' brightness set the 1st percentile for every slice; it is left out
+    and named (``odd_slices``). A slow drift over the stack (10% either way) is no odd section."""
+    tissue = np.random.default_rng(3).integers(60, 220, (16, 200, 200)).astype(np.uint8)
+    dark = tissue.copy()
+    dark[7] = dark[7] // 4
+    drift = (tissue * np.linspace(0.9, 1.1, 16)[:, None, None]).astype(np.uint8)
+    for name, data in (("tissue", tissue), ("dark", dark), ("drift", drift)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, photometric="minisblack")
+    plain, n = estimate(open_volume(tmp_path / "tissue.tif")), estimate(open_volume(tmp_path / "dark.tif"))
+    assert abs(n.low - plain.low) <= 1 and abs(n.high - plain.high) <= 1, (n, plain)
+    assert [z for z, _, _ in n.odd_slices] == [7] and not plain.odd_slices
+    assert not estimate(open_volume(tmp_path / "drift.tif")).odd_slices
+
+
 @pytest.mark.parametrize("fill", [0, 255, 137])
 def test_a_blank_or_saturated_slice_does_not_move_the_normalization(tmp_path, fill):
     """A section lost and filled with one value (white, black, grey) is no tissue: the percentiles stay those of the

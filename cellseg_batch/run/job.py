@@ -255,6 +255,13 @@ class Run:
                                          "the sample of 16 slices): the model sees a blank image. Check the file "
                                          "and the array in it, or set --normalization LOW,HIGH")  # fmt: skip
                     log.warning(self.warnings[-1])
+                if self.normalization.odd_slices:  # the run goes on: the section may be fine, or damaged
+                    odd = ", ".join(f"{z} ({m:g})" for z, m, _ in self.normalization.odd_slices)
+                    self.warnings.append(f"{cfg.volume}: sampled slice(s) {odd} lie far from the others' median "
+                                         f"intensity ({self.normalization.odd_slices[0][2]:g}): left out of the "
+                                         "normalization. A section imaged darker or brighter is segmented with the "
+                                         "others' contrast; check it, or correct its intensity first")  # fmt: skip
+                    log.warning(self.warnings[-1])
         predict_key = {
             "volume": volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
