@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--labels", action="append", help="labels predictor: a 2D instance label stack "
                    "(any volume format above), or an OME-Zarr with a labels/ group; repeat for classes that nest")  # fmt: skip
     r.add_argument("--classes", action="append", help="after each plain --labels stack: a class "
-                   "name, or a JSON file mapping its ids to class names")  # fmt: skip
+                   "name, or a JSON file (or the JSON itself) mapping its ids to class names")  # fmt: skip
     g = r.add_argument_group("tiles and model")
     g.add_argument("--tile", type=int, help="tile size in pixels (default: the model's; labels: 1024)")
     g.add_argument("--overlap", type=int, help="tile overlap in pixels, even (default: the model's; labels: 32)")

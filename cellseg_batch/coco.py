@@ -22,7 +22,7 @@ from .config import check_output_folder
 from .errors import UserError
 from .read import SliceRange, group_attrs, load_json, one_slice, open_volume, to_zyx
 from .tiles import Box, side_by_side
-from .write import CLASS_NAME
+from .write import layer_name
 
 MAX_COCO_BYTES = 2**30  # a COCO file larger than this is refused before it is read
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -328,10 +328,7 @@ def _categories(categories: list, json_path: Path) -> tuple[dict, list[str]]:
         if not isinstance(c, dict) or "id" not in c or not c.get("name"):
             raise UserError(f"{json_path}: every category needs an id and a name, got {c!r}")
         name = str(c["name"]).strip()
-        layer = name if CLASS_NAME.match(name) else re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")
-        if not layer or not CLASS_NAME.match(layer):
-            raise UserError(f"{json_path}: category {name!r} cannot name a class; use letters, digits, '_', '-' and "
-                            "'.'")  # fmt: skip
+        layer = layer_name(name, f"{json_path}: category")
         if renamed.setdefault(layer, name) != name:
             raise UserError(f"{json_path}: categories {renamed[layer]!r} and {name!r} would both be class {layer!r} "
                             "(a label layer's name: letters, digits, '_', '-', '.'); rename one")  # fmt: skip

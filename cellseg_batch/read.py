@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UserError
 from .registry import Registry
 from .runs import label_runs
+from .write import layer_name
 
 SPATIAL = "ZYX"
 # tifffile logs what it finds wrong in a damaged file on lines of its own; here that becomes one UserError line
@@ -1437,21 +1438,29 @@ MAX_CLASS_MAP_BYTES = 64 * 2**20  # a million ids with their names fit in a tent
 
 
 def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]:
-    """A ``--classes`` value (``option``'s): a JSON file mapping label ids to class names, or one class name for
-    every id."""
+    """A ``--classes`` value (``option``'s): a JSON file mapping label ids to class names, the same map written out
+    (``{"1": "mitochondrion"}``), or one class name for every id. Names become label layer names as ``train`` makes
+    them of annotation categories (``layer_name``: ``alpha granule`` is ``alpha_granule``)."""
     p = Path(spec)
-    if not p.suffix.lower() == ".json":
+    if spec.lstrip().startswith("{"):
+        try:
+            data = json.loads(spec)
+        except ValueError as e:
+            raise UserError(f"{option} {spec!r} is not valid JSON ({e}); give a class name, a .json file, or a map "
+                            "such as '{\"1\": \"mitochondrion\"}' (quoted for the shell)") from e  # fmt: skip
+    elif not p.suffix.lower() == ".json":
         if not spec or "/" in spec:
             raise UserError(f"{option} {spec!r}: give a class name or a .json file mapping ids to class names")
-        return spec
-    data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
+        return layer_name(spec, option)
+    else:
+        data = load_json(p, max_bytes=MAX_CLASS_MAP_BYTES)
     if isinstance(data, dict) and isinstance(data.get("instance_class"), dict):
         data = data["instance_class"]
     elif isinstance(data, dict) and isinstance(data.get("classes"), dict) and not isinstance(data.get("instance_class"), dict):
         # a dataset's list of classes ({"classes": {"1": name}}) with no id -> class map: one class is every id's
         names = [v for v in data["classes"].values() if isinstance(v, str) and v]
         if len(names) == 1:
-            return names[0]
+            return layer_name(names[0], f"{spec}")
         raise UserError(f"{spec} lists the classes {', '.join(map(str, data['classes'].values()))} but not which label "
                         f"ids are which; give a JSON mapping ids to class names, e.g. {{\"1\": \"mitochondrion\"}}")  # fmt: skip
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'
@@ -1470,7 +1479,7 @@ def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]
         if i <= 0 or not isinstance(v, str) or not v:
             raise UserError(f"{spec}: entry {k!r}: {v!r} must map a positive label id to a class name (0 is the "
                             "background of a label stack, and can only be named so: \"0\": \"background\")")  # fmt: skip
-        out[i] = v
+        out[i] = layer_name(v, f"{spec}: entry {k!r}")
     if not out:
         raise UserError(f"{spec} names only the background; give the class of each label id, e.g. {example}")
     return out

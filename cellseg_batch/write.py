@@ -36,6 +36,17 @@ FORMAT_BEFORE_0_5 = "ngff-0.4"  # what an output that does not record its format
 BLOCK_PIXELS = 4096  # a write block's side, at most (or one output chunk where those are larger): bounds worker memory
 
 
+def layer_name(name: str, where: str) -> str:
+    """A class name as a label layer can carry it: ``alpha granule`` (as annotation tools allow) is ``alpha_granule``,
+    the same in ``train``, ``run`` and ``eval``, so one class has one name from the annotations to the outputs. A
+    name with nothing left to name a layer is refused (``where`` says whose)."""
+    name = str(name).strip()
+    layer = name if CLASS_NAME.match(name) else re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")
+    if not layer or not CLASS_NAME.match(layer):
+        raise UserError(f"{where}: {name!r} cannot name a class; use letters, digits, '_', '-' and '.'")
+    return layer
+
+
 def check_class_names(classes: list[str]) -> None:
     for name in classes:
         if not CLASS_NAME.match(name):

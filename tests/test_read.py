@@ -736,6 +736,20 @@ def test_class_map_forms(tmp_path):
     assert read_class_map("cell") == "cell"
 
 
+def test_class_names_become_layer_names_as_train_makes_them(tmp_path):
+    """'alpha granule' is the class train makes alpha_granule of (a makesense.ai category); run's and eval's class
+    options were refused it (eval: 'share no class' against the model's alpha_granule). A map may be given as the
+    JSON itself; a name with nothing to name a layer is refused in one line."""
+    (tmp_path / "m.json").write_text('{"1": "alpha granule", "2": "cell/membrane"}')
+    assert read_class_map(str(tmp_path / "m.json")) == {1: "alpha_granule", 2: "cell_membrane"}
+    assert read_class_map("alpha granule") == "alpha_granule"
+    assert read_class_map(' {"3": "mito"}', "--gt-classes") == {3: "mito"}
+    with pytest.raises(UserError, match=r"--gt-classes '\{\"3\": ' is not valid JSON"):
+        read_class_map('{"3": ', "--gt-classes")
+    with pytest.raises(UserError, match=r"'\?\?' cannot name a class"):
+        read_class_map("??")
+
+
 def test_a_class_list_of_one_class_names_every_id(tmp_path):
     """A dataset's classes file that lists its classes but maps no ids ({"classes": {"1": name}}, as ISBI 2012's
     2D-instance stack ships) was refused as 'key classes is not a label id': one class is every id's class; with
