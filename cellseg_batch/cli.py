@@ -92,11 +92,14 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
+    from .model_dir import ModelDir
     from .train import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     out = train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
-    print(f"wrote model directory {out} (use it with: cellseg-batch run VOLUME --model {out} --out OUT.zarr)")
+    model = ModelDir.load(out)
+    print(f"wrote model directory {out}: classes {', '.join(model.classes)}; run's tile {model.tile} px, overlap "
+          f"{model.overlap} (use it with: cellseg-batch run VOLUME --model {out} --out OUT.zarr)")
     return 0
 
 

@@ -45,7 +45,9 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
   the largest instance below it as a leaf, and the instances it held are free for gap edges across it. Otherwise
   one missed boundary merges two objects over their whole length. A branch (one below, two above) or a join is
   none; a network that crosses itself in one section (canalicular vessels can) is cut there, and a 2D merge over
-  two or more sections in a row is still a merge.
+  two or more sections in a row is still a merge. A speck (``SPECK_PIXELS``, 4 px or fewer) with an edge on
+  each side is cut alike: rule 2 lets it join whatever it lies in, so one stray pixel between two objects stacked
+  in z joined them. A speck that starts or ends an object (a cap) keeps its edge.
 
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
    takes the class of most of its voxels (ties: the lower class index), where a detection the model also gave
@@ -88,6 +90,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import AUTO
+from .read import SPECK_PIXELS
 from .stitch import ZOVERLAP, fragment_rows, slice_instances, zoverlaps
 from .tiles import Box, TileGrid
 
@@ -121,6 +124,7 @@ class LinkStats:
     gap_cores_read: int = 0  # tile cores read back to count gap overlaps (where no actor counted them)
     gap_seconds: float = 0.0
     crossings: int = 0  # 2D instances two objects crossed (a 2D merge): cut out of both (``_crossings``)
+    speck_bridges: int = 0  # of those, specks between two objects (``_crossings``)
     shifted_pairs: int = 0  # pairs of adjacent slices linked with the second moved by its misalignment
     gap_pairs_realigned: int = 0  # pairs of slices across a gap whose overlaps were counted with their shift undone
     objects: int = 0
@@ -561,15 +565,24 @@ def _registered_links(store, grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slic
     return moved, moved_heal
 
 
-def _crossings(below: np.ndarray, above: np.ndarray, n: int) -> np.ndarray:
+def _crossings(below: np.ndarray, above: np.ndarray, areas: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """The 2D instances of a slice that two or more instances of the slice before and two or more of the slice after
-    link to (``below``: edges (previous slice, this one); ``above``: (this one, next); both before any cut): two
-    objects that meet in one section and part at once, which is what a 2D merge of two touching objects (a missed
-    boundary) looks like. A branch (one below, two above) or a join (two below, one above) is none."""
+    link to (``below``: edges (previous slice, this one); ``above``: (this one, next); both before any cut; ``areas``:
+    the instances' areas in the three slices): two objects that meet in one section and part at once, which is what a
+    2D merge of two touching objects (a missed boundary) looks like. A branch (one below, two above) or a join (two
+    below, one above) is none. A speck (``SPECK_PIXELS`` or fewer) linked on both sides to more than a speck is one
+    too: it lies inside whatever is around it (rule 2), so one stray pixel between two objects stacked in z joined
+    them; no object narrows to a speck and widens again (where one did, its two sides still meet by a gap edge). A
+    speck that starts or ends an object (a cap), or one of an object thin in every section (specks linked to specks),
+    is none."""
     if len(below) == 0 or len(above) == 0:
         return np.zeros(0, np.int64)
-    both = (np.bincount(below[:, 1], minlength=n) >= 2) & (np.bincount(above[:, 0], minlength=n) >= 2)
-    return np.flatnonzero(both)
+    area_below, area, area_above = areas
+    n_below, n_above = np.bincount(below[:, 1], minlength=len(area)), np.bincount(above[:, 0], minlength=len(area))
+    inside_below = np.bincount(below[:, 1], area_below[below[:, 0]] > SPECK_PIXELS, minlength=len(area)) > 0
+    inside_above = np.bincount(above[:, 0], area_above[above[:, 1]] > SPECK_PIXELS, minlength=len(area)) > 0
+    speck = (area > 0) & (area <= SPECK_PIXELS) & inside_below & inside_above
+    return np.flatnonzero(((n_below >= 2) & (n_above >= 2)) | speck)
 
 
 def _cut(pairs: np.ndarray, cross_a: np.ndarray, cross_b: np.ndarray) -> np.ndarray:
@@ -620,8 +633,8 @@ def gap_overlaps(store, grid: TileGrid, za: int, n_slices: int, n_classes: int, 
                 for z, (_, edges) in loaded.items() if z + 1 in slices}  # fmt: skip
     cores = _Cores(store, grid, slices)
     a = slices[za]
-    cross = {z: _crossings(adjacent[z - 1], adjacent[z], len(slices[z].area)) for z in slices
-             if z - 1 in adjacent and z in adjacent}  # fmt: skip
+    cross = {z: _crossings(adjacent[z - 1], adjacent[z], (slices[z - 1].area, slices[z].area, slices[z + 1].area))
+             for z in slices if z - 1 in adjacent and z in adjacent}  # fmt: skip
     none = np.zeros(0, np.int64)
     cut = {z: _cut(p, cross.get(z, none), cross.get(z + 1, none)) for z, p in adjacent.items()}
     forward = np.zeros(len(a.area), bool)
@@ -758,7 +771,7 @@ def _settle(out: list, pending: _Pending | None, pairs: np.ndarray, prev: _Slice
     linked are free again for gap edges across them (two objects a 2D merge glued in one section are apart again,
     and each is bridged over it). Commits the edges before prev, and returns those to here, pending."""
     none = np.zeros(0, np.int64)
-    cross = _crossings(pending.uncut, pairs, len(prev.area)) if pending is not None else none
+    cross = _crossings(pending.uncut, pairs, (pending.a.area, prev.area, here.area)) if pending is not None else none
     if pending is not None:
         pending.edges = _cut(pending.edges, pending.cross_a, cross)
         pending.a.forward[:] = False
@@ -768,6 +781,7 @@ def _settle(out: list, pending: _Pending | None, pairs: np.ndarray, prev: _Slice
             leaves = _leaves(pending.uncut, cross, pending.a.area)
             out.append(leaves + np.array([pending.a.base, prev.base]))
             stats.crossings += len(cross)
+            stats.speck_bridges += int((prev.area[cross] <= SPECK_PIXELS).sum())
         _commit(out, pending)
     edges = _cut(pairs, cross, none)
     prev.forward[:] = False

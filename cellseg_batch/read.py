@@ -1506,6 +1506,7 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
     warnings = []
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
+        refuse_image(layer.volume.path, ids, z)
         refuse_other_background(layer.volume.path, ids, z)
         if not instances:
             refuse_top_background(layer.volume.path, ids, z)
@@ -1540,6 +1541,29 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
             )
         refuse_top_background(layer.volume.path, ids, z)
     return warnings
+
+
+LABEL_SMOOTHNESS = 0.5  # a label stack's foreground pixels mostly share their right neighbour's id; an image's not
+
+
+def refuse_image(path: str, ids: np.ndarray, z: int) -> None:
+    """Refuse an image given where a label stack belongs (the volume as ``eval``'s truth, or as ``--labels``): its
+    grey levels would be refused later for a reason that misleads (a grey value taken for a background id, or for a
+    mask in many pieces). Told by its pixels: in a label stack most foreground pixels have their right neighbour's
+    id (only object borders differ), in an image of tissue few have its exact grey value. Only where most pixels
+    are nonzero, as in an image: labels of objects a few pixels wide have many borders, and much background."""
+    if ids.dtype.kind == "b" or ids.ndim != 2 or ids.shape[1] < 2:
+        return
+    fg = (ids[:, :-1] != 0) | (ids[:, 1:] != 0)
+    if fg.sum() < 1024 or np.count_nonzero(ids) < ids.size / 2:
+        return
+    same = float((ids[:, :-1] == ids[:, 1:])[fg].mean())
+    if same < LABEL_SMOOTHNESS:
+        raise UserError(
+            f"{path} looks like an image, not a label stack: {same:.0%} of the foreground pixels of slice {z} have "
+            f"their neighbour's value (in labels most do: one id fills each object); give the label stack (0 "
+            "background, an id per object)"
+        )
 
 
 def refuse_other_background(path: str, ids: np.ndarray, z: int) -> None:

@@ -456,7 +456,9 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
     final.DATASETS.TRAIN, final.DATASETS.TEST = (), ()
     (out / "config.yaml").write_text(final.dump())
     crop = training_crop(tc)  # the size the model was trained at, where images were larger
-    sizes = sorted({min(max(r["height"], r["width"]), crop or np.inf) for r in train_set.records})
+    # the size of the median training image, as trained (each image counts: a few odd-sized crops beside many whole
+    # slices trained at the crop must not set it, as a median of the distinct sizes let them)
+    sizes = sorted(min(max(r["height"], r["width"]), crop or np.inf) for r in train_set.records)
     tile = tc.tile or int(sizes[len(sizes) // 2])
     metrics = _last_eval(work)
     model = ModelDir(

@@ -180,3 +180,23 @@ def test_a_background_of_65535_or_minus_1_in_a_slice_no_start_check_reads_is_ref
                    check=False)  # fmt: skip
         assert proc.returncode == 2 and proc.stderr.startswith("cellseg-batch: error:"), proc.stderr
         assert ("negative label id -1 in slice 4" in proc.stderr) or ("id 65535" in proc.stderr), proc.stderr
+
+
+def test_an_image_given_where_a_label_stack_belongs_is_named_so(tmp_path):
+    """The volume given as eval's truth (or as --labels) was refused as 'id 65535 ... covers 0% ..., it looks like
+    background': it is said to be an image. Labels of objects two pixels wide (most pixel pairs a border) are not."""
+    image = tmp_path / "vol16.tif"
+    grey = np.random.default_rng(2).normal(30000, 3000, (3, 64, 64)).clip(0, 65535).astype(np.uint16)
+    grey[0, 0, 0] = 65535
+    tifffile.imwrite(image, grey, photometric="minisblack")
+    small = np.zeros((3, 64, 64), np.uint16)
+    small[:, ::4, ::4] = np.arange(1, 257, dtype=np.uint16).reshape(16, 16)
+    small[:, 1::4] = small[:, ::4]
+    small[:, :, 1::4] = small[:, :, ::4]  # 2 x 2 px objects
+    tifffile.imwrite(tmp_path / "small.tif", small, photometric="minisblack")
+    _expect_error(tmp_path, "run", _volume(tmp_path), "--predictor", "labels", "--labels", image, "--classes", "cell",
+                  match="vol16.tif looks like an image, not a label stack")  # fmt: skip
+    proc = cli("eval", tmp_path / "small.tif", image, "--pred-classes", "cell", "--gt-classes", "cell", check=False)
+    assert proc.returncode == 2 and "vol16.tif looks like an image, not a label stack" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    cli("eval", tmp_path / "small.tif", tmp_path / "small.tif", "--pred-classes", "cell", "--gt-classes", "cell")

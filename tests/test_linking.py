@@ -476,6 +476,41 @@ def test_two_touching_objects_merged_in_one_section_stay_two(tmp_path):
     assert report["counts"]["z_crossings_cut"] == len(merged)
 
 
+def test_a_speck_between_two_objects_stacked_in_z_does_not_join_them(tmp_path):
+    """A stray pixel (a 2D instance of 4 px or fewer) lying inside granule A below and granule B above, which barely
+    overlap each other, joined them (rule 2 links an instance lying inside its partner, on both sides). It is cut
+    out of both as a crossing is and stays with A. A speck between two sections of one object (a neck) leaves them
+    one object (the gap edge across it), and a speck that starts an object (a cap) still joins it, as specks of an
+    object thin in every section join one another."""
+    yy, xx = np.mgrid[:160, :160]
+
+    def disc(cy, cx, r=12):
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+    det = np.zeros((9, 160, 160), np.uint16)
+    for z in (1, 2, 3):
+        det[z][disc(40, 40)] = 1  # A
+        det[z][disc(110, 110)] = 4  # the neck's lower part
+    for z in (5, 6, 7):
+        det[z][disc(40, 60)] = 2  # B: IoU with A 0.04
+        det[z][disc(110, 110)] = 6  # the neck's upper part
+    det[4][40, 50] = 3  # the speck, inside A and B
+    det[4][110:112, 110:112] = 5  # the neck
+    det[1][110, 40] = 7  # a cap of one pixel
+    for z in (2, 3, 4, 5):
+        det[z][disc(110, 40)] = 8
+    det[1:8, 145, 10:12] = 9  # an object thin in every section (specks linked to specks)
+    out = _run_detections(tmp_path / "specks", det, {str(i): "granule" for i in range(1, 10)})
+    pred = labels_of(out, "granule")
+    assert pred[3, 40, 40] != pred[5, 40, 60], "the speck joined A and B"
+    assert pred[4, 40, 50] == pred[3, 40, 40]  # the speck stays with the object below it
+    assert pred[3, 110, 110] == pred[4, 110, 110] == pred[5, 110, 110]
+    assert pred[1, 110, 40] == pred[2, 110, 40]
+    assert len(np.unique(pred[1:8, 145, 10])) == 1
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    assert report["counts"]["objects"] == 5 and report["counts"]["z_speck_bridges_cut"] == 2, report["counts"]
+
+
 def _tiling(seeds: np.ndarray, size: int) -> np.ndarray:
     """2D instances that tile the plane (a Voronoi tiling of ``seeds``, ids 1..n), as neurite cross-sections do."""
     from scipy.spatial import cKDTree

@@ -496,12 +496,27 @@ def test_training_on_whole_annotated_slices_crops_them_and_the_model_runs_at_the
     cli("synth", tmp_path / "s", "--shape", "4,256,256", "--seed", 9)
     cli("convert", "labels-to-coco", tmp_path / "s" / "truth.zarr", tmp_path / "s" / "volume.tif", "--out",
         tmp_path / "coco", "--tile", 0, "--val-fraction", 0.25)  # whole 256 px slices, as an annotation tool has them
+    # beside them two small crops of the first slice, of two other sizes, an object annotated in each: the model's
+    # tile is the crop still (the median of the distinct sizes made it 100)
+    coco = json.loads((tmp_path / "coco" / "train.json").read_text())
+    first, images = coco["images"][0], tmp_path / "coco" / "images"
+    pixels = np.asarray(Image.open(images / first["file_name"]))
+    for k, side in enumerate((64, 100)):
+        name = f"small_{side}.png"
+        Image.fromarray(pixels[:side, :side]).save(images / name)
+        coco["images"].append({"id": 1000 + k, "file_name": name, "height": side, "width": side})
+        # one object each (a synthetic cell cut to the window), so that each is a training image of its own
+        coco["annotations"].append({"id": 10**6 + k, "image_id": 1000 + k, "category_id": coco["categories"][0]["id"],
+                                    "bbox": [8, 8, 20, 20], "area": 400, "iscrowd": 0,
+                                    "segmentation": [[8, 8, 28, 8, 28, 28, 8, 28]]})  # fmt: skip
+    (tmp_path / "coco" / "train.json").write_text(json.dumps(coco))
     out = tmp_path / "model"
-    cli("train", "--train", tmp_path / "coco" / "train.json", "--images", tmp_path / "coco" / "images",
-        "--val", tmp_path / "coco" / "val.json", "--config", CONFIG, "--out", out, "--max-iter", 2, "--crop", 128,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)  # fmt: skip
+    done = cli("train", "--train", tmp_path / "coco" / "train.json", "--images", images,
+               "--val", tmp_path / "coco" / "val.json", "--config", CONFIG, "--out", out, "--max-iter", 2, "--crop",
+               128, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)  # fmt: skip
     model = ModelDir.load(out)
     assert model.tile == 128 and model.training["crop"] == 128 and model.overlap == 16
+    assert "run's tile 128 px, overlap 16" in done.stdout.splitlines()[-1]
     assert model.training["validation"] is not None and "segm/AP" in model.training["validation"]
     evaluated = json.loads(next((out / "train" / "eval").glob("*_coco_format.json")).read_text())
     assert [(i["height"], i["width"]) for i in evaluated["images"]] == [(128, 128)] * 4  # the slice's 4 windows

@@ -536,6 +536,7 @@ class Run:
                 "gap_tiles_read": stats.gap_tiles_read,
                 "z_pairs_realigned": stats.shifted_pairs, "gap_pairs_realigned": stats.gap_pairs_realigned,
                 "z_crossings_cut": stats.crossings,
+                "z_speck_bridges_cut": stats.speck_bridges,
                 "gap_seconds": round(stats.gap_seconds, 3),
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
                 "min_slices_auto": {self.classes[int(c)]: d for c, d in stats.min_slices_auto.items()},
