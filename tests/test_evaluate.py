@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -509,3 +510,35 @@ def test_false_and_missed_objects_name_the_class_they_are_in_the_truth():
     assert sorted((f["id"], f["slices"], f.get("truth", {}).get("gt")) for f in mito["false"]) == [
         (5, [1, 2], 7), (5, [4, 4], 7), (6, [2, 2], None), (9, [0, 2], 8)]
     assert (gran["n_missed"], gran["n_missed_other_class"]) == (4, 2)  # granule 3 in both runs, 7 in both
+
+
+def test_labels_numbered_anew_in_every_slice_are_refused_for_a_3d_score(tmp_path):
+    """Ground truth whose ids restart in every slice (per-slice masks of Cellpose or a 2D annotation tool) was scored
+    as 3D objects: id k of each slice one object through z (ISBI's neurites numbered so: F1 0.38 against themselves).
+    A 3D score refuses it and names --mode 2d, which scores it; 3D labels of the same objects pass."""
+    import tifffile
+    from scipy import ndimage
+
+    from conftest import cli
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:128, :128]
+    truth = np.zeros((12, 128, 128), np.uint16)
+    for k in range(1, 41):  # granules of 2-4 slices, here and there
+        (cy, cx), z0, n = rng.integers(8, 120, 2), int(rng.integers(0, 10)), int(rng.integers(2, 5))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
+        if not truth[z0 : z0 + n][:, ndimage.binary_dilation(disc, iterations=2)].any():  # apart from the others
+            truth[z0 : z0 + n][:, disc] = k
+    per_slice = np.stack([ndimage.label(s > 0)[0] for s in truth]).astype(np.uint16)
+    for name, data in (("truth", truth), ("per_slice", per_slice)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, photometric="minisblack")
+    args = ("--pred-classes", "granule", "--gt-classes", "granule")
+    proc = cli("eval", tmp_path / "truth.tif", tmp_path / "per_slice.tif", *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "per_slice.tif: its ids restart in every slice" in proc.stderr and "--mode 2d" in proc.stderr
+    proc = cli("eval", tmp_path / "per_slice.tif", tmp_path / "truth.tif", *args, check=False)  # as the prediction
+    assert proc.returncode == 2 and "per_slice.tif: its ids restart in every slice" in proc.stderr
+    scored = cli("eval", tmp_path / "truth.tif", tmp_path / "per_slice.tif", *args, "--mode", "2d").stdout
+    assert re.search(r"^granule +1\.000 ", scored, re.M), scored
+    assert re.search(r"^granule +1\.000 ", cli("eval", tmp_path / "truth.tif", tmp_path / "truth.tif", *args).stdout,
+                     re.M)  # fmt: skip
