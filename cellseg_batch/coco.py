@@ -473,7 +473,8 @@ class _ImageFinder:
     of the annotator's machine (Windows ones too): the file whose path under the folder shares the longest end with
     the name wins (``volB/x.png`` for ``D:\\proj\\volB\\x.png``, not ``volA/x.png`` or ``x.png``), searched for deeper
     in the folder (once) where the whole name is not a path under it; two files that match equally well are
-    refused, naming both."""
+    refused, naming both, as are several files of the name where no folder of the name is theirs (``day1_task/s.png``
+    among ``s.png``, ``day1/s.png`` and ``day2/s.png``)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -519,6 +520,8 @@ class _ImageFinder:
         # the longest common end; of equal ones, a file whose whole path under the folder ends the name
         scores = [(_common_suffix(rel, parts), _common_suffix(rel, parts) == len(rel)) for rel in found]
         best = [rel for rel, score in zip(found, scores) if score == max(scores)]
+        if max(scores)[0] == 1 and len(parts) > 1 and len(found) > 1:
+            best = found  # only the file name matches, and several files have it: no folder of the name tells which
         if len(best) > 1:
             a, b = ("/".join(rel) for rel in best[:2])
             raise UserError(f"image {file_name!r} matches both {a} and {b} under {self.folder}; give its path relative "

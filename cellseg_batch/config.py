@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .write import layer_name
 
 
 @dataclass
@@ -159,7 +160,7 @@ def parse_class_minimums(text: str | None, classes: list[str] | None, option: st
             raise UserError(usage) from None
         if (n < 0 and not is_auto) or (most is not None and n > most) or (sep and not name) or (name if sep else None) in out:
             raise UserError(usage)
-        out[name if sep else None] = n
+        out[(layer_name(name, option) if name else name) if sep else None] = n
     if classes is None:
         return ()
     unknown = sorted(k for k in out if k is not None and k not in classes)

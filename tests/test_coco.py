@@ -36,14 +36,19 @@ def _found(ann: Path, images: Path) -> list[str]:
 
 def test_an_image_is_the_file_whose_path_ends_its_name_best(tmp_path):
     """Two volumes' slices of one base name: the file whose path under --images shares the longest end with the
-    COCO name wins (not the first of that base name); equally good matches are refused, naming both."""
-    images = _images(tmp_path, "x.png", "volA/x.png", "volB/x.png", "data/volB/z.png", "volA/y.png", "volB/y.png")
-    names = ["/home/lab/project/volB/x.png", "volA/x.png", "/mnt/em/volA/x.png", "x.png", "/srv/volC/x.png",
+    COCO name wins (not the first of that base name); equally good matches are refused, naming both, and so are
+    several files of the name where the name's folder is none of theirs (volC/x.png was x.png at the top, silently:
+    masks drawn on one section trained on another)."""
+    images = _images(tmp_path, "x.png", "volA/x.png", "volB/x.png", "data/volB/z.png", "volA/y.png", "volB/y.png",
+                     "only/w.png")  # fmt: skip
+    names = ["/home/lab/project/volB/x.png", "volA/x.png", "/mnt/em/volA/x.png", "x.png", "/srv/volC/w.png",
              "project/data/volB/z.png", "../exports/volB/y.png"]  # fmt: skip
     assert _found(_coco_of(tmp_path, names), images) == [
-        "volB/x.png", "volA/x.png", "volA/x.png", "x.png", "x.png", "data/volB/z.png", "volB/y.png"]  # fmt: skip
+        "volB/x.png", "volA/x.png", "volA/x.png", "x.png", "only/w.png", "data/volB/z.png", "volB/y.png"]  # fmt: skip
     with pytest.raises(UserError, match="matches both volA/y.png and volB/y.png under"):
         load_coco(_coco_of(tmp_path, ["/srv/volC/y.png"]), images)
+    with pytest.raises(UserError, match="/srv/volC/x.png. matches both volA/x.png and volB/x.png under"):
+        load_coco(_coco_of(tmp_path, ["/srv/volC/x.png"]), images)
 
 
 def test_windows_paths_in_file_names_find_their_files(tmp_path):

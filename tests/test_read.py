@@ -748,6 +748,12 @@ def test_class_names_become_layer_names_as_train_makes_them(tmp_path):
         read_class_map('{"3": ', "--gt-classes")
     with pytest.raises(UserError, match=r"'\?\?' cannot name a class"):
         read_class_map("??")
+    from cellseg_batch.config import parse_class_minimums
+    from cellseg_batch.predict.base import exclusive_groups
+
+    classes = ["alpha_granule", "mito"]
+    assert exclusive_groups(["alpha granule, mito"], classes, "the model") == [classes]
+    assert parse_class_minimums("alpha granule=3,1", classes, "--min-voxels") == (3, 1)
 
 
 def test_a_class_list_of_one_class_names_every_id(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import UserError
 from ..registry import Registry
 from ..tiles import Box
+from ..write import layer_name
 
 # Local instance ids of a tile are uint16: a tile holds far fewer than 65535 instances (Mask R-CNN keeps 100-1000).
 LOCAL_ID = np.uint16
@@ -152,14 +153,14 @@ def build_predictor(spec: PredictorSpec) -> Predictor:
 def exclusive_groups(option: list[str] | None, classes: list[str], where: str,
                      default: list[list[str]] | None = None) -> list[list[str]]:
     """Groups of classes that exclude one another (a pixel is never two of them): ``--exclusive A,B`` (repeated
-    for more groups; ``none``: no group) where given, else ``default``; every name must be one of ``classes``
-    (``where`` says whose, for the error)."""
+    for more groups; ``none``: no group) where given, else ``default``; every name (made a layer name as ``train``
+    makes them: ``alpha granule`` is ``alpha_granule``) must be one of ``classes`` (``where`` says whose)."""
     if option is None:
         groups = default or []
     elif option == ["none"]:
         groups = []
     else:
-        groups = [[c.strip() for c in item.split(",") if c.strip()] for item in option]
+        groups = [[layer_name(c, "--exclusive") for c in item.split(",") if c.strip()] for item in option]
     for group in groups:
         unknown = [c for c in group if c not in classes]
         if unknown:
