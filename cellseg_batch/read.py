@@ -1143,6 +1143,31 @@ def sequence_files(path: str) -> list[Path] | None:
     return sorted(files, key=lambda f: _natural_key(f.name))
 
 
+def numbering_gaps(files: list[str]) -> str | None:
+    """Where the numbers of a sequence's files jump by more than their usual step (``slice_2``, ``slice_5``: sections
+    lost, or files left out), said for a warning; None where they run evenly or the names hold no one number each.
+    The files are read as consecutive slices, so objects would be linked across the missing sections."""
+    numbers = []
+    for f in files:
+        runs = re.findall(r"\d+", Path(f).stem)
+        if not runs:
+            return None
+        numbers.append(int(runs[-1]))
+    steps = np.diff(numbers)
+    if len(steps) < 2 or (steps <= 0).any():
+        return None
+    usual = int(np.bincount(steps).argmax())
+    jumps = np.flatnonzero(steps > usual)
+    if not len(jumps):
+        return None
+    said = ", ".join(f"{Path(files[i]).name} -> {Path(files[i + 1]).name}" for i in jumps[:3])
+    more = f" and {len(jumps) - 3} more" if len(jumps) > 3 else ""
+    return (f"the file numbers jump {len(jumps)} time(s) by more than their step of {usual} ({said}{more}): the files "
+            f"are read as consecutive slices, so objects are linked across what is missing there; put an empty (or "
+            f"repeated) image in each missing slice's place where sections were lost (report.json lists the file of "
+            f"each slice: input.slice_files)")
+
+
 class ImageSequence(Volume):
     """A folder (or glob pattern) of 2D TIFF or PNG images, one slice per file in natural order: what FIB-SEM and
     serial-section acquisitions often write. Every file's header is checked when it opens (same size, samples and

@@ -905,3 +905,30 @@ def test_a_print_resolution_in_the_tiff_tags_is_not_a_pixel_size(tmp_path, resol
     tifffile.imwrite(tmp_path / "v.tif", np.zeros((2, 32, 32), np.uint8), resolution=resolution, resolutionunit=unit)
     size = open_volume(tmp_path / "v.tif").pixel_size_nm
     assert size is None if expected is None else size == pytest.approx((None, expected, expected))
+
+
+def test_a_sequence_whose_file_numbers_jump_is_warned_about_and_its_files_recorded(tmp_path):
+    """slice_0, 1, 2, 5, 10, 11: sections lost or files left out were read as consecutive slices with no word, and
+    linked across the gap; the run warns, naming the jumps, and the report lists each slice's file. An even step
+    (every 2nd section exported) is no jump."""
+    from cellseg_batch.read import numbering_gaps
+    from conftest import cli
+
+    assert numbering_gaps([f"s_{i}.png" for i in (0, 2, 4, 6)]) is None
+    assert numbering_gaps(["a.png", "b.png", "c.png"]) is None
+    said = numbering_gaps([f"d/slice_{i:03d}.tif" for i in (0, 1, 2, 5, 6, 10)])
+    assert said.startswith("the file numbers jump 2 time(s) by more than their step of 1 (slice_002.tif -> "
+                           "slice_005.tif, slice_006.tif -> slice_010.tif)"), said  # fmt: skip
+    folder = tmp_path / "sections"
+    folder.mkdir()
+    labels = np.zeros((4, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    for z, number in enumerate((0, 1, 2, 7)):
+        tifffile.imwrite(folder / f"slice_{number}.tif", (labels[z] * 100).astype(np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    done = cli("run", folder, "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes", "cell",
+               "--out", tmp_path / "out.zarr", "--no-progress", "--no-image")  # fmt: skip
+    report = json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())
+    assert report["input"]["slice_files"] == ["slice_0.tif", "slice_1.tif", "slice_2.tif", "slice_7.tif"]
+    assert any("slice_2.tif -> slice_7.tif" in w for w in report["warnings"])
+    assert "slice_2.tif -> slice_7.tif" in done.stderr

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, given, resolve_predictor
-from ..read import open_volume, volume_identity
+from ..read import ImageSequence, numbering_gaps, open_volume, volume_identity
 from ..report_html import gallery_pictures, gallery_slices, write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
@@ -154,6 +154,9 @@ class Run:
         self.warnings: list[str] = []
         if self.volume.rgb:
             self.warnings.append(f"{cfg.volume} is RGB: read as the mean of its R, G and B channels")
+            log.warning(self.warnings[-1])
+        if isinstance(self.volume, ImageSequence) and (gaps := numbering_gaps(self.volume.files)):
+            self.warnings.append(f"{cfg.volume}: {gaps}")
             log.warning(self.warnings[-1])
         self.pixel_size = self._pixel_size()
         if cfg.rescale:
@@ -512,7 +515,9 @@ class Run:
             "mode": mode,
             "input": {"volume": cfg.volume, "shape": list(self.volume.shape), "dtype": str(self.volume.dtype),
                       "slices": [self.z0, self.z1], "pixel_size_nm": self.pixel_size,
-                      "origin_nm": self.volume.origin_nm},
+                      "origin_nm": self.volume.origin_nm,
+                      **({"slice_files": [Path(f).name for f in self.volume.files]}
+                         if isinstance(self.volume, ImageSequence) else {})},  # fmt: skip
             "config": asdict(cfg),
             "plan": {"predictor": cfg.predictor, "classes": self.classes, "tile": self.grid.tile,
                      "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid), "zoom": list(self.plan.zoom),
