@@ -330,17 +330,18 @@ class _Objects:
     gt_as: dict = field(default_factory=dict)  # a missed object that is a predicted object of another class
 
     def listed(self) -> dict:
-        """The false (predicted, unmatched at IoU 0.5) and missed (gt, unmatched) objects: counted, the largest
-        ``MAX_LISTED`` listed with their slices and best IoU in their own class; where one is another class's
-        object (a class mistake), which."""
+        """The false (predicted, unmatched at IoU 0.5) and missed (gt, unmatched) objects: counted, ``MAX_LISTED``
+        listed with their slices and best IoU in their own class, class mistakes (another class's object: which)
+        first, then the largest."""
         out = {}
         for kind, side, name, other, other_name, key in (
                 ("false", self.pred, "id", self.pred_is, "gt", "truth"),
                 ("missed", self.gt, "gt", self.gt_as, "pred", "predicted_as")):  # fmt: skip
             idx = np.flatnonzero(~side.matched)
-            idx = idx[np.lexsort((side.rows[idx, 1], -side.voxels[idx]))]
+            mistake = np.array([i in other for i in idx.tolist()], bool)  # listed first: the table names them
+            idx = idx[np.lexsort((side.rows[idx, 1], -side.voxels[idx], ~mistake))]
             out[f"n_{kind}"] = len(idx)
-            out[f"n_{kind}_other_class"] = sum(i in other for i in idx.tolist())
+            out[f"n_{kind}_other_class"] = int(mistake.sum())
             out[kind] = []
             for i in idx[:MAX_LISTED].tolist():
                 entry = {name: int(side.rows[i, 1]), "voxels": int(side.voxels[i]),

@@ -476,7 +476,7 @@ def test_split_and_merge_lists_follow_their_definition_worst_first_and_stay_shor
     assert "and 36 more" in table
 
 
-def test_false_and_missed_objects_name_the_class_they_are_in_the_truth():
+def test_false_and_missed_objects_name_the_class_they_are_in_the_truth(monkeypatch):
     """A false object of one class that is a gt object of another (IoU >= 0.5 in 3D) is a class mistake: listed on
     both sides; a false object with nothing under it, and one that duplicates a found object of another class, are
     told apart; slices given as two runs cut objects into one per run, each matched on its own."""
@@ -498,11 +498,19 @@ def test_false_and_missed_objects_name_the_class_they_are_in_the_truth():
         (6, 16, [2, 2], None),
     ]
     assert (gran["n_false"], gran["n_missed"], gran["n_missed_other_class"]) == (0, 2, 1)
+    # class mistakes are listed first (the table names them), then the largest: 7 before the larger 3
     assert [(m["gt"], m["slices"], m.get("predicted_as")) for m in gran["missed"]] == [
-        (3, [0, 5], None), (7, [1, 4], {"class": "mito", "pred": 5, "iou": round(144 / 168, 3)})]
+        (7, [1, 4], {"class": "mito", "pred": 5, "iou": round(144 / 168, 3)}), (3, [0, 5], None)]
     text = format_table(r)
     assert "mito: 3 false object(s), 2 of them other classes in the truth: pred 5 is granule 7 (z 1-4); pred 9 is granule 8 (z 0-2)" in text
     assert "granule: 0 false object(s)  2 missed (1 found as another class)" in text
+    # where more are false than are listed, the class mistakes are among those listed (they were left out, by size,
+    # and the table said '2 of them other classes in the truth: ; ...')
+    monkeypatch.setattr("cellseg_batch.evaluate.MAX_LISTED", 1)
+    few = evaluate({"mito": ArrayVolume(pm), "granule": ArrayVolume(pg)},
+                   {"mito": ArrayVolume(gm), "granule": ArrayVolume(gg)})  # fmt: skip
+    assert [m["gt"] for m in few["classes"]["granule"]["errors"]["missed"]] == [7]
+    monkeypatch.undo()
     # two runs of slices: 0-2 and 4-5; the mistaken granule is two objects in each class, both mistaken
     r = evaluate({"mito": ArrayVolume(pm), "granule": ArrayVolume(pg)}, {"mito": ArrayVolume(gm), "granule": ArrayVolume(gg)},
                  slices=[0, 1, 2, 4, 5])  # fmt: skip
