@@ -256,7 +256,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             raise UserError(f"{json_path}: image id {image_id} is given to {len(files)} images ({', '.join(files[:3])}); "
                             "every image needs an id of its own")  # fmt: skip
     skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
-    records, crowd, missing, seen, twice = [], 0, [], {}, []
+    records, crowd, missing, seen, twice, unknown = [], 0, [], {}, [], Counter()
     find_image = _ImageFinder(images)
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
@@ -282,6 +282,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             name = cats.get(_key(a.get("category_id")))
             if name is None or name not in index:
                 skipped["unknown categories"] += 1
+                unknown[name if name is not None else f"id {a.get('category_id')!r}"] += 1
                 continue
             segm, why = _segmentation(a.get("segmentation"), int(h), int(w))
             if why:
@@ -311,11 +312,19 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     if not records:
         raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images} "
                         f"({find_image.describe(missing)})")  # fmt: skip
+    if unknown:  # a category spelt otherwise than the training set's ('Alpha Granule'), or an id no category has
+        said = []
+        for name, n in unknown.most_common(5):
+            like = [c for c in names if re.sub(r"[^a-z0-9]", "", c.lower()) == re.sub(r"[^a-z0-9]", "", name.lower())]
+            said.append(f"{name!r} ({n}{f'; the class {like[0]!r}?' if like else ''})")
+        whose = "the training set's classes" if classes else "the file's categories"
+        notes.append(f"annotations of categories not among {whose} ({', '.join(names)}): {', '.join(said)}")
     counted = Counter(a["category_id"] for r in records for a in r["annotations"])
     unused = [name for i, name in enumerate(names) if not counted[i]]
     if unused and any(counted.values()):
-        notes.append(f"no usable annotation of class(es) {', '.join(unused)}: the model gets such a class and never "
-                     "learns it; annotate some or remove the category")  # fmt: skip
+        notes.append(f"no usable annotation of class(es) {', '.join(unused)}: "
+                     + ("their AP is not measured on this set" if classes else
+                        "the model gets such a class and never learns it; annotate some or remove the category"))  # fmt: skip
     return CocoSet(json_path, names, records, +skipped, crowd, notes, list(dict.fromkeys(cats.values())))
 
 

@@ -136,6 +136,11 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
     from .read import check_label_stack, class_volumes, ngff_label_layers, open_label_layers, refuse_per_slice_ids
 
+    for path, option in ((gt, "--gt-classes"), (pred, "--pred-classes")):
+        if Path(path).suffix.lower() == ".json":  # a COCO file: eval reads label volumes
+            raise UserError(f"{path} is a JSON file: eval scores label volumes (an OME-Zarr with labels/, or a label "
+                            f"stack with {option}); COCO annotations are scored by `train --val` (mask AP of a "
+                            "model on them), not read as ground truth here")  # fmt: skip
     if not pred_classes and ngff_label_layers(pred) is None:
         raise UserError(f"{pred} is not an OME-Zarr with a labels/ group; pass a cellseg-batch output, or give the "
                         "classes of another tool's label stack with --pred-classes")  # fmt: skip

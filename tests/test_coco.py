@@ -253,6 +253,15 @@ def test_category_ids_as_text_class_names_tools_allow_and_unused_classes(tmp_pat
     assert s.skipped == {"unknown categories": 1}
     summary = s.summary()
     assert "'alpha granule' -> alpha_granule" in summary and "no usable annotation of class(es) mito" in summary
+    assert "not among the file's categories (alpha_granule, mito): 'id [1]' (1)" in summary, summary
+    # the same file as the validation set of a model with a class spelt otherwise: the unknown category is named,
+    # with the class it likely means; a class it lacks is not measured (not 'never learnt': the training set teaches)
+    s = load_coco(ann, folder, classes=["Mito", "alpha_granule"])
+    summary = s.summary()
+    assert "not among the training set's classes (Mito, alpha_granule): 'id [1]' (1)" in summary, summary
+    assert "no usable annotation of class(es) Mito: their AP is not measured on this set" in summary, summary
+    s = load_coco(ann, folder, classes=["Alpha-Granule", "cell"])
+    assert "'alpha_granule' (2; the class 'Alpha-Granule'?)" in s.summary(), s.summary()
 
 
 def test_missing_images_are_named_with_the_file_they_likely_mean_and_other_folders_are_said(tmp_path):

@@ -200,3 +200,14 @@ def test_an_image_given_where_a_label_stack_belongs_is_named_so(tmp_path):
     assert proc.returncode == 2 and "vol16.tif looks like an image, not a label stack" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     cli("eval", tmp_path / "small.tif", tmp_path / "small.tif", "--pred-classes", "cell", "--gt-classes", "cell")
+
+
+def test_a_coco_file_given_to_eval_is_named_so(tmp_path):
+    """eval given a COCO file as truth said 'a label stack without class names', then 'unknown volume format'."""
+    labels = tmp_path / "lab.tif"
+    tifffile.imwrite(labels, np.ones((2, 32, 32), np.uint16), photometric="minisblack")
+    (tmp_path / "train.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for extra in ((), ("--gt-classes", "cell")):
+        proc = cli("eval", labels, tmp_path / "train.json", "--pred-classes", "cell", *extra, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "train.json is a JSON file: eval scores label volumes" in proc.stderr, proc.stderr
