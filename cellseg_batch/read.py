@@ -1524,11 +1524,9 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
     too). ``instances`` False (``eval``'s 3D labels, whose objects may lie in several pieces of a slice): only the
     background checks, and ids the class map lacks are returned as warnings (a map may leave classes out on
     purpose, to score some)."""
-    import cc3d
-
     nz, h, w = layer.volume.shape
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
-    warnings = []
+    warnings, said_mask = [], False
     for z in sorted({0, nz // 2, nz - 1}):
         ids = layer.volume.read(z, y0, min(h, y0 + side), x0, min(w, x0 + side))
         refuse_image(layer.volume.path, ids, z)
@@ -1537,20 +1535,21 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
             refuse_top_background(layer.volume.path, ids, z)
             said = unmapped(layer, ids, z)
             warnings += [f"{said}: they are not scored"] if said and not warnings else []  # once a stack
+            if ids.any() and not said_mask:
+                values, counts = _pieces_per_id(ids)
+                most = int(counts.argmax())
+                if said_mask := counts[most] >= MASK_PIECES and len(values) <= 8:  # a few ids in many pieces: classes
+                    warnings.append(f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces "
+                                    f"in slice {z}, and the slice holds {len(values)} id(s): a semantic mask (one id "
+                                    "per class)? each id is scored as one object")  # fmt: skip
             continue
         refuse_unmapped(layer, ids, z)
         if not ids.any():
             continue
-        pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
-        runs = label_runs(pieces)
-        of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
-        if runs is None:
-            of_piece[pieces.reshape(-1)] = ids.reshape(-1)
-        else:
-            of_piece[runs.values[0]] = ids.reshape(-1)[runs.starts]
-        values, counts = np.unique(of_piece[1:], return_counts=True)
+        values, counts = _pieces_per_id(ids)
         most = int(counts.argmax())
-        if counts[most] >= 8 or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+        if counts[most] >= MASK_PIECES or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
+            pieces, of_piece = _pieces(ids)
             sizes = np.bincount(pieces.reshape(-1))[1:][of_piece[1:] == values[most]]
             if np.median(sizes) <= SPECK_PIXELS:  # most pieces are specks: noise on instance labels, not a mask
                 raise UserError(
@@ -1572,6 +1571,28 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
 # truth and prediction, every 3rd slice of them, a platelet stack), 0.22 in ISBI 2012's neurites numbered per slice
 PER_SLICE_SHARE = 0.5
 PER_SLICE_SHARE_NUMBERED = 0.9  # ... where each slice's ids are 1..n, as per-slice tools number them
+
+
+MASK_PIECES = 8  # an id in this many separate pieces of a slice is a mask's, not one object's
+
+
+def _pieces(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A slice's connected pieces of equal id (8-connected) and the id of each piece."""
+    import cc3d
+
+    pieces = cc3d.connected_components(ids if ids.flags.writeable else ids.copy(), connectivity=8)
+    runs = label_runs(pieces)
+    of_piece = np.zeros(int(pieces.max()) + 1, np.int64)  # the id of each piece
+    if runs is None:
+        of_piece[pieces.reshape(-1)] = ids.reshape(-1)
+    else:
+        of_piece[runs.values[0]] = ids.reshape(-1)[runs.starts]
+    return pieces, of_piece
+
+
+def _pieces_per_id(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of a slice and how many separate pieces each covers."""
+    return np.unique(_pieces(ids)[1][1:], return_counts=True)
 
 
 def refuse_per_slice_ids(layer: LabelLayer, option: str, side: int = 1024) -> None:

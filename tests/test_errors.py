@@ -211,3 +211,15 @@ def test_a_coco_file_given_to_eval_is_named_so(tmp_path):
         proc = cli("eval", labels, tmp_path / "train.json", "--pred-classes", "cell", *extra, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "train.json is a JSON file: eval scores label volumes" in proc.stderr, proc.stderr
+
+
+def test_a_semantic_mask_given_to_eval_as_truth_is_warned_about(tmp_path):
+    """A semantic mask (one id per class, each in many pieces) was scored as ground truth with no word: each class
+    one object. eval warns (a 3D object may lie in a few pieces of a slice, so it is not refused)."""
+    mask = np.zeros((3, 64, 64), np.uint8)
+    mask[:, 2:62:6, 2:62:6] = 1  # one-pixel granules of class 1 (96 beside the square)
+    mask[:, 30:40, 30:40] = 2
+    tifffile.imwrite(tmp_path / "semantic.tif", mask, photometric="minisblack")
+    proc = cli("eval", tmp_path / "semantic.tif", tmp_path / "semantic.tif", "--pred-classes", "x", "--gt-classes", "x")
+    assert "semantic.tif: id 1 covers 96 separate pieces in slice 0, and the slice holds 2 id(s): a semantic mask" \
+        in proc.stderr, proc.stderr  # fmt: skip
