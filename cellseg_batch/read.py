@@ -465,6 +465,8 @@ def _ome_pixel_size(tf, index: int) -> tuple[float | None, float, float] | None:
 class ZarrVolume(Volume):
     """A zarr v2/v3 array, or the level-0 array of an OME-Zarr (NGFF 0.4/0.5) multiscale image."""
 
+    is_label_image = False  # an NGFF label image (``image-label``): a segmentation, not an image to segment
+
     def _inspect(self):
         import zarr
 
@@ -476,6 +478,7 @@ class ZarrVolume(Volume):
         self._array_path = self.path
         if isinstance(node, zarr.Group):
             base, ms = self.path.rstrip("/"), multiscales(node.attrs)
+            self.is_label_image = ngff_attr(node.attrs, "image-label") is not None
             if ms is None:
                 base, ms = self._one_image(node, base)
             level0 = finest_level(ms)

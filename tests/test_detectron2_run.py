@@ -301,3 +301,21 @@ def test_no_objects_where_the_volume_holds_no_data(model_dir, synth_small, tmp_p
             assert not layer[nothing].any(), name
         plan = json.loads((out / "cellseg" / "report.json").read_text())["plan"]["normalization"]
         assert plan["zero_is_fill"] == (name == "filled") and plan["low"] > 0
+
+
+def test_an_ome_zarr_label_image_given_as_the_volume_is_warned_about(model_dir, tmp_path):
+    """A run's label layer (NGFF image-label) given as the volume was segmented as an image with no word."""
+    import tifffile
+
+    from cellseg_batch.read import ZarrVolume
+
+    labels = np.zeros((2, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    out = tmp_path / "out.zarr"
+    cli("run", tmp_path / "labels.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes",
+        "cell", "--out", out, "--no-progress")  # fmt: skip
+    assert ZarrVolume(str(out / "labels" / "cell")).is_label_image and not ZarrVolume(str(out)).is_label_image
+    done = cli("run", out / "labels" / "cell", "--model", model_dir, "--out", tmp_path / "o2.zarr", "--no-progress",
+               "--no-image")  # fmt: skip
+    assert "is an OME-Zarr label image (image-label)" in done.stderr, done.stderr

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..link import LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, given, resolve_predictor
-from ..read import ImageSequence, numbering_gaps, open_volume, volume_identity
+from ..read import ImageSequence, ZarrVolume, numbering_gaps, open_volume, volume_identity
 from ..report_html import gallery_pictures, gallery_slices, write_html
 from ..tiles import TileGrid
 from ..write import Output, check_class_names
@@ -154,6 +154,11 @@ class Run:
         self.warnings: list[str] = []
         if self.volume.rgb:
             self.warnings.append(f"{cfg.volume} is RGB: read as the mean of its R, G and B channels")
+            log.warning(self.warnings[-1])
+        if isinstance(self.volume, ZarrVolume) and self.volume.is_label_image and predictor.needs_image:
+            self.warnings.append(f"{cfg.volume} is an OME-Zarr label image (image-label), a segmentation: it is "
+                                 "segmented as an image. Give the image it labels (its OME-Zarr's root), or pass it "
+                                 "with --predictor labels --labels to relink it")  # fmt: skip
             log.warning(self.warnings[-1])
         if isinstance(self.volume, ImageSequence) and (gaps := numbering_gaps(self.volume.files)):
             self.warnings.append(f"{cfg.volume}: {gaps}")
