@@ -256,7 +256,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             raise UserError(f"{json_path}: image id {image_id} is given to {len(files)} images ({', '.join(files[:3])}); "
                             "every image needs an id of its own")  # fmt: skip
     skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
-    records, crowd, missing, seen, twice, unknown = [], 0, [], {}, [], Counter()
+    records, crowd, missing, seen, twice, unknown, partial = [], 0, [], {}, [], Counter(), []
     find_image = _ImageFinder(images)
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
@@ -277,7 +277,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             raise UserError(f"{json_path}: image {img['file_name']!r} is {real[0]}x{real[1]} px but the file gives "
                             f"height {h} and width {w}; correct them or leave them out")  # fmt: skip
         h, w = real
-        annotations = []
+        annotations, unusable = [], 0
         for a in by_image.get(_key(img["id"]), []):
             name = cats.get(_key(a.get("category_id")))
             if name is None or name not in index:
@@ -287,6 +287,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
             segm, why = _segmentation(a.get("segmentation"), int(h), int(w))
             if why:
                 skipped[why] += 1
+                unusable += 1
                 continue
             box = mask_util.toBbox(_rle(segm, int(h), int(w)))
             x0, y0, bw, bh = (float(v) for v in box)
@@ -299,6 +300,8 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                                 "category_id": index[name], "iscrowd": 0})  # fmt: skip
         records.append({"file_name": str(path), "height": int(h), "width": int(w), "image_id": img["id"],
                         "annotations": annotations})  # fmt: skip
+        if unusable and annotations:  # the image trains, and those objects in it with it, as background
+            partial.append((img["file_name"], unusable))
     if missing:
         notes.append(f"not found under {images}: {find_image.describe(missing)}")
     if twice:
@@ -312,6 +315,15 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     if not records:
         raise UserError(f"{json_path}: none of its {len(data['images'])} images was found under {images} "
                         f"({find_image.describe(missing)})")  # fmt: skip
+    if partial:
+        (name, n), more = partial[0], sum(k for _, k in partial[1:])
+        notes.append(f"{len(partial)} image(s) train with objects whose annotation has no usable mask (boxes only, "
+                     f"degenerate polygons; the first: {name!r}, {n}{f', then {more} more' if more else ''}): those "
+                     "objects are taught as background there; draw their masks, or leave those images out")  # fmt: skip
+    empty = sum(not r["annotations"] for r in records)
+    if empty and empty < len(records) and classes is None:  # a training set (a validation set scores them all)
+        notes.append(f"{empty} image(s) hold no usable annotation: training leaves them out (the config's "
+                     "DATALOADER.FILTER_EMPTY_ANNOTATIONS; set it False to train on them as background)")  # fmt: skip
     if unknown:  # a category spelt otherwise than the training set's ('Alpha Granule'), or an id no category has
         said = []
         for name, n in unknown.most_common(5):

@@ -351,3 +351,20 @@ def test_output_to_coco_of_a_run_of_some_slices_names_them_as_the_volume_does(tm
     assert cli.main(["train", "--train", str(tmp_path / "c" / "train.json"), "--images", str(tmp_path / "c" / "images"),
                      "--config", str(config), "--out", str(tmp_path / "file")]) == 2  # fmt: skip
     assert "--out " in (err := capsys.readouterr().err) and "is a file; give a folder" in err
+
+
+def test_objects_left_without_a_mask_in_an_image_that_trains_and_images_left_out_are_said(tmp_path):
+    """An image trains with the objects whose annotation has no usable mask (a box only, a two-point polygon) as
+    background, and detectron2 leaves out images with no usable annotation: both were only in the skipped counts
+    (or detectron2's log), and are said now."""
+    square = [[18, 18, 42, 18, 42, 42, 18, 42]]
+    ann, folder = _one_image_set(tmp_path, [square, [], [[5, 5, 9, 9]]])
+    data = json.loads(ann.read_text())
+    Image.fromarray(np.full((96, 96), 90, np.uint8)).save(folder / "b.png")
+    data["images"].append({"id": 2, "file_name": "b.png", "width": 96, "height": 96})
+    ann.write_text(json.dumps(data))
+    summary = load_coco(ann, folder).summary()
+    assert "1 image(s) train with objects whose annotation has no usable mask (boxes only, degenerate polygons; " \
+           "the first: 'a.png', 2)" in summary, summary  # fmt: skip
+    assert "1 image(s) hold no usable annotation: training leaves them out" in summary, summary
+    assert "hold no usable annotation" not in load_coco(ann, folder, classes=["cell"]).summary()  # validation
