@@ -47,6 +47,8 @@ def _run(args) -> int:
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
     print(f"  report   {out}/cellseg/report.html (and report.json)")
     print(f"  preview  {out}/cellseg/preview.png")
+    if report.get("tiff"):
+        print(f"  tiff     {', '.join(report['tiff'])}")
     print(f"  look     cellseg-batch view {shlex.quote(str(out))}")  # a command to paste: a space in a path quoted
     return 0
 

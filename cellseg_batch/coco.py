@@ -234,7 +234,8 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
     """
     json_path, images = Path(json_path), Path(images)
     if not images.is_dir():
-        raise UserError(f"{images_option} {images}: no such folder")
+        raise UserError(f"{images_option} {images}: " + ("a file; give the folder that holds the images"
+                                                          if images.is_file() else "no such folder"))  # fmt: skip
     data = _load_coco_json(json_path)
     cats, notes = _categories(data["categories"], json_path)
     # categories of one name (a tool's export that repeats a class) are one class
@@ -504,8 +505,8 @@ class _ImageFinder:
         self.by_name_only: list[tuple[str, Path]] = []  # found in another folder than the name gives
 
     def describe(self, missing: list[str], most: int = 3) -> str:
-        """The first of the ``missing`` names, each with the file it most likely means (same name but for case,
-        .tif/.tiff or .jpg/.jpeg) where the folder holds one."""
+        """The first of the ``missing`` names, each with the file it most likely means (same name but for case or
+        image type: .png for .tif, .tiff for .tif) where the folder holds one."""
         if not missing:
             return "every image is there"
         said = []
@@ -517,9 +518,9 @@ class _ImageFinder:
         return ", ".join(said) + more
 
     def _near(self, name: str) -> list[tuple[str, ...]]:
-        def loose(n: str) -> str:
+        def loose(n: str) -> str:  # an image's name less case and image type (an export may convert png to tif)
             stem, dot, ext = n.lower().rpartition(".")
-            return f"{stem}.{ {'tiff': 'tif', 'jpeg': 'jpg'}.get(ext, ext)}" if dot else n.lower()
+            return stem if dot and ext in {"tif", "tiff", "png", "jpg", "jpeg", "bmp"} else n.lower()
 
         want = loose(name)
         return [rel for key, rels in self._files().items() if loose(key) == want for rel in rels]

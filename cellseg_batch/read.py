@@ -1741,7 +1741,9 @@ def open_label_layers(paths: list[str], class_specs: list[str], option: str = "-
             raise UserError(f"{path} is RGB; a label stack holds one integer id per pixel: save it as a greyscale "
                             "(Z, Y, X) stack")  # fmt: skip
         if volume.dtype.kind not in "ui":
-            raise UserError(f"{path} holds {volume.dtype} values; a label stack must hold integer ids")
+            raise UserError(f"{path} holds {volume.dtype} values; a label stack must hold integer ids: where its "
+                            "values are whole numbers (Fiji saves labels as 32-bit float), save it as integers "
+                            "(numpy: labels.astype(np.uint32))")  # fmt: skip
         layers.append(LabelLayer(volume, read_class_map(next(specs), option), option))
     names = [n for layer in layers for n in layer.class_names]
     if not layers:

@@ -268,7 +268,7 @@ def test_missing_images_are_named_with_the_file_they_likely_mean_and_other_folde
     """Images not found were only counted; now the first are named, with the file of the same name but for case or
     .tif/.tiff beside them. An image found by its name alone in another folder than the COCO file gives (another
     volume's slice of the same name) is said, and so is an image listed twice."""
-    images = _images(tmp_path, "volB/a.png", "b.png", "C.PNG", "d.tiff", "café.png")
+    images = _images(tmp_path, "volB/a.png", "b.png", "C.PNG", "d.tiff", "café.png", "e.tif")
     import unicodedata
 
     names = ["volA/a.png", "B.png", "c.png", "d.tif", unicodedata.normalize("NFD", "café.png"), "b.png", "./b.png"]
@@ -281,6 +281,10 @@ def test_missing_images_are_named_with_the_file_they_likely_mean_and_other_folde
     assert "listed more than once (the first: 'b.png' and './b.png'" in summary
     with pytest.raises(UserError, match=r"none of its 1 images was found under .* \('B.png' \(there is b.png\)\)"):
         load_coco(_coco_of(tmp_path, ["B.png"]), images)
+    with pytest.raises(UserError, match=r"\('e.png' \(there is e.tif\)\)"):  # converted to TIFF after annotating
+        load_coco(_coco_of(tmp_path, ["e.png"]), images)
+    with pytest.raises(UserError, match=r"--images .*e.tif: a file; give the folder that holds the images"):
+        load_coco(_coco_of(tmp_path, ["e.png"]), images / "e.tif")
 
 
 @pytest.mark.parametrize("kind", ["la.png", "singleton.tif", "colour.png", "colour.jpg"])

@@ -235,8 +235,10 @@ def test_isbi2012_regions_are_reproduced_per_slice(tmp_path):
 
 def test_tiff_export_and_object_table_match_the_labels(synth_small, tmp_path):
     out = tmp_path / "out.zarr"
-    cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--slices", "1:4",
-        "--export-tiff", "--out", out, "--no-progress")  # fmt: skip
+    done = cli("run", synth_small["volume"], "--predictor", "labels", "--labels", synth_small["truth"], "--slices",
+               "1:4", "--export-tiff", "--out", out, "--no-progress")  # fmt: skip
+    said = next(line for line in done.stdout.splitlines() if line.startswith("  tiff "))  # the files are listed
+    assert all(f"labels_{name}.tif" in said for name in CLASSES), said
     import pyarrow.parquet as pq
 
     table = pq.read_table(out / "cellseg" / "objects.parquet").to_pylist()
