@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -398,6 +399,16 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     return not (record.exc_info and issubclass(record.exc_info[0], (_TimeUp, UserError)))
 
 
+def _plain_when_redirected(*loggers: logging.Logger) -> None:
+    """detectron2 colours its console lines (ANSI escapes) whether or not the console is a terminal: a log redirected
+    to a file (a SLURM job's output) held hundreds of escapes. Its lines there are plain text; a terminal keeps them."""
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and not getattr(stream, "isatty", lambda: False)():
+                handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
+
+
 def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: ByPixelType) -> None:
     """Runs in every training process (``normalization``: ``training_normalization``'s, found before they start)."""
     detectron2_ready()
@@ -411,7 +422,12 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
         register(VAL_SET, replace(val_set, records=window_records(val_set.records, training_crop(tc))))
     cfg = build_cfg(tc, classes, device)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    if not sys.stdout.isatty():  # default_setup colours the config it logs (pygments) for a terminal or not
+        import detectron2.engine.defaults as d2_defaults
+
+        d2_defaults._highlight = lambda code, filename: code
     default_setup(cfg, _Args(tc))
+    _plain_when_redirected(logging.getLogger("detectron2"), logging.getLogger("fvcore"))
     logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_expected)
     cpu_amp = None
     if tc.amp and device == "cpu":
