@@ -173,6 +173,12 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
             name = errors_png if Path(errors_png).suffix else f"{errors_png}.png"
             drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], name)
             result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"], "path": str(drawn)}
+    if z0:  # the errors' slices in the volume's numbers, as the header's and --slices are (a run of --slices 20:23)
+        for r in result["classes"].values():
+            for entry in (e for kind in ("splits", "merges", "false", "missed") for e in r.get("errors", {}).get(kind, [])):
+                for part in (entry, *entry.get("parts", [])):
+                    if "slices" in part:
+                        part["slices"] = [z + z0 for z in part["slices"]]
     return result
 
 

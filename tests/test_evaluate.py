@@ -550,3 +550,25 @@ def test_labels_numbered_anew_in_every_slice_are_refused_for_a_3d_score(tmp_path
     assert re.search(r"^granule +1\.000 ", scored, re.M), scored
     assert re.search(r"^granule +1\.000 ", cli("eval", tmp_path / "truth.tif", tmp_path / "truth.tif", *args).stdout,
                      re.M)  # fmt: skip
+
+
+def test_errors_of_a_run_of_part_of_the_volume_name_the_volumes_slices(tmp_path):
+    """A run of --slices 2:5 scored against the whole volume's truth: its missed object lies in volume slices 3-4,
+    and the errors say so, as the header's slices do (they said 1-2, the run's own numbers)."""
+    import tifffile
+
+    from conftest import cli
+
+    labels = np.zeros((6, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    truth = labels.copy()
+    truth[3:5, 40:50, 40:50] = 2  # not in the labels the run links: missed
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "truth.tif", truth, photometric="minisblack")
+    out = tmp_path / "out.zarr"
+    cli("run", tmp_path / "labels.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes",
+        "cell", "--slices", "2:5", "--out", out, "--no-progress")  # fmt: skip
+    cli("eval", out, tmp_path / "truth.tif", "--gt-classes", "cell", "--json", tmp_path / "e.json")
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["slices"] == "2:5"
+    assert [(m["gt"], m["slices"]) for m in result["classes"]["cell"]["errors"]["missed"]] == [(2, [3, 4])]
