@@ -45,9 +45,10 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
   the largest instance below it as a leaf, and the instances it held are free for gap edges across it. Otherwise
   one missed boundary merges two objects over their whole length. A branch (one below, two above) or a join is
   none; a network that crosses itself in one section (canalicular vessels can) is cut there, and a 2D merge over
-  two or more sections in a row is still a merge. A speck (``SPECK_PIXELS``, 4 px or fewer) with an edge on
-  each side is cut alike: rule 2 lets it join whatever it lies in, so one stray pixel between two objects stacked
-  in z joined them. A speck that starts or ends an object (a cap) keeps its edge.
+  two or more sections in a row is still a merge. A speck (``SPECK_PIXELS``, 4 px or fewer) linked on each
+  side to more than a speck is cut alike: rule 2 lets it join whatever it lies in, so one stray pixel between two
+  objects stacked in z joined them. A speck that starts or ends an object (a cap) keeps its edge, as do the specks
+  of an object thin in every section (linked to specks).
 
 4. Objects are the connected components of all edges (``scipy.sparse.csgraph.connected_components``). An object
    takes the class of most of its voxels (ties: the lower class index), where a detection the model also gave
