@@ -1488,7 +1488,7 @@ def read_class_map(spec: str, option: str = "--classes") -> str | dict[int, str]
         # a dataset's list of classes ({"classes": {"1": name}}) with no id -> class map: one class is every id's
         names = [v for v in data["classes"].values() if isinstance(v, str) and v]
         if len(names) == 1:
-            return layer_name(names[0], f"{spec}")
+            return layer_name(names[0], spec)
         raise UserError(f"{spec} lists the classes {', '.join(map(str, data['classes'].values()))} but not which label "
                         f"ids are which; give a JSON mapping ids to class names, e.g. {{\"1\": \"mitochondrion\"}}")  # fmt: skip
     example = '{"1": "mitochondrion", "2": "alpha_granule"}'
@@ -1539,7 +1539,7 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
             said = unmapped(layer, ids, z)
             warnings += [f"{said}: they are not scored"] if said and not warnings else []  # once a stack
             if ids.any() and not said_mask:
-                values, counts = _pieces_per_id(ids)
+                values, counts = np.unique(_pieces(ids)[1][1:], return_counts=True)
                 most = int(counts.argmax())
                 if said_mask := counts[most] >= MASK_PIECES and len(values) <= 8:  # a few ids in many pieces: classes
                     warnings.append(f"{layer.volume.path}: id {values[most]} covers {counts[most]} separate pieces "
@@ -1549,10 +1549,10 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
         refuse_unmapped(layer, ids, z)
         if not ids.any():
             continue
-        values, counts = _pieces_per_id(ids)
+        pieces, of_piece = _pieces(ids)
+        values, counts = np.unique(of_piece[1:], return_counts=True)
         most = int(counts.argmax())
         if counts[most] >= MASK_PIECES or (counts[most] >= 3 and len(values) <= 2):  # instance ids: rarely 3 pieces
-            pieces, of_piece = _pieces(ids)
             sizes = np.bincount(pieces.reshape(-1))[1:][of_piece[1:] == values[most]]
             if np.median(sizes) <= SPECK_PIXELS:  # most pieces are specks: noise on instance labels, not a mask
                 raise UserError(
@@ -1568,12 +1568,6 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
             )
         refuse_top_background(layer.volume.path, ids, z)
     return warnings
-
-
-# of the ids two adjacent slices share, the share that overlaps itself there: 0.95-1.0 in 3D labels measured (the demo's
-# truth and prediction, every 3rd slice of them, a platelet stack), 0.22 in ISBI 2012's neurites numbered per slice
-PER_SLICE_SHARE = 0.5
-PER_SLICE_SHARE_NUMBERED = 0.9  # ... where each slice's ids are 1..n, as per-slice tools number them
 
 
 MASK_PIECES = 8  # an id in this many separate pieces of a slice is a mask's, not one object's
@@ -1593,9 +1587,10 @@ def _pieces(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pieces, of_piece
 
 
-def _pieces_per_id(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ids of a slice and how many separate pieces each covers."""
-    return np.unique(_pieces(ids)[1][1:], return_counts=True)
+# of the ids two adjacent slices share, the share that overlaps itself there: 0.95-1.0 in 3D labels measured (the demo's
+# truth and prediction, every 3rd slice of them, a platelet stack), 0.22 in ISBI 2012's neurites numbered per slice
+PER_SLICE_SHARE = 0.5
+PER_SLICE_SHARE_NUMBERED = 0.9  # ... where each slice's ids are 1..n, as per-slice tools number them
 
 
 def refuse_per_slice_ids(layer: LabelLayer, option: str, side: int = 1024) -> None:
