@@ -86,7 +86,7 @@ positions used (``gap_positions``) and any the driver read itself (``gap_tiles_r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -138,6 +138,14 @@ class LinkStats:
     # class index -> (2D instances whose object has another instance in their slice, 2D instances): a branch makes a
     # few; most of them means objects that tile the plane (neurites) joining through rule 2 and gap edges
     sharing_a_slice: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, saved: dict) -> LinkStats:
+        """The counts as ``asdict`` gave them, back from JSON, which made the class indices keying the per-class
+        counts strings (a resumed run's report then indexed its class names with "0")."""
+        per_class = {f.name for f in fields(cls) if f.type == "dict"}
+        return cls(**{k: {int(c): v for c, v in value.items()} if k in per_class else value
+                      for k, value in saved.items()})  # fmt: skip
 
 
 @dataclass(frozen=True)

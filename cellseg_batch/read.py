@@ -425,20 +425,22 @@ def _tiff_pixel_size(tf, index: int = 0) -> tuple[float | None, float, float] | 
     tags = tf.series[index].keyframe.tags
     if "XResolution" not in tags:
         return None
-    num, den = tags["XResolution"].value
     ij = tf.imagej_metadata or {}
     unit = str(ij.get("unit", "")).replace("\\u00B5", "u").replace("µ", "u")
     nm_per_unit = NM_PER_UNIT.get(unit)
     from_tags = nm_per_unit is None
     if from_tags and "ResolutionUnit" in tags:
         nm_per_unit = {2: 2.54e7, 3: 1e7}.get(int(tags["ResolutionUnit"].value))  # per inch, per cm
-    if not nm_per_unit or not num:
+    # pixels per unit along X, and along Y where the file gives YResolution (ImageJ writes both; they differ for
+    # pixels that are not square)
+    per_unit = [tags[name].value for name in ("YResolution", "XResolution") if name in tags]
+    if not nm_per_unit or any(not num for num, _ in per_unit):
         return None
-    xy = nm_per_unit * den / num
-    if from_tags and xy > MAX_TAG_PIXEL_NM:  # a print or screen resolution (72 dpi: 352,778 nm), not a pixel size
+    y, x = (nm_per_unit * den / num for num, den in (per_unit if len(per_unit) == 2 else per_unit * 2))
+    if from_tags and max(y, x) > MAX_TAG_PIXEL_NM:  # a print or screen resolution (72 dpi: 352,778 nm), not a pixel size
         return None
     z = float(ij["spacing"]) * nm_per_unit if "spacing" in ij and ij.get("unit") else None
-    return (z, xy, xy)
+    return (z, y, x)
 
 
 def _ome_pixel_size(tf, index: int) -> tuple[float | None, float, float] | None:

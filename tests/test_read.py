@@ -899,12 +899,21 @@ def test_a_class_map_may_name_the_background(tmp_path):
 @pytest.mark.parametrize("resolution,unit,expected", [
     ((72, 72), "INCH", None),  # what image programs write by default: no pixel size at all
     ((300, 300), "INCH", None),
-    ((1e6, 1e6), "CENTIMETER", 10.0),  # 10 nm pixels given in the tags: kept
+    ((1e6, 1e6), "CENTIMETER", (10.0, 10.0)),  # 10 nm pixels given in the tags: kept
+    ((1e6, 5e5), "CENTIMETER", (20.0, 10.0)),  # pixels that are not square: Y from YResolution (it took X's)
 ])  # fmt: skip
 def test_a_print_resolution_in_the_tiff_tags_is_not_a_pixel_size(tmp_path, resolution, unit, expected):
+    # tifffile's resolution is (X, Y) pixels per unit
     tifffile.imwrite(tmp_path / "v.tif", np.zeros((2, 32, 32), np.uint8), resolution=resolution, resolutionunit=unit)
     size = open_volume(tmp_path / "v.tif").pixel_size_nm
-    assert size is None if expected is None else size == pytest.approx((None, expected, expected))
+    assert size is None if expected is None else size == pytest.approx((None, *expected))
+
+
+def test_an_imagej_tiff_with_pixels_that_are_not_square_keeps_each_axis_size(tmp_path):
+    """ImageJ's calibration: x 4 nm, y 6 nm, z 50 nm (Y was read from XResolution: [50, 4, 4])."""
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((3, 32, 32), np.uint8), imagej=True, resolution=(1 / 0.004, 1 / 0.006),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": 0.05})  # fmt: skip
+    assert open_volume(tmp_path / "v.tif").pixel_size_nm == pytest.approx((50.0, 6.0, 4.0))
 
 
 def test_a_sequence_whose_file_numbers_jump_is_warned_about_and_its_files_recorded(tmp_path):

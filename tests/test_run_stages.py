@@ -431,6 +431,31 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     assert predict.remaining == len(grid) and not stitch.is_ready(2)
 
 
+def test_a_run_stopped_after_linking_resumes_from_the_saved_object_table_and_counts(tmp_path):
+    """A time limit that lands in the write stage (the longest on a big volume): the rerun reads the link stage's
+    counts back from the work store. JSON made their class keys strings, and every such resume failed with a
+    TypeError in the report."""
+    import os
+    import subprocess
+
+    from cellseg_batch.link import LinkStats
+
+    out = tmp_path / "out.zarr"
+    args = [sys.executable, "-m", "cellseg_batch", "run", SYNTH, "--predictor", "labels", "--labels", SYNTH,
+            "--tile", "128", "--overlap", "16", "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(args, env={**os.environ, "CELLSEG_KILL_AFTER": "write:1"}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    saved = WorkStore(str(out) + ".work").link_stats()
+    stats = LinkStats.from_json(saved)
+    assert stats.sharing_a_slice and all(isinstance(c, int) for c in stats.sharing_a_slice)
+    assert json.loads(json.dumps(stats.__dict__, default=list)) == saved  # the same counts, only the keys typed
+    cli("run", *args[4:])
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    names = [("cell", "mitochondrion", "alpha_granule", "canalicular_vessel")[c] for c in sorted(stats.sharing_a_slice)]
+    assert report["mode"] == "resume" and list(report["counts"]["instances_2d_sharing_a_slice"]) == names
+
+
 def test_a_predictor_from_outside_the_package_is_loaded_by_module_name(tmp_path, monkeypatch):
     """--predictor MODULE:NAME imports MODULE (which registers NAME); the spec tells workers to import it too."""
     from cellseg_batch.predict import resolve_predictor

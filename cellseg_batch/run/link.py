@@ -82,7 +82,7 @@ class LinkStage(Stage):
     def is_done(self, unit) -> bool:
         if self.store.objects_path.exists() and self.store.link_stats_path.exists():
             self.table = self.store.objects()
-            self.stats = LinkStats(**self.store.link_stats())
+            self.stats = LinkStats.from_json(self.store.link_stats())
             return True
         return False
 
