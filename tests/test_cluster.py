@@ -26,6 +26,7 @@ import psutil
 import pytest
 import yaml
 
+from cellseg_batch.run.lock import lock_path
 from conftest import REPO, cli
 
 CLUSTER = REPO / "cluster"
@@ -329,6 +330,10 @@ def test_cancelled_slurm_jobs_tear_down_ray_and_the_run_resumes(slurm, tmp_path)
     assert info["JobState"] == "CANCELLED", log[-3000:]
     _assert_nothing_left(job_id, log)
     assert _status(out) == "incomplete" and 1 <= slices_done() < 16
+    # a resubmitted job often starts on another node: a lock the cancelled job left there (its driver killed after
+    # KillWait) is taken over, since SLURM says that job ended
+    cancelled = job_id
+    lock_path(out).write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "then", "slurm_job": cancelled}))
 
     # 2. the graceful stop (what the time limit sends: --signal=B:USR1@120): the run stops cleanly, status 130
     done = slices_done()
@@ -339,6 +344,7 @@ def test_cancelled_slurm_jobs_tear_down_ray_and_the_run_resumes(slurm, tmp_path)
     log = _log(tmp_path, job_id)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "130:0", log[-3000:]
     assert "interrupted; run the same command again to resume" in log
+    assert f"taking over the lock of pid 4242 on node-17 (SLURM job {cancelled}, ended)" in log
     _assert_nothing_left(job_id, log)
     assert _status(out) == "incomplete"
 

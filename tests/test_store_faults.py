@@ -176,6 +176,22 @@ def test_a_lock_recorded_by_another_host_is_refused_with_the_way_out(tmp_path):
         OutputLock(tmp_path / "o.zarr").acquire()
 
 
+def test_a_lock_another_node_left_in_a_slurm_job_is_taken_over_by_the_same_job_only_where_slurm_can_tell(
+        tmp_path, monkeypatch):  # fmt: skip
+    """A requeued job takes over its own lock; another job's is refused where SLURM cannot be asked (no squeue:
+    unknown is not ended). Taking over a job SLURM says ended: tests/test_cluster.py, on a real SLURM."""
+    path = lock_path(tmp_path / "o.zarr")
+    path.write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "then", "slurm_job": "77"}))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(Exception, match=r"pid 4242, SLURM job 77\) on host node-17.*delete"):
+        OutputLock(tmp_path / "o.zarr").acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with OutputLock(tmp_path / "o.zarr"):
+        assert json.loads(path.read_text()) | {"since": "-"} == {"host": socket.gethostname(), "pid": os.getpid(),
+                                                                 "since": "-", "slurm_job": "77"}  # fmt: skip
+
+
 # -- output paths --------------------------------------------------------------------------------------------------
 def _labels_run(volume: Path, out, *extra) -> list:
     return ["run", volume, "--predictor", "labels", "--labels", volume, "--classes", "cell", "--out", out, *extra]

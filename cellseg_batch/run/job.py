@@ -372,10 +372,13 @@ class Run:
             if not cfg.keep_tiles:  # while its lock is held: the next run to take it finds it gone, not half gone
                 self.store.reset(keep_predictions=False)
         finally:
-            distribute.stop()
-            if work_lock is not None:
-                work_lock.release()
-            lock.release()
+            try:
+                distribute.stop()
+            finally:  # a second interrupt while Ray stops (scancel's SIGTERM, then the job script's SIGINT) must not
+                # leave the locks behind: a resubmitted job on another node would be refused
+                if work_lock is not None:
+                    work_lock.release()
+                lock.release()
         return report
 
     def _repairing(self, mode: str, t_start: float) -> dict:

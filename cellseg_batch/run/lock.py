@@ -24,8 +24,9 @@ class OutputLock:
     """An exclusive ``flock`` on ``OUT.lock``, which records the holder (host, pid, start) for the message a second
     run gets. The kernel drops the flock when its process dies (kill -9 included), so a lock file whose flock is free
     was left by a run that is gone on this host, and is taken over. A holder recorded on another host is refused
-    while its flock is free too (flock over some network filesystems is not seen across hosts): its message says to
-    delete the file if that run is gone."""
+    while its flock is free too (flock over some network filesystems is not seen across hosts), unless it records a
+    SLURM job that SLURM says has ended, or is this very job (requeued): a job resubmitted after a scancel or a
+    time limit usually starts on another node. Otherwise its message says to delete the file if that run is gone."""
 
     def __init__(self, out: str | Path):
         self.path = lock_path(out)
@@ -64,17 +65,22 @@ class OutputLock:
                 break
             os.close(fd)
         who = self.holder()
-        if who.get("host") not in (None, host):
+        job = os.environ.get("SLURM_JOB_ID")
+        their_job = who.get("slurm_job")
+        if who.get("host") not in (None, host) and not (their_job and (their_job == job or slurm_job_ended(their_job))):
             os.close(fd)
+            in_job = f", SLURM job {their_job}" if their_job else ""
             raise UserError(
-                f"{self.path} says a run (pid {who.get('pid')}) on host {who['host']} writes this output; if that run "
-                f"is gone, delete {self.path} and run again"
+                f"{self.path} says a run (pid {who.get('pid')}{in_job}) on host {who['host']} writes this output; if "
+                f"that run is gone, delete {self.path} and run again"
             )
         if who.get("pid"):
-            log.warning("taking over the lock of pid %s (since %s), which is no longer running", who["pid"],
-                        who.get("since"))  # fmt: skip
+            in_job = f" (SLURM job {their_job}, ended)" if their_job and their_job != job else ""
+            log.warning("taking over the lock of pid %s on %s%s, since %s, which is no longer running", who["pid"],
+                        who.get("host", host), in_job, who.get("since"))  # fmt: skip
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        mine = {"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.write(fd, json.dumps(mine | ({"slurm_job": job} if job else {})).encode())
         os.fsync(fd)
         self.fd = fd
 
@@ -90,3 +96,26 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# what squeue shows for a job that still has (or may soon have) processes on its nodes
+_SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
+                "RESIZING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+
+
+def slurm_job_ended(job: str) -> bool:
+    """Whether SLURM says job ``job`` has ended: squeue shows it in an end state, or no longer knows it (purged after
+    MinJobAge). False where SLURM cannot be asked (no squeue here, the controller not answering): unknown is not
+    ended."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["squeue", "-h", "-j", str(job), "-t", "all", "-o", "%T"], capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if done.returncode != 0:
+        return "invalid job id" in done.stderr.lower()
+    states = set(done.stdout.split())
+    return bool(states) and not states & _SLURM_ALIVE
+
