@@ -102,6 +102,10 @@ def _train(args) -> int:
     model = ModelDir.load(out)
     print(f"wrote model directory {out}: classes {', '.join(model.classes)}; run's tile {model.tile} px, overlap "
           f"{model.overlap} (use it with: cellseg-batch run VOLUME --model {out} --out OUT.zarr)")
+    if stopped := model.training.get("stopped_by_signal"):
+        print(f"cellseg-batch: {stopped}: training stopped at iteration {model.training['last_iter']}, its checkpoint "
+              f"saved; run the same command with --resume to continue", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -336,7 +337,29 @@ def autocast_training_forward(model, dtype) -> None:
 
 
 class _TimeUp(Exception):
-    """Raised by the time-limit hook; every rank stops at the same iteration."""
+    """Raised by the stop hook; every rank stops at the same iteration."""
+
+
+# the signal that asked this process to stop training (``_stop_on_signals``), else None
+_STOP: dict[str, str | None] = {"signal": None}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _stop_on_signals() -> None:
+    """SIGUSR1 (SLURM's warning before the time limit: --signal=USR1@300) and SIGTERM (scancel, a Kubernetes pod's
+    end, each with a grace period before SIGKILL) stop the training at its next check (every 5 iterations) with a
+    checkpoint saved and the model directory written, as --max-minutes does, instead of killing it with all its
+    progress since the last periodic checkpoint. The launching process passes the signal on to its training processes.
+    Ctrl-C (SIGINT) still interrupts at once."""
+    import multiprocessing
+
+    def stop(signum, frame):
+        _STOP["signal"] = signal.Signals(signum).name
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
 
 
 def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has_val: bool, cpu_amp=None,
@@ -348,14 +371,17 @@ def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has
     from detectron2.evaluation import COCOEvaluator
     from detectron2.utils import comm
 
-    class TimeLimit(HookBase):
-        def __init__(self, minutes: float):
-            self.deadline = time.monotonic() + 60 * minutes
+    class Stop(HookBase):
+        """--max-minutes, or a stop signal (``_stop_on_signals``)."""
+
+        def __init__(self, minutes: float | None):
+            self.deadline = time.monotonic() + 60 * minutes if minutes else None
 
         def after_step(self):
             if self.trainer.iter % 5:
                 return
-            flag = torch.tensor([float(time.monotonic() > self.deadline)])
+            late = self.deadline is not None and time.monotonic() > self.deadline
+            flag = torch.tensor([float(late or _STOP["signal"] is not None)])
             if comm.get_world_size() > 1:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the same decision on every rank
             if flag.item():
@@ -387,8 +413,7 @@ def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has
             ret = super().build_hooks()
             if has_val and comm.is_main_process():
                 ret.append(hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, "segm/AP", "max"))
-            if max_minutes:
-                ret.append(TimeLimit(max_minutes))
+            ret.append(Stop(max_minutes))
             return ret
 
     return Trainer(cfg)
@@ -412,6 +437,7 @@ def _plain_when_redirected(*loggers: logging.Logger) -> None:
 def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: ByPixelType) -> None:
     """Runs in every training process (``normalization``: ``training_normalization``'s, found before they start)."""
     detectron2_ready()
+    _stop_on_signals()  # in each training process
     from detectron2.engine import default_setup
     from detectron2.utils import comm
 
@@ -442,7 +468,7 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
         trainer.train()
     except _TimeUp:
         stopped_early = True
-        if tc.val:
+        if tc.val and not _STOP["signal"]:  # a signal's grace period is for the checkpoint: --resume evaluates later
             trainer.test(cfg, trainer.model)
         if comm.is_main_process():
             trainer.checkpointer.save("model_final")
@@ -488,7 +514,8 @@ def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, 
             "config": str(tc.config), "weights": source.name, "iterations": int(iters), "last_iter": int(last_iter),
             "seconds": round(elapsed, 1), "iters_per_s": round(iters / elapsed, 4) if elapsed else None,
             "images_per_s": round(iters * cfg.SOLVER.IMS_PER_BATCH / elapsed, 3) if elapsed else None,
-            "amp": tc.amp, "crop": crop, "stopped_by_time_limit": stopped_early, "train_images": len(train_set.records),
+            "amp": tc.amp, "crop": crop, "stopped_by_time_limit": stopped_early and not _STOP["signal"],
+            "stopped_by_signal": _STOP["signal"] if stopped_early else None, "train_images": len(train_set.records),
             "skipped": dict(train_set.skipped), "validation": metrics,
         },
     )  # fmt: skip
@@ -651,6 +678,7 @@ def train(tc: TrainConfig) -> Path:
     # every image read (seconds for thousands): after the quick checks above
     normalization = training_normalization(train_set.records, tc.percentiles, more=val_set.records if tc.val else [])
     out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind
+    _stop_on_signals()
     launch(train_main, (tc, train_set.classes, device, normalization), tc)
     return out
 

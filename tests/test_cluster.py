@@ -403,6 +403,32 @@ def test_slurm_training_job_takes_rank_and_rendezvous_from_slurm(slurm, tmp_path
     _assert_nothing_left(job_id, log)
 
 
+def test_the_time_limit_warning_stops_a_slurm_training_job_with_a_checkpoint(slurm, tmp_path):
+    """--signal=B:USR1@300 (what scancel --batch --signal=USR1 sends): the job script passes USR1 to the training
+    process, which stops with a checkpoint and the model directory; the job ends 130. It sent srun SIGTERM, which
+    killed the training with no checkpoint (exit 137)."""
+    ann = _tiny_coco(tmp_path / "coco")
+    model = tmp_path / "model"
+    sets = _job_sets(tmp_path, tmp_path / "unused.zarr", TRAIN_ANNOTATIONS=ann, TRAIN_IMAGES=tmp_path / "coco" / "images",
+                     TRAIN_CONFIG=REPO / "configs" / "demo_cpu.yaml", TRAIN_OUT=model,
+                     TRAIN_ARGS="--max-iter 100000 --batch-size 2 SOLVER.CHECKPOINT_PERIOD 100000")  # fmt: skip
+    job_id = _submit("train", JOB_ENV, [*sets, "NODES=1", "GPUS_PER_NODE=0", "PARTITION=", "TIME_LIMIT=15"])
+    metrics, t = model / "train" / "metrics.json", time.monotonic()
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # a line every 20 iterations
+        assert _job_info(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path, job_id)
+        assert time.monotonic() - t < 180, "the training made no progress"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    info = _wait_for_end(job_id)
+    log = _log(tmp_path, job_id)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "130:0", log[-3000:]
+    stopped = json.loads((model / "cellseg.json").read_text())["training"]
+    assert stopped["stopped_by_signal"] == "SIGUSR1" and stopped["last_iter"] > 20
+    assert f"training stopped at iteration {stopped['last_iter']}, its checkpoint saved" in log
+    assert (model / "train" / "last_checkpoint").read_text().strip() == "model_final.pth"
+    _assert_nothing_left(job_id, log)
+
+
 # -- two Ray nodes on one machine ------------------------------------------------------------------------------------
 
 

@@ -177,6 +177,45 @@ def test_two_gloo_processes_train_in_step_and_resume_continues(tmp_path):
     assert model.training["last_iter"] == 6 and model.classes == ["cell", "granule", "mitochondrion"]
 
 
+def test_sigterm_stops_training_with_a_checkpoint_that_resume_continues(tmp_path):
+    """A pod's end or scancel (SIGTERM, then SIGKILL after a grace period), or SLURM's time-limit warning (SIGUSR1,
+    tests/test_cluster.py): the launching process passes it to both training processes, which stop at the same
+    iteration with a checkpoint and a model directory, and it exits 130 saying how to go on. It killed them, losing
+    every iteration since the last periodic checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ann = _makesense_like(tmp_path)
+    out = tmp_path / "model"
+    common = ["train", "--train", ann, "--images", tmp_path / "images", "--config", CONFIG, "--out", out,
+              "--cpu-procs", 2, "--batch-size", 2, "SOLVER.CHECKPOINT_PERIOD", 100000]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "cellseg_batch", *map(str, common), "--max-iter", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})  # fmt: skip
+    try:
+        metrics, t = out / "train" / "metrics.json", time.monotonic()
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):  # detectron2 logs every 20 iterations
+            assert proc.poll() is None and time.monotonic() - t < 240, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    model = ModelDir.load(out)
+    stopped = model.training["last_iter"]
+    assert model.training["stopped_by_signal"] == "SIGTERM" and stopped > 20 and (stopped - 1) % 5 == 0  # checked every 5
+    assert f"SIGTERM: training stopped at iteration {stopped}, its checkpoint saved; run the same command with " \
+           "--resume to continue" in stderr and "Traceback" not in stderr  # fmt: skip
+    cli(*common, "--max-iter", stopped + 2, "--resume")
+    for log in (out / "train" / "log.txt", out / "train" / "log.txt.rank1"):  # both ranks went on from there
+        assert f"Starting training from iteration {stopped}" in log.read_text()
+    model = ModelDir.load(out)
+    assert model.training["last_iter"] == stopped + 2 and model.training["stopped_by_signal"] is None
+
+
 def test_labels_to_coco_train_run_eval_round_trip(tmp_path):
     cli("synth", tmp_path / "s", "--shape", "6,256,256", "--seed", 9)
     cli("convert", "labels-to-coco", tmp_path / "s" / "truth.zarr", tmp_path / "s" / "volume.tif", "--out",
