@@ -1722,6 +1722,8 @@ def open_label_layers(paths: list[str], class_specs: list[str], option: str = "-
     layers: list[LabelLayer] = []
     groups = [ngff_label_layers(path) for path in paths]
     plain = [path for path, group in zip(paths, groups) if group is None]
+    # opened first: a path that does not exist is the mistake to name, not the count of classes it would need
+    volumes = {path: open_label_volume(path) for path in plain}
     if len(class_specs) != len(plain) and option != "--classes":
         raise UserError(f"{plain[0]} is a label stack without class names: give its classes with {option} (a class "
                         "name, or a JSON map of ids to class names)" if plain else
@@ -1736,7 +1738,7 @@ def open_label_layers(paths: list[str], class_specs: list[str], option: str = "-
         if group is not None:
             layers.extend(group)
             continue
-        volume = open_label_volume(path)
+        volume = volumes[path]
         if volume.rgb:
             raise UserError(f"{path} is RGB; a label stack holds one integer id per pixel: save it as a greyscale "
                             "(Z, Y, X) stack")  # fmt: skip

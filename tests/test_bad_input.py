@@ -424,6 +424,16 @@ def test_eval_s_class_mistakes_name_eval_s_own_options(capsys, cropped_run, args
     assert said in line and "--labels" not in line
 
 
+def test_a_labels_path_that_does_not_exist_is_named_before_the_classes_it_would_need(capsys, tmp_path):
+    """A typo in --labels without --classes was told '1 label stack(s) need classes but 0 --classes were given'."""
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((2, 32, 32), np.uint8))
+    for extra in ([], ["--classes", "cell"]):
+        line = _refused(capsys, tmp_path, ["run", tmp_path / "v.tif", "--predictor", "labels", "--labels",
+                                           tmp_path / "nope" / "labels.tif", *extra, "--out", tmp_path / "o.zarr"],
+                        ["does not exist"])  # fmt: skip
+        assert str(tmp_path / "nope" / "labels.tif") in line and "--classes" not in line
+
+
 def test_eval_s_output_files_go_where_said_or_are_refused_in_one_line(capsys, tmp_path):
     """--json into a folder ended in a traceback after the scores (IsADirectoryError), and into folders not made yet
     too (FileNotFoundError); --errors-png NAME said 'wrote NAME' where matplotlib wrote NAME.png."""
