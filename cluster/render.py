@@ -10,12 +10,15 @@
 Files are read in order, later keys win, then --set; e.g. `render.py slurm site.env job.env --set OUT=/x.zarr`.
 Both back ends get the same `cellseg-batch run`/`train` arguments from the same keys: only how the cluster is
 made differs (SLURM: cluster/slurm/*.sbatch start Ray/torch across the allocation; Kubernetes: KubeRay and an
-indexed Job). A mistake in the file ends in one line on stderr and exit status 2.
+indexed Job). A mistake in the file ends in one line on stderr and exit status 2. For SLURM, which runs the job
+on the filesystem this machine sees, relative paths are made absolute (against this folder, where sbatch starts the
+job) and each input not found here is warned about.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import shlex
@@ -46,6 +49,14 @@ INTS = {"TILE": 1, "OVERLAP": 0, "BATCH_SIZE": 1, "ACTORS": 1, "CPUS_PER_ACTOR":
 RESERVED_RUN = ("--address", "--out", "--model", "--predictor", "--labels", "--classes")
 RESERVED_TRAIN = ("--num-machines", "--machine-rank", "--dist-url", "--train", "--images", "--config", "--out")
 TRAIN_DEFAULT_PORT = 29500
+PREDICTORS = ("detectron2", "labels")  # built in; a lab's own is MODULE:NAME
+# keys that hold paths; of them, what the job reads (by kind of job)
+PATH_KEYS = ("VOLUME", "OUT", "MODEL", "LABELS", "CLASSES", "TRAIN_ANNOTATIONS", "TRAIN_IMAGES", "TRAIN_CONFIG",
+             "TRAIN_OUT", "SLURM_LOG_DIR")  # fmt: skip
+INPUT_KEYS = {"run": ("VOLUME", "MODEL", "LABELS", "CLASSES"),
+              "train": ("TRAIN_ANNOTATIONS", "TRAIN_IMAGES", "TRAIN_CONFIG")}  # fmt: skip
+# seconds before the time limit that the scripts' --signal=B:USR1@N stops the job cleanly
+STOP_LEAD = {"run": 120, "train": 300}
 
 
 class JobError(Exception):
@@ -102,6 +113,9 @@ class Job:
                 raise JobError("LABELS is for PREDICTOR=labels")
             args += ["--model", v["MODEL"]]
         else:
+            if predictor not in PREDICTORS and ":" not in predictor:
+                raise JobError(f"PREDICTOR={predictor!r}: the built-in ones are {' and '.join(PREDICTORS)}; a lab's "
+                               "own is MODULE:NAME")  # fmt: skip
             args += ["--predictor", predictor]
             if predictor == "labels" and not v["LABELS"]:
                 raise JobError("PREDICTOR=labels needs LABELS")
@@ -160,6 +174,56 @@ def time_seconds(text: str) -> int:
     return total
 
 
+def _is_path(key: str, value: str) -> bool:
+    """Whether a path key's value names a file here (not synth:..., a URL, inline JSON or a class name)."""
+    if not value or "://" in value or value.startswith(("synth:", "{")):
+        return False
+    return value.lower().endswith(".json") if key == "CLASSES" else True
+
+
+def _found_here(path: str) -> bool:
+    """A path, a file pattern (slice_*.tif), or a dataset in a container file (x.h5/raw, x.n5/s0, x.tif:1)."""
+    if os.path.exists(path) or (glob.has_magic(path) and glob.glob(path)):
+        return True
+    container = re.match(r"(.+?\.(?:h5|hdf5|hdf|n5|zarr|tiff?))[/:]", path, re.IGNORECASE)
+    return bool(container and os.path.exists(container.group(1)))
+
+
+def for_slurm(job: Job, kinds: tuple[str, ...]) -> list[str]:
+    """The job's paths as SLURM's nodes will use them, seen from this machine (the submitting one, on the cluster's
+    shared filesystem): relative ones made absolute against this folder, where sbatch starts the job (TRAIN_CONFIG
+    also against this repository, whose configs/ the template names); returns a warning for each input not found
+    here, which would fail the job only after it waited in the queue."""
+    v = job.v
+    for key in PATH_KEYS:
+        if _is_path(key, v[key]) and not os.path.isabs(v[key]):
+            here = Path.cwd() / v[key]
+            if key == "TRAIN_CONFIG" and not here.exists() and (HERE.parent / v[key]).exists():
+                here = HERE.parent / v[key]
+            v[key] = str(here)
+    warnings = []
+    for key in (k for kind in kinds for k in INPUT_KEYS[kind]):
+        if _is_path(key, v[key]) and not _found_here(v[key]):
+            warnings.append(f"{key}={v[key]} is not found on this machine: the job fails unless its nodes see it")
+        elif key == "MODEL" and v[key] and not (Path(v[key]) / "cellseg.json").exists():
+            warnings.append(f"MODEL={v[key]} holds no cellseg.json: give a model directory `cellseg-batch train` wrote")
+    return warnings
+
+
+def _bash_comment(raw: str) -> int:
+    """Where a comment starts in a value as bash reads it: a '#' that begins a word, outside quotes (shlex's
+    comments also start inside a word, which cut OUT=/results/a#b.zarr to /results/a)."""
+    quote = None
+    for i, ch in enumerate(raw):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or raw[i - 1].isspace()):
+            return i
+    return len(raw)
+
+
 def parse_env(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; '#' comments; a value may be quoted; nothing is expanded."""
     values: dict[str, str] = {}
@@ -176,7 +240,7 @@ def parse_env(path: Path) -> dict[str, str]:
             raise JobError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
         key, raw = m.groups()
         try:
-            words = shlex.split(raw, comments=True)
+            words = shlex.split(raw[: _bash_comment(raw)])
         except ValueError as e:
             raise JobError(f"{path}:{n}: {key}: {e}") from None
         if len(words) > 1:
@@ -216,6 +280,9 @@ def sbatch_options(job: Job, kind: str) -> list[str]:
     for key, option in (("PARTITION", "--partition"), ("ACCOUNT", "--account"), ("TIME_LIMIT", "--time")):
         if job[key]:
             opts.append(f"{option}={job[key]}")
+    if job["TIME_LIMIT"] and 4 * STOP_LEAD[kind] > (limit := time_seconds(job["TIME_LIMIT"])):
+        # the script's stop signal would come early in a short job (SLURM sends it up to 60 s earlier still)
+        opts.append(f"--signal=B:USR1@{max(10, limit // 4)}")
     return opts + split("SLURM_ARGS", job["SLURM_ARGS"])
 
 
@@ -408,16 +475,28 @@ def main(argv: list[str] | None = None) -> int:
         job = load(args.files, args.set)
         source = " ".join(_shown(f) for f in args.files)
         if args.what == "check":
-            for key in DEFAULTS:
-                print(f"{key}={shlex.quote(job[key]) if job[key] else ''}")
             job.run_args()
             if job.has_training:
                 job.train_args()
+            warnings = for_slurm(job, ("run", "train") if job.has_training else ("run",))
+            for key in DEFAULTS:
+                print(f"{key}={shlex.quote(job[key]) if job[key] else ''}")
+            for warning in warnings:
+                print(f"render.py: warning (SLURM): {warning}", file=sys.stderr)
         elif args.what == "run-args":
             print("\n".join(job.run_args()))
         elif args.what in ("slurm", "slurm-train"):
-            cmd, env = sbatch_command(job, "run" if args.what == "slurm" else "train")
+            kind = "run" if args.what == "slurm" else "train"
+            job.run_args() if kind == "run" else job.train_args()  # its mistakes before any warning
+            for warning in for_slurm(job, (kind,)):
+                print(f"render.py: warning: {warning}", file=sys.stderr)
+            cmd, env = sbatch_command(job, kind)
             if args.submit:
+                if job["SLURM_LOG_DIR"]:  # sbatch does not make it: a job whose log cannot be opened fails unseen
+                    try:
+                        Path(job["SLURM_LOG_DIR"]).mkdir(parents=True, exist_ok=True)
+                    except OSError as e:
+                        raise JobError(f"SLURM_LOG_DIR={job['SLURM_LOG_DIR']}: cannot make it ({e.strerror})") from None
                 return submit(cmd, env)
             print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
         else:

@@ -162,7 +162,10 @@ def test_one_job_description_gives_the_same_job_on_slurm_and_kubernetes():
     assert command[:2] == ["/bin/sh", "-c"]
     words = shlex.split(command[2])
     assert words[:5] == ["exec", "cellseg-batch", "train", "--num-gpus", "4"]  # SLURM: the GPUs the step got
-    assert words[5 : 5 + len(train_args)] == train_args
+    # the same, but for the config the template names relative to this repository: SLURM starts the job where sbatch
+    # ran, so render.py makes it absolute; the image's working directory is the project
+    assert train_args[5] == str(REPO / words[10])
+    assert words[5 : 5 + len(train_args)] == [*train_args[:5], words[10], *train_args[6:]]
     assert words[5 + len(train_args) :] == ["--num-machines", "2", "--machine-rank", "$MACHINE_RANK", "--dist-url",
                                             "tcp://cellseg-volume-train-0.cellseg-volume-train.default.svc:29500"]  # fmt: skip
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
@@ -178,10 +181,46 @@ def test_one_job_description_gives_the_same_job_on_slurm_and_kubernetes():
     (["RUN_ARGS=--address 10.0.0.1:6379"], "RUN_ARGS: --address comes from its own key or from the cluster"),
     (["MODEL="], "set MODEL"),
     (["TIME_LIMIT=a day"], "TIME_LIMIT='a day'"),
+    (["MODEL=", "PREDICTOR=detectorn2"], "PREDICTOR='detectorn2': the built-in ones are detectron2 and labels"),
 ])  # fmt: skip
 def test_mistakes_in_the_job_description_are_one_line_errors(sets, message):
     proc = _render("slurm", JOB_ENV, *(a for s in sets for a in ("--set", s)), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_slurm_paths_are_made_absolute_and_inputs_missing_here_are_warned_about(tmp_path):
+    """The job starts where sbatch ran (relative paths failed there with no folder named); an input this machine
+    does not see fails the job only after its wait in the queue; a '#' inside a value is no comment (bash's rule:
+    OUT=/r/a#b.zarr was cut to /r/a); a short TIME_LIMIT moves the stop signal (120 s before it stopped a 2-minute
+    job at once); a missing SLURM_LOG_DIR is made at submission (else the job fails with no log at all)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "v.tif").write_bytes(b"")
+    job = tmp_path / "job.env"
+    job.write_text("VOLUME=v.tif\nOUT=results/a#b.zarr  # the second try\nMODEL=model\n"
+                   "TRAIN_ANNOTATIONS=train.json\nTRAIN_IMAGES=images\nTRAIN_CONFIG=configs/demo_cpu.yaml\nTRAIN_OUT=m\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, str(RENDER), "slurm", str(job), "--set", "TIME_LIMIT=2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    argv = shlex.split(proc.stdout)
+    assert proc.returncode == 0 and argv[argv.index("--out") + 1] == str(tmp_path / "results" / "a#b.zarr")
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "model") and str(tmp_path / "v.tif") in argv
+    assert "--time=2" in argv and "--signal=B:USR1@30" in argv
+    assert proc.stderr.splitlines() == [f"render.py: warning: MODEL={tmp_path / 'model'} holds no cellseg.json: give "
+                                        "a model directory `cellseg-batch train` wrote"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(RENDER), "slurm-train", str(job)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    argv = shlex.split(proc.stdout)
+    assert argv[argv.index("--config") + 1] == str(REPO / "configs" / "demo_cpu.yaml")  # the template's relative one
+    assert not any(a.startswith("--signal") for a in argv)  # no TIME_LIMIT: the script's own
+    assert [line.split("=")[0] for line in proc.stderr.splitlines()] == ["render.py: warning: TRAIN_ANNOTATIONS",
+                                                                         "render.py: warning: TRAIN_IMAGES"]  # fmt: skip
+
+
+def test_submitting_makes_the_slurm_log_folder(slurm, tmp_path):
+    logs = tmp_path / "logs" / "new"
+    job_id = _submit("run", SYNTH_ENV, [*_job_sets(tmp_path, tmp_path / "o.zarr"), f"SLURM_LOG_DIR={logs}"])
+    info = _wait_for_end(job_id)
+    assert info["JobState"] == "COMPLETED", info
+    assert (logs / f"cellseg-synthetic-run-{job_id}.out").exists()
 
 
 # -- SLURM, for real ---------------------------------------------------------------------------------------------------
