@@ -30,6 +30,7 @@ def _run(args) -> int:
     fields = RunConfig.__dataclass_fields__
     cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in fields})
     check_run_config(cfg)
+    from .report_html import cleanup_text
     from .run import run
 
     try:
@@ -43,6 +44,8 @@ def _run(args) -> int:
     counts = report["counts"]["objects_per_class"]
     print(f"wrote {out} ({report['counts']['objects']} objects: "
           + ", ".join(f"{n} {c}" for c, n in counts.items()) + f") in {report['time_s']['total']:.1f} s")  # fmt: skip
+    if dropped := cleanup_text(report["counts"]):
+        print(f"  {dropped}")
     print(f"  labels   {out}/labels/<class>/0 (OME-Zarr)")
     print(f"  table    {out}/cellseg/objects.parquet (and .csv)")
     print(f"  report   {out}/cellseg/report.html (and report.json)")

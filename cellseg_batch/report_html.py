@@ -164,6 +164,20 @@ def _objects(output, classes: list[str]) -> str:
     return out
 
 
+def cleanup_text(counts: dict) -> str | None:
+    """What the clean-up (--min-slices, --min-voxels) dropped, in words, for the console and the page: it can be
+    half of a label stack's objects (ISBI's neurites linked one-to-one lie in one slice each)."""
+    dropped = counts.get("dropped_by_cleanup") or {}
+    if not dropped:
+        return None
+    auto = counts.get("min_slices_auto") or {}
+    parts = [f"{d['objects']} {c}" + (" (--min-slices auto chose 2)" if (auto.get(c) or {}).get("min_slices") else "")
+             for c, d in dropped.items()]  # fmt: skip
+    objects, voxels = (sum(d[k] for d in dropped.values()) for k in ("objects", "voxels"))
+    return (f"the clean-up dropped {objects} objects ({voxels} voxels): {', '.join(parts)}; --min-slices 0 "
+            "--min-voxels 0 keep every object")
+
+
 def _merge(report: dict) -> str:
     quality = dict(report.get("merge_quality", {}))
     per_slice = quality.pop("touching_unmatched_per_slice", None)
@@ -228,6 +242,8 @@ def render_html(output, report: dict, pictures: list[str] | None = None) -> str:
                "objects": counts.get("objects"), "objects per class": counts.get("objects_per_class"),
                "total s": report.get("time_s", {}).get("total"), "mode": report.get("mode"),
                "warnings": report.get("warnings")}  # fmt: skip
+    if dropped := cleanup_text(counts):
+        summary["dropped"] = dropped
     config = {k: v for k, v in report.get("config", {}).items() if v is not None}
     sections = [
         ("Summary", table(summary)),
