@@ -78,9 +78,11 @@ def open_scene(path: str | Path) -> Scene:
         except UserError as e:
             raise UserError(f"{path} is neither a cellseg-batch output nor a volume to view ({e})") from e
         return Scene(p, "input", image=VolumeArray(volume), pixel_size_nm=volume.pixel_size_nm)
-    ms = multiscales(attrs)  # written when the run completes
-    pixel = ngff_pixel_size(ms, finest_level(ms)) if ms else info.get("pixel_size_nm")
     classes = list(info.get("classes", []))
+    # written when the run completes: on the image copy; on each label image of a --no-image output (its root is no
+    # image), which was served from level 0 in this process, its first slice placed at 0 whatever its --slices
+    ms = multiscales(attrs) or (multiscales(group_attrs(p / "labels" / classes[0]) or {}) if classes else None)
+    pixel = ngff_pixel_size(ms, finest_level(ms)) if ms else info.get("pixel_size_nm")
     labels = {name: a for name in classes if (a := _array(p / "labels" / name / "0")) is not None}
     image = _array(p / "0") if info.get("image") else None
     status = info.get("status") or "incomplete"
@@ -218,8 +220,8 @@ def open_napari(scene: Scene) -> None:
     import napari
 
     viewer = napari.Viewer(title=str(scene.path))
-    if scene.ngff:
-        viewer.open(str(scene.path), plugin="napari-ome-zarr")
+    if scene.ngff:  # a --no-image output's label images are found from its labels/ group (its root is no image)
+        viewer.open(str(scene.path if scene.image is not None else scene.path / "labels"), plugin="napari-ome-zarr")
     else:
         scale = scene.pixel_size_nm or (1, 1, 1)
         if scene.image is not None:

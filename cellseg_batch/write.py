@@ -290,8 +290,10 @@ class Output:
             ]  # fmt: skip
             return [{"name": name, "axes": axes, "datasets": datasets, "type": kind}]
 
+        # image-label's source (optional in NGFF) names the image the labels belong to: none in a --no-image output
+        source = {"source": {"image": "../../"}} if info["image"] else {}
         for name in classes:
-            ngff = {"multiscales": multiscales(name, "nearest"), "image-label": {"source": {"image": "../../"}}}
+            ngff = {"multiscales": multiscales(name, "nearest"), "image-label": source}
             _put_ngff(zarr.open_group(str(self.path / "labels" / name), mode="r+"), version, ngff)
         _put_ngff(zarr.open_group(str(self.path / "labels"), mode="r+"), version, {"labels": classes})
         if info["image"]:

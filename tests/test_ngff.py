@@ -211,3 +211,31 @@ def test_a_crop_of_a_larger_volume_keeps_its_place(tmp_path):
             assert t == pytest.approx([origin[0] + 30.0, origin[1] + shift * 5.0, origin[2] + shift * 4.0]), (group, k)
     report = json.loads((tmp_path / "o.zarr" / "cellseg" / "report.json").read_text())
     assert report["input"]["origin_nm"] == origin
+
+
+def test_a_no_image_output_is_found_from_its_labels_group_and_viewed_in_place(tmp_path):
+    """--no-image (a TB volume's usual run): its root is no image, so NGFF readers find the label images from
+    labels/ (ome-zarr-py found nothing from the root, through image-label sources naming that root as their image);
+    `view` reads their metadata (it served level 0 from memory with the first slice run placed at z 0)."""
+    import ome_zarr_models.v04 as v04
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    from cellseg_batch.view import open_scene
+    from conftest import cli
+
+    out = tmp_path / "o.zarr"
+    cli("run", "synth:6x160x160,seed=3", "--predictor", "labels", "--labels", "synth:6x160x160,seed=3", "--tile", 96,
+        "--overlap", 16, "--chunk", 64, "--slices", "2:5", "--no-image", "--no-progress", "--out", out)  # fmt: skip
+    root = zarr.open_group(str(out), mode="r")
+    classes = root.attrs["cellseg_batch"]["classes"]
+    nodes = [n for n in Reader(parse_url(str(out / "labels")))() if n.first(Label)]
+    assert sorted(n.metadata["name"] for n in nodes) == sorted(classes) and len(nodes[0].data) == 3
+    for name in classes:
+        group = root[f"labels/{name}"]
+        assert "source" not in group.attrs["image-label"]  # there is no image for it to name
+        v04.ImageLabel.from_zarr(group)
+        z = {c["type"]: c[c["type"]] for c in _multiscale(out / "labels" / name)["datasets"][0]["coordinateTransformations"]}
+        assert z["translation"][0] == 2 * z["scale"][0]  # slice 2 first
+    scene = open_scene(out)
+    assert scene.ngff and scene.image is None and scene.pixel_size_nm == (40.0, 10.0, 10.0)
