@@ -346,8 +346,11 @@ class Output:
             metadata = {"axes": "ZYX"} | ({} if pixel_size_nm is None else {
                 f"PhysicalSize{axis}": float(v) for axis, v in zip("ZYX", pixel_size_nm)} | {
                 f"PhysicalSize{axis}Unit": "nm" for axis in "ZYX"})  # fmt: skip
+            # the pixel size in the TIFF tags too (per cm), for readers that do not parse OME-XML (ImageJ's own)
+            tags = {} if pixel_size_nm is None else {"resolution": (1e7 / pixel_size_nm[2], 1e7 / pixel_size_nm[1]),
+                                                     "resolutionunit": "CENTIMETER"}  # fmt: skip
             tifffile.imwrite(path, slices, shape=(z, y, x), dtype=dtype, bigtiff=True, compression="zlib",
-                             photometric="minisblack", ome=True, metadata=metadata)  # fmt: skip
+                             photometric="minisblack", ome=True, metadata=metadata, **tags)  # fmt: skip
             paths.append(path)
         return paths
 

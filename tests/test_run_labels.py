@@ -260,6 +260,11 @@ def test_tiff_export_and_object_table_match_the_labels(synth_small, tmp_path):
     exported = open_label_volume(str(out / "cellseg" / f"labels_{CLASSES[0]}.tif"))
     size = open_volume(str(synth_small["volume"])).pixel_size_nm
     assert size is not None and exported.pixel_size_nm == pytest.approx(size)  # the export keeps the pixel size
+    with tifffile.TiffFile(out / "cellseg" / f"labels_{CLASSES[0]}.tif") as tif:  # in the tags too (ImageJ's reader)
+        tags = tif.pages[0].tags
+        assert tags["ResolutionUnit"].value == 3  # cm
+        assert [1e7 * den / num for num, den in (tags["YResolution"].value, tags["XResolution"].value)] == \
+            pytest.approx(size[1:])  # fmt: skip
 
 
 def test_a_run_without_address_starts_its_own_ray_whatever_names_another(tmp_path):
