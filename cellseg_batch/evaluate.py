@@ -134,7 +134,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present), or another
     tool's 3D label stack with ``pred_classes``, scored by its own ids (its objects as that tool made them); GT an
     OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
-    from .read import check_label_stack, class_volumes, ngff_label_layers, open_label_layers, refuse_per_slice_ids
+    from .read import check_3d_ids, check_label_stack, class_volumes, ngff_label_layers, open_label_layers
 
     for path, option in ((gt, "--gt-classes"), (pred, "--pred-classes")):
         if Path(path).suffix.lower() == ".json":  # a COCO file: eval reads label volumes
@@ -150,7 +150,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     for layer in (*pred_layers, *gt_layers):  # a background of -1 or 65535 would be scored as an object
         warnings += check_label_stack(layer, instances=False)
         if mode == "3d" and (pred_classes or layer in gt_layers):  # a run's own labels are 3D objects
-            refuse_per_slice_ids(layer, "--mode 2d")
+            warnings += check_3d_ids(layer, "--mode 2d")
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None

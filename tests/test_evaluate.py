@@ -550,6 +550,15 @@ def test_labels_numbered_anew_in_every_slice_are_refused_for_a_3d_score(tmp_path
     assert re.search(r"^granule +1\.000 ", scored, re.M), scored
     assert re.search(r"^granule +1\.000 ", cli("eval", tmp_path / "truth.tif", tmp_path / "truth.tif", *args).stdout,
                      re.M)  # fmt: skip
+    # each section its own id, numbered through the stack (ISBI 2012's truth): scored, with a warning naming --mode 2d
+    through = per_slice.astype(np.uint32)
+    for z in range(1, len(through)):
+        through[z][through[z] > 0] += through[:z].max()
+    tifffile.imwrite(tmp_path / "through.tif", through, photometric="minisblack")
+    proc = cli("eval", tmp_path / "truth.tif", tmp_path / "through.tif", *args)
+    assert "through.tif: none of its" in proc.stderr and "goes on into the next slice" in proc.stderr, proc.stderr
+    assert "per slice with --mode 2d" in proc.stderr
+    assert "none of its" not in cli("eval", tmp_path / "truth.tif", tmp_path / "truth.tif", *args).stderr
 
 
 def test_errors_of_a_run_of_part_of_the_volume_name_the_volumes_slices(tmp_path):
