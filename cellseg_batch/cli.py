@@ -106,8 +106,10 @@ def _train(args) -> int:
     print(f"wrote model directory {out}: classes {', '.join(model.classes)}; run's tile {model.tile} px, overlap "
           f"{model.overlap} (use it with: cellseg-batch run VOLUME --model {out} --out OUT.zarr)")
     if stopped := model.training.get("stopped_by_signal"):
+        again = ("submit the job again with --resume in its train arguments" if os.environ.get("SLURM_JOB_ID") else
+                 "run the same command with --resume")  # fmt: skip
         print(f"cellseg-batch: {stopped}: training stopped at iteration {model.training['last_iter']}, its checkpoint "
-              f"saved; run the same command with --resume to continue", file=sys.stderr)  # fmt: skip
+              f"saved; {again} to continue", file=sys.stderr)  # fmt: skip
         return 130
     return 0
 
@@ -374,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         resumes = command == "run"  # the others start over
-        print("cellseg-batch: interrupted" + ("; run the same command again to resume" if resumes else ""),
-              file=sys.stderr)  # fmt: skip
+        again = "submit the same job again" if os.environ.get("SLURM_JOB_ID") else "run the same command again"
+        print("cellseg-batch: interrupted" + (f"; {again} to resume" if resumes else ""), file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

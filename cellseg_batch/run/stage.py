@@ -124,6 +124,9 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
         stage.plan()
         if bar is not None:
             stage.bar = bar(stage.total, stage.name, stage.total - stage.remaining)
+    done = [f"{s.name} {s.total - s.remaining} of {s.total}" for s in stages if 0 < s.total - s.remaining]
+    if done:  # a resumed run: what the earlier one finished (a job log has no progress bars to show it)
+        log.info("already done: %s", ", ".join(done))
     pending: dict = {}
     try:
         while any(s.busy for s in stages):
