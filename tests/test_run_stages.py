@@ -431,6 +431,22 @@ def test_each_stage_knows_its_done_units_from_the_work_store(tmp_path):
     assert predict.remaining == len(grid) and not stitch.is_ready(2)
 
 
+def test_a_run_logged_to_a_file_says_its_progress_in_lines_not_bars(tmp_path):
+    """stderr a file (a SLURM job's log): a line per stage as it ends, no carriage returns or cursor moves (tqdm's bars
+    there held 53 lines of escapes for 17 of text)."""
+    import subprocess
+
+    out = tmp_path / "out.zarr"
+    args = [sys.executable, "-m", "cellseg_batch", "run", SYNTH, "--predictor", "labels", "--labels", SYNTH, "--tile",
+            "128", "--overlap", "16", "--out", str(out)]  # fmt: skip
+    with (tmp_path / "log").open("w") as log:
+        assert subprocess.run(args, stdout=log, stderr=log, timeout=300).returncode == 0
+    text = (tmp_path / "log").read_text()
+    assert "\r" not in text and "\x1b" not in text, text
+    for stage in ("predict: 36 tiles done", "stitch: 4 units done", "write: ", "image: 4 units done"):
+        assert f"INFO {stage}" in text, text
+
+
 def test_a_run_stopped_after_linking_resumes_from_the_saved_object_table_and_counts(tmp_path):
     """A time limit that lands in the write stage (the longest on a big volume): the rerun reads the link stage's
     counts back from the work store. JSON made their class keys strings, and every such resume failed with a

@@ -41,7 +41,7 @@ from .link import GapStage, LinkStage
 from .lock import OutputLock
 from .predict import ActorStart, CpuTasks, PredictStage
 from .remote import TileJob
-from .stage import drive
+from .stage import LogProgress, drive
 from .stitch import StitchStage
 from .store import StoreDamage, WorkStore
 from .write import ImageStage, PreviewStage, PyramidStage, WriteStage
@@ -145,6 +145,7 @@ class Run:
         check_run_config(cfg)
         self.cfg = cfg
         self.times: dict[str, float] = {}
+        self._log_progress: LogProgress | None = None  # progress lines where stderr is a file
         self.volume = open_volume(cfg.volume)
         self.z0, self.z1 = parse_slices(cfg.slices, self.volume.shape[0])
         self.shape = (self.z1 - self.z0, *self.volume.shape[1:])
@@ -463,10 +464,12 @@ class Run:
     def _bar(self, total: int, desc: str, initial: int):
         from tqdm import tqdm
 
-        interactive = sys.stderr.isatty()
+        if self.cfg.progress and not sys.stderr.isatty():  # a log file: lines, not bars
+            if self._log_progress is None:
+                self._log_progress = LogProgress()
+            return self._log_progress.bar(total, desc, initial, "tiles" if desc == "predict" else "units")
         return tqdm(total=total, initial=initial, desc=desc, unit="tile" if desc == "predict" else "unit",
-                    disable=not self.cfg.progress, mininterval=0.5 if interactive else 30, dynamic_ncols=True,
-                    smoothing=0.1)  # fmt: skip
+                    disable=not self.cfg.progress, mininterval=0.5, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
 
     def _actor_start(self) -> ActorStart:
         """The predictor actors of this run, laid out on the cluster Ray just joined (not started yet)."""

@@ -180,6 +180,45 @@ def drive(stages: list[Stage], bar=None, poll_s: float = 1.0) -> None:
                 stage.bar.close()
 
 
+class LogProgress:
+    """Progress where stderr is not a terminal (a SLURM job's log): one line for every stage at most every
+    ``period_s`` as units finish, and a line for each stage when its last unit finishes. tqdm's bars there are carriage returns and
+    cursor moves (a job's log held 53 lines of escapes for 17 of text)."""
+
+    def __init__(self, period_s: float = 60.0):
+        self.period_s, self.last = period_s, time.monotonic()
+        self.lines: list[_StageLine] = []
+
+    def bar(self, total: int, desc: str, initial: int, unit: str = "units") -> _StageLine:
+        line = _StageLine(self, desc, total, initial, unit)
+        self.lines.append(line)
+        return line
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last >= self.period_s:
+            self.last = time.monotonic()
+            log.info("progress: %s", ", ".join(f"{b.desc} {b.n}/{b.total}" for b in self.lines if b.total))
+
+
+class _StageLine:
+    """The part of tqdm's interface ``drive`` uses."""
+
+    def __init__(self, owner: LogProgress, desc: str, total: int, initial: int, unit: str):
+        self.owner, self.desc, self.total, self.n, self.unit = owner, desc, total, initial, unit
+        self.start, self.closed = time.monotonic(), False
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.n >= self.total and not self.closed:
+            self.closed = True
+            log.info("%s: %d %s done, %.0f s into the run", self.desc, self.total, self.unit,
+                     time.monotonic() - self.start)  # fmt: skip
+        self.owner.tick()
+
+    def close(self) -> None:
+        self.closed = True
+
+
 DRAIN_S = 60.0  # the longest wait, after an error, for units still running
 
 
