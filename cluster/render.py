@@ -47,7 +47,8 @@ INTS = {"TILE": 1, "OVERLAP": 0, "BATCH_SIZE": 1, "ACTORS": 1, "CPUS_PER_ACTOR":
         "CPUS_PER_NODE": 1, "TRAIN_PORT": 1, "HEAD_CPUS": 1}  # fmt: skip
 # options the cluster scripts set themselves
 RESERVED_RUN = ("--address", "--out", "--model", "--predictor", "--labels", "--classes")
-RESERVED_TRAIN = ("--num-machines", "--machine-rank", "--dist-url", "--train", "--images", "--config", "--out")
+RESERVED_TRAIN = ("--num-machines", "--machine-rank", "--dist-url", "--train", "--images", "--config", "--out",
+                  "--num-gpus", "--cpu-procs")  # the processes per node: from the GPUs each node got
 TRAIN_DEFAULT_PORT = 29500
 PREDICTORS = ("detectron2", "labels")  # built in; a lab's own is MODULE:NAME
 # keys that hold paths; of them, what the job reads (by kind of job)
@@ -85,8 +86,9 @@ class Job:
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?", v["JOB_NAME"]):
             raise JobError(f"JOB_NAME={v['JOB_NAME']!r}: use 1-40 lowercase letters, digits and '-' (a Kubernetes name)")
         for key in ("MEMORY_PER_NODE", "HEAD_MEMORY"):
-            if v[key] and not re.fullmatch(r"\d+[KMGT]?", v[key]):
+            if v[key] and not re.fullmatch(r"\d+[KMGTkmgt]?", v[key]):
                 raise JobError(f"{key}={v[key]!r}: give a size like 64G, 512M (SLURM units)")
+            v[key] = v[key].upper()  # SLURM takes 16g too; Kubernetes' quantities need the capital
         if v["TIME_LIMIT"]:
             time_seconds(v["TIME_LIMIT"])
         if v["GPU_NODE_SELECTOR"] and "=" not in v["GPU_NODE_SELECTOR"]:
@@ -168,6 +170,9 @@ def time_seconds(text: str) -> int:
         h, mi, s = 0, int(a), int(b)
     else:  # M
         h, mi, s = 0, int(a), 0
+    # the leading field may be large (90 minutes, 36 hours); the ones after a colon are clock fields
+    if (b is not None and mi >= 60 and (days is not None or c is not None)) or (s >= 60 and (b or c) is not None):
+        raise JobError(f"TIME_LIMIT={text!r}: minutes and seconds go up to 59; give [D-]HH:MM:SS")
     total = ((int(days or 0) * 24 + h) * 60 + mi) * 60 + s
     if total <= 0:
         raise JobError(f"TIME_LIMIT={text!r} must be positive")
@@ -228,7 +233,7 @@ def parse_env(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; '#' comments; a value may be quoted; nothing is expanded."""
     values: dict[str, str] = {}
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM some Windows editors write
     except OSError as e:
         raise JobError(f"cannot read {path}: {e.strerror}") from None
     for n, line in enumerate(lines, 1):
@@ -245,6 +250,8 @@ def parse_env(path: Path) -> dict[str, str]:
             raise JobError(f"{path}:{n}: {key}: {e}") from None
         if len(words) > 1:
             raise JobError(f"{path}:{n}: {key}: quote a value that has spaces")
+        if key in values:
+            print(f"render.py: warning: {path}:{n}: {key} is set again; the last one counts", file=sys.stderr)
         values[key] = words[0] if words else ""
     return values
 

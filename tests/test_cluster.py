@@ -182,6 +182,8 @@ def test_one_job_description_gives_the_same_job_on_slurm_and_kubernetes():
     (["MODEL="], "set MODEL"),
     (["TIME_LIMIT=a day"], "TIME_LIMIT='a day'"),
     (["MODEL=", "PREDICTOR=detectorn2"], "PREDICTOR='detectorn2': the built-in ones are detectron2 and labels"),
+    (["TIME_LIMIT=25:99:99"], "minutes and seconds go up to 59"),  # SLURM took it as 1-02:41:00
+    (["TRAIN_ARGS=--num-gpus 2"], "TRAIN_ARGS: --num-gpus comes from its own key or from the cluster"),
 ])  # fmt: skip
 def test_mistakes_in_the_job_description_are_one_line_errors(sets, message):
     proc = _render("slurm", JOB_ENV, *(a for s in sets for a in ("--set", s)), check=False)
@@ -213,6 +215,20 @@ def test_slurm_paths_are_made_absolute_and_inputs_missing_here_are_warned_about(
     assert not any(a.startswith("--signal") for a in argv)  # no TIME_LIMIT: the script's own
     assert [line.split("=")[0] for line in proc.stderr.splitlines()] == ["render.py: warning: TRAIN_ANNOTATIONS",
                                                                          "render.py: warning: TRAIN_IMAGES"]  # fmt: skip
+
+
+def test_job_files_as_editors_write_them(tmp_path):
+    """A BOM (Windows editors) was refused as part of the first key; a key set twice in one file is said; SLURM's
+    lowercase sizes are taken (and made Kubernetes quantities)."""
+    job = tmp_path / "job.env"
+    job.write_bytes("\ufeffJOB_NAME=t\nNODES=1\nNODES=2\nMEMORY_PER_NODE=16g\n".encode())
+    proc = _render("slurm", SYNTH_ENV, job)
+    assert "--job-name=t-run" in proc.stdout and "--nodes=2" in proc.stdout and "--mem=16G" in proc.stdout
+    assert proc.stderr.strip() == f"render.py: warning: {job}:3: NODES is set again; the last one counts"
+    docs = [d for d in yaml.safe_load_all(_render("k8s", SYNTH_ENV, job).stdout) if d]
+    rayjob = next(d for d in docs if d["kind"] == "RayJob")
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
 
 
 def test_submitting_makes_the_slurm_log_folder(slurm, tmp_path):
