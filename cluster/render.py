@@ -330,6 +330,18 @@ def _labels(job: Job, component: str) -> dict:
             "app.kubernetes.io/component": component}  # fmt: skip
 
 
+def for_k8s(job: Job) -> list[str]:
+    """Warnings for paths the pods cannot see: outside DATA_MOUNT (the claim's mount), or any path without a claim."""
+    used = [k for k in PATH_KEYS if k not in ("SLURM_LOG_DIR", "CLASSES") and _is_path(k, job[k])]
+    used += ["CLASSES"] if _is_path("CLASSES", job["CLASSES"]) else []
+    if not job["DATA_PVC"]:
+        return [f"DATA_PVC is unset: the pods mount no shared storage for {', '.join(used)} (set DATA_PVC, or add "
+                "a volume to the manifests by hand)"] if used else []  # fmt: skip
+    mount = job["DATA_MOUNT"].rstrip("/") + "/"
+    return [f"{k}={job[k]} is not under DATA_MOUNT={job['DATA_MOUNT']}, where the pods see the claim {job['DATA_PVC']}"
+            for k in used if os.path.isabs(job[k]) and not job[k].startswith(mount)]
+
+
 def _volumes(job: Job) -> tuple[list, list]:
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]  # Ray's object store and torch workers
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
@@ -508,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
         else:
             files = manifests(job)
+            for warning in for_k8s(job):
+                print(f"render.py: warning: {warning}", file=sys.stderr)
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 for name, objects in files.items():

@@ -231,6 +231,15 @@ def test_job_files_as_editors_write_them(tmp_path):
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "16Gi"
 
 
+def test_kubernetes_paths_outside_the_claim_are_warned_about():
+    proc = _render("k8s", JOB_ENV, "--set", "OUT=/scratch/o.zarr")
+    assert proc.stderr.strip() == ("render.py: warning: OUT=/scratch/o.zarr is not under DATA_MOUNT=/shared, where the "
+                                   "pods see the claim cellseg-data")  # fmt: skip
+    proc = _render("k8s", SYNTH_ENV, "--set", "DATA_PVC=")
+    assert "DATA_PVC is unset: the pods mount no shared storage for OUT" in proc.stderr
+    assert _render("k8s", JOB_ENV).stderr == ""
+
+
 def test_submitting_makes_the_slurm_log_folder(slurm, tmp_path):
     logs = tmp_path / "logs" / "new"
     job_id = _submit("run", SYNTH_ENV, [*_job_sets(tmp_path, tmp_path / "o.zarr"), f"SLURM_LOG_DIR={logs}"])
