@@ -430,7 +430,8 @@ def test_a_warning_about_the_volume_reaches_the_terminal_not_only_the_report(tmp
                      resolutionunit="CENTIMETER")  # 10 nm pixels
     done = cli("run", tmp_path / "v.tif", "--predictor", "labels", "--labels", tmp_path / "v.tif", "--classes", "cell",
                "--no-progress", "--out", tmp_path / "out.zarr")  # fmt: skip
-    said = "the volume does not record its z spacing; pass --pixel-size Z,Y,X"
+    said = ("the volume does not record its z spacing: the output's metadata takes it equal to its pixel size (10 nm), "
+            "which EM sections rarely are; pass --pixel-size Z,Y,X with the section thickness")  # fmt: skip
     assert said in done.stderr
     assert said in json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())["warnings"]
 

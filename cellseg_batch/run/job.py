@@ -206,7 +206,9 @@ class Run:
             if all(v is None for v in size):
                 return None
             if size[0] is None:
-                self.warnings.append("the volume does not record its z spacing; pass --pixel-size Z,Y,X")
+                self.warnings.append(f"the volume does not record its z spacing: the output's metadata takes it equal "
+                                     f"to its pixel size ({size[1]:g} nm), which EM sections rarely are; pass "
+                                     f"--pixel-size Z,Y,X with the section thickness")  # fmt: skip
                 log.warning(self.warnings[-1])
                 size = (size[1], size[1], size[2])
         if model and abs(size[2] - model[2]) > 0.1 * model[2] and not self.cfg.rescale:
