@@ -264,6 +264,14 @@ class Output:
                 after_layer()
 
     # -- completion (driver) ------------------------------------------------------------------------------------
+    @staticmethod
+    def origin(pixel_size_nm, z_offset: int = 0, origin_nm=None) -> tuple[float, float, float]:
+        """Where level 0's first voxel lies (z, y, x; nm, or voxels where the pixel size is unknown): the input's own
+        origin (a crop of a larger volume) moved by the first slice run."""
+        pz = pixel_size_nm[0] if pixel_size_nm else 1.0
+        oz, oy, ox = origin_nm if pixel_size_nm and origin_nm else (0.0, 0.0, 0.0)  # nm: unitless scales have none
+        return (oz + z_offset * pz, oy, ox)
+
     def finalize(self, pixel_size_nm, z_offset: int = 0, origin_nm=None) -> None:
         """Write the NGFF metadata and mark the output complete: the last write of a successful run. Each level's
         translation puts its voxels where the input's are: the input's own origin (``origin_nm``, a crop of a larger
@@ -276,14 +284,14 @@ class Output:
         version = FORMATS[self.format][0]
         unit = "nanometer" if pixel_size_nm else None
         pz, py, px = pixel_size_nm or (1.0, 1.0, 1.0)
-        oz, oy, ox = origin_nm if pixel_size_nm and origin_nm else (0.0, 0.0, 0.0)  # nm: unitless scales have none
+        oz, oy, ox = self.origin(pixel_size_nm, z_offset, origin_nm)
 
         def multiscales(name: str, kind: str) -> list:
             axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in "zyx"]
             datasets = [
                 {"path": str(k), "coordinateTransformations": [
                     {"type": "scale", "scale": [pz, py * 2**k, px * 2**k]},
-                    {"type": "translation", "translation": [oz + z_offset * pz, *(
+                    {"type": "translation", "translation": [oz, *(
                         o + d for o, d in zip((oy, ox), level_offset(k, kind, (py, px))))]},
                 ]}
                 for k in range(levels)

@@ -211,6 +211,7 @@ def test_a_crop_of_a_larger_volume_keeps_its_place(tmp_path):
             assert t == pytest.approx([origin[0] + 30.0, origin[1] + shift * 5.0, origin[2] + shift * 4.0]), (group, k)
     report = json.loads((tmp_path / "o.zarr" / "cellseg" / "report.json").read_text())
     assert report["input"]["origin_nm"] == origin
+    assert report["output"]["origin_nm"] == [origin[0] + 30.0, *origin[1:]]  # where its first slice (1) lies
 
 
 def test_a_no_image_output_is_found_from_its_labels_group_and_viewed_in_place(tmp_path):

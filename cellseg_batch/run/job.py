@@ -559,7 +559,10 @@ class Run:
                 "dropped_by_cleanup": {self.classes[int(c)]: d for c, d in stats.dropped.items()},
                 "min_slices_auto": {self.classes[int(c)]: d for c, d in stats.min_slices_auto.items()},
             },
-            "output": {"label_dtype": str(np.dtype(next(s for s in self.stages if s.name == "write").dtype or "uint32"))},
+            "output": {"label_dtype": str(np.dtype(next(s for s in self.stages if s.name == "write").dtype or "uint32")),
+                       "pixel_size_nm": self.pixel_size,  # the first voxel's place (--slices moves it; a crop's own)
+                       "origin_nm": Output.origin(self.pixel_size, self.z0, self.volume.origin_nm) if self.pixel_size
+                       else None},  # fmt: skip
             "merge_quality": {
                 "touching_unmatched_at_tile_borders": touching,
                 "touching_unmatched_per_slice": touching_per_slice,
