@@ -230,11 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--link-ioa", type=float, help="overlap/own area for an unpaired instance to join "
                    "(default %(default)s)")  # fmt: skip
     g.add_argument("--link-gap", help="missing slices an instance without partner may skip (missed detections), "
-                   "0 to 3: N, or CLASS=N,... (default %(default)s)")  # fmt: skip
+                   "0 to 3: N, or CLASS=N,... (classes not named: N given alone, else the default) (default "
+                   "%(default)s)")  # fmt: skip
     g.add_argument("--min-voxels", help="drop objects smaller than this: N, or CLASS=N,... (default: keep all)")
     g.add_argument("--min-slices", help="drop objects spanning fewer slices, except those in the first or last slice "
-                   "(the volume cuts them): N, auto, or CLASS=N,...; auto drops a class's one-slice objects where its "
-                   "objects span 3 or more slices (0: keep all) (default %(default)s)")  # fmt: skip
+                   "(the volume cuts them): N, auto, or CLASS=N,... (classes not named: N given alone, else the "
+                   "default); auto drops a class's one-slice objects where its objects span 3 or more slices (0: keep "
+                   "all) (default %(default)s)")  # fmt: skip
     g = r.add_argument_group("input and output")
     g.add_argument("--slices", help="START:STOP, a range of slices")
     g.add_argument("--chunk", type=int, help="output chunk side in pixels, every level (default %(default)s); "
@@ -242,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", help="ngff-0.4 (zarr v2) or ngff-0.5 (zarr v3, sharded: a file per write block, "
                    "4096x4096 px of a slice, for object stores) (default %(default)s)")
     g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
-    g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class (small volumes)")
+    g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class, OUT/cellseg/labels_<class>.tif (small volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--work-dir", help="work store (default OUT.work); keep it on a filesystem all nodes see")
     g.add_argument("--keep-tiles", action="store_true", help="keep predicted tiles, to re-merge with --overwrite")
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--rle", action="store_true", help="RLE masks instead of polygons")
     for sp in (lc, oc):
         sp.add_argument("--out", required=True, help="folder for images/ and train.json (val.json)")
-        sp.add_argument("--tile", type=int, default=512, help="image tile size (0: whole slices)")
+        sp.add_argument("--tile", type=int, default=512, help="image tile size (0: whole slices) (default %(default)s)")
         sp.add_argument("--slices", help="START:STOP")
         sp.add_argument("--every", type=int, default=1, help="use every Nth slice")
         sp.add_argument("--val-fraction", type=float, default=0.0, help="share of slices written to val.json")

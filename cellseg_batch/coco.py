@@ -642,8 +642,6 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     and val.json (validation images that are also training images)."""
     import shutil
 
-    from PIL import Image
-
     out = Path(out)
     check_output_folder(out)
     img_dir = out / "images"
@@ -651,12 +649,6 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     if held and not overwrite:
         raise UserError(f"{out} already holds a COCO set ({', '.join(p.name for p in held)}); pass --overwrite to "
                         "replace it, or choose another --out")  # fmt: skip
-    for p in held:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    img_dir.mkdir(parents=True, exist_ok=True)
     names = [n for layer in layers for n in layer.class_names]
     nz, ny, nx = volume.shape
     zs = list(slices or range(nz))
@@ -667,6 +659,31 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
                             "convert more slices or leave --val-fraction out")  # fmt: skip
         n_val = 1
     val_z = set(zs[len(zs) // (2 * n_val)::max(1, len(zs) // n_val)][:n_val]) if n_val else set()
+    # only now, every mistake found: a refused conversion left an images/ folder that made its rerun refused too
+    for p in held:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    made_out = not out.exists()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_coco_set(volume, layers, out, img_dir, names, zs, val_z, tile, min_area, polygons, z_offset)
+    except BaseException:  # a read error or Ctrl-C halfway: no half-written set that looks like one
+        shutil.rmtree(img_dir, ignore_errors=True)
+        for name in ("train.json", "val.json"):
+            (out / name).unlink(missing_ok=True)
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_coco_set(volume, layers, out: Path, img_dir: Path, names, zs, val_z, tile, min_area, polygons,
+                    z_offset) -> dict[str, Path]:  # fmt: skip
+    """``labels_to_coco``'s images and annotations, once its checks have passed."""
+    from PIL import Image
+
+    ny, nx = volume.shape[1:]
     categories = [{"id": i + 1, "name": n, "supercategory": "em"} for i, n in enumerate(names)]
     sets = {"train": {"images": [], "annotations": [], "categories": categories},
             "val": {"images": [], "annotations": [], "categories": categories}}  # fmt: skip

@@ -142,12 +142,16 @@ AUTO = -1  # a class minimum the data decides (``--min-slices auto``: ``link._cl
 
 
 def parse_class_minimums(text: str | None, classes: list[str] | None, option: str,
-                         most: int | None = None, auto: bool = False) -> tuple[int, ...]:  # fmt: skip
+                         most: int | None = None, auto: bool = False, default: str | None = None) -> tuple[int, ...]:  # fmt: skip
     """``"N"`` (every class) or ``"CLASS=N,CLASS=N"`` (a plain N among them: the other classes) -> one int in
-    [0, most] per class (0 where not given); with ``auto``, N may be ``auto`` (``AUTO``); with ``classes`` None only
-    the syntax is checked."""
+    [0, most] per class; a class not given takes the option's ``default`` (0 where None: `--link-gap
+    mitochondrion=0` turned the gap edges of every other class off too); with ``auto``, N may be ``auto``
+    (``AUTO``); with ``classes`` None only the syntax is checked."""
     if text is None or str(text) == "":
         return tuple(0 for _ in classes or ())
+    if default is not None and classes is not None and "=" in str(text) and not any(
+            "=" not in part for part in str(text).split(",")):  # fmt: skip
+        text = f"{text},{default}"  # the classes not named keep the default
     n_is = f"a whole number from 0{f' to {most}' if most else ''}{' or auto' if auto else ''}"
     usage = f"{option} {text!r}: give N or CLASS=N,CLASS=N (N {n_is})"
     out: dict[str | None, int] = {}

@@ -130,6 +130,39 @@ def test_convert_into_a_folder_holding_a_coco_set_is_refused_and_overwrite_leave
     assert not (tmp_path / "coco" / "val.json").exists() and len(list((tmp_path / "coco" / "images").iterdir())) == 2
 
 
+def test_a_refused_or_failed_conversion_leaves_nothing_and_its_rerun_is_not_refused(tmp_path, capsys, monkeypatch):
+    """--val-fraction on one slice was refused after images/ was made: the rerun without it was then refused as a
+    folder holding a COCO set. A conversion that fails halfway (a read error) removes what it wrote."""
+    import tifffile
+
+    from cellseg_batch import cli as command
+    from cellseg_batch.read import TiffVolume
+
+    labels = np.zeros((2, 64, 64), np.uint16)
+    labels[:, 8:24, 8:24] = 1
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "vol.tif", np.where(labels > 0, 200, 30).astype(np.uint8), photometric="minisblack")
+    argv = ["convert", "labels-to-coco", tmp_path / "lab.tif", tmp_path / "vol.tif", "--classes", "cell", "--tile", 0,
+            "--out", tmp_path / "coco", "--slices", "0:1"]  # fmt: skip
+    assert command.main([*argv, "--val-fraction", 0.5]) == 2
+    assert "none left to train on" in capsys.readouterr().err and not (tmp_path / "coco").exists()
+    read = TiffVolume.read
+    calls = []
+
+    def failing(self, *args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError("Input/output error")
+        return read(self, *args)
+
+    monkeypatch.setattr(TiffVolume, "read", failing)
+    with pytest.raises(OSError):
+        command.main([*argv[:-2], "--slices", "0:2"])
+    assert not (tmp_path / "coco").exists()
+    monkeypatch.setattr(TiffVolume, "read", read)
+    assert command.main(argv) == 0 and (tmp_path / "coco" / "train.json").exists()
+
+
 def test_label_rles_match_pycocotools_encode():
     from pycocotools import mask as mask_util
 

@@ -11,7 +11,7 @@ from cellseg_batch.errors import UserError
 from cellseg_batch.evaluate import draw_split, evaluate
 from cellseg_batch.link import _component_classes, _runner_up_votes, link_pair
 from cellseg_batch.read import ArrayVolume
-from cellseg_batch.synth import LINK_CLASSES, linking_cases
+from cellseg_batch.synth import LINK_CLASSES, linking_cases, write_linking_cases
 from conftest import assert_same_instances, cli, labels_of
 
 
@@ -51,6 +51,13 @@ def test_class_minimums():
     assert parse_class_minimums("cell=0,2", ["cell", "mito"], "--link-gap", most=3) == (0, 2)
     assert parse_class_minimums("auto", ["a", "b"], "--min-slices", auto=True) == (-1, -1)
     assert parse_class_minimums("b=AUTO,2", ["a", "b"], "--min-slices", auto=True) == (2, -1)
+    # a class not named keeps the option's default (it got 0: `--link-gap mitochondrion=0` turned off the gap edges
+    # of the vessels too, and `--min-slices cell=2` turned auto off for the organelles); a plain N still sets them
+    classes = ["cell", "mito", "vessel"]
+    assert parse_class_minimums("mito=0", classes, "--link-gap", most=3, default=RunConfig.link_gap) == (2, 0, 2)
+    assert parse_class_minimums("mito=0,1", classes, "--link-gap", most=3, default=RunConfig.link_gap) == (1, 0, 1)
+    assert parse_class_minimums("cell=2", classes, "--min-slices", auto=True, default=RunConfig.min_slices) == (2, -1, -1)
+    assert parse_class_minimums("cell=2", classes, "--min-voxels") == (2, 0, 0)
     with pytest.raises(UserError, match=r"N a whole number from 0\)$"):  # auto only where it means something
         parse_class_minimums("auto", ["a"], "--min-voxels")
     for field, value in (("link_gap", "4"), ("link_gap", "cell=-1"), ("min_slices", "a=x"), ("min_slices", "autox"),
@@ -541,6 +548,14 @@ def test_a_class_whose_objects_merge_through_a_dense_tiling_is_warned_about(tmp_
         assert bool(dense) == warned, (name, shared, report["counts"]["objects"], report["warnings"])
         if not warned:
             assert shared == 0 and report["counts"]["objects"] == 120
+    # branched organelles share slices too (about 30% of synth's): no warning, whose advice would split them
+    paths = write_linking_cases(tmp_path / "branched", (12, 384, 384), seed=0, dropout=0.05, shift=0.2)
+    out = tmp_path / "branched.zarr"
+    cli("run", paths["volume"], "--predictor", "labels", "--labels", paths["detections"], "--classes", paths["classes"],
+        "--out", out, "--no-progress", "--no-image")  # fmt: skip
+    report = json.loads((out / "cellseg" / "report.json").read_text())
+    shared = sum(report["counts"]["instances_2d_sharing_a_slice"].values())
+    assert shared > 0.2 * report["counts"]["instances_2d"] and not report["warnings"], report["warnings"]
 
 
 def _discs(nz: int, size: int, centres, rng, radius: tuple[float, float]) -> np.ndarray:

@@ -133,9 +133,11 @@ def _fingerprint(data) -> str:
 
 
 # a class whose 2D instances share their slice with another of their object this often (of this many at least) is
-# warned about as dense: the demo model's output has 2 of 339 (both vessel sections), the ISBI neurites 3345 of
-# 3431 with the default rule and 507 of 3431 with --link-gap 0 --link-ioa 1.0
-DENSE_SHARE, DENSE_MIN_INSTANCES = 0.25, 100
+# warned about as dense: the demo model's output has 2 of 339 (both vessel sections), `synth --linking`'s branched
+# mitochondria and vessels about 30% (37 of 122 at 12 slices), the ISBI neurites 3345 of 3431 with the default rule
+# and 507 of 3431 with --link-gap 0 --link-ioa 1.0 (at 25% it warned about the branched organelles, and its advice
+# made them worse)
+DENSE_SHARE, DENSE_MIN_INSTANCES = 0.5, 100
 
 
 class Run:
@@ -172,9 +174,11 @@ class Run:
         self.classes = self.plan.classes
         check_class_names(self.classes)
         self.link_rule = LinkRule(cfg.link_iou, cfg.link_ioa,
-                                  parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3),
+                                  parse_class_minimums(cfg.link_gap, self.classes, "--link-gap", most=3,
+                                                       default=RunConfig.link_gap),
                                   parse_class_minimums(cfg.min_voxels, self.classes, "--min-voxels"),
-                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices", auto=True),
+                                  parse_class_minimums(cfg.min_slices, self.classes, "--min-slices", auto=True,
+                                                       default=RunConfig.min_slices),
                                   tuple(self.plan.layer_of or ()))  # fmt: skip
         self.grid = TileGrid(self.shape[1], self.shape[2], self.plan.tile, self.plan.overlap)
         self.output = Output(cfg.out)
