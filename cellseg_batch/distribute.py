@@ -74,6 +74,13 @@ def start(address: str | None, num_cpus: int | None, num_gpus: int | None, verbo
             # this machine (/tmp/ray/ray_current_cluster) or RAY_ADDRESS names, someone else's, even one since gone
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
             _local.append(True)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # a stop request while Ray starts (Ctrl-C; SIGTERM, which Ray's own handler turns into exit 15 there): end
+        # what it started (its agents were left running) and stop as anywhere else in a run (status 130, resumable)
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise KeyboardInterrupt from None
     finally:
         # ray.init installs its own SIGTERM handler (exit 15): keep ours, so that scancel stops the run cleanly
         if callable(sigterm):

@@ -128,6 +128,38 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(reference, tmp_path
     _assert_identical(out, reference)
 
 
+SIGTERM_IN_RAY_START = """
+import os, signal, sys
+import psutil, ray
+from cellseg_batch import distribute
+from cellseg_batch.cli import _terminate
+signal.signal(signal.SIGTERM, _terminate)
+real = ray.init
+def init_then_sigterm(*args, **kwargs):
+    info = real(*args, **kwargs)
+    print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # Ray's own handler is the one set inside ray.init
+    return info
+ray.init = init_then_sigterm
+try:
+    distribute.start(None, 1, 0, False)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_sigterm_while_ray_starts_stops_like_one_later_and_ends_rays_processes():
+    """A SIGTERM inside ray.init met Ray's handler (exit 15 with no word), which left Ray's agents running."""
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_RAY_START], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    started = {int(p) for p in proc.stdout.split()}
+    assert started
+    deadline = time.monotonic() + 30
+    while (left := _ray_processes_of(started)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [p.cmdline()[:2] for p in left]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["predict:100", "stitch:5", "gaps:2", "link:1", "write:5", "image:3", "preview:1"])
 def test_kill_9_of_the_driver_in_each_stage_then_rerun_gives_the_same_output(reference, tmp_path, point):
