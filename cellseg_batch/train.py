@@ -424,14 +424,39 @@ def _quiet_expected(record: logging.LogRecord) -> bool:
     return not (record.exc_info and issubclass(record.exc_info[0], (_TimeUp, UserError)))
 
 
-def _plain_when_redirected(*loggers: logging.Logger) -> None:
-    """detectron2 colours its console lines (ANSI escapes) whether or not the console is a terminal: a log redirected
-    to a file (a SLURM job's output) held hundreds of escapes. Its lines there are plain text; a terminal keeps them."""
+LONG_RECORD_LINES = 12  # a console record longer than this (the config, the model) is one line there
+
+
+class _Shortened(logging.Formatter):
+    """A console formatter that keeps the first line of a long record and says where the rest is: detectron2 logs
+    its environment, the config file, the full config and the model, ~600 lines at every start, which buried the
+    training's own lines in a job's log. Its log.txt keeps them whole."""
+
+    def __init__(self, inner: logging.Formatter, where: str):
+        super().__init__()
+        self.inner, self.where = inner, where
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        lines = text.splitlines()
+        if len(lines) <= LONG_RECORD_LINES:
+            return text
+        return f"{lines[0].rstrip(':')} ({len(lines) - 1} lines: in {self.where})"
+
+
+def _console_lines(log_file: str, *loggers: logging.Logger) -> None:
+    """detectron2's console lines: long records shortened (``_Shortened``); plain text where the console is not a
+    terminal (it coloured them with ANSI escapes whether or not it was: a SLURM job's log held hundreds), a terminal
+    keeps its colours."""
     for logger in loggers:
         for handler in logger.handlers:
             stream = getattr(handler, "stream", None)
-            if isinstance(handler, logging.StreamHandler) and not getattr(stream, "isatty", lambda: False)():
+            # the console's: detectron2 writes log.txt through a StreamHandler too, which keeps every line
+            if not isinstance(handler, logging.StreamHandler) or stream not in (sys.stdout, sys.stderr):
+                continue
+            if not getattr(stream, "isatty", lambda: False)():
                 handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"))
+            handler.setFormatter(_Shortened(handler.formatter or logging.Formatter(), log_file))
 
 
 def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: ByPixelType) -> None:
@@ -452,8 +477,14 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
         import detectron2.engine.defaults as d2_defaults
 
         d2_defaults._highlight = lambda code, filename: code
+    # the loggers default_setup makes (setup_logger is cached by its arguments: these calls make them, its own find
+    # them), given their console lines before it logs the environment, the config file and the full config
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fvcore")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
+    _console_lines(str(Path(cfg.OUTPUT_DIR) / "log.txt"), logging.getLogger("detectron2"), logging.getLogger("fvcore"))
     default_setup(cfg, _Args(tc))
-    _plain_when_redirected(logging.getLogger("detectron2"), logging.getLogger("fvcore"))
     logging.getLogger("detectron2.engine.train_loop").addFilter(_quiet_expected)
     cpu_amp = None
     if tc.amp and device == "cpu":
@@ -484,6 +515,9 @@ class _Args:
 
     def __init__(self, tc: TrainConfig):
         self.config_file, self.eval_only, self.resume = tc.config, False, tc.resume
+
+    def __repr__(self) -> str:  # detectron2 logs the command line's arguments
+        return f"--config {self.config_file}{' --resume' if self.resume else ''}"
 
 
 def write_model_dir(tc, cfg, classes, normalization, train_set, iters, elapsed, stopped_early, last_iter) -> Path:

@@ -557,6 +557,12 @@ def test_training_on_whole_annotated_slices_crops_them_and_the_model_runs_at_the
     assert model.tile == 128 and model.training["crop"] == 128 and model.overlap == 16
     assert "run's tile 128 px, overlap 16" in done.stdout.splitlines()[-1]
     assert "\x1b[" not in done.stdout + done.stderr  # detectron2's colours, in a log that is no terminal
+    # its long records (environment, config file, full config, model: ~600 lines) are one line each on the console,
+    # whole in log.txt
+    log = (out / "train" / "log.txt").read_text()
+    assert "Running with full config (" in done.stdout and f"lines: in {out / 'train' / 'log.txt'})" in done.stdout
+    for line in ("CUDNN_BENCHMARK: false", "GeneralizedRCNN(", "sys.platform"):  # the full config, model, environment
+        assert line not in done.stdout and line in log
     assert model.training["validation"] is not None and "segm/AP" in model.training["validation"]
     evaluated = json.loads(next((out / "train" / "eval").glob("*_coco_format.json")).read_text())
     assert [(i["height"], i["width"]) for i in evaluated["images"]] == [(128, 128)] * 4  # the slice's 4 windows
