@@ -55,6 +55,10 @@ def demo(out: str | Path, iterations: int = 720, overwrite: bool = True) -> dict
         train=str(coco["train"]), images=str(coco["images"]), val=str(coco["val"]), config=str(config),
         out=str(model), max_iter=iterations, eval_period=0, tile=TILE, overlap=32, amp=True,
         pixel_size=",".join(str(v) for v in (40.0, 10.0, 10.0)))))  # fmt: skip
+    from .model_dir import ModelDir
+
+    if ModelDir.load(model).training.get("stopped_by_signal"):  # SIGTERM stopped the training: stop the demo too
+        raise KeyboardInterrupt
     test_data = step("synthesize a test volume", lambda: write_synthetic(out / "test", TEST_SHAPE, seed=2, overwrite=overwrite))
     seg = out / "test.seg.zarr"
     step("segment it: cellseg-batch run", lambda: run(RunConfig(

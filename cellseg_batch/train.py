@@ -345,7 +345,7 @@ _STOP: dict[str, str | None] = {"signal": None}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals() -> dict:
     """SIGUSR1 (SLURM's warning before the time limit: --signal=USR1@300) and SIGTERM (scancel, a Kubernetes pod's
     end, each with a grace period before SIGKILL) stop the training at its next check (every 5 iterations) with a
     checkpoint saved and the model directory written, as --max-minutes does, instead of killing it with all its
@@ -358,8 +358,7 @@ def _stop_on_signals() -> None:
         for child in multiprocessing.active_children():
             os.kill(child.pid, signum)
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, stop)
+    return {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}  # the handlers replaced
 
 
 def make_trainer(cfg, normalization: ByPixelType, max_minutes: float | None, has_val: bool, cpu_amp=None,
@@ -712,7 +711,12 @@ def train(tc: TrainConfig) -> Path:
     # every image read (seconds for thousands): after the quick checks above
     normalization = training_normalization(train_set.records, tc.percentiles, more=val_set.records if tc.val else [])
     out.mkdir(parents=True, exist_ok=True)  # only now: a mistake found above leaves no folder behind
-    _stop_on_signals()
-    launch(train_main, (tc, train_set.classes, device, normalization), tc)
+    _STOP["signal"] = None
+    replaced = _stop_on_signals()
+    try:
+        launch(train_main, (tc, train_set.classes, device, normalization), tc)
+    finally:  # the caller's handlers again (the demo goes on to `run`, which a SIGTERM must stop as usual)
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
     return out
 

@@ -214,6 +214,13 @@ def test_sigterm_stops_training_with_a_checkpoint_that_resume_continues(tmp_path
         assert f"Starting training from iteration {stopped}" in log.read_text()
     model = ModelDir.load(out)
     assert model.training["last_iter"] == stopped + 2 and model.training["stopped_by_signal"] is None
+    # through the API, as the demo trains: the caller's SIGTERM handler is back afterwards (the demo's run must stop)
+    from cellseg_batch.train import TrainConfig, train
+
+    before = signal.getsignal(signal.SIGTERM)
+    train(TrainConfig(train=str(ann), images=str(tmp_path / "images"), config=str(CONFIG), out=str(tmp_path / "api"),
+                      max_iter=1, batch_size=2))  # fmt: skip
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_labels_to_coco_train_run_eval_round_trip(tmp_path):
