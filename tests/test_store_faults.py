@@ -372,3 +372,36 @@ def test_a_missing_band_chunk_of_a_tile_with_fragments_is_damage_not_zeros(tmp_p
     with pytest.raises(StoreDamage) as info:
         store.check_bands(1, [(0, 1)])
     assert info.value.z == 1
+
+
+@pytest.mark.parametrize("changed", ["volume", "labels"])
+def test_an_input_rewritten_while_the_run_reads_it_is_not_finished_as_complete(tmp_path, monkeypatch, capsys, changed):
+    """A copy over the volume or a tool saving into a label stack mid-run gave an output of old and new slices,
+    status complete, exit 0. The inputs are checked again before the output is finished: a one-line error, and
+    (a fresh run) nothing left that looks like a result."""
+    import tifffile
+
+    from cellseg_batch.run import job
+
+    labels = np.zeros((4, 64, 64), np.uint16)
+    labels[:, 10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "volume.tif", np.where(labels > 0, 200, 30).astype(np.uint8), photometric="minisblack")
+    drive = job.drive
+
+    def drive_then_rewrite(*args, **kwargs):  # the run's stages, then the input saved again (a new mtime)
+        drive(*args, **kwargs)
+        path = tmp_path / f"{changed}.tif"
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(job, "drive", drive_then_rewrite)
+    out = tmp_path / "out.zarr"
+    argv = ["run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes",
+            "cell", "--tile", 32, "--overlap", 8, "--out", out, "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main([str(a) for a in argv]) == 2
+    said = {"volume": f"{tmp_path / 'volume.tif'} changed while the run read it",
+            "labels": "an input of the predictor (a --labels stack, the model) changed while the run read it"}[changed]
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    assert not out.exists()  # a fresh run: nothing that could pass for a result

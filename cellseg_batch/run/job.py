@@ -277,8 +277,9 @@ class Run:
                                          "normalization. A section imaged darker or brighter is segmented with the "
                                          "others' contrast; check it, or correct its intensity first")  # fmt: skip
                     log.warning(self.warnings[-1])
+        self.inputs_read = self._inputs()
         predict_key = {
-            "volume": volume_identity(self.volume), "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
+            "volume": self.inputs_read[0], "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
             "normalization": self.normalization.to_dict() if self.normalization else None, "store": TILE_STORE,
@@ -517,9 +518,25 @@ class Run:
         count = self.cfg.actors or max(1, res["cpus"])
         return count, self.cfg.cpus_per_actor or 1, 0, 1
 
+    def _inputs(self) -> list:
+        """What tells the inputs (the volume, and the predictor's: label stacks, the model's weights and config) from
+        edited ones: a file's size and modification time, a zarr array's metadata and sampled chunks."""
+        return [volume_identity(self.volume), self.plan.identity]
+
+    def _check_inputs_unchanged(self) -> None:
+        """An input rewritten in place while the run read it (a copy over it, a tool saving into it) gave an output
+        of old and new slices that said it was complete; now the run refuses to finish it."""
+        now = [volume_identity(self.volume), resolve_predictor(self.cfg.predictor).plan(self.cfg, self.volume).identity]
+        if json.dumps(now, default=str) != json.dumps(self.inputs_read, default=str):
+            what = self.cfg.volume if now[0] != self.inputs_read[0] else "an input of the predictor (a --labels stack, the model)"
+            raise UserError(f"{what} changed while the run read it (its size, time or contents): the output would mix "
+                            "the old and the new data, so it is not finished; run again once the inputs stay as they "
+                            "are (with --overwrite to start over)")  # fmt: skip
+
     def _finish(self, table, stats, mode: str, t_start: float, touching_per_slice: list[int],
                 pictures: list[str]) -> dict:  # fmt: skip
         out, cfg = self.output, self.cfg
+        self._check_inputs_unchanged()
         out.write_table(table, self.classes, self.z0)
         touching = sum(touching_per_slice)
         voxels = int(np.prod(self.shape))
