@@ -39,7 +39,7 @@ def _run(args) -> int:
         if e.errno not in UNWRITABLE or not e.filename:
             raise
         raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --out and --work-dir in a folder you "
-                        "can write") from e  # fmt: skip
+                        "can write, or once this one is writable again run the same command to resume") from e  # fmt: skip
     out = Path(cfg.out)
     counts = report["counts"]["objects_per_class"]
     print(f"wrote {out} ({report['counts']['objects']} objects: "
@@ -358,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error_said(e: OSError, command: str | None) -> str | None:
+    """A filesystem's refusal that reached the top as one line (None: not one a user can act on): a full disk or
+    quota, a folder that cannot be written (convert's and train's --out on a read-only filesystem), a file deleted
+    while in use."""
+    where = f" ({e.filename})" if e.filename else ""
+    again = {"run": "run the same command again to resume", "train": "run it again with --resume to continue"}.get(
+        command or "", "run the same command again")  # fmt: skip
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where} (or no inodes left: see df -i, or your quota); free some and "
+                f"{again}")  # fmt: skip
+    if e.errno in UNWRITABLE and e.filename:
+        return f"cannot write {e.filename} ({e.strerror}); choose an --out in a folder you can write"
+    if e.errno == errno.ENOENT and e.filename:
+        return (f"{e.filename} was deleted or moved while cellseg-batch used it; put it back, or remove what is left "
+                f"of the output, and {again}")  # fmt: skip
+    return None
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (scancel, kubectl delete) stops like Ctrl-C: cleanly, resumable
 
@@ -382,11 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         print("cellseg-batch: interrupted" + (f"; {again} to resume" if resumes else ""), file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        said = _os_error_said(e, command)
+        if said is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"cellseg-batch: error: no space left on the device{where}; free some and run the same command again "
-              "to resume", file=sys.stderr)  # fmt: skip
+        print(f"cellseg-batch: error: {said}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         os._exit(141)

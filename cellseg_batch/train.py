@@ -462,6 +462,9 @@ def train_main(tc: TrainConfig, classes: list[str], device: str, normalization: 
     """Runs in every training process (``normalization``: ``training_normalization``'s, found before they start)."""
     detectron2_ready()
     _stop_on_signals()  # in each training process
+    # a full disk under log.txt: one error line at the end, not a "--- Logging error ---" block per record (48 blocks,
+    # ~970 lines, before the error in a job's log)
+    logging.raiseExceptions = False
     from detectron2.engine import default_setup
     from detectron2.utils import comm
 

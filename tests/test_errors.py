@@ -223,3 +223,24 @@ def test_a_semantic_mask_given_to_eval_as_truth_is_warned_about(tmp_path):
     proc = cli("eval", tmp_path / "semantic.tif", tmp_path / "semantic.tif", "--pred-classes", "x", "--gt-classes", "x")
     assert "semantic.tif: id 1 covers 96 separate pieces in slice 0, and the slice holds 2 id(s): a semantic mask" \
         in proc.stderr, proc.stderr  # fmt: skip
+
+
+def test_filesystem_refusals_that_reach_the_top_are_one_line_with_the_way_on():
+    """A full disk said how to resume `run` for every command (convert starts over; train needs --resume) and never
+    named inodes; convert's and train's --out on a read-only filesystem, and a file deleted mid-run, were tracebacks."""
+    import errno
+
+    from cellseg_batch.cli import _os_error_said
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/scratch/o.zarr/labels/cell/0/3")
+    assert _os_error_said(full, "run") == ("no space left on the device (/scratch/o.zarr/labels/cell/0/3) (or no inodes "
+                                           "left: see df -i, or your quota); free some and run the same command again "
+                                           "to resume")  # fmt: skip
+    assert _os_error_said(full, "train").endswith("free some and run it again with --resume to continue")
+    assert _os_error_said(full, "convert").endswith("free some and run the same command again")
+    read_only = OSError(errno.EROFS, "Read-only file system", "/ro/set")
+    assert _os_error_said(read_only, "convert") == ("cannot write /ro/set (Read-only file system); choose an --out in a "
+                                                    "folder you can write")  # fmt: skip
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/volume.tif")
+    assert _os_error_said(gone, "run").startswith("/data/volume.tif was deleted or moved while cellseg-batch used it")
+    assert _os_error_said(OSError(errno.EIO, "Input/output error"), "run") is None  # not one a user can act on
