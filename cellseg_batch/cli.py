@@ -86,13 +86,15 @@ def _eval(args) -> int:
     drawn = result.get("errors_png")
     if drawn:
         print(f"wrote {drawn['path']} (the worst split: {drawn['class']} gt {drawn['gt']})")
-    elif args.errors_png:  # asked for a picture: say why there is none, rather than leave no file without a word
+    elif args.errors_png and not result.get("errors_png_failed"):  # asked for a picture: say why there is none
         why = "--mode 2d finds no 3D splits" if args.mode == "2d" else "no ground-truth object is split"
         print(f"did not write {args.errors_png}: {why}")
     if args.json:
         with written(args.json, "--json") as path:
             path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if result.get("errors_png_failed"):
+        raise UserError(result["errors_png_failed"])
     return 0
 
 

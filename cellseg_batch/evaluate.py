@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import os
 from collections.abc import Sequence
@@ -171,8 +172,12 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
         if worst is not None:
             # matplotlib adds .png to a name without a suffix: the name said is the file written
             name = errors_png if Path(errors_png).suffix else f"{errors_png}.png"
-            drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], name)
-            result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"], "path": str(drawn)}
+            try:
+                drawn = draw_split(pred_sets[worst[0]], gt_sets[worst[0]], worst[1], name)
+            except UserError as e:  # a full disk (``written``): the scores are still printed, --json written, then
+                result["errors_png_failed"] = str(e)  # this said
+            else:
+                result["errors_png"] = {"class": worst[0], "gt": worst[1]["gt"], "path": str(drawn)}
     if z0:  # the errors' slices in the volume's numbers, as the header's and --slices are (a run of --slices 20:23)
         for r in result["classes"].values():
             for entry in (e for kind in ("splits", "merges", "false", "missed") for e in r.get("errors", {}).get(kind, [])):
@@ -191,7 +196,10 @@ def written(path: str, option: str):
         p.parent.mkdir(parents=True, exist_ok=True)
         yield p
     except OSError as e:
-        raise UserError(f"cannot write {option} {path} ({e.strerror}); give a file in a folder you can write") from e
+        if p.is_file():  # no cut-off file that looks like a result
+            p.unlink()
+        way = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "give a file in a folder you can write"
+        raise UserError(f"cannot write {option} {path} ({e.strerror}); {way}") from e
 
 
 def _run_offset(pred: str, pred_depth: int, gt_depth: int) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -405,3 +406,33 @@ def test_an_input_rewritten_while_the_run_reads_it_is_not_finished_as_complete(t
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
     assert not out.exists()  # a fresh run: nothing that could pass for a result
+
+
+def test_eval_into_a_full_disk_still_prints_its_scores_and_leaves_no_cut_off_file(tmp_path, small_filesystem):
+    """--errors-png failing on a full disk lost the scores (nothing printed); --json left an invalid file cut at
+    8192 bytes; both said to choose a folder one can write."""
+    import tifffile
+
+    gt = np.zeros((4, 64, 64), np.uint16)
+    gt[:, 4:40, 4:40] = 1
+    pred = gt.copy()
+    pred[2:][pred[2:] == 1] = 2  # a split at z 2: a picture to draw
+    tifffile.imwrite(tmp_path / "gt.tif", gt, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "pred.tif", pred, photometric="minisblack")
+    filler = os.open(small_filesystem / "filler", os.O_WRONLY | os.O_CREAT)  # the disk full
+    try:
+        while os.write(filler, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(filler)
+    done = cli_subprocess("eval", tmp_path / "pred.tif", tmp_path / "gt.tif", "--pred-classes", "cell", "--gt-classes",
+                          "cell", "--errors-png", small_filesystem / "split.png", check=False)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(r"^cell +\d", done.stdout, re.M) and "did not write" not in done.stdout, done.stdout  # the scores
+    assert "cannot write --errors-png" in done.stderr and not (small_filesystem / "split.png").exists()
+    done = cli_subprocess("eval", tmp_path / "pred.tif", tmp_path / "gt.tif", "--pred-classes", "cell", "--gt-classes",
+                          "cell", "--json", small_filesystem / "e.json", check=False)  # fmt: skip
+    assert done.returncode == 2 and "free some space" in done.stderr, done.stderr
+    assert not (small_filesystem / "e.json").exists() and "cell" in done.stdout
