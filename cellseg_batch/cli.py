@@ -35,11 +35,17 @@ def _run(args) -> int:
 
     try:
         report = run(cfg)
+    except UserError:
+        raise
     except OSError as e:  # --out or --work-dir where this user cannot write, or a file where a folder goes
-        if e.errno not in UNWRITABLE or not e.filename:
-            raise
-        raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --out and --work-dir in a folder you "
-                        "can write, or once this one is writable again run the same command to resume") from e  # fmt: skip
+        if e.errno in UNWRITABLE and e.filename:
+            raise UserError(f"cannot write {e.filename} ({e.strerror}); choose an --out and --work-dir in a folder you "
+                            "can write, or once this one is writable again run the same command to resume") from e  # fmt: skip
+        _raise_if_gone(cfg, e)
+        raise
+    except Exception as e:
+        _raise_if_gone(cfg, e)
+        raise
     out = Path(cfg.out)
     counts = report["counts"]["objects_per_class"]
     print(f"wrote {out} ({report['counts']['objects']} objects: "
@@ -54,6 +60,18 @@ def _run(args) -> int:
         print(f"  tiff     {', '.join(report['tiff'])}")
     print(f"  look     cellseg-batch view {shlex.quote(str(out))}")  # a command to paste: a space in a path quoted
     return 0
+
+
+def _raise_if_gone(cfg: RunConfig, error: Exception) -> None:
+    """A run's failure explained by an input or the output deleted or moved while it ran (rm -rf OUT mid-run gave
+    zarr's FileNotFoundError, or a KeyError where the output's attributes went, as a traceback)."""
+    # the output counts where the run had begun it (its work store is there): an error before it was made is no sign
+    started = Path(cfg.work_dir or f"{str(cfg.out).rstrip('/')}.work").exists()
+    gone = [p for p in (cfg.out if started else None, cfg.volume, *(cfg.labels or []), cfg.model)
+            if p and ":" not in p and not Path(p).exists()]  # fmt: skip
+    if gone:
+        raise UserError(f"{gone[0]} was deleted or moved while the run used it; put it back, or remove what is left "
+                        f"of {cfg.out}, and run again") from error  # fmt: skip
 
 
 def _synth(args) -> int:

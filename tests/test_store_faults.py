@@ -436,3 +436,25 @@ def test_eval_into_a_full_disk_still_prints_its_scores_and_leaves_no_cut_off_fil
                           "cell", "--json", small_filesystem / "e.json", check=False)  # fmt: skip
     assert done.returncode == 2 and "free some space" in done.stderr, done.stderr
     assert not (small_filesystem / "e.json").exists() and "cell" in done.stdout
+
+
+def test_an_output_deleted_while_the_run_writes_it_is_one_line(tmp_path, monkeypatch, capsys):
+    """rm -rf OUT mid-run ended in zarr's FileNotFoundError traceback."""
+    import shutil
+
+    from cellseg_batch.run import job
+
+    drive = job.drive
+    out = tmp_path / "out.zarr"
+
+    def drive_then_delete(*args, **kwargs):
+        drive(*args, **kwargs)
+        shutil.rmtree(out)
+
+    monkeypatch.setattr(job, "drive", drive_then_delete)
+    capsys.readouterr()
+    argv = ["run", "synth:2x96x96,seed=1", "--predictor", "labels", "--labels", "synth:2x96x96,seed=1", "--tile", 64,
+            "--overlap", 16, "--out", out, "--no-progress"]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was deleted or moved while the run used it" in err and "Traceback" not in err, err
