@@ -609,8 +609,8 @@ class Run:
         }  # fmt: skip
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table), pixel_size_nm=self.pixel_size)]
+        write_html(out, report, pictures)  # first: a disk full here leaves no report.json that says "complete"
         out.write_report(report)
-        write_html(out, report, pictures)
         with signals_held() as arrived:  # the output is complete, or (status incomplete) resumable: never in between
             out.finalize(self.pixel_size, self.z0, self.volume.origin_nm)
         if arrived:
