@@ -319,3 +319,32 @@ def test_an_ome_zarr_label_image_given_as_the_volume_is_warned_about(model_dir, 
     done = cli("run", out / "labels" / "cell", "--model", model_dir, "--out", tmp_path / "o2.zarr", "--no-progress",
                "--no-image")  # fmt: skip
     assert "is an OME-Zarr label image (image-label)" in done.stderr, done.stderr
+
+
+def test_a_model_rewritten_while_the_run_uses_it_is_not_finished_as_complete(model_dir, tmp_path, monkeypatch, capsys):
+    """A training that saved into the model directory mid-run (new weights): the tiles before and after came from
+    two models. The run refuses to finish its output (``Detectron2Predictor.identity_now``)."""
+    import os
+    import shutil
+
+    import tifffile
+
+    from cellseg_batch import cli as command
+    from cellseg_batch.run import job
+
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    tifffile.imwrite(tmp_path / "v.tif", np.full((2, 96, 96), 7, np.uint8), photometric="minisblack")
+    drive = job.drive
+
+    def drive_then_save_weights(*args, **kwargs):
+        drive(*args, **kwargs)
+        weights = model / "model_final.pth"
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(job, "drive", drive_then_save_weights)
+    capsys.readouterr()
+    assert command.main(["run", str(tmp_path / "v.tif"), "--model", str(model), "--out", str(tmp_path / "o.zarr"),
+                         "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "an input of the predictor (a --labels stack, the model) changed while the run read it" in err, err

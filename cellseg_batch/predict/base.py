@@ -106,6 +106,12 @@ class Predictor(ABC):
         overlap not given by the user are scaled so that the model sees tiles of its own size."""
         raise NotImplementedError(f"{cls.name} sets rescales but does not implement rescaled")
 
+    @classmethod
+    def identity_now(cls, plan: Plan):
+        """``plan.identity`` as the predictor's inputs are now (a run checks before it finishes its output that none
+        was rewritten while it read them), without ``plan``'s checks. Default: as planned (not checked again)."""
+        return plan.identity
+
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""
 

@@ -105,7 +105,6 @@ class Detectron2Predictor(Predictor):
             raise UserError("--model DIR is required (a model directory written by `cellseg-batch train`)")
         model = ModelDir.load(options.model)
         norm = model.normalization
-        stat = model.weights_path.stat()
         # --exclusive, else what `train` found in the annotations
         exclusive = exclusive_groups(options.exclusive, model.classes, str(model.path), model.exclusive)
         return Plan(
@@ -121,12 +120,21 @@ class Detectron2Predictor(Predictor):
             overlap=options.overlap if options.overlap is not None else model.overlap,
             percentiles=(float(norm.get("low", 1.0)), float(norm.get("high", 99.5))),
             pixel_size_nm=tuple(model.pixel_size_nm) if model.pixel_size_nm else None,
-            identity={"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
-                      "config": model.config_path.read_text()},
+            identity=cls._identity(model),
             uses_gpu=True,
             ignored=given(options, "--labels", "--classes"),
             layer_of=exclusive_layers(model.classes, exclusive),
         )
+
+    @staticmethod
+    def _identity(model: ModelDir) -> dict:
+        stat = model.weights_path.stat()
+        return {"weights": [str(model.weights_path.resolve()), stat.st_size, stat.st_mtime_ns],
+                "config": model.config_path.read_text()}  # fmt: skip
+
+    @classmethod
+    def identity_now(cls, plan: Plan) -> dict:
+        return cls._identity(ModelDir.load(plan.spec.options["model_dir"]))
 
     @classmethod
     def rescaled(cls, plan: Plan, zoom: tuple[float, float], options) -> Plan:

@@ -64,10 +64,18 @@ class LabelsPredictor(Predictor):
             needs_image=False,
             tile=options.tile or DEFAULT_TILE,
             overlap=options.overlap if options.overlap is not None else DEFAULT_OVERLAP,
-            identity={"stacks": [[volume_identity(layer.volume), layer.classes] for layer in layers]},
+            identity=cls._identity(layers),
             layer_of=layer_of,
             ignored=given(options, "--model", "--score-threshold", "--amp"),
         )
+
+    @staticmethod
+    def _identity(layers) -> dict:
+        return {"stacks": [[volume_identity(layer.volume), layer.classes] for layer in layers]}
+
+    @classmethod
+    def identity_now(cls, plan: Plan) -> dict:
+        return cls._identity(plan.spec.options["layers"])
 
 
     def predict(self, z: int, windows: list[Box], images=None) -> list[TileLabels]:

@@ -526,7 +526,7 @@ class Run:
     def _check_inputs_unchanged(self) -> None:
         """An input rewritten in place while the run read it (a copy over it, a tool saving into it) gave an output
         of old and new slices that said it was complete; now the run refuses to finish it."""
-        now = [volume_identity(self.volume), resolve_predictor(self.cfg.predictor).plan(self.cfg, self.volume).identity]
+        now = [volume_identity(self.volume), resolve_predictor(self.cfg.predictor).identity_now(self.plan)]
         if json.dumps(now, default=str) != json.dumps(self.inputs_read, default=str):
             what = self.cfg.volume if now[0] != self.inputs_read[0] else "an input of the predictor (a --labels stack, the model)"
             raise UserError(f"{what} changed while the run read it (its size, time or contents): the output would mix "
