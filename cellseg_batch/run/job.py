@@ -148,6 +148,7 @@ class Run:
         self.cfg = cfg
         self.times: dict[str, float] = {}
         self._log_progress: LogProgress | None = None  # progress lines where stderr is a file
+        self.inputs_read: list | None = None  # the inputs' identity when the run settled its plan (``_inputs``)
         self.volume = open_volume(cfg.volume)
         self.z0, self.z1 = parse_slices(cfg.slices, self.volume.shape[0])
         self.shape = (self.z1 - self.z0, *self.volume.shape[1:])
@@ -520,13 +521,14 @@ class Run:
 
     def _inputs(self) -> list:
         """What tells the inputs (the volume, and the predictor's: label stacks, the model's weights and config) from
-        edited ones: a file's size and modification time, a zarr array's metadata and sampled chunks."""
-        return [volume_identity(self.volume), self.plan.identity]
+        edited ones, as they are now: a file's size and modification time, a zarr array's metadata and sampled
+        chunks."""
+        return [volume_identity(self.volume), resolve_predictor(self.cfg.predictor).identity_now(self.plan)]
 
     def _check_inputs_unchanged(self) -> None:
         """An input rewritten in place while the run read it (a copy over it, a tool saving into it) gave an output
         of old and new slices that said it was complete; now the run refuses to finish it."""
-        now = [volume_identity(self.volume), resolve_predictor(self.cfg.predictor).identity_now(self.plan)]
+        now = self._inputs()
         if json.dumps(now, default=str) != json.dumps(self.inputs_read, default=str):
             what = self.cfg.volume if now[0] != self.inputs_read[0] else "an input of the predictor (a --labels stack, the model)"
             raise UserError(f"{what} changed while the run read it (its size, time or contents): the output would mix "
