@@ -24,6 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -313,8 +314,38 @@ def submit(argv: list[str], env: dict[str, str]) -> int:
     if proc.returncode != 0:
         print(proc.stderr.strip() or f"sbatch failed ({proc.returncode})", file=sys.stderr)
         return proc.returncode
-    print(proc.stdout.strip().split(";")[0])
+    job_id = proc.stdout.strip().split(";")[0]
+    if reason := never_starts(job_id):
+        subprocess.run(["scancel", job_id], capture_output=True)
+        raise JobError(f"job {job_id} can never start ({reason}), so it was cancelled: ask for what the partition has "
+                       f"(NODES, CPUS_PER_NODE, MEMORY_PER_NODE, TIME_LIMIT, PARTITION, ACCOUNT)")
+    print(job_id)
     return 0
+
+
+# why SLURM holds a job that waiting will not start: the request exceeds the partition, or the account/QOS is wrong
+# (with EnforcePartLimits=NO, the default, sbatch accepts such a job and it pends for ever)
+NEVER_STARTS = re.compile(r"^(PartitionConfig|PartitionNodeLimit|PartitionTimeLimit|BadConstraints|InvalidAccount|"
+                          r"InvalidQOS|AccountNotAllowed|QOSNotAllowed|(Assoc|QOS)Max\w*PerJob\w*)$")
+
+
+def never_starts(job_id: str, wait: float = 3.0) -> str | None:
+    """The pending reason of a job that can never start (with the partition's sizes), or None. SLURM gives a reason
+    at its first scheduling pass, right after the submission: asked for up to ``wait`` seconds until it has one."""
+    deadline = time.monotonic() + wait
+    while True:
+        proc = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T %r %P"], capture_output=True,
+                              text=True)  # fmt: skip
+        state, reason, partition = (proc.stdout.split() + ["", "", ""])[:3]
+        if state != "PENDING" or reason not in ("None", "") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if state != "PENDING" or not NEVER_STARTS.match(reason):
+        return None
+    sizes = subprocess.run(["sinfo", "--noheader", "--partition", partition,
+                            "--format=%D nodes, %c CPUs and %m MB per node, time limit %l"],
+                           capture_output=True, text=True).stdout.split("\n")[0].strip()  # fmt: skip
+    return f"{reason}; partition {partition}: {sizes}" if sizes else reason
 
 
 # -- Kubernetes -----------------------------------------------------------------------------------------------------

@@ -248,6 +248,20 @@ def test_submitting_makes_the_slurm_log_folder(slurm, tmp_path):
     assert (logs / f"cellseg-synthetic-run-{job_id}.out").exists()
 
 
+def test_a_job_bigger_than_the_partition_is_refused_not_left_pending(slurm, tmp_path):
+    # with SLURM's default EnforcePartLimits=NO, sbatch accepts more nodes than the partition has and the job pends
+    # for ever (reason PartitionConfig): the submission says so in one line and cancels it
+    nodes = sum(int(n) for n in subprocess.run(["sinfo", "--noheader", "--format=%D"], capture_output=True,
+                                               text=True).stdout.split())  # fmt: skip
+    sets = [*_job_sets(tmp_path, tmp_path / "o.zarr"), f"NODES={nodes + 1}"]
+    proc = _render("slurm", SYNTH_ENV, "--submit", *(a for s in sets for a in ("--set", s)), check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "can never start (PartitionConfig; partition " in line, line
+    job_id = re.search(r"job (\d+) can never start", line).group(1)
+    assert _job_info(job_id).get("JobState") in (None, "CANCELLED"), _job_info(job_id)
+
+
 # -- SLURM, for real ---------------------------------------------------------------------------------------------------
 
 
