@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cellseg_batch import cli
+from cellseg_batch.errors import UserError
 from cellseg_batch.run.lock import OutputLock, lock_path
 from cellseg_batch.run.store import StoreDamage, WorkStore, save_npy
 from cellseg_batch.stitch import FRAGMENT, PAIR, Fills, SliceStitch
@@ -458,3 +459,45 @@ def test_an_output_deleted_while_the_run_writes_it_is_one_line(tmp_path, monkeyp
     assert cli.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert f"{out} was deleted or moved while the run used it" in err and "Traceback" not in err, err
+
+
+@pytest.fixture
+def immutable():
+    """Files made undeletable (chattr +i: refused even to root, as a quota-locked or foreign-owned file is to a
+    user), made deletable again afterwards; skips where the filesystem or the user cannot set the flag."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"chattr +i is not possible here: {proc.stderr.strip()}")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_work_store_progress_that_cannot_be_deleted_is_refused_before_a_run_and_said_after_one(tmp_path, immutable,
+                                                                                               caplog):  # fmt: skip
+    """Stitch/link progress that stays after a reset would pass for the new run's: refused in one line. At the end of
+    a complete run, a work store left behind (on a 2 TB volume, hundreds of GB of tiles) is said, not hidden."""
+    store, _ = _store(tmp_path)
+    (store.root / "post" / "stale").write_text("an earlier run's progress")
+    immutable(store.root / "post" / "stale")
+    assert store.reset(keep_predictions=True).startswith(f"{store.root / 'post' / 'stale'} (")
+    with pytest.raises(UserError, match=r"cannot delete the work store's .*stale \(.*\); remove .* by hand"):
+        store.clear(keep_predictions=True)
+
+    out = tmp_path / "out.zarr"
+    (Path(f"{out}.work") / "frag").mkdir(parents=True)
+    (Path(f"{out}.work") / "frag" / "notes.txt").write_text("a user's file the run cannot delete")
+    immutable(Path(f"{out}.work") / "frag" / "notes.txt")
+    argv = ["run", "synth:2x96x96,seed=1", "--predictor", "labels", "--labels", "synth:2x96x96,seed=1", "--tile", 64,
+            "--overlap", 16, "--out", out, "--no-progress"]  # fmt: skip
+    code = cli.main([str(a) for a in argv])
+    err = caplog.text
+    assert code == 0, err
+    assert "the output is complete, but the work store could not be deleted: " in err and f"remove {out}.work by hand" in err
+    assert json.loads((out / "cellseg" / "report.json").read_text())["status"] == "complete"

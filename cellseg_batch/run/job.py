@@ -292,14 +292,14 @@ class Run:
         if previous is None and self.store.run_path.exists():  # damaged: nothing in the store is known to match
             self.warnings.append(f"{self.store.run_path} is damaged: the work store was started over")
             log.warning(self.warnings[-1])
-            self.store.reset(keep_predictions=False)
+            self.store.clear(keep_predictions=False)
         out = self.output
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
                           cfg.overwrite, cfg.out, changed_settings(previous, json.loads(json.dumps(asdict(cfg)))))  # fmt: skip
         if decision.remove_output:
             out.remove()
         if decision.forget:
-            self.store.reset(keep_predictions=decision.forget == "merge")
+            self.store.clear(keep_predictions=decision.forget == "merge")
         if decision.mode != "resume":
             self._warn_if_short_of_space()
         self.store.create(self.shape[0], self.grid, len(self.classes))
@@ -378,8 +378,11 @@ class Run:
                 self.store.reset(keep_predictions=False)
             raise
         else:
-            if not cfg.keep_tiles:  # while its lock is held: the next run to take it finds it gone, not half gone
-                self.store.reset(keep_predictions=False)
+            # while its lock is held: the next run to take it finds it gone, not half gone
+            if not cfg.keep_tiles and (left := self.store.reset(keep_predictions=False)):
+                # the result is complete; what is left only takes space (a 2 TB volume's tiles: hundreds of GB)
+                log.warning("the output is complete, but the work store could not be deleted: %s; remove %s by hand",
+                            left, self.store.root)
         finally:
             try:
                 distribute.stop()

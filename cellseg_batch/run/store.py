@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..stitch import FRAGMENT, ZOVERLAP, Fills, SliceStitch
 from ..tiles import TileGrid
 
@@ -187,9 +188,24 @@ class WorkStore:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_path, (json.dumps(run, indent=2, default=str) + "\n").encode())
 
-    def reset(self, keep_predictions: bool) -> None:
-        """Forget stitch/link/write progress; with ``keep_predictions`` False also every prediction."""
-        shutil.rmtree(self.root if not keep_predictions else self.root / "post", ignore_errors=True)
+    def reset(self, keep_predictions: bool) -> str | None:
+        """Forget stitch/link/write progress; with ``keep_predictions`` False also every prediction. What could not be
+        deleted (a file and why, None where all is gone): progress left behind would pass for this run's, so a caller
+        about to run refuses to go on; one at the end only says so."""
+        failed: list[str] = []
+
+        def note(_fn, path, exc_info) -> None:
+            if not isinstance(exc_info[1], FileNotFoundError):  # gone already (or never made): nothing to delete
+                failed.append(f"{path} ({getattr(exc_info[1], 'strerror', None) or exc_info[1]})")
+
+        shutil.rmtree(self.root if not keep_predictions else self.root / "post", onerror=note)
+        return failed[0] if failed else None
+
+    def clear(self, keep_predictions: bool) -> None:
+        """``reset``, refused in one line where something is left: before a run, whose stages would take it as done."""
+        if left := self.reset(keep_predictions):
+            raise UserError(f"cannot delete the work store's {left}; remove {self.root} by hand (or let this user "
+                            "delete it) and run again")  # fmt: skip
 
     def create(self, n_slices: int, grid: TileGrid, n_classes: int) -> None:
         import zarr
@@ -262,7 +278,7 @@ class WorkStore:
         if damage.z is not None:
             self.fragments_path(damage.z).unlink(missing_ok=True)
             self.fragments_log(damage.z).unlink(missing_ok=True)
-        self.reset(keep_predictions=True)
+        self.clear(keep_predictions=True)
 
     # -- logs (driver only) -------------------------------------------------------------------------------------
     @staticmethod
