@@ -13,7 +13,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, check_options, check_run_config, parse_slices
+from .config import OFF_OPTIONS, RunConfig, check_options, check_run_config, parse_slices
 from .errors import UserError
 
 
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("merging")
     g.add_argument("--stitch-iou", type=float, help="IoU in the shared window to merge tile instances "
                    "(default %(default)s)")  # fmt: skip
-    g.add_argument("--no-border-fill", dest="border_fill", action="store_false", help="keep each tile's core as "
+    g.add_argument(OFF_OPTIONS["border_fill"], dest="border_fill", action="store_false", help="keep each tile's core as "
                    "its model saw it, even where it missed an object its neighbour saw crossing their border")  # fmt: skip
     g.add_argument("--link", choices=["overlap", "none"], help="link slices into 3D, or not (default %(default)s)")
     g.add_argument("--link-iou", type=float, help="IoU to link instances of adjacent slices (default %(default)s)")
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "independent of the tile grid")
     g.add_argument("--format", help="ngff-0.4 (zarr v2) or ngff-0.5 (zarr v3, sharded: a file per write block, "
                    "4096x4096 px of a slice, for object stores) (default %(default)s)")
-    g.add_argument("--no-image", dest="write_image", action="store_false", help="do not copy the image into OUT")
+    g.add_argument(OFF_OPTIONS["write_image"], dest="write_image", action="store_false", help="do not copy the image into OUT")
     g.add_argument("--export-tiff", action="store_true", help="also write one label TIFF per class, OUT/cellseg/labels_<class>.tif (small volumes)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g.add_argument("--work-dir", help="work store (default OUT.work); keep it on a filesystem all nodes see")
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "inference, up to 4 per GPU actor)")
     g.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     g.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: all)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument(OFF_OPTIONS["progress"], dest="progress", action="store_false", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="log more, show worker output")
     r.set_defaults(func=_run, **{k: default(k) for k in RunConfig.__dataclass_fields__ if k not in ("volume", "out")})
 

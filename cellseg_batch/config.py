@@ -55,6 +55,19 @@ class RunConfig:
     verbose: bool = False
 
 
+# RunConfig's fields that an option turns off, and that option (the others are --FIELD-NAME)
+OFF_OPTIONS = {"border_fill": "--no-border-fill", "write_image": "--no-image", "progress": "--no-progress"}
+
+
+def option_change(name: str, before, now) -> str:
+    """How the user changed field ``name`` of RunConfig, in the options they type: ``--tile 64 -> 128``,
+    ``--no-image given``, ``--amp left out``."""
+    if isinstance(now, bool) and isinstance(before, bool):
+        option = OFF_OPTIONS.get(name, f"--{name.replace('_', '-')}")
+        return f"{option} {'given' if now != (name in OFF_OPTIONS) else 'left out'}"
+    return f"--{name.replace('_', '-')} {before!r} -> {now!r}"
+
+
 def parse_floats(text: str, n: int, option: str) -> tuple[float, ...]:
     """``"40,10,10"`` -> (40.0, 10.0, 10.0): exactly ``n`` finite numbers, else a UserError naming ``option``."""
     try:

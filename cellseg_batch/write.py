@@ -162,8 +162,27 @@ class Output:
     def format(self) -> str:
         return self.info.get("format", FORMAT_BEFORE_0_5)
 
+    @property
+    def deleting_path(self) -> Path:
+        """Where ``remove`` moves the output before deleting it."""
+        return self.path.with_name(self.path.name + ".deleting")
+
+    def remove_aside(self) -> None:
+        """What an earlier ``remove``, stopped part-way, left aside."""
+        shutil.rmtree(self.deleting_path, ignore_errors=True)
+
     def remove(self) -> None:
-        shutil.rmtree(self.path)
+        """Gone at once, whole: moved aside (one rename), then deleted. A plain rmtree stopped part-way (a time
+        limit, kill -9) left a folder without the output's attributes, refused as foreign even by --overwrite, whose
+        report still said complete. What a stop leaves aside is deleted by the next ``remove``, or by hand."""
+        aside = self.deleting_path
+        self.remove_aside()
+        try:
+            self.path.rename(aside)
+        except OSError:  # not renamable (a mount point, a folder shared with another tool): deleted where it is
+            shutil.rmtree(self.path)
+            return
+        shutil.rmtree(aside)
 
     # -- creation (driver) --------------------------------------------------------------------------------------
     def create(self, shape, chunk: int, classes: list[str], image_dtype, pixel_size_nm, info: dict,
@@ -307,6 +326,7 @@ class Output:
         if info["image"]:
             _put_ngff(root, version, {"multiscales": multiscales("image", "mean")})
         info["status"] = "complete"
+        info["pixel_size_nm"] = list(pixel_size_nm) if pixel_size_nm else None  # a resume may give another one
         root.attrs["cellseg_batch"] = info
 
     def write_table(self, table: np.ndarray, classes: list[str], z_offset: int = 0) -> Path:
@@ -334,6 +354,12 @@ class Output:
         p.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         return p
 
+    def remove_tiffs(self) -> None:
+        """The TIFFs an earlier, stopped run of this output exported (whole or cut off): the report lists only
+        those this run exports."""
+        for path in [*self.meta_dir.glob("labels_*.tif"), *self.meta_dir.glob("labels_*.tif.part")]:
+            path.unlink(missing_ok=True)
+
     def export_tiff(self, max_id: int, pixel_size_nm=None, max_bytes: float = 4e9) -> list[Path]:
         """One OME-TIFF (BigTIFF) per class (full resolution), slice by slice, with the pixel size where it is known
         (OME's PhysicalSizeZ/Y/X: Fiji's Bio-Formats, tifffile and this tool read it); refused for large volumes.
@@ -350,6 +376,7 @@ class Output:
             arr = self.labels(name, 0)
             dtype = np.uint32 if max_id < 2**32 else np.uint64
             path = self.meta_dir / f"labels_{name}.tif"
+            part = path.with_name(path.name + ".part")  # renamed when whole: a stop leaves no cut-off TIFF
             slices = (np.asarray(arr[k]).astype(dtype) for k in range(z))  # one slice in memory at a time
             metadata = {"axes": "ZYX"} | ({} if pixel_size_nm is None else {
                 f"PhysicalSize{axis}": float(v) for axis, v in zip("ZYX", pixel_size_nm)} | {
@@ -357,8 +384,9 @@ class Output:
             # the pixel size in the TIFF tags too (per cm), for readers that do not parse OME-XML (ImageJ's own)
             tags = {} if pixel_size_nm is None else {"resolution": (1e7 / pixel_size_nm[2], 1e7 / pixel_size_nm[1]),
                                                      "resolutionunit": "CENTIMETER"}  # fmt: skip
-            tifffile.imwrite(path, slices, shape=(z, y, x), dtype=dtype, bigtiff=True, compression="zlib",
+            tifffile.imwrite(part, slices, shape=(z, y, x), dtype=dtype, bigtiff=True, compression="zlib",
                              photometric="minisblack", ome=True, metadata=metadata, **tags)  # fmt: skip
+            part.replace(path)
             paths.append(path)
         return paths
 

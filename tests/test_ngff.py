@@ -240,3 +240,14 @@ def test_a_no_image_output_is_found_from_its_labels_group_and_viewed_in_place(tm
         assert z["translation"][0] == 2 * z["scale"][0]  # slice 2 first
     scene = open_scene(out)
     assert scene.ngff and scene.image is None and scene.pixel_size_nm == (40.0, 10.0, 10.0)
+
+
+def test_the_output_attributes_give_the_pixel_size_its_ngff_metadata_gives(tmp_path):
+    """A resume given another --pixel-size (it changes no voxel) wrote the new one into NGFF and the report, while the
+    output's own attributes kept the first run's."""
+    out = Output(tmp_path / "o.zarr")
+    out.create((2, 32, 32), 16, ["cell"], None, (40.0, 10.0, 10.0), {"version": "test"}, labels_dtype=np.uint32)
+    out.finalize((50.0, 8.0, 8.0))
+    scale = zarr.open_group(str(out.path / "labels" / "cell")).attrs["multiscales"][0]["datasets"][0]
+    assert scale["coordinateTransformations"][0]["scale"] == [50.0, 8.0, 8.0]
+    assert out.info["pixel_size_nm"] == [50.0, 8.0, 8.0]

@@ -122,6 +122,15 @@ def test_a_refused_resume_names_the_options_that_changed_or_says_an_input_change
     before = {"config": {"tile": 64, "link_gap": "2", "num_cpus": 2, "volume": "v.tif"}}
     assert changed_settings(before, {"tile": 128, "link_gap": "2", "num_cpus": 4, "volume": "v.tif"}) == "--tile 64 -> 128"
     assert "an input file was rewritten" in changed_settings(before, {**before["config"], "num_cpus": 8})
+    # every option that changed, as the user types it; a switched-off feature by its --no- option
+    six = {"tile": 128, "link_gap": "1", "stitch_iou": 0.6, "min_voxels": "10", "link_iou": 0.3, "write_image": False,
+           "amp": True}  # fmt: skip
+    before6 = {"config": {**before["config"], "stitch_iou": 0.5, "min_voxels": None, "link_iou": 0.25,
+                          "write_image": True, "amp": False}}  # fmt: skip
+    assert changed_settings(before6, {**before6["config"], **six}) == (
+        "--tile 64 -> 128, --link-gap '2' -> '1', --stitch-iou 0.5 -> 0.6, --min-voxels None -> '10', "
+        "--link-iou 0.25 -> 0.3, --no-image given, --amp given")
+    assert changed_settings({"config": six}, before6["config"]).endswith("--no-image left out, --amp left out")
     with pytest.raises(UserError, match=r"other settings \(--tile 64 -> 128\)"):
         decide("incomplete", True, {"predict_fp": "P", "post_fp": "Q", **NOW}, "P2", "Q2", False, "o",
                changed_settings(before, {**before["config"], "tile": 128}))

@@ -501,3 +501,68 @@ def test_work_store_progress_that_cannot_be_deleted_is_refused_before_a_run_and_
     assert code == 0, err
     assert "the output is complete, but the work store could not be deleted: " in err and f"remove {out}.work by hand" in err
     assert json.loads((out / "cellseg" / "report.json").read_text())["status"] == "complete"
+
+
+def test_an_output_removal_stopped_part_way_leaves_no_half_output_and_the_rerun_completes(tmp_path, immutable):
+    """--overwrite deletes the old output first. A stop in that delete (a time limit, kill -9) used to leave a folder
+    without the output's attributes, refused as foreign even by --overwrite, whose report still said complete."""
+    from cellseg_batch.write import Output
+
+    out = tmp_path / "o.zarr"
+    argv = [str(a) for a in ["run", "synth:2x96x96,seed=1", "--predictor", "labels", "--labels",
+                             "synth:2x96x96,seed=1", "--tile", 64, "--overlap", 16, "--out", out, "--no-progress"]]  # fmt: skip
+    assert cli.main(argv) == 0
+    first = _result(out)
+    stuck = immutable(out / "labels" / "cell" / "0" / "0")  # the delete stops here, part of the way through
+    with pytest.raises(OSError):
+        Output(out).remove()
+    assert not out.exists()  # gone whole, at once: nothing left that could pass for an output
+    subprocess.run(["chattr", "-i", str(Output(out).deleting_path / stuck.relative_to(out))], check=True)
+    assert cli.main([*argv, "--overwrite"]) == 0
+    again = _result(out)
+    assert all(np.array_equal(again[k], v) if k != "table" else again[k] == v for k, v in first.items())
+    assert not Output(out).deleting_path.exists()
+
+
+def test_tiffs_of_a_stopped_export_are_not_left_beside_a_resumed_output(tmp_path):
+    out = tmp_path / "o.zarr"
+    argv = [str(a) for a in ["run", "synth:2x96x96,seed=1", "--predictor", "labels", "--labels",
+                             "synth:2x96x96,seed=1", "--tile", 64, "--overlap", 16, "--out", out, "--no-progress"]]  # fmt: skip
+    assert cli.main([*argv, "--export-tiff"]) == 0
+    meta = out / "cellseg"
+    assert sorted(p.name for p in meta.glob("labels_*.tif")) == sorted(f"labels_{n}.tif" for n in CLASSES)
+    # a run stopped in its export: one TIFF whole, one cut off, the output not finished
+    root = zarr.open_group(str(out), mode="r+")
+    root.attrs["cellseg_batch"] = {**root.attrs["cellseg_batch"], "status": "incomplete"}
+    (meta / f"labels_{CLASSES[1]}.tif").write_bytes(b"")
+    assert cli.main(argv) == 0  # resumed without --export-tiff
+    assert not list(meta.glob("labels_*.tif*"))
+    assert "tiff" not in json.loads((meta / "report.json").read_text())
+
+
+def test_one_work_dir_for_two_outputs_is_refused_and_an_unfinished_output_names_its_own(tmp_path):
+    """A lab's scratch folder given as --work-dir to a second output started the first output's kept tiles over, or
+    took them and deleted them at its end; an unfinished output rerun with another --work-dir (or none) was started
+    over, its predictions made again, its work store left behind unmentioned."""
+    work = tmp_path / "W"
+    small = ["--tile", 64, "--overlap", 16, "--no-progress"]
+    cli_subprocess("run", VOLUME, *ARGS, "--out", tmp_path / "x.zarr", "--work-dir", work)  # kept, with --keep-tiles
+    kept = sorted(p.relative_to(work) for p in work.rglob("*"))
+    for volume in (VOLUME, "synth:2x96x96,seed=1"):  # the same predictions (reused) or others (started over)
+        second = cli_subprocess("run", volume, "--predictor", "labels", "--labels", volume, *small,
+                                "--out", tmp_path / "y.zarr", "--work-dir", work, check=False)  # fmt: skip
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"{work} holds the work of another output, {tmp_path / 'x.zarr'}; give this run its own --work-dir" \
+            in second.stderr, second.stderr
+        assert sorted(p.relative_to(work) for p in work.rglob("*")) == kept
+
+    killed = cli_subprocess("run", VOLUME, *ARGS, "--out", tmp_path / "k.zarr", check=False,
+                            env={**os.environ, "CELLSEG_KILL_AFTER": "write:1"})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    elsewhere = cli_subprocess("run", VOLUME, *ARGS, "--out", tmp_path / "k.zarr", "--work-dir", tmp_path / "W2",
+                               check=False)  # fmt: skip
+    assert elsewhere.returncode == 2 and (
+        f"k.zarr is unfinished and its run keeps its work in {tmp_path / 'k.zarr.work'}: run again with --work-dir "
+        in elsewhere.stderr), elsewhere.stderr
+    cli_subprocess("run", VOLUME, *ARGS, "--out", tmp_path / "k.zarr")  # where it was: resumed to complete
+    assert json.loads((tmp_path / "k.zarr" / "cellseg" / "report.json").read_text())["mode"] == "resume"

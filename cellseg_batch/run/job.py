@@ -24,6 +24,7 @@ from ..config import (
     RunConfig,
     check_output_path,
     check_run_config,
+    option_change,
     parse_class_minimums,
     parse_normalization,
     parse_pixel_size,
@@ -86,7 +87,7 @@ def changed_settings(previous: dict | None, config: dict) -> str:
     keys = [k for k in config if k in before and before[k] != config[k] and k not in RUN_MECHANICS]
     if not keys:
         return "the same options, but an input file was rewritten since"
-    return ", ".join(f"--{k.replace('_', '-')} {before[k]!r} -> {config[k]!r}" for k in keys[:4])
+    return ", ".join(option_change(k, before[k], config[k]) for k in keys)
 
 
 def decide(output_status: str | None, output_exists: bool, previous: dict | None, predict_fp: str, post_fp: str,
@@ -294,6 +295,8 @@ class Run:
             log.warning(self.warnings[-1])
             self.store.clear(keep_predictions=False)
         out = self.output
+        out.remove_aside()
+        self._check_work_store_belongs(previous)
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
                           cfg.overwrite, cfg.out, changed_settings(previous, json.loads(json.dumps(asdict(cfg)))))  # fmt: skip
         if decision.remove_output:
@@ -313,7 +316,8 @@ class Run:
         if not out.exists:
             out.create(
                 self.shape, cfg.chunk, self.classes, self.volume.dtype if cfg.write_image else None,
-                self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1]},
+                self.pixel_size, {"version": __version__, "volume": cfg.volume, "slices": [self.z0, self.z1],
+                                  "work_dir": str(self.store.root.resolve())},
                 fmt=cfg.format,
             )  # fmt: skip
         # loaded here while Ray starts: linking's scipy (~0.3 s to import; the link stage runs on the driver between
@@ -325,6 +329,21 @@ class Run:
         import scipy.sparse.csgraph  # noqa: F401
 
         return decision.mode
+
+    def _check_work_store_belongs(self, previous: dict | None) -> None:
+        """One work store per output. A --work-dir holding another output's work (its kept tiles, or its unfinished
+        run) would be started over or deleted at this run's end; an unfinished output whose work is in another
+        folder than this run's would be started over, its predictions made again."""
+        cfg, store = self.cfg, self.store
+        recorded = (previous or {}).get("config", {}).get("out")
+        if recorded and Path(recorded).resolve() != Path(cfg.out).resolve():
+            raise UserError(f"{store.root} holds the work of another output, {recorded}; give this run its own "
+                            f"--work-dir, or remove {store.root} if {recorded} no longer needs it")  # fmt: skip
+        elsewhere = self.output.info.get("work_dir") if self.output.exists else None
+        if (previous is None and self.output.status == "incomplete" and elsewhere and not cfg.overwrite
+                and Path(elsewhere) != store.root.resolve() and (Path(elsewhere) / "run.json").exists()):  # fmt: skip
+            raise UserError(f"{cfg.out} is unfinished and its run keeps its work in {elsewhere}: run again with "
+                            f"--work-dir {elsewhere} to resume, or pass --overwrite to start over")  # fmt: skip
 
     def _warn_if_short_of_space(self) -> None:
         """Said at the start, not hours later when the disk fills (the run would stop there, and resume once space
@@ -612,6 +631,7 @@ class Run:
             "versions": _versions(),
             "warnings": self.warnings,
         }  # fmt: skip
+        out.remove_tiffs()
         if cfg.export_tiff:
             report["tiff"] = [str(p) for p in out.export_tiff(max_id=len(table), pixel_size_nm=self.pixel_size)]
         write_html(out, report, pictures)  # first: a disk full here leaves no report.json that says "complete"
