@@ -128,6 +128,9 @@ class LinkStats:
     speck_bridges: int = 0  # of those, specks between two objects (``_crossings``)
     shifted_pairs: int = 0  # pairs of adjacent slices linked with the second moved by its misalignment
     gap_pairs_realigned: int = 0  # pairs of slices across a gap whose overlaps were counted with their shift undone
+    # slices most of whose 2D instances pair with nothing in either neighbouring slice: a section moved beyond
+    # SHIFT_REACH or rotated (its instances become one-slice objects, which --min-slices drops)
+    unpaired_slices: list = field(default_factory=list)
     objects: int = 0
     max_tiles_per_instance: int = 0
     instances_over_4_tiles: int = 0
@@ -494,6 +497,24 @@ def _load_slice(store, grid: TileGrid, z: int, base: int = 0) -> tuple[_Slice, d
     return _Slice(frag, inst, cls, area, score, base, np.zeros(n, bool), np.zeros(n, bool)), edges
 
 
+UNPAIRED_MIN_INSTANCES = 10  # a slice with fewer 2D instances is not judged by its unpaired share
+
+
+def _note_unpaired(stats: LinkStats, za: int, a: _Slice, b: _Slice, a_unpaired_below, pairs: np.ndarray) -> np.ndarray:
+    """Adds slice ``za`` to ``stats.unpaired_slices`` where most of its instances pair with neither neighbour
+    (``a_unpaired_below``: those without an edge to slice za - 1, None for the first slice; ``pairs``: the edges
+    (a, b) to the next slice); returns ``b``'s instances without an edge to slice za."""
+    present = a.area > 0
+    unpaired_above = present.copy()
+    unpaired_above[pairs[:, 0]] = False
+    n = int(present.sum())
+    if a_unpaired_below is not None and n >= UNPAIRED_MIN_INSTANCES and (a_unpaired_below & unpaired_above).sum() > n / 2:
+        stats.unpaired_slices.append(za)
+    b_unpaired_below = b.area > 0
+    b_unpaired_below[pairs[:, 1]] = False
+    return b_unpaired_below
+
+
 def _adjacent_links(grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, overlaps: np.ndarray):
     """Rules 1-2 between adjacent slices, from the overlaps the actors counted: edges and the branch/merge count."""
     ia, ib, inter = _instance_overlaps(grid, a, b, overlaps)
@@ -579,18 +600,19 @@ def _crossings(below: np.ndarray, above: np.ndarray, areas: tuple[np.ndarray, np
     link to (``below``: edges (previous slice, this one); ``above``: (this one, next); both before any cut; ``areas``:
     the instances' areas in the three slices): two objects that meet in one section and part at once, which is what a
     2D merge of two touching objects (a missed boundary) looks like. A branch (one below, two above) or a join (two
-    below, one above) is none. A speck (``SPECK_PIXELS`` or fewer) linked on both sides to more than a speck is one
-    too: it lies inside whatever is around it (rule 2), so one stray pixel between two objects stacked in z joined
+    below, one above) is none, and specks are not counted among the two. A speck (``SPECK_PIXELS`` or fewer) linked
+    on both sides to more than a speck is one too: it lies inside whatever is around it (rule 2), so one stray pixel between two objects stacked in z joined
     them; no object narrows to a speck and widens again (where one did, its two sides still meet by a gap edge). A
     speck that starts or ends an object (a cap), or one of an object thin in every section (specks linked to specks),
     is none."""
     if len(below) == 0 or len(above) == 0:
         return np.zeros(0, np.int64)
     area_below, area, area_above = areas
-    n_below, n_above = np.bincount(below[:, 1], minlength=len(area)), np.bincount(above[:, 0], minlength=len(area))
-    inside_below = np.bincount(below[:, 1], area_below[below[:, 0]] > SPECK_PIXELS, minlength=len(area)) > 0
-    inside_above = np.bincount(above[:, 0], area_above[above[:, 1]] > SPECK_PIXELS, minlength=len(area)) > 0
-    speck = (area > 0) & (area <= SPECK_PIXELS) & inside_below & inside_above
+    # partners that count: more than a speck (a fragment a model cut off at an object's rim lies inside the object
+    # in the next section: it made every section of a true object a crossing)
+    n_below = np.bincount(below[:, 1], area_below[below[:, 0]] > SPECK_PIXELS, minlength=len(area))
+    n_above = np.bincount(above[:, 0], area_above[above[:, 1]] > SPECK_PIXELS, minlength=len(area))
+    speck = (area > 0) & (area <= SPECK_PIXELS) & (n_below > 0) & (n_above > 0)
     return np.flatnonzero(((n_below >= 2) & (n_above >= 2)) | speck)
 
 
@@ -694,6 +716,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     counted: dict[int, tuple[dict, bool]] = {}  # za -> the gap unit's rows per distance; counted by the driver?
     prev_edges = None
     pending = None  # the edges to the last slice: crossings of that slice may still cut them (``_settle``)
+    unpaired_below = None  # the last slice's instances without an edge to the slice before it
     for z in range(n_slices):
         here, edges = _load_slice(store, grid, z, bases[-1])
         frag, inst, cls, area, n = here.frag, here.inst, here.cls, here.area, len(here.area)
@@ -710,6 +733,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             pairs, heal = _registered_links(store, grid, rule, prev, here, z - 1, pairs, heal, stats)
             stats.links += len(pairs)
             stats.heal_links += heal
+            unpaired_below = _note_unpaired(stats, z - 1, prev, here, unpaired_below, pairs)
             pending = _settle(link_edges, pending, pairs, prev, here, stats)
             for d in range(2, min(int(gap.max(initial=0)) + 1, len(window)) + 1):  # nearer first: they take targets
                 if z - d not in counted:

@@ -547,7 +547,7 @@ class ZarrVolume(Volume):
     def read(self, z, y0, y1, x0, x1):
         arr = self._array()
         try:
-            if arr.chunks[0] == 1 and self._axes.template == ("Z", "Y", "X"):
+            if "S" not in self._axes.template:  # samples (RGB) are made grey from the window instead
                 return self._read_chunks(arr, z, y0, y1, x0, x1)
             return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:
@@ -555,8 +555,11 @@ class ZarrVolume(Volume):
 
     def _read_chunks(self, arr, z, y0, y1, x0, x1) -> np.ndarray:
         """A window assembled from whole decoded chunks, kept (LRU) for the windows that overlap this one: tile
-        windows overlap and straddle chunk borders, so without this each chunk would be decoded up to 4 times."""
-        _, cy, cx = arr.chunks
+        windows overlap and straddle chunk borders, so without this each chunk would be decoded up to 4 times; a
+        chunk several slices deep serves the next slices too (an actor gets the same tile position slice after
+        slice), where it was decoded again for each. Any axes the volume has (5D OME-Zarr's singleton T and C)."""
+        template = self._axes.template
+        cy, cx = arr.chunks[template.index("Y")], arr.chunks[template.index("X")]
         out = np.empty((y1 - y0, x1 - x0), dtype=arr.dtype)
         for by in range(y0 // cy, (y1 - 1) // cy + 1):
             for bx in range(x0 // cx, (x1 - 1) // cx + 1):
@@ -571,19 +574,22 @@ class ZarrVolume(Volume):
         if cache is None:
             cache = self._local.chunks = OrderedDict()
             self._local.chunk_bytes = 0
-        key = (z, by, bx)
+        template, chunks = self._axes.template, arr.chunks
+        at = {"Z": z, "Y": by * chunks[template.index("Y")], "X": bx * chunks[template.index("X")]}
+        key = tuple(at.get(a, 0) // c for a, c in zip(template, chunks))  # singleton axes: index 0
+        plane = tuple(z % c if a == "Z" else slice(None) if a in ("Y", "X") else 0 for a, c in zip(template, chunks))
         if key in cache:
             cache.move_to_end(key)
-            return cache[key]
-        io, (_, cy, cx) = self._local.chunk_io, arr.chunks
+            return cache[key][plane]
+        io = self._local.chunk_io
         if io.direct_read:  # whole: edge chunks with their padding
-            block = cache[key] = io.read((z, by, bx))[0]
-        else:  # e.g. a sharded array: one chunk of a shard through zarr
-            block = cache[key] = np.asarray(arr[z, by * cy : (by + 1) * cy, bx * cx : (bx + 1) * cx])
+            block = cache[key] = io.read(key)
+        else:  # e.g. a sharded array (ChunkIO's units are its shards): one chunk of a shard through zarr
+            block = cache[key] = np.asarray(arr[tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks))])
         self._local.chunk_bytes += block.nbytes
         while self._local.chunk_bytes > self.CACHE_BYTES and len(cache) > 1:
             self._local.chunk_bytes -= cache.popitem(last=False)[1].nbytes
-        return block
+        return block[plane]
 
 
 def ngff_attr(attrs, key: str):
@@ -1441,10 +1447,16 @@ class LabelLayer:
         ids = np.asarray(ids)
         if isinstance(self.classes, str):
             return np.full(ids.shape, names.index(self.classes), dtype=np.int16)
-        if getattr(self, "_keys", None) is None or self._names != names:
-            keys = np.array(sorted(self.classes), dtype=np.int64)
+        # keys of the ids' own kind: int64 keys against uint64 ids compare as float64, which cannot tell ids apart
+        # from 2**53 up (ids from 2**60 found unmapped); keys the ids cannot hold match none
+        key_type = np.uint64 if ids.dtype.kind == "u" else np.int64
+        if getattr(self, "_keys", None) is None or self._names != names or self._keys.dtype != key_type:
+            info = np.iinfo(key_type)
+            keys = np.array([k for k in sorted(self.classes) if info.min <= k <= info.max], dtype=key_type)
             self._keys, self._names = keys, list(names)
             self._values = np.array([names.index(self.classes[int(k)]) for k in keys], dtype=np.int16)
+        if len(self._keys) == 0:
+            return np.full(ids.shape, -1, dtype=np.int16)
         pos = np.clip(np.searchsorted(self._keys, ids), 0, len(self._keys) - 1)
         return np.where(self._keys[pos] == ids, self._values[pos], np.int16(-1)).astype(np.int16)
 

@@ -941,3 +941,39 @@ def test_a_sequence_whose_file_numbers_jump_is_warned_about_and_its_files_record
     assert report["input"]["slice_files"] == ["slice_0.tif", "slice_1.tif", "slice_2.tif", "slice_7.tif"]
     assert any("slice_2.tif -> slice_7.tif" in w for w in report["warnings"])
     assert "slice_2.tif -> slice_7.tif" in done.stderr
+
+
+@pytest.mark.parametrize("shape, chunks, axes", [
+    ((1, 1, 6, 70, 90), (1, 1, 1, 32, 32), "tczyx"),  # bioformats2raw / OME-Zarr 5D: T and C singleton
+    ((6, 70, 90), (4, 32, 32), "zyx"),  # chunks several slices deep
+    ((1, 70, 90), (1, 70, 90), "zyx"),  # one slice, one chunk
+    ((1, 2, 6, 70, 90), (1, 1, 3, 32, 32), "tczyx"),  # ... with a second channel: refused, not read wrong
+])  # fmt: skip
+def test_zarr_windows_come_from_cached_whole_chunks_whatever_the_axes(tmp_path, shape, chunks, axes, monkeypatch):
+    """Windows are cut from decoded chunks kept for the next windows; 5D OME-Zarr and chunks several slices deep
+    decoded every chunk again for each window and slice (80x slower per tile on a 16000² slice)."""
+    from cellseg_batch.chunks import ChunkIO
+
+    data = np.random.default_rng(0).integers(0, 60000, shape, dtype=np.uint16)
+    root = zarr.open_group(str(tmp_path / "v.zarr"), mode="w", zarr_format=2)
+    root.create_array("0", data=data, chunks=chunks)
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a} for a in axes],
+                                  "datasets": [{"path": "0", "coordinateTransformations": [
+                                      {"type": "scale", "scale": [1.0] * len(axes)}]}]}]  # fmt: skip
+    if shape[1] == 2 and len(shape) == 5:
+        with pytest.raises(UserError, match="more than one non-singleton axis"):
+            open_volume(tmp_path / "v.zarr")
+        return
+    decoded = []
+    read = ChunkIO.read
+    monkeypatch.setattr(ChunkIO, "read", lambda self, coords, fill=True: decoded.append(coords) or read(self, coords, fill))
+    v = open_volume(tmp_path / "v.zarr")
+    cube = data.reshape(-1, *shape[-2:])
+    assert v.shape == cube.shape
+    for z in range(cube.shape[0]):
+        for y0, x0 in ((0, 0), (20, 30), (38, 58)):
+            assert np.array_equal(v.read(z, y0, y0 + 32, x0, x0 + 32), cube[z, y0 : y0 + 32, x0 : x0 + 32])
+    cz, cy, cx = chunks[-3:] if len(chunks) > 2 and shape[-3] > 1 else (1, *chunks[-2:])
+    touched = {(z // cz, by, bx) for z in range(cube.shape[0]) for y0, x0 in ((0, 0), (20, 30), (38, 58))
+               for by in range(y0 // cy, (y0 + 31) // cy + 1) for bx in range(x0 // cx, (x0 + 31) // cx + 1)}  # fmt: skip
+    assert len(decoded) == len(set(decoded)) == len(touched)  # each chunk decoded once, through the cache

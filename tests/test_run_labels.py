@@ -124,6 +124,23 @@ def test_ids_missing_from_the_class_map_are_all_named_before_the_run_starts(tmp_
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.parametrize("base", [2**60, 2**63 + 7])
+def test_uint64_ids_beyond_float_precision_are_classified_by_their_class_map(tmp_path, base):
+    """uint64 ids from 2**53 up were compared to the map's int64 keys as float64 and refused as unmapped; from 2**63
+    up the map itself did not convert (a traceback)."""
+    ids = np.zeros((3, 96, 96), np.uint64)
+    for k, (y, x) in enumerate([(10, 10), (10, 50), (50, 10), (50, 50)]):
+        ids[:, y : y + 30, x : x + 30] = base + k
+    np.save(tmp_path / "labels.npy", ids)
+    tifffile.imwrite(tmp_path / "volume.tif", np.zeros(ids.shape, np.uint8), photometric="minisblack")
+    (tmp_path / "classes.json").write_text(json.dumps({str(base + k): ("mito", "granule")[k % 2] for k in range(4)}))
+    cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.npy", "--classes",
+        tmp_path / "classes.json", "--tile", 64, "--overlap", 16, "--no-progress", "--out", tmp_path / "out.zarr")  # fmt: skip
+    for name, ks in (("mito", (0, 2)), ("granule", (1, 3))):
+        mine = np.isin(ids, [base + k for k in ks])
+        assert_same_instances(labels_of(tmp_path / "out.zarr", name), np.where(mine, ids - np.uint64(base) + 1, 0))
+
+
 def test_a_tile_with_more_ids_than_it_can_hold_names_a_tile_size_that_works(tmp_path):
     """A supervoxel stack (an id per few pixels): a tile holds at most 65535 ids; the refusal names a --tile with
     which the same run goes through."""
@@ -446,3 +463,22 @@ def test_options_the_predictor_does_not_use_are_named_not_silently_dropped(tmp_p
     said = "--score-threshold, --normalization ignored: the labels predictor does not use them"
     assert said in done.stderr
     assert said in json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())["warnings"]
+
+
+def test_a_section_moved_beyond_the_realignment_reach_is_named_in_a_warning(tmp_path):
+    """A section moved more than SHIFT_REACH (or rotated) pairs with neither neighbour: its instances became
+    one-slice objects, which --min-slices auto dropped, with no word of it."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:256, :256]
+    ids = np.zeros((5, 256, 256), np.uint16)
+    for k in range(16):
+        cy, cx = rng.integers(12, 244, 2)
+        ids[:, (yy - cy) ** 2 + (xx - cx) ** 2 <= 64] = k + 1
+    ids[2] = np.roll(ids[2], (100, 100), axis=(0, 1))  # beyond the 48 px the linker looks for
+    tifffile.imwrite(tmp_path / "labels.tif", ids, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "volume.tif", np.zeros(ids.shape, np.uint8), photometric="minisblack")
+    cli("run", tmp_path / "volume.tif", "--predictor", "labels", "--labels", tmp_path / "labels.tif", "--classes",
+        "blob", "--no-progress", "--out", tmp_path / "out.zarr")  # fmt: skip
+    report = json.loads((tmp_path / "out.zarr" / "cellseg" / "report.json").read_text())
+    assert report["counts"]["slices_unpaired"] == [2], report["counts"]
+    assert any(w.startswith("slice(s) 2: most of their 2D instances continue into neither") for w in report["warnings"])

@@ -133,9 +133,10 @@ def renumber(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     against 1.55 ms with fastremap for a 1088² window of the benchmark's stacks (measured); a noise-like image
     (``runs.label_runs`` finds none) through fastremap."""
     runs = label_runs(ids)
+    id_type = np.uint64 if ids.dtype == np.uint64 else np.int64  # uint64 ids from 2**63 up kept as they are
     if runs is None:
         local, mapping = fastremap.renumber(ids, preserve_zero=True, in_place=False)
-        original = np.zeros(len(mapping) + (0 not in mapping), np.int64)
+        original = np.zeros(len(mapping) + (0 not in mapping), id_type)
         for orig, new in mapping.items():
             original[new] = orig
         return local, original
@@ -145,7 +146,7 @@ def renumber(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = labelled[np.argsort(first[labelled], kind="stable")]  # labelled ids, in the order they first appear
     new = np.zeros(len(unique), np.min_scalar_type(len(order)))
     new[order] = np.arange(1, len(order) + 1)
-    original = np.zeros(len(order) + 1, np.int64)
+    original = np.zeros(len(order) + 1, id_type)
     original[1:] = unique[order]
     return np.repeat(new[which.reshape(-1)], runs.lengths).reshape(ids.shape), original
 

@@ -31,7 +31,7 @@ from ..config import (
     parse_slices,
 )
 from ..errors import UserError
-from ..link import LinkRule
+from ..link import SHIFT_REACH, LinkRule
 from ..normalize import Normalization, estimate
 from ..predict import Plan, given, resolve_predictor
 from ..read import ImageSequence, ZarrVolume, numbering_gaps, open_volume, volume_identity
@@ -482,6 +482,13 @@ class Run:
         are merges. Branched organelles make a few percent."""
         self.counts["instances_2d_sharing_a_slice"] = {self.classes[c]: shared for c, (shared, _) in
                                                        stats.sharing_a_slice.items()}  # fmt: skip
+        if unpaired := [z + self.z0 for z in stats.unpaired_slices]:  # the input's numbering
+            listed = ", ".join(map(str, unpaired[:10])) + (f" and {len(unpaired) - 10} more" if len(unpaired) > 10 else "")
+            self.warnings.append(
+                f"slice(s) {listed}: most of their 2D instances continue into neither neighbouring slice, so they are "
+                f"objects of one slice (which --min-slices may drop): a section moved more than {SHIFT_REACH} px or "
+                f"rotated against its neighbours? Register the stack first, or check those sections")  # fmt: skip
+            log.warning(self.warnings[-1])
         for c, (shared, n) in stats.sharing_a_slice.items():
             if n >= DENSE_MIN_INSTANCES and shared >= DENSE_SHARE * n:
                 self.warnings.append(
@@ -598,6 +605,7 @@ class Run:
                 "z_links_gap": stats.gap_links, "gap_positions": stats.gap_positions,
                 "gap_tiles_read": stats.gap_tiles_read,
                 "z_pairs_realigned": stats.shifted_pairs, "gap_pairs_realigned": stats.gap_pairs_realigned,
+                "slices_unpaired": [z + self.z0 for z in stats.unpaired_slices],
                 "z_crossings_cut": stats.crossings,
                 "z_speck_bridges_cut": stats.speck_bridges,
                 "gap_seconds": round(stats.gap_seconds, 3),
