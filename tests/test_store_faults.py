@@ -462,21 +462,19 @@ def test_an_output_deleted_while_the_run_writes_it_is_one_line(tmp_path, monkeyp
 
 
 @pytest.fixture
-def immutable():
+def immutable(tmp_path):
     """Files made undeletable (chattr +i: refused even to root, as a quota-locked or foreign-owned file is to a
-    user), made deletable again afterwards; skips where the filesystem or the user cannot set the flag."""
-    made: list[Path] = []
+    user), all of tmp_path made deletable again afterwards (a test may have moved them); skips where the filesystem
+    or the user cannot set the flag."""
 
     def make(path: Path) -> Path:
         proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"chattr +i is not possible here: {proc.stderr.strip()}")
-        made.append(path)
         return path
 
     yield make
-    for path in made:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    subprocess.run(["chattr", "-R", "-i", str(tmp_path)], capture_output=True)
 
 
 def test_work_store_progress_that_cannot_be_deleted_is_refused_before_a_run_and_said_after_one(tmp_path, immutable,
