@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("volume", help="TIFF/BigTIFF/OME-TIFF, zarr array, OME-Zarr image, HDF5 (file.h5[/dataset]), N5 "
                    "(vol.n5[/dataset]), MRC, .npy, a folder (or quoted glob pattern) of 2D .tif/.png slices, or "
                    "synth:ZxYxX[,seed=N]")
-    r.add_argument("--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
+    r.add_argument("-o", "--out", required=True, help="output OME-Zarr directory, e.g. volume.seg.zarr")
     r.add_argument("--predictor", help="detectron2 or labels (default %(default)s)")
     r.add_argument("--model", help="model directory (from `cellseg-batch train`)")
     r.add_argument("--labels", action="append", help="labels predictor: a 2D instance label stack "
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="COCO JSON for periodic evaluation (best checkpoint kept)")
     t.add_argument("--val-images", help="images folder for --val (default: --images)")
     t.add_argument("--config", required=True, help="detectron2 config, e.g. configs/em_mask_rcnn_R_50_FPN.yaml")
-    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("-o", "--out", required=True, help="model directory to write")
     t.add_argument("--weights", help="starting weights: a file, or a detectron2:// or https:// URL")
     t.add_argument("--num-gpus", type=int, default=0, help="GPU processes per machine")
     t.add_argument("--cpu-procs", type=int, default=1, help="without GPUs: CPU processes per machine (gloo)")
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--volume", help="image volume (default: the image copy inside the output)")
     oc.add_argument("--rle", action="store_true", help="RLE masks instead of polygons")
     for sp in (lc, oc):
-        sp.add_argument("--out", required=True, help="folder for images/ and train.json (val.json)")
+        sp.add_argument("-o", "--out", required=True, help="folder for images/ and train.json (val.json)")
         sp.add_argument("--tile", type=int, default=512, help="image tile size (0: whole slices) (default %(default)s)")
         sp.add_argument("--slices", help="START:STOP")
         sp.add_argument("--every", type=int, default=1, help="use every Nth slice")

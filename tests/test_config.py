@@ -84,6 +84,7 @@ def test_check_run_config_refuses(field, value, option):
 
 def test_run_options_take_their_defaults_from_run_config():
     args = vars(build_parser().parse_args(["run", "v.tif", "--out", "o.zarr"]))
+    assert vars(build_parser().parse_args(["run", "v.tif", "-o", "o.zarr"])) == args  # -o: as most tools spell it
     assert RunConfig(**{k: args[k] for k in RunConfig.__dataclass_fields__}) == RunConfig("v.tif", "o.zarr")
     for f in dataclasses.fields(RunConfig):
         if f.default is not dataclasses.MISSING:
