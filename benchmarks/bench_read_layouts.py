@@ -1,0 +1,97 @@
+"""Reading tile windows from zarr volumes of layouts labs have: ms per window as `run`'s actors read them.
+
+    python benchmarks/bench_read_layouts.py [--old PATH] [--rounds 2]
+
+Layouts (uint8, random values): one slice stored as one chunk (8192², a microscope's single-slice export), a 5D
+OME-Zarr (T, C, Z, Y, X with singleton T and C, 1024² chunks: bioformats2raw's layout), and chunks 64 slices deep
+(64³: a volume chunked for 3D viewers). Windows of 1056 px (1024 px tiles with their 32 px overlap), or 544 px
+where the slice is 1024 px wide, row by row as an actor reads its tile positions, over a whole slice (the
+single-slice volume) or 8 slices. ``--old``: a checkout measured the same way in alternating child processes.
+Writes ``results/read_layouts.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, save  # noqa: E402
+
+LAYOUTS = {  # name: (shape, chunks, axes)
+    "one slice, one chunk (1 x 8192²)": ((1, 8192, 8192), (1, 8192, 8192), "zyx"),
+    "5D OME-Zarr, 1024² chunks (1 x 1 x 4 x 4096²)": ((1, 1, 4, 4096, 4096), (1, 1, 1, 1024, 1024), "tczyx"),
+    "chunks 64 slices deep (64 x 1024², 64³ chunks)": ((64, 1024, 1024), (64, 64, 64), "zyx"),
+}
+
+
+def make(folder: Path) -> dict[str, str]:
+    import numpy as np
+    import zarr
+
+    rng, paths = np.random.default_rng(0), {}
+    for k, (name, (shape, chunks, axes)) in enumerate(LAYOUTS.items()):
+        path = paths[name] = str(folder / f"layout{k}.zarr")
+        group = zarr.open_group(path, mode="w", zarr_format=2)
+        group.create_array("0", data=rng.integers(0, 255, shape, dtype=np.uint8), chunks=chunks)
+        group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space"} for a in axes],
+                                       "datasets": [{"path": "0", "coordinateTransformations": [
+                                           {"type": "scale", "scale": [1.0] * len(axes)}]}]}]  # fmt: skip
+    return paths
+
+
+def measure(paths: dict[str, str]) -> dict[str, float]:
+    """ms per window for each layout, read as an actor reads its windows (this process's ``cellseg_batch``)."""
+    from cellseg_batch.read import open_volume
+
+    result = {}
+    for name, path in paths.items():
+        volume = open_volume(path)
+        nz, ny, nx = volume.shape
+        w = min(1056, ny // 2 + 32)
+        windows = [(z, y, x) for z in range(min(nz, 8)) for y in range(0, ny - w + 1, w - 64)
+                   for x in range(0, nx - w + 1, w - 64)]  # fmt: skip
+        start = time.perf_counter()
+        for z, y, x in windows:
+            volume.read(z, y, y + w, x, x + w)
+        result[name] = round(1000 * (time.perf_counter() - start) / len(windows), 2)
+    return result
+
+
+def child(root: str, paths: dict[str, str]) -> dict:
+    code = (f"import sys, json; sys.path[:0] = [{root!r}, {str(Path(__file__).resolve().parent)!r}]; "
+            f"import bench_read_layouts as b; print(json.dumps(b.measure({paths!r})))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", help="a checkout to measure beside this one (git worktree add /tmp/old REV)")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    checkouts = {"new": str(Path(__file__).resolve().parent.parent)}
+    if args.old:
+        checkouts["old"] = str(Path(args.old).resolve())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make(Path(tmp))  # made once, before any clock
+        for r in range(args.rounds):
+            for name in list(checkouts) if r % 2 == 0 else list(reversed(checkouts)):
+                row = {"code": name, "ms_per_window": child(checkouts[name], paths)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    summary = {name: {layout: [r["ms_per_window"][layout] for r in rows if r["code"] == name] for layout in LAYOUTS}
+               for name in checkouts}  # fmt: skip
+    print(json.dumps(summary, indent=1))
+    save("read_layouts", {"machine": machine(), "layouts": {k: {"shape": v[0], "chunks": v[1], "axes": v[2]}
+                                                            for k, v in LAYOUTS.items()}, "rows": rows,
+                          "summary": summary})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
