@@ -205,7 +205,52 @@ def to_zyx(shape: tuple[int, ...], axes: str, path: str, hint: str) -> tuple[tup
     return (size.get("Z", 1), size["Y"], size["X"]), AxisMap(template, samples)
 
 
-class MappedVolume(Volume):
+class ChunkCache:
+    """Windows cut from whole decoded chunks of a zarr array (a zarr volume's, or tifffile's zarr view of a compressed
+    or tiled TIFF: its strips or tiles), kept per thread (LRU, ``CACHE_BYTES``) for the windows after."""
+
+    CACHE_BYTES = 128 * 2**20  # decoded chunks kept per thread: a row of tiles reads each chunk once
+
+    def _read_chunks(self, arr, z, y0, y1, x0, x1) -> np.ndarray:
+        """A window assembled from whole decoded chunks, kept (LRU) for the windows that overlap this one: tile
+        windows overlap and straddle chunk borders, so without this each chunk would be decoded up to 4 times; a
+        chunk several slices deep serves the next slices too (an actor gets the same tile position slice after
+        slice), where it was decoded again for each. Any axes the volume has (5D OME-Zarr's singleton T and C)."""
+        template = self._axes.template
+        cy, cx = arr.chunks[template.index("Y")], arr.chunks[template.index("X")]
+        out = np.empty((y1 - y0, x1 - x0), dtype=arr.dtype)
+        for by in range(y0 // cy, (y1 - 1) // cy + 1):
+            for bx in range(x0 // cx, (x1 - 1) // cx + 1):
+                block = self._chunk(arr, z, by, bx)
+                ya, yb = max(y0, by * cy), min(y1, (by + 1) * cy)
+                xa, xb = max(x0, bx * cx), min(x1, (bx + 1) * cx)
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = block[ya - by * cy : yb - by * cy, xa - bx * cx : xb - bx * cx]
+        return out
+
+    def _chunk(self, arr, z: int, by: int, bx: int) -> np.ndarray:
+        cache = getattr(self._local, "chunks", None)
+        if cache is None:
+            cache = self._local.chunks = OrderedDict()
+            self._local.chunk_bytes = 0
+        template, chunks = self._axes.template, arr.chunks
+        at = {"Z": z, "Y": by * chunks[template.index("Y")], "X": bx * chunks[template.index("X")]}
+        key = tuple(at.get(a, 0) // c for a, c in zip(template, chunks))  # singleton axes: index 0
+        plane = tuple(z % c if a == "Z" else slice(None) if a in ("Y", "X") else 0 for a, c in zip(template, chunks))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key][plane]
+        io = getattr(self._local, "chunk_io", None)  # a zarr volume's own arrays; not tifffile's views
+        if io is not None and io.direct_read:  # whole: edge chunks with their padding
+            block = cache[key] = io.read(key)
+        else:  # e.g. a sharded array (ChunkIO's units are its shards): one chunk of a shard through zarr
+            block = cache[key] = np.asarray(arr[tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks))])
+        self._local.chunk_bytes += block.nbytes
+        while self._local.chunk_bytes > self.CACHE_BYTES and len(cache) > 1:
+            self._local.chunk_bytes -= cache.popitem(last=False)[1].nbytes
+        return block[plane]
+
+
+class MappedVolume(ChunkCache, Volume):
     """A volume read from one array that each thread opens once (memory-mapped, or a lazy zarr view): windows are cut
     from it through ``_axes``. Subclasses give ``_open_array``."""
 
@@ -221,6 +266,10 @@ class MappedVolume(Volume):
     def read(self, z, y0, y1, x0, x1):
         arr = self._array()
         try:
+            if not isinstance(arr, np.ndarray) and "S" not in self._axes.template:
+                # tifffile's zarr view (compressed or tiled): each strip or tile decoded once, not for every window
+                # it touches (a row of 1024 px tiles across a 16384 px slice decoded each strip 16 times)
+                return self._read_chunks(arr, z, y0, y1, x0, x1)
             return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:  # tifffile/zarr/numpy raise many types for damaged data
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); the file may be truncated or corrupt") from e
@@ -464,7 +513,7 @@ def _ome_pixel_size(tf, index: int) -> tuple[float | None, float, float] | None:
     return (size("Z"), y, x) if y and x else None
 
 
-class ZarrVolume(Volume):
+class ZarrVolume(ChunkCache, Volume):
     """A zarr v2/v3 array, or the level-0 array of an OME-Zarr (NGFF 0.4/0.5) multiscale image."""
 
     is_label_image = False  # an NGFF label image (``image-label``): a segmentation, not an image to segment
@@ -542,8 +591,6 @@ class ZarrVolume(Volume):
             self._local.chunk_io = ChunkIO(arr)
         return arr
 
-    CACHE_BYTES = 128 * 2**20  # decoded chunks kept per thread: a row of tiles reads each chunk once
-
     def read(self, z, y0, y1, x0, x1):
         arr = self._array()
         try:
@@ -552,44 +599,6 @@ class ZarrVolume(Volume):
             return self._axes.grey(np.asarray(arr[self._axes.window(z, y0, y1, x0, x1)]))
         except Exception as e:
             raise UserError(f"cannot read slice {z} of {self.path} ({e}); a chunk may be missing or corrupt") from e
-
-    def _read_chunks(self, arr, z, y0, y1, x0, x1) -> np.ndarray:
-        """A window assembled from whole decoded chunks, kept (LRU) for the windows that overlap this one: tile
-        windows overlap and straddle chunk borders, so without this each chunk would be decoded up to 4 times; a
-        chunk several slices deep serves the next slices too (an actor gets the same tile position slice after
-        slice), where it was decoded again for each. Any axes the volume has (5D OME-Zarr's singleton T and C)."""
-        template = self._axes.template
-        cy, cx = arr.chunks[template.index("Y")], arr.chunks[template.index("X")]
-        out = np.empty((y1 - y0, x1 - x0), dtype=arr.dtype)
-        for by in range(y0 // cy, (y1 - 1) // cy + 1):
-            for bx in range(x0 // cx, (x1 - 1) // cx + 1):
-                block = self._chunk(arr, z, by, bx)
-                ya, yb = max(y0, by * cy), min(y1, (by + 1) * cy)
-                xa, xb = max(x0, bx * cx), min(x1, (bx + 1) * cx)
-                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = block[ya - by * cy : yb - by * cy, xa - bx * cx : xb - bx * cx]
-        return out
-
-    def _chunk(self, arr, z: int, by: int, bx: int) -> np.ndarray:
-        cache = getattr(self._local, "chunks", None)
-        if cache is None:
-            cache = self._local.chunks = OrderedDict()
-            self._local.chunk_bytes = 0
-        template, chunks = self._axes.template, arr.chunks
-        at = {"Z": z, "Y": by * chunks[template.index("Y")], "X": bx * chunks[template.index("X")]}
-        key = tuple(at.get(a, 0) // c for a, c in zip(template, chunks))  # singleton axes: index 0
-        plane = tuple(z % c if a == "Z" else slice(None) if a in ("Y", "X") else 0 for a, c in zip(template, chunks))
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key][plane]
-        io = self._local.chunk_io
-        if io.direct_read:  # whole: edge chunks with their padding
-            block = cache[key] = io.read(key)
-        else:  # e.g. a sharded array (ChunkIO's units are its shards): one chunk of a shard through zarr
-            block = cache[key] = np.asarray(arr[tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, chunks))])
-        self._local.chunk_bytes += block.nbytes
-        while self._local.chunk_bytes > self.CACHE_BYTES and len(cache) > 1:
-            self._local.chunk_bytes -= cache.popitem(last=False)[1].nbytes
-        return block[plane]
 
 
 def ngff_attr(attrs, key: str):

@@ -977,3 +977,17 @@ def test_zarr_windows_come_from_cached_whole_chunks_whatever_the_axes(tmp_path, 
     touched = {(z // cz, by, bx) for z in range(cube.shape[0]) for y0, x0 in ((0, 0), (20, 30), (38, 58))
                for by in range(y0 // cy, (y0 + 31) // cy + 1) for bx in range(x0 // cx, (x0 + 31) // cx + 1)}  # fmt: skip
     assert len(decoded) == len(set(decoded)) == len(touched)  # each chunk decoded once, through the cache
+
+
+@pytest.mark.parametrize("layout", [{"compression": "zlib"}, {"compression": "zlib", "rowsperstrip": 70},
+                                    {"compression": "zlib", "tile": (32, 32)}, {"tile": (32, 32)}])  # fmt: skip
+def test_compressed_or_tiled_tiffs_are_read_through_cached_strips_and_tiles(tmp_path, layout):
+    """tifffile's zarr view of a compressed or tiled TIFF decoded each strip or tile again for every window that
+    touched it (a strip as wide as the slice: once per tile of its row; 380 ms a tile at 8192² in a sweep)."""
+    data = np.random.default_rng(1).integers(0, 60000, (3, 70, 90), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "v.tif", data, photometric="minisblack", **layout)
+    v = open_volume(tmp_path / "v.tif")
+    for z in range(3):
+        for y0, x0 in ((0, 0), (20, 30), (38, 58)):
+            assert np.array_equal(v.read(z, y0, y0 + 32, x0, x0 + 32), data[z, y0 : y0 + 32, x0 : x0 + 32])
+    assert len(v._local.chunks) > 0  # the windows came from kept strips or tiles
