@@ -174,7 +174,7 @@ class Output:
     def remove(self) -> None:
         """Gone at once, whole: moved aside (one rename), then deleted. A plain rmtree stopped part-way (a time
         limit, kill -9) left a folder without the output's attributes, refused as foreign even by --overwrite, whose
-        report still said complete. What a stop leaves aside is deleted by the next ``remove``, or by hand."""
+        report still said complete. What a stop leaves aside is deleted by the next run of this output."""
         aside = self.deleting_path
         self.remove_aside()
         try:

@@ -466,6 +466,7 @@ class Run:
         # cores read back for gap overlaps no actor counted: by the gap stage's units, or the driver where none ran
         self.counts["gap_cores_read"] = gaps.cores_read + link.stats.gap_cores_read
         self._warn_dense(link.stats)
+        self._warn_unpaired(link.stats)
         self.times["actor_start"] = predict.actor_start_s
         for stage in self.stages:
             self.times[stage.name] = stage.seconds
@@ -476,12 +477,8 @@ class Run:
         self.tiles_over_time = predict.tiles_over_time(t_start)
         return self._finish(link.table, link.stats, mode, t_start, touching, pictures)
 
-    def _warn_dense(self, stats) -> None:
-        """A class where most 2D instances share their slice with another of their object: objects that tile the
-        plane (neurites; ISBI ssTEM: 3345 of 3431 with the default gap) join through rule 2 and gap edges, and the objects
-        are merges. Branched organelles make a few percent."""
-        self.counts["instances_2d_sharing_a_slice"] = {self.classes[c]: shared for c, (shared, _) in
-                                                       stats.sharing_a_slice.items()}  # fmt: skip
+    def _warn_unpaired(self, stats) -> None:
+        """Sections most of whose 2D instances pair with neither neighbour (``LinkStats.unpaired_slices``)."""
         if unpaired := [z + self.z0 for z in stats.unpaired_slices]:  # the input's numbering
             listed = ", ".join(map(str, unpaired[:10])) + (f" and {len(unpaired) - 10} more" if len(unpaired) > 10 else "")
             self.warnings.append(
@@ -489,6 +486,13 @@ class Run:
                 f"objects of one slice (which --min-slices may drop): a section moved more than {SHIFT_REACH} px or "
                 f"rotated against its neighbours? Register the stack first, or check those sections")  # fmt: skip
             log.warning(self.warnings[-1])
+
+    def _warn_dense(self, stats) -> None:
+        """A class where most 2D instances share their slice with another of their object: objects that tile the
+        plane (neurites; ISBI ssTEM: 3345 of 3431 with the default gap) join through rule 2 and gap edges, and the objects
+        are merges. Branched organelles make a few percent."""
+        self.counts["instances_2d_sharing_a_slice"] = {self.classes[c]: shared for c, (shared, _) in
+                                                       stats.sharing_a_slice.items()}  # fmt: skip
         for c, (shared, n) in stats.sharing_a_slice.items():
             if n >= DENSE_MIN_INSTANCES and shared >= DENSE_SHARE * n:
                 self.warnings.append(
