@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import label_stacks, machine, save  # noqa: E402
+from common import beside_old, label_stacks, machine, save  # noqa: E402
 
 SHAPE = (16, 4096, 4096)
 
@@ -117,13 +116,6 @@ def measure(tiles: int) -> dict:
             "model_share_kept": model_beside / model_alone}  # fmt: skip
 
 
-def child(root: str, tiles: int) -> dict:
-    code = (f"import sys, json; sys.path[:0] = [{root!r}, {str(Path(__file__).resolve().parent)!r}]; "
-            f"import bench_actor_threads as b; print(json.dumps(b.measure({tiles})))")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", help="a checkout to measure beside this one (git worktree add /tmp/old REV)")
@@ -132,18 +124,10 @@ def main() -> None:
     p.add_argument("--name", default="actor_threads")
     args = p.parse_args()
     label_stacks(SHAPE)  # made once, before any clock
-    checkouts = {"new": str(Path(__file__).resolve().parent.parent)}
-    if args.old:
-        checkouts["old"] = str(Path(args.old).resolve())
-    rows = []
-    for r in range(args.rounds):
-        order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
-        for name in order:
-            row = {"code": name, **child(checkouts[name], args.tiles)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    rows = [{"code": row["code"], **row["result"]} for row in
+            beside_old(args.old, args.rounds, "bench_actor_threads", f"measure({args.tiles})")]  # fmt: skip
     summary = {}
-    for name in checkouts:
+    for name in dict.fromkeys(r["code"] for r in rows):
         mine = [r for r in rows if r["code"] == name]
         summary[name] = {k: [round(r[k], 3) for r in mine] for k in
                          ("per_tile_ms_alone", "per_tile_ms_beside_model", "model_share_kept")}  # fmt: skip

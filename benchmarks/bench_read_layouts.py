@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import beside_old, machine, save  # noqa: E402
 
 LAYOUTS = {  # name: (shape, chunks, axes)
     "one slice, one chunk (1 x 8192²)": ((1, 8192, 8192), (1, 8192, 8192), "zyx"),
@@ -76,31 +75,17 @@ def measure(paths: dict[str, str]) -> dict[str, float]:
     return result
 
 
-def child(root: str, paths: dict[str, str]) -> dict:
-    code = (f"import sys, json; sys.path[:0] = [{root!r}, {str(Path(__file__).resolve().parent)!r}]; "
-            f"import bench_read_layouts as b; print(json.dumps(b.measure({paths!r})))")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", help="a checkout to measure beside this one (git worktree add /tmp/old REV)")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    checkouts = {"new": str(Path(__file__).resolve().parent.parent)}
-    if args.old:
-        checkouts["old"] = str(Path(args.old).resolve())
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make(Path(tmp))  # made once, before any clock
-        for r in range(args.rounds):
-            for name in list(checkouts) if r % 2 == 0 else list(reversed(checkouts)):
-                row = {"code": name, "ms_per_window": child(checkouts[name], paths)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+        rows = [{"code": row["code"], "ms_per_window": row["result"]} for row in
+                beside_old(args.old, args.rounds, "bench_read_layouts", f"measure({paths!r})")]  # fmt: skip
     summary = {name: {layout: [r["ms_per_window"][layout] for r in rows if r["code"] == name]
-                      for layout in [*LAYOUTS, *TIFFS]} for name in checkouts}  # fmt: skip
+                      for layout in [*LAYOUTS, *TIFFS]} for name in dict.fromkeys(r["code"] for r in rows)}  # fmt: skip
     print(json.dumps(summary, indent=1))
     save("read_layouts", {"machine": machine(), "layouts": {k: {"shape": v[0], "chunks": v[1], "axes": v[2]}
                                                             for k, v in LAYOUTS.items()}, "tiffs": TIFFS, "rows": rows,

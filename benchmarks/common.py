@@ -119,3 +119,22 @@ def save(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def beside_old(old: str | None, rounds: int, module: str, call: str) -> list[dict]:
+    """``module.call`` (a Python expression, e.g. ``measure(200)``) measured in child processes for this checkout
+    ("new") and, given ``old`` (a checkout: git worktree add /tmp/old REV), for it too, alternating order each round so
+    that neither always runs first; each child imports ``cellseg_batch`` from its own checkout. Rows: ``{"code":
+    "new" | "old", "result": what the call returned (JSON)}``, printed as they come."""
+    checkouts = {"new": str(HERE.parent)} | ({"old": str(Path(old).resolve())} if old else {})
+    rows = []
+    for r in range(rounds):
+        for name in list(checkouts) if r % 2 == 0 else list(reversed(checkouts)):
+            root = checkouts[name]
+            code = (f"import sys, json; sys.path[:0] = [{root!r}, {str(HERE)!r}]; "
+                    f"import {module} as b; print(json.dumps(b.{call}))")  # fmt: skip
+            proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+            rows.append({"code": name, "result": json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
