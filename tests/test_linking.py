@@ -9,7 +9,7 @@ import pytest
 from cellseg_batch.config import RunConfig, check_run_config, parse_class_minimums
 from cellseg_batch.errors import UserError
 from cellseg_batch.evaluate import draw_split, evaluate
-from cellseg_batch.link import _component_classes, _runner_up_votes, link_pair
+from cellseg_batch.link import _component_classes, _crossings, _runner_up_votes, link_pair
 from cellseg_batch.read import ArrayVolume
 from cellseg_batch.synth import LINK_CLASSES, linking_cases, write_linking_cases
 from conftest import assert_same_instances, cli, labels_of
@@ -693,3 +693,16 @@ def test_class_vote_weighs_the_runner_up_classes_of_detections():
     assert _component_classes(comp, cls, area, 2, 3).tolist() == [1, 1]  # voxels: 220 against 190; a tie: 1
     node = votes[0] - 10
     assert _component_classes(comp, cls, area, 2, 3, (node, votes[1], votes[2])).tolist() == [2, 1]
+
+
+def test_specks_do_not_count_toward_a_crossing():
+    """A crossing is an instance two objects run through (two partners below and two above). A chip a model cut off an
+    object's rim lies inside the object in the next section: with one each side, every section of a true object was
+    a crossing (a sweep's static disks: 96 cut, where the 48 chips alone are specks to cut)."""
+    # slice before: 0 an object, 1 a speck; this slice: 0 an object, 1 a speck; slice after: 0 an object, 1 a speck
+    below = np.array([[0, 0], [1, 0], [0, 1]])  # (before, this): each speck lies inside the other slice's object
+    above = np.array([[0, 0], [0, 1], [1, 0]])  # (this, after)
+    areas = (np.array([400, 4]), np.array([400, 4]), np.array([400, 4]))
+    assert _crossings(below, above, areas).tolist() == [1]  # the speck between, not the object
+    merged = (np.array([400, 300]), np.array([700, 4]), np.array([400, 300]))  # two objects through instance 0
+    assert _crossings(np.array([[0, 0], [1, 0]]), np.array([[0, 0], [0, 1]]), merged).tolist() == [0]
