@@ -34,8 +34,9 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
 
 - Misaligned sections (registration errors): where the steps between the centroids of same-sized instances of two
   adjacent slices pile up on one translation of 3 px or more (``_slice_shift``), the pair's overlaps are counted
-  again with the second slice moved back by it, from the tile cores, and rules 1-2 run on those where more of the
-  first slice's area then continues one-to-one (``_registered_links``). A section moved by 5-20 px otherwise cuts
+  again with the second slice moved back by it, from the tile cores, and rules 1-2 run on those for each class
+  where more of the first slice's area of that class then continues one-to-one (``_registered_links``; per class,
+  as cells still pair across a shift that cuts every mitochondrion). A section moved by 5-20 px otherwise cuts
   every small object in two and leaves its own instances as one-slice objects. Gap edges are realigned alike: the
   gap unit frees instances from the realigned adjacent edges, votes between the two slices of each gap directly, and
   where a step stands counts the free instances' overlaps moved by it (``gap_overlaps``, MOVED sides 2 and 3).
@@ -566,18 +567,30 @@ def _slice_shift(a: _Slice, b: _Slice, rule: LinkRule) -> np.ndarray | None:
     return None if np.hypot(*shift) < SHIFT_MIN else shift
 
 
-def _paired_share(a: _Slice, pairs: np.ndarray, heal: int) -> float:
-    """The share of slice a's instance area that continues one-to-one (rule 1) in the pairs."""
+def _paired_share(kind: np.ndarray, area: np.ndarray, pairs: np.ndarray, heal: int) -> np.ndarray:
+    """Per kind of instance (``LinkRule.kinds``): the share of slice a's instance area (``area``, its instances'
+    kinds ``kind``) that continues one-to-one (rule 1) in the pairs."""
     one = pairs[: len(pairs) - heal, 0]
-    return float(a.area[one].sum() / max(a.area.sum(), 1))
+    n = int(kind.max(initial=0)) + 1
+    paired = np.bincount(kind[one], weights=area[one], minlength=n)
+    return paired / np.maximum(np.bincount(kind, weights=area, minlength=n), 1)
+
+
+def _of_kinds(pairs: np.ndarray, heal: int, kind: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs whose instances are of the ``chosen`` kinds: (one-to-one pairs, branch/merge pairs)."""
+    keep = chosen[kind[pairs[:, 0]]]
+    split = len(pairs) - heal
+    return pairs[:split][keep[:split]], pairs[split:][keep[split:]]
 
 
 def _registered_links(store, grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, za: int, pairs: np.ndarray,
                       heal: int, stats: LinkStats | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
     """Rules 1-2 between adjacent slices a (za) and b (za + 1) where b is a misaligned section: overlaps counted
-    with b moved back by its shift (``_slice_shift``), from the tile cores; kept where more of a's area continues
-    one-to-one (by 0.1 at least) than with the overlaps as they lie (``pairs``, ``heal``). A section translated by
-    5-20 px otherwise leaves its instances unpaired (one-slice objects, or joins to a neighbour)."""
+    with b moved back by its shift (``_slice_shift``), from the tile cores; kept for each kind of instance
+    (``LinkRule.kinds``) where more of a's area of that kind continues one-to-one (by 0.1 at least) than with the
+    overlaps as they lie (``pairs``, ``heal``). A section translated by 5-20 px otherwise leaves its instances
+    unpaired (one-slice objects, or joins to a neighbour). Per kind, because large objects (cells) still pair across
+    a shift that small ones (mitochondria) beside them cannot: by area as a whole, the cells decided for both."""
     shift = _slice_shift(a, b, rule)
     if shift is None:
         return pairs, heal
@@ -588,11 +601,15 @@ def _registered_links(store, grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slic
                                   rows["count"], rule.iou_min, rule.ioa_min, a.score, b.score)  # fmt: skip
     if stats is not None:
         stats.gap_cores_read += cores.reads
-    if _paired_share(a, moved, moved_heal) < _paired_share(a, pairs, heal) + 0.1:
+    kind = rule.kinds(a.cls)
+    realign = _paired_share(kind, a.area, moved, moved_heal) >= _paired_share(kind, a.area, pairs, heal) + 0.1
+    if not realign.any():
         return pairs, heal
     if stats is not None:
         stats.shifted_pairs += 1
-    return moved, moved_heal
+    (moved_one, moved_heals), (one, heals) = (_of_kinds(moved, moved_heal, kind, realign),
+                                              _of_kinds(pairs, heal, kind, ~realign))  # fmt: skip
+    return np.concatenate([moved_one, one, moved_heals, heals]), len(moved_heals) + len(heals)
 
 
 def _crossings(below: np.ndarray, above: np.ndarray, areas: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
