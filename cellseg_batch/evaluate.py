@@ -716,7 +716,10 @@ class _MaskAP:
         from pycocotools.cocoeval import COCOeval
 
         out = {"ap": None, "ap50": None, "ap75": None}
-        if self.records:
+        scores = np.concatenate([r["dtScores"] for r in self.records]) if self.records else np.zeros(0)
+        if len(scores) and scores.min() == scores.max():
+            out.update(self._one_operating_point())
+        elif self.records:
             e = COCOeval(iouType="segm")
             e.params = self.params(self.img_ids)
             e._paramsEval = copy.deepcopy(e.params)
@@ -733,13 +736,31 @@ class _MaskAP:
                 valid = rows[rows > -1]
                 out[key] = float(valid.mean()) if valid.size else None
         out.update(n_pred_masks=self.n_pred, n_gt_masks=self.n_gt, n_unscored=len(self.unscored))
+        out["ap_ranking"] = "one operating point" if len(scores) and scores.min() == scores.max() else "scores"
         return out
+
+    def _one_operating_point(self) -> dict:
+        """AP where every detection has one score (a label image without scores, the ``labels`` predictor): no
+        ranking, so the curve is one point, (recall, precision) of all detections, and AP at each IoU threshold is
+        that precision over the recall thresholds it reaches. COCO's accumulate would rank the tied detections by id
+        and give a number that moves with the numbering (one true and one false object: 1.0 or 0.5)."""
+        n_gt = sum(len(r["gtIds"]) for r in self.records)
+        if not n_gt:
+            return {}
+        n_dt = sum(len(r["dtIds"]) for r in self.records)
+        true = sum(((np.asarray(r["dtMatches"]) > 0).sum(axis=1) for r in self.records if len(r["dtIds"])),
+                   np.zeros(len(self.thresholds)))  # fmt: skip
+        recall, precision = true / n_gt, true / max(n_dt, 1)
+        reached = (self.params([]).recThrs[None, :] <= recall[:, None]).mean(axis=1)  # COCO: searchsorted, "left"
+        ap = precision * reached  # per IoU threshold
+        return {"ap": float(ap.mean()), "ap50": float(ap[np.isclose(self.thresholds, 0.5)][0]),
+                "ap75": float(ap[np.isclose(self.thresholds, 0.75)][0])}  # fmt: skip
 
 
 def _mean(classes: list[dict]) -> dict:
     out: dict = {}
     for key, value in classes[0].items():
-        if isinstance(value, (list, dict)):
+        if isinstance(value, (list, dict, str)):
             continue
         values = [c[key] for c in classes if c[key] is not None]
         if key in COUNTS:
@@ -787,6 +808,10 @@ def format_table(result: dict) -> str:
         f"{result['n_slices']} slices ({result['slices']}); P/R/F1 match {objects}; AP over 2D masks; "
         "mean row: metrics averaged over classes, counts summed"
     )
+    unranked = [name for name, r in result["classes"].items() if r.get("ap_ranking") == "one operating point"]
+    if unranked:
+        lines.append(f"{', '.join(unranked)}: the detections carry one score (no ranking): AP is that of one operating "
+                     "point, precision x the share of recall thresholds reached")
     for name, r in result["classes"].items():
         e = r.get("errors")
         if e and (e["n_splits"] or e["n_merges"]):

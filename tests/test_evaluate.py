@@ -206,6 +206,26 @@ def test_scores_rank_false_positives():
     assert unscored["n_unscored"] == 2
 
 
+def test_ap_without_scores_does_not_depend_on_how_the_ids_are_numbered():
+    """A label image from another tool has no scores: its detections are not ranked, so AP is that of one operating
+    point, the same whatever the ids. COCO's ranking of tied detections by id gave 1.0 or 0.5 for one true and one
+    false object; the one point equals COCO's AP with the false detections ranked first (the pessimistic order
+    reaches the same precision envelope)."""
+    gt = boxes((1, 0, 4, 0, 10, 0, 10), (2, 0, 4, 20, 30, 0, 10), (3, 0, 4, 40, 50, 40, 50))
+    pred = gt.copy()
+    pred[pred == 3] = 0  # a miss
+    pred[0:2, 50:60, 0:10] = 4  # a false positive in two slices
+    swapped = np.array([0, 4, 2, 3, 1], np.uint64)[pred]  # the same detections, the false one numbered first
+    one, two = (run(p, gt)["classes"]["mito"] for p in (pred, swapped))
+    assert one["ap_ranking"] == two["ap_ranking"] == "one operating point"
+    assert (one["ap"], one["ap50"], one["ap75"]) == (two["ap"], two["ap50"], two["ap75"])
+    # 8 true masks of 12 gt masks, 8 of 10 detections: precision 0.8 up to recall 2/3 (67 of 101 thresholds)
+    assert one["ap50"] == pytest.approx(0.8 * 67 / 101)
+    assert one["ap"] == pytest.approx(coco_ap(pred, gt, {1: 0.5, 2: 0.5, 4: 0.9}))
+    ranked = run(pred, gt, scores={"mito": {1: 0.5, 2: 0.5, 4: 0.9}})["classes"]["mito"]
+    assert ranked["ap_ranking"] == "scores" and ranked["ap"] == pytest.approx(one["ap"])
+
+
 def test_2d_mode_treats_slices_independently():
     # gt reuses id 1 for a different object in every slice; the prediction gives each its own id
     gt = np.zeros(SHAPE, np.uint16)
