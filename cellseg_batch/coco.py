@@ -607,16 +607,34 @@ def label_rles(lab: np.ndarray) -> dict[int, tuple[dict, int]]:
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[float]]:
-    """Outer contours of a binary mask as COCO polygons (for annotation tools that edit polygons), along the pixels'
-    edges: pycocotools fills them back to exactly the mask, holes filled (a contour through the edge pixels' centres
-    lost half a pixel all round: IoU 0.63 for a disc of 26 px, one-pixel objects and lines gone). Traced on the mask
-    upsampled 2x, where each sub-pixel on a contour stands for the corner of its pixel it touches: sub-pixel 2i
-    (the left or top half of pixel i) for edge i, 2i + 1 for edge i + 1."""
+    """A binary mask as COCO polygons (for annotation tools that edit polygons), along the pixels' edges:
+    pycocotools fills them back to exactly the mask (a contour through the edge pixels' centres lost half a pixel
+    all round: IoU 0.63 for a disc of 26 px, one-pixel objects and lines gone). Traced on the mask upsampled 2x,
+    where each sub-pixel on a contour stands for the corner of its pixel it touches: sub-pixel 2i (the left or top
+    half of pixel i) for edge i, 2i + 1 for edge i + 1. COCO polygons have no holes (a piece's polygons are filled
+    and joined), so each hole is walked from its piece's outline and back along one cut of no width (a keyhole):
+    pycocotools fills even-odd, so the hole stays empty. Outer contours alone filled the holes (a section of an
+    ISBI neurite at IoU 0.68)."""
     import cv2
 
     up = np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8))
-    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [((c.reshape(-1) + 1) // 2).astype(float).tolist() for c in contours if len(c) >= 3]
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    corners = [(c.reshape(-1, 2) + 1) // 2 for c in contours]
+    out = []
+    for k, (_, _, hole, parent) in enumerate(hierarchy[0]):
+        if parent != -1 or len(corners[k]) < 3:  # a hole: walked from its outline below
+            continue
+        outline = corners[k]
+        while hole != -1:  # the hole from the outline's corner nearest to one of its own, and back
+            ring = corners[hole]
+            i, j = np.unravel_index(((outline[:, None] - ring[None]) ** 2).sum(-1).argmin(), (len(outline), len(ring)))
+            ring = np.roll(ring, -j, axis=0)
+            outline = np.concatenate([outline[: i + 1], ring, ring[:1], outline[i:]])
+            hole = hierarchy[0][hole][0]  # the next hole of this outline
+        out.append(outline.reshape(-1).astype(float).tolist())
+    return out
 
 
 def _polygons_in_box(ids: np.ndarray, i: int, bbox: list[float]) -> list[list[float]]:
