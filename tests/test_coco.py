@@ -91,7 +91,6 @@ def test_polygons_give_back_exactly_the_mask(tmp_path):
     corner, a ragged blob, and masks with holes (kept empty: each walked into from the outline, a keyhole)."""
     import cv2
     from pycocotools import mask as mask_util
-    from scipy import ndimage
 
     from cellseg_batch.coco import mask_polygons
 
