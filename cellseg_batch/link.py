@@ -62,7 +62,8 @@ Two faults of real stacks are handled between rules 1-2 and the gap edges:
    slices are ``AUTO_MIN_OBJECTS`` or more and span ``AUTO_TYPICAL_SLICES`` or more at the median, an object there in
    one slice alone (no partner above, below or across a gap) is not what the class looks like at this z spacing:
    a false detection; it is dropped. Elsewhere (a thin class, thick sections, too few objects to tell) nothing is.
-   Ids are 1..N in order of first appearance (z, then tile raster order): equal inputs give equal ids.
+   Ids are 1..N in the order of the objects' boxes (first slice, top, left; ``_object_table``): equal objects give
+   equal ids, whatever the tile grid.
 
 Scores break ties only (equal IoU, equal IoA: the higher-scored partner, then the lower index), so the result
 never depends on the order of the input.
@@ -986,7 +987,10 @@ def _with_fills(frag: np.ndarray, per_row: np.ndarray, fills, grid: TileGrid) ->
 
 
 def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> np.ndarray:
-    """The OBJECT table (ids 1..N, ``object_cls`` their classes) from the fragments; writes each slice's lut."""
+    """The OBJECT table from the fragments (``object_id``: each component's provisional id 1..N, ``object_cls``
+    their classes); writes each slice's lut. Final ids 1..N follow the objects' boxes: first slice, top, left (then
+    last slice, bottom, right, class, voxels), so the same objects get the same ids whatever the tile grid or the
+    order a model lists its detections in."""
     n_obj = int(object_id.max(initial=0))
     t = np.zeros(n_obj + 1, dtype=OBJECT)
     big = np.iinfo(np.int64).max
@@ -998,7 +1002,6 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> 
         frag = store.fragments(z)
         inst = store.instances(z)
         obj = object_id[comp[bases[z] + inst]] if len(inst) else np.zeros(0, np.uint64)
-        store.write_lut(z, obj)
         frag, obj = _with_fills(frag, obj, store.fills(z), grid)
         own = (frag["area"] > 0) & (obj > 0)
         o, f = obj[own].astype(np.int64), frag[own]
@@ -1014,9 +1017,16 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> 
             np.minimum.at(t[lo], o, f[lo])
             np.maximum.at(t[hi], o, f[hi])
     t = t[1:]
-    t["id"] = np.arange(1, n_obj + 1, dtype=np.uint64)
     t["cls"] = object_cls
     v = np.maximum(t["voxels"], 1).astype(np.float64)
     t["score"] = weighted_score[1:] / v
     t["cz"], t["cy"], t["cx"] = sz[1:] / v, t["cy"] / v, t["cx"] / v
+    order = np.lexsort([t[k] for k in ("voxels", "cls", "x1", "y1", "z1", "x0", "y0", "z0")])  # the last key first
+    t = t[order]
+    t["id"] = np.arange(1, n_obj + 1, dtype=np.uint64)
+    final = np.zeros(n_obj + 1, np.uint64)
+    final[order + 1] = t["id"]
+    for z in range(n_slices):  # the luts once the ids are final: a slice's instances again, not its fragments
+        inst = store.instances(z)
+        store.write_lut(z, final[object_id[comp[bases[z] + inst]]] if len(inst) else np.zeros(0, np.uint64))
     return t
