@@ -97,7 +97,7 @@ def _eval(args) -> int:
         if value and Path(value).is_dir():  # refused before minutes of scoring, not after
             raise UserError(f"{option} {value} is a folder; give a file in it, e.g. {Path(value) / example}")
     result = evaluate_paths(args.pred, args.gt, gt_classes=args.gt_classes, slices=args.slices, mode=args.mode,
-                            errors_png=args.errors_png, pred_classes=args.pred_classes)  # fmt: skip
+                            errors_png=args.errors_png, pred_classes=args.pred_classes, gt_slices=args.gt_slices)  # fmt: skip
     for warning in result["warnings"]:
         print(f"cellseg-batch: warning: {warning}", file=sys.stderr)
     print(format_table(result))
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--slices", help="evaluate these slices only: START:STOP, or slices and ranges separated by commas "
                    "(e.g. 0,10,20 or 0:5,10:15,28: the slices a lab annotated); in 3d mode each run of consecutive "
                    "slices is scored as a sub-volume of its own")  # fmt: skip
+    e.add_argument("--gt-slices", help="START:STOP: the volume's slices the ground truth holds, where it holds only "
+                   "some (a truth file of a sub-range); the slices both hold are scored")
     e.add_argument("--mode", choices=["3d", "2d"], default="3d", help="2d: every slice on its own")
     e.add_argument("--json", help="also write the result as JSON here (with each class's splits and merges)")
     e.add_argument("--errors-png", help="draw the worst split (3d mode) as a PNG here")

@@ -84,10 +84,11 @@ def evaluate(
         )
     for name in shared:
         if tuple(pred[name].shape) != tuple(gt[name].shape):
-            raise UserError(
-                f"class {name!r}: the prediction has shape {tuple(pred[name].shape)} but the ground truth has "
-                f"{tuple(gt[name].shape)} (Z, Y, X); evaluate labels of the same volume"
-            )
+            p_shape, g_shape = tuple(pred[name].shape), tuple(gt[name].shape)
+            hint = ("; ground truth of some of the volume's slices: say which with --gt-slices START:STOP (e.g. "
+                    f"--gt-slices 0:{g_shape[0]})" if g_shape[0] < p_shape[0] and g_shape[1:] == p_shape[1:] else "")
+            raise UserError(f"class {name!r}: the prediction has shape {p_shape} but the ground truth has {g_shape} "
+                            f"(Z, Y, X); evaluate labels of the same volume{hint}")  # fmt: skip
         for vol in (pred[name], gt[name]):
             if np.dtype(vol.dtype).kind not in "ui":
                 raise UserError(f"{vol.path} holds {vol.dtype} values; label images must hold integer ids")
@@ -131,10 +132,13 @@ def _sparse_truth_warning(n_slices: int, annotated: list[int]) -> list[str]:
 
 
 def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: str | None = None,
-                   mode: str = "3d", errors_png: str | None = None, pred_classes: str | None = None) -> dict:  # fmt: skip
+                   mode: str = "3d", errors_png: str | None = None, pred_classes: str | None = None,
+                   gt_slices: str | None = None) -> dict:  # fmt: skip
     """``cellseg-batch eval``: PRED is a run's OME-Zarr (scores from its object table where present), or another
     tool's 3D label stack with ``pred_classes``, scored by its own ids (its objects as that tool made them); GT an
-    OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map)."""
+    OME-Zarr with a labels group, or a label stack with ``gt_classes`` (a class name or a JSON id -> class map).
+    ``gt_slices`` (START:STOP): the volume's slices the ground truth holds, where it holds only some of them (a
+    lab's truth of a sub-range, in a file of its own); the slices both hold are scored."""
     from .read import check_3d_ids, check_label_stack, class_volumes, ngff_label_layers, open_label_layers
 
     for path, option in ((gt, "--gt-classes"), (pred, "--pred-classes")):
@@ -155,6 +159,16 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None
+    if gt_slices:
+        pred_sets, gt_sets, z0 = _shared_slices(pred, pred_sets, gt, gt_sets, gt_slices)
+        zs = parse_slice_list(slices, None) if slices else None
+        depth = next(iter(pred_sets.values())).shape[0]
+        if zs is not None:  # given in the volume's slice numbers, as --gt-slices is
+            if zs[0] < z0 or zs[-1] >= z0 + depth:
+                raise UserError(f"--slices {slices}: the prediction and the ground truth share slices {z0}:{z0 + depth} "
+                                "of the volume only")  # fmt: skip
+            zs = [z - z0 for z in zs]
+        return _scored(pred_sets, gt_sets, scores, zs, mode, z0, warnings, errors_png)
     zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None
     z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
     if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth
@@ -164,7 +178,12 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
             if zs[0] < z0 or zs[-1] >= z0 + depth:
                 raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
             zs = [z - z0 for z in zs]
-    result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0 or 0)
+    return _scored(pred_sets, gt_sets, scores, zs, mode, z0 or 0, warnings, errors_png)
+
+
+def _scored(pred_sets: dict, gt_sets: dict, scores, zs, mode: str, z0: int, warnings: list, errors_png) -> dict:
+    """``evaluate`` with the warnings found before it, the worst split drawn, and slices in the volume's numbers."""
+    result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0)
     result["warnings"] = warnings + result["warnings"]
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
@@ -202,16 +221,42 @@ def written(path: str, option: str):
         raise UserError(f"cannot write {option} {path} ({e.strerror}); {way}") from e
 
 
+def _shared_slices(pred: str, pred_sets: dict, gt: str, gt_sets: dict, gt_slices: str) -> tuple[dict, dict, int]:
+    """Both label sets cut to the volume slices both hold, and the first of those: the ground truth holds slices
+    ``gt_slices`` (START:STOP) of the volume; a run's output those its run took (``run --slices``), else all."""
+    from .config import parse_slices
+
+    g0, g1 = parse_slices(gt_slices, None, "--gt-slices")
+    gt_depth, pred_depth = next(iter(gt_sets.values())).shape[0], next(iter(pred_sets.values())).shape[0]
+    if g1 - g0 != gt_depth:
+        raise UserError(f"--gt-slices {gt_slices} names {g1 - g0} slices, but {gt} holds {gt_depth}; give the volume's "
+                        f"slices it holds, e.g. --gt-slices {g0}:{g0 + gt_depth}")  # fmt: skip
+    recorded = _run_slices(pred)
+    p0 = recorded[0] if recorded and recorded[1] - recorded[0] == pred_depth else 0
+    lo, hi = max(p0, g0), min(p0 + pred_depth, g1)
+    if lo >= hi:
+        raise UserError(f"{pred} holds slices {p0}:{p0 + pred_depth} of the volume and the ground truth "
+                        f"{g0}:{g1} (--gt-slices): they share none")  # fmt: skip
+    cut = lambda sets, start: {name: SliceRange(v, lo - start, hi - lo) for name, v in sets.items()}  # noqa: E731
+    return cut(pred_sets, p0), cut(gt_sets, g0), lo
+
+
 def _run_offset(pred: str, pred_depth: int, gt_depth: int) -> int | None:
     """The first volume slice of a run's output that holds only some of the volume's slices (``run --slices``,
     recorded in the output), where the ground truth holds all of them; else None."""
-    recorded = ((group_attrs(pred) or {}).get("cellseg_batch") or {}).get("slices")
-    if pred_depth == gt_depth or not recorded or len(recorded) != 2:
+    recorded = _run_slices(pred)
+    if pred_depth == gt_depth or not recorded:
         return None
     z0, z1 = recorded
     if _volume_depth(pred) == pred_depth:  # the run took its whole volume (of fewer slices than the ground truth's):
         return None  # slices 0:N of its own volume are not slices 0:N of this one; the shapes differ
     return z0 if z1 - z0 == pred_depth and z1 <= gt_depth else None
+
+
+def _run_slices(pred: str) -> list[int] | None:
+    """[START, STOP] of the volume's slices a run's output holds, where its run took some (``run --slices``)."""
+    recorded = ((group_attrs(pred) or {}).get("cellseg_batch") or {}).get("slices")
+    return recorded if recorded and len(recorded) == 2 else None
 
 
 def _volume_depth(pred: str) -> int | None:
