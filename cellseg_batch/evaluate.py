@@ -157,6 +157,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
         if mode == "3d" and (pred_classes or layer in gt_layers):  # a run's own labels are 3D objects
             warnings += check_3d_ids(layer, "--mode 2d")
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
+    views = [*pred_sets.values(), *gt_sets.values()]
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None
     if gt_slices:
@@ -168,7 +169,7 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
                 raise UserError(f"--slices {slices}: the prediction and the ground truth share slices {z0}:{z0 + depth} "
                                 "of the volume only")  # fmt: skip
             zs = [z - z0 for z in zs]
-        return _scored(pred_sets, gt_sets, scores, zs, mode, z0, warnings, errors_png)
+        return _scored(pred_sets, gt_sets, scores, zs, mode, z0, warnings, errors_png, views)
     zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None
     z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
     if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth
@@ -178,13 +179,15 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
             if zs[0] < z0 or zs[-1] >= z0 + depth:
                 raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
             zs = [z - z0 for z in zs]
-    return _scored(pred_sets, gt_sets, scores, zs, mode, z0 or 0, warnings, errors_png)
+    return _scored(pred_sets, gt_sets, scores, zs, mode, z0 or 0, warnings, errors_png, views)
 
 
-def _scored(pred_sets: dict, gt_sets: dict, scores, zs, mode: str, z0: int, warnings: list, errors_png) -> dict:
-    """``evaluate`` with the warnings found before it, the worst split drawn, and slices in the volume's numbers."""
+def _scored(pred_sets: dict, gt_sets: dict, scores, zs, mode: str, z0: int, warnings: list, errors_png,
+            views: list) -> dict:  # fmt: skip
+    """``evaluate`` with the warnings found before it and after (``views``: the ``ClassView`` of each class, which
+    note the ids their class map lacks), the worst split drawn, and slices in the volume's numbers."""
     result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0)
-    result["warnings"] = warnings + result["warnings"]
+    result["warnings"] = warnings + result["warnings"] + [_unmapped_warning(v) for v in views if v.unmapped]
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
@@ -219,6 +222,14 @@ def written(path: str, option: str):
             p.unlink()
         way = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "give a file in a folder you can write"
         raise UserError(f"cannot write {option} {path} ({e.strerror}); {way}") from e
+
+
+def _unmapped_warning(view) -> str:
+    """All the ids of a label stack that its class map lists no class for, found in the slices scored."""
+    missing = sorted(view.unmapped)
+    listed = ", ".join(str(i) for i in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+    return (f"{view.layer.volume.path}: {len(missing)} ids in the slices scored have no class in its "
+            f"{view.layer.option} map ({listed}): they are not scored; add them to the map to score them")
 
 
 def _shared_slices(pred: str, pred_sets: dict, gt: str, gt_sets: dict, gt_slices: str) -> tuple[dict, dict, int]:

@@ -1548,8 +1548,8 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
     tile and the objects would depend on the tile size. Checked in the central ``side`` px of the first, middle and
     last slices (by ``run --predictor labels`` and ``convert labels-to-coco``, whose annotations would be such pieces
     too). ``instances`` False (``eval``'s 3D labels, whose objects may lie in several pieces of a slice): only the
-    background checks, and ids the class map lacks are returned as warnings (a map may leave classes out on
-    purpose, to score some)."""
+    background checks (ids the class map lacks are not refused: a map may leave classes out on purpose, to score
+    some; ``ClassView`` notes them all as eval reads them)."""
     nz, h, w = layer.volume.shape
     y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
     warnings, said_mask = [], False
@@ -1559,8 +1559,6 @@ def check_label_stack(layer: LabelLayer, side: int = 1024, instances: bool = Tru
         refuse_other_background(layer.volume.path, ids, z)
         if not instances:
             refuse_top_background(layer.volume.path, ids, z)
-            said = unmapped(layer, ids, z)
-            warnings += [f"{said}: they are not scored"] if said and not warnings else []  # once a stack
             if ids.any() and not said_mask:
                 values, counts = np.unique(_pieces(ids)[1][1:], return_counts=True)
                 most = int(counts.argmax())
@@ -1726,16 +1724,21 @@ def unmapped(layer: LabelLayer, ids: np.ndarray, z: int) -> str | None:
     """What to say of the ids of ``ids`` that the layer's class map lists no class for; None where there are none."""
     if isinstance(layer.classes, str) or not ids.any():
         return None
-    runs = label_runs(ids)
-    present = np.unique(ids if runs is None else runs.values[0])
-    present = present[present != 0]
-    missing = present[layer.classify(present, layer.class_names) < 0]
+    present, missing = unmapped_ids(layer, ids)
     if not len(missing):
         return None
     listed = ", ".join(str(i) for i in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     known = np.array(sorted(layer.classes))
     return (f"{layer.volume.path}: {len(missing)} of the {len(present)} ids in the part of slice {z} checked have no "
             f"class in its {layer.option} map ({listed}); the map lists {len(known)} ids, {known[0]}..{known[-1]}")
+
+
+def unmapped_ids(layer: LabelLayer, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero ids ``ids`` holds, and those of them the layer's class map lists no class for."""
+    runs = label_runs(ids)
+    present = np.unique(ids if runs is None else runs.values[0])
+    present = present[present != 0]
+    return present, present[layer.classify(present, layer.class_names) < 0]
 
 
 def _share(ids: np.ndarray, value: int) -> str:
@@ -1817,6 +1820,10 @@ class ClassView(Volume):
         self._ids = None if isinstance(layer.classes, str) else np.array(
             sorted(i for i, n in layer.classes.items() if n == name), dtype=np.int64
         )
+        # the ids read that the class map lists no class for, noted by one view of each layer (eval names them all
+        # once scored: the check when it starts reads a window of three slices)
+        self.unmapped: set[int] = set()
+        self._notes = self._ids is not None and name == layer.class_names[0]
         super().__init__(f"{layer.volume.path}[{name}]")
 
     def _inspect(self):
@@ -1830,6 +1837,8 @@ class ClassView(Volume):
         refuse_top_background(self.layer.volume.path, ids, z)
         if self._ids is None:
             return ids
+        if self._notes:
+            self.unmapped.update(unmapped_ids(self.layer, ids)[1].tolist())
         return np.where(np.isin(ids, self._ids), ids, 0).astype(ids.dtype, copy=False)
 
 

@@ -480,9 +480,10 @@ def test_an_out_in_folders_not_made_yet_makes_them(capsys, inputs, tmp_path):
 
 def test_eval_says_which_ids_its_class_map_leaves_unscored(capsys, tmp_path):
     """An id missing from --gt-classes was dropped from the scores without a word (run refuses it; eval may be
-    given a map of some classes on purpose, so it warns)."""
-    gt = np.zeros((3, 32, 32), np.uint16)
-    gt[:, 2:10, 2:10], gt[:, 20:30, 20:30] = 1, 9
+    given a map of some classes on purpose, so it warns), and then named only where the check at the start read
+    it (the first, middle and last slices): all are named, as scoring reads them."""
+    gt = np.zeros((5, 32, 32), np.uint16)
+    gt[:, 2:10, 2:10], gt[:, 20:30, 20:30], gt[1, 12:16, 12:16] = 1, 9, 11
     tifffile.imwrite(tmp_path / "gt.tif", gt, photometric="minisblack")
     (tmp_path / "map.json").write_text(json.dumps({"1": "cell"}))
     capsys.readouterr()
@@ -490,5 +491,5 @@ def test_eval_says_which_ids_its_class_map_leaves_unscored(capsys, tmp_path):
             tmp_path / "map.json"]  # fmt: skip
     assert cli.main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
-    assert "1 of the 2 ids in the part of slice 0 checked have no class in its --gt-classes map (9)" in err
+    assert "2 ids in the slices scored have no class in its --gt-classes map (9, 11)" in err
     assert err.count("they are not scored") == 1
