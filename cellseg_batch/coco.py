@@ -258,6 +258,7 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                             "every image needs an id of its own")  # fmt: skip
     skipped["annotations of images not in the file"] = sum(len(v) for k, v in by_image.items() if k not in files_of)
     records, crowd, missing, seen, twice, unknown, partial = [], 0, [], {}, [], Counter(), []
+    polygons_seen = polygons_within_1 = 0  # normalised coordinates (0..1) fill a pixel or none: say so, once
     find_image = _ImageFinder(images)
     for img in data["images"]:
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
@@ -285,6 +286,10 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                 skipped["unknown categories"] += 1
                 unknown[name if name is not None else f"id {a.get('category_id')!r}"] += 1
                 continue
+            polys = _polygons(a["segmentation"]) if isinstance(a.get("segmentation"), list) else None
+            if polys and all(len(p) for p in polys):
+                polygons_seen += 1
+                polygons_within_1 += all(0 <= v <= 1 for p in polys for v in p)
             segm, why = _segmentation(a.get("segmentation"), int(h), int(w))
             if why:
                 skipped[why] += 1
@@ -303,6 +308,10 @@ def load_coco(json_path: str | Path, images: str | Path, classes: list[str] | No
                         "annotations": annotations})  # fmt: skip
         if unusable and annotations:  # the image trains, and those objects in it with it, as background
             partial.append((img["file_name"], unusable))
+    if polygons_seen >= 2 and polygons_within_1 == polygons_seen:
+        raise UserError(f"{json_path}: all {polygons_seen} polygon annotations lie within 0..1: coordinates "
+                        "normalised to the image's size (as YOLO's are)? COCO polygons are in pixels: multiply each x "
+                        "by the image's width and each y by its height")  # fmt: skip
     if missing:
         notes.append(f"not found under {images}: {find_image.describe(missing)}")
     if twice:

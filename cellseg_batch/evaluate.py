@@ -80,7 +80,8 @@ def evaluate(
     if not shared:
         raise UserError(
             f"prediction and ground truth share no class: the prediction has {sorted(pred)}, the ground truth "
-            f"has {sorted(gt)}; name the classes alike (label image names or --classes)"
+            f"has {sorted(gt)}; name the classes alike (label image names, or --gt-classes and --pred-classes for plain "
+            "label stacks)"
         )
     for name in shared:
         if tuple(pred[name].shape) != tuple(gt[name].shape):

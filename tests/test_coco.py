@@ -281,6 +281,19 @@ def test_polygon_layouts_tools_write_load_as_polygons(tmp_path):
         assert (mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 96, 96))) == expected).all()
 
 
+def test_polygons_normalised_to_0_1_are_refused_naming_the_fix(tmp_path):
+    """Coordinates divided by the image's size (YOLO's layout, some converters') filled a pixel at the corner or
+    none: 'degenerate' and one-pixel objects without a hint. A file of them is refused in one line saying how to
+    fix it; one small object at the corner among pixel polygons is not."""
+    normalised = [[0.1, 0.1, 0.4, 0.1, 0.4, 0.4, 0.1, 0.4], [0.5, 0.5, 0.9, 0.5, 0.9, 0.9]]
+    ann, folder = _one_image_set(tmp_path, normalised)
+    with pytest.raises(UserError, match="all 2 polygon annotations lie within 0..1.*multiply each x by the image's"):
+        load_coco(ann, folder)
+    corner_pixel = [[0, 0, 1, 0, 1, 1, 0, 1]]
+    ann, folder = _one_image_set(tmp_path, [corner_pixel, [[18, 18, 42, 18, 42, 42, 18, 42]]])
+    assert len(load_coco(ann, folder).records[0]["annotations"]) == 2
+
+
 def test_category_ids_as_text_class_names_tools_allow_and_unused_classes(tmp_path):
     """Category ids "1" and 1 are one (as image ids were); 'alpha granule' becomes the class alpha_granule (a label
     layer's name), said; a class with no annotation is named (the model would never learn it); a list as a
