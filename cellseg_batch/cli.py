@@ -135,10 +135,11 @@ def _train(args) -> int:
 
 
 def _convert(args) -> int:
-    from .coco import labels_to_coco, output_volume
+    from .coco import labels_to_coco, output_to_coco_display, output_volume
     from .read import check_label_stack, ngff_label_layers, open_label_layers, open_volume
 
     first = 0  # the volume slice of the labels' slice 0: a run of part of its volume (run --slices) starts later
+    display = None  # the images' own pixels
     if args.direction == "labels-to-coco":
         volume = open_volume(args.volume)
         layers = open_label_layers(([args.labels] if args.labels else []) + args.more_labels, args.classes)
@@ -149,6 +150,7 @@ def _convert(args) -> int:
             raise UserError(f"{args.output} is not a cellseg-batch output (no labels/ group)")
         volume, first = output_volume(args.output, args.volume, layers[0].volume.shape[0])
         polygons = not args.rle
+        display = output_to_coco_display(args.output, volume)
     for layer in layers:
         if layer.volume.shape != volume.shape:
             raise UserError(f"{layer.volume.path} has shape {layer.volume.shape}, the volume {volume.shape}")
@@ -160,9 +162,12 @@ def _convert(args) -> int:
                         "volume (run --slices)")  # fmt: skip
     paths = labels_to_coco(volume, layers, args.out, tile=args.tile, slices=range(z0 - first, z1 - first, args.every),
                            val_fraction=args.val_fraction, polygons=polygons, overwrite=args.overwrite,
-                           z_offset=first)  # fmt: skip
+                           z_offset=first, display=display)  # fmt: skip
     for name, p in paths.items():
         print(f"  {name:7s} {p}")
+    if display is not None:
+        print(f"  the {volume.dtype} images as 8-bit PNGs, {display.low:g}..{display.high:g} stretched to "
+              f"{'255..0' if display.invert else '0..255'} as the run stretched them (annotation tools show 8-bit)")
     return 0
 
 

@@ -657,14 +657,15 @@ def _polygons_in_box(ids: np.ndarray, i: int, bbox: list[float]) -> list[list[fl
 
 def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: range | None = None,
                    val_fraction: float = 0.0, polygons: bool = False, min_area: int = 1,
-                   overwrite: bool = False, z_offset: int = 0) -> dict[str, Path]:  # fmt: skip
+                   overwrite: bool = False, z_offset: int = 0, display=None) -> dict[str, Path]:  # fmt: skip
     """Cut a volume and its label layers into image tiles plus COCO files (train.json, and val.json when
     ``val_fraction`` > 0: whole slices, evenly spaced, go to validation). Tiles are named by their slice in the
     input volume's numbering (``z_offset``: the volume slice of slice 0, a run of part of its volume).
 
     One annotation per instance id per tile, of the class its layer gives it; masks as RLE, or polygons for
     tools that edit them. Tiles are written in the volume's own dtype (PNG for 8/16-bit, TIFF otherwise), so
-    training normalizes them exactly as ``run`` normalizes the volume. A folder that already holds a COCO set is
+    training normalizes them exactly as ``run`` normalizes the volume; with ``display`` (a ``Normalization``), as
+    8-bit PNGs stretched by it, for annotation tools that show 8-bit images only (``output_to_coco_display``). A folder that already holds a COCO set is
     refused without ``overwrite``, which removes it first: a set written over another would keep its stale images
     and val.json (validation images that are also training images)."""
     import shutil
@@ -695,7 +696,8 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
     made_out = not out.exists()
     img_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _write_coco_set(volume, layers, out, img_dir, names, zs, val_z, tile, min_area, polygons, z_offset)
+        return _write_coco_set(volume, layers, out, img_dir, names, zs, val_z, tile, min_area, polygons, z_offset,
+                               display)  # fmt: skip
     except BaseException:  # a read error or Ctrl-C halfway: no half-written set that looks like one
         shutil.rmtree(img_dir, ignore_errors=True)
         for name in ("train.json", "val.json"):
@@ -706,7 +708,7 @@ def labels_to_coco(volume, layers, out: str | Path, tile: int = 512, slices: ran
 
 
 def _write_coco_set(volume, layers, out: Path, img_dir: Path, names, zs, val_z, tile, min_area, polygons,
-                    z_offset) -> dict[str, Path]:  # fmt: skip
+                    z_offset, display=None) -> dict[str, Path]:  # fmt: skip
     """``labels_to_coco``'s images and annotations, once its checks have passed."""
     from PIL import Image
 
@@ -715,13 +717,15 @@ def _write_coco_set(volume, layers, out: Path, img_dir: Path, names, zs, val_z, 
     sets = {"train": {"images": [], "annotations": [], "categories": categories},
             "val": {"images": [], "annotations": [], "categories": categories}}  # fmt: skip
     tile = tile or max(ny, nx)
-    suffix = ".png" if volume.dtype in (np.uint8, np.uint16) else ".tif"
+    suffix = ".png" if volume.dtype in (np.uint8, np.uint16) or display is not None else ".tif"
     ann_id = 0
     for z in zs:
         split = sets["val" if z in val_z else "train"]
         for y0, y1, x0, x1 in side_by_side(ny, nx, tile):
             name = f"z{z + z_offset:05d}_y{y0:05d}_x{x0:05d}{suffix}"
             image = volume.read(z, y0, y1, x0, x1)
+            if display is not None:
+                image = np.rint(display.apply(image)).astype(np.uint8)
             if suffix == ".png":
                 Image.fromarray(image).save(img_dir / name)
             else:
@@ -754,6 +758,24 @@ def _write_coco_set(volume, layers, out: Path, img_dir: Path, names, zs, val_z, 
             paths[split] = out / f"{split}.json"
             paths[split].write_text(json.dumps(data))
     return paths
+
+
+def output_to_coco_display(output: str, volume):
+    """How ``output-to-coco`` writes a run's images: None (their own pixels) for 8-bit volumes; else the stretch to
+    0..255 the run gave the model (its report's, or estimated as ``run`` does), for 8-bit PNGs. Annotation tools and
+    browsers show 8-bit images: a 16-bit PNG of 12-bit data showed near black (its high byte, 0-15), a TIFF tile of
+    an int16 or float volume not at all. Training reads the 8-bit tiles like any (per pixel type, ``train``)."""
+    import json
+
+    from .normalize import Normalization, estimate
+
+    if volume.dtype == np.uint8:
+        return None
+    try:
+        said = json.loads((Path(output) / "cellseg" / "report.json").read_text())["plan"]["normalization"]
+        return Normalization(float(said["low"]), float(said["high"]), invert=bool(said.get("invert", False)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return estimate(volume)
 
 
 def output_volume(output: str, volume_path: str | None, depth: int):

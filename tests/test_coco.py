@@ -412,6 +412,36 @@ def test_output_to_coco_of_a_run_of_some_slices_names_them_as_the_volume_does(tm
     assert "--out " in (err := capsys.readouterr().err) and "is a file; give a folder" in err
 
 
+def test_output_to_coco_writes_8_bit_images_an_annotation_tool_shows(tmp_path, capsys):
+    """A run of 12-bit data kept as 16-bit: its tiles were 16-bit PNGs that browsers and tools show by their high
+    byte (0-15 here: near black), an int16 volume's were TIFFs they cannot open. output-to-coco writes 8-bit PNGs
+    stretched as the run stretched the volume; 8-bit volumes keep their own pixels."""
+    import tifffile
+
+    from cellseg_batch import cli
+    from conftest import cli as run_cli
+
+    cells = np.zeros((3, 64, 64), np.uint16)
+    cells[:, 8:30, 8:30], cells[:, 36:60, 30:58] = 1, 2
+    rng = np.random.default_rng(0)
+    for dtype, scale in ((np.uint16, 4095 / 255), (np.int16, 4095 / 255)):
+        image = (rng.integers(40, 90, cells.shape) + cells * 60) * scale
+        tifffile.imwrite(tmp_path / "vol.tif", image.astype(dtype), photometric="minisblack")
+        tifffile.imwrite(tmp_path / "lab.tif", cells, photometric="minisblack")
+        out = tmp_path / f"{np.dtype(dtype).name}.zarr"
+        run_cli("run", tmp_path / "vol.tif", "--predictor", "labels", "--labels", tmp_path / "lab.tif", "--classes",
+                "cell", "--tile", 64, "--out", out, "--no-progress")  # fmt: skip
+        capsys.readouterr()
+        coco = tmp_path / f"coco_{np.dtype(dtype).name}"
+        assert cli.main(["convert", "output-to-coco", str(out), "--tile", "0", "--out", str(coco)]) == 0
+        assert f"the {np.dtype(dtype).name} images as 8-bit PNGs" in capsys.readouterr().out
+        names = [i["file_name"] for i in json.loads((coco / "train.json").read_text())["images"]]
+        assert len(names) == 3 and all(n.endswith(".png") for n in names)
+        shown = np.asarray(Image.open(coco / "images" / names[0]))
+        assert shown.dtype == np.uint8 and shown.max() == 255 and shown.min() < 40  # stretched, not the high byte
+        assert len(load_coco(coco / "train.json", coco / "images").records) == 3
+
+
 def test_objects_left_without_a_mask_in_an_image_that_trains_and_images_left_out_are_said(tmp_path):
     """An image trains with the objects whose annotation has no usable mask (a box only, a two-point polygon) as
     background, and detectron2 leaves out images with no usable annotation: both were only in the skipped counts
