@@ -773,7 +773,7 @@ def output_to_coco_display(output: str, volume):
         return None
     try:
         said = json.loads((Path(output) / "cellseg" / "report.json").read_text())["plan"]["normalization"]
-        return Normalization(float(said["low"]), float(said["high"]), invert=bool(said.get("invert", False)))
+        return Normalization.fixed(said["low"], said["high"], invert=bool(said.get("invert", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return estimate(volume)
 

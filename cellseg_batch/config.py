@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -269,6 +270,8 @@ def check_run_config(cfg: RunConfig) -> None:
 
     if ":" not in cfg.predictor and cfg.predictor not in PREDICTORS:  # MODULE:NAME is checked when imported
         raise UserError(f"--predictor {cfg.predictor!r}: unknown predictor; choose one of {', '.join(PREDICTORS)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):  # torch's own names; anything else failed in the actors
+        raise UserError(f"--device {cfg.device!r}: use auto, cpu or cuda (cuda:N for one GPU)")
     if cfg.link not in ("overlap", "none"):
         raise UserError(f"--link {cfg.link!r}: choose overlap or none")
     if cfg.overlap == 0:  # stitching matches the pixels neighbouring tiles share: without any, nothing is joined

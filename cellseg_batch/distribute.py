@@ -146,10 +146,15 @@ def cluster_resources() -> dict:
 def wait_started(actors: list, timeout: float) -> None:
     """Actors that cannot be placed would leave the run waiting forever: give up with the reason instead."""
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     try:
         ray.get([a.pid.remote() for a in actors], timeout=timeout)
+    except RayActorError as e:  # a user's mistake found as the actor loaded its model: its one line, not Ray's
+        cause = getattr(e.args[0] if e.args else None, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
     except GetTimeoutError:
         raise UserError(
             f"the predictor actors did not start within {timeout:.0f} s: no node offers the CPUs/GPUs each asks "

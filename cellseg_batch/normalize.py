@@ -22,7 +22,7 @@ from .read import Volume
 class Normalization:
     low: float
     high: float
-    percentiles: tuple[float, float] = (1.0, 99.5)
+    percentiles: tuple[float, float] | None = (1.0, 99.5)  # None: LOW,HIGH given (--normalization), not sampled
     blank: str = field(default="", compare=False)  # why the sample had no contrast to stretch ("": it had)
     # the volume's contrast is the opposite of the training images' (``run --invert``): high maps to 0, low to 255
     invert: bool = False
@@ -32,6 +32,12 @@ class Normalization:
     # sampled slices whose intensity lies far from the others' (a damaged or differently exposed section), left out
     # of the percentiles (``_typical_slices``): (slice, its median, the others' median)
     odd_slices: tuple = field(default=(), compare=False)
+
+    @classmethod
+    def fixed(cls, low: float, high: float, invert: bool = False) -> Normalization:
+        """LOW,HIGH as given (``--normalization``, or a run's report), not from percentiles: those are None (they
+        were NaN, which made the run's report.json invalid JSON)."""
+        return cls(float(low), float(high), None, invert=invert)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """float32 in [0, 255]."""
@@ -71,6 +77,12 @@ class ByPixelType:
     images' counterpart of ``run`` giving every volume its own."""
 
     by_type: dict[str, Normalization]
+
+    @classmethod
+    def fixed(cls, low: float, high: float, invert: bool = False) -> Normalization:
+        """LOW,HIGH as given (``--normalization``, or a run's report), not from percentiles: those are None (they
+        were NaN, which made the run's report.json invalid JSON)."""
+        return cls(float(low), float(high), None, invert=invert)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         normalization = self.by_type.get(image.dtype.name)

@@ -113,6 +113,7 @@ TEXT = [  # (command, option, strategy of bad values)
         lambda t: not 0 <= t[0] < t[1]).map(lambda t: f"{t[0]}:{t[1]}"))),
     ("run", "link-gap", st.one_of(st.integers(4, 100).map(str), st.integers(-9, -1).map(str), st.just("cell=x"))),
     ("run", "min-voxels", st.one_of(st.integers(-100, -1).map(str), st.sampled_from(["x", "=3", "cell=1,cell=2"]))),
+    ("run", "device", st.sampled_from(["gpu", "GPU", "cuda0", "cuda:x", "mps", "cpu,cuda", ""])),
     ("synth", "shape", st.lists(st.integers(-3, 64).map(str), max_size=4).filter(
         lambda v: len(v) != 3 or min(map(int, v)) < 1).map(",".join)),
 ]  # fmt: skip

@@ -66,6 +66,44 @@ def test_detectron2_predictor_runs_through_ray_and_writes_readable_ome_zarr(mode
     assert (out / "cellseg" / "preview.png").stat().st_size > 1000
 
 
+def test_a_model_whose_classes_disagree_with_its_config_is_refused_before_the_actors_start(model_dir, tmp_path):
+    """cellseg.json edited to other classes than the config's NUM_CLASSES: the check ran in the actors only, and
+    came out as Ray's retries and traceback (200-300 lines) after Ray and the actors had started."""
+    import shutil
+
+    import tifffile
+
+    edited = tmp_path / "m"
+    shutil.copytree(model_dir, edited)
+    meta = json.loads((edited / "cellseg.json").read_text())
+    (edited / "cellseg.json").write_text(json.dumps({**meta, "classes": ["cell", "mitochondrion", "granule"]}))
+    tifffile.imwrite(tmp_path / "v.tif", np.full((1, 64, 64), 90, np.uint8), photometric="minisblack")
+    proc = cli("run", tmp_path / "v.tif", "--model", edited, "--out", tmp_path / "o.zarr", "--no-progress", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"cellseg-batch: error: {edited}: cellseg.json lists 3 classes but the config has "
+        "MODEL.ROI_HEADS.NUM_CLASSES=2; correct one of them"]
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_a_run_with_a_given_normalization_writes_a_report_that_is_json(model_dir, tmp_path):
+    """--normalization LOW,HIGH recorded its percentiles as NaN: report.json was not JSON to a strict reader (a
+    browser's JSON.parse, jq). And a volume without a pixel size is said to take the model's."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "v.tif", np.full((1, 64, 64), 90, np.uint8), photometric="minisblack")
+    cli("run", tmp_path / "v.tif", "--model", model_dir, "--normalization", "10,250", "--num-cpus", 1, "--out",
+        tmp_path / "o.zarr", "--no-progress")  # fmt: skip
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "o.zarr" / "cellseg" / "report.json").read_text(), parse_constant=refuse)
+    assert report["plan"]["normalization"]["low"] == 10 and report["plan"]["normalization"]["percentiles"] is None
+    # a plain TIFF records no pixel size: the model's was taken without a word, and no --rescale advice could follow
+    assert any("v.tif records no pixel size: the output's metadata takes the model's (40,10,10 nm)" in w
+               for w in report["warnings"]), report["warnings"]
+
+
 def test_detectron2_imports_without_torch_dynamo_and_roi_align_still_works():
     """Actors import detectron2 without torch._dynamo (``d2compat._import_torchvision_ops``); RoIAlign runs, and a
     later torch._dynamo import (torch.compile) is the real package, which torchvision's fallback check then uses."""

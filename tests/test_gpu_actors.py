@@ -17,7 +17,6 @@ ARGS = ["--labels", VOLUME, "--tile", 128, "--overlap", 16, "--batch-size", 2, "
 # kills its own process once (the first call for slice 3), as a crashed GPU worker would die.
 PROBE = '''
 import json, os, signal
-from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -31,7 +30,7 @@ class GPUProbe(LabelsPredictor):
     @classmethod
     def plan(cls, options, volume):
         plan = super().plan(options, volume)
-        plan.spec, plan.uses_gpu = replace(plan.spec, name="gpu_probe"), True
+        plan.uses_gpu = True
         return plan
 
     def __init__(self, layers):

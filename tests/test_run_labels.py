@@ -310,8 +310,6 @@ def test_a_run_without_address_starts_its_own_ray_whatever_names_another(tmp_pat
 # The labels, less what a detector misses at a tile's edge: every instance that touches a cut edge of the window
 # (one inside the slice) and has no pixel farther than OVERLAP px from the cut edges.
 EDGE_SHY = '''
-from dataclasses import replace
-
 import numpy as np
 
 from cellseg_batch.predict import register
@@ -320,14 +318,8 @@ from cellseg_batch.predict.labels_predictor import LabelsPredictor
 MARGIN = 32  # the overlap: a missed object reaches up to 16 px into the core
 
 
-@register("edge_shy")
+@register("edge_shy")  # its plan is the labels predictor's, under this name
 class EdgeShy(LabelsPredictor):
-    @classmethod
-    def plan(cls, options, volume):
-        plan = super().plan(options, volume)
-        plan.spec = replace(plan.spec, name="edge_shy")
-        return plan
-
     def predict(self, z, windows, images=None):
         height, width = self.layers[0].volume.shape[1:]
         tiles = super().predict(z, windows, images)

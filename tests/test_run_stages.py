@@ -136,6 +136,56 @@ def test_a_refused_resume_names_the_options_that_changed_or_says_an_input_change
                changed_settings(before, {**before["config"], "tile": 128}))
 
 
+def test_an_unfinished_run_that_predicted_nothing_starts_over_with_other_settings():
+    """A run that stopped as its actors started (a model they could not load) left an unfinished output: the
+    corrected command was refused unless given --overwrite, though nothing would be lost."""
+    prev = {"predict_fp": "P", "post_fp": "Q", **NOW}
+    with pytest.raises(UserError, match="other settings"):
+        decide("incomplete", True, prev, "P2", "Q2", False, "o", predicted=True)
+    d = decide("incomplete", True, prev, "P2", "Q2", False, "o", predicted=False)
+    assert (d.mode, d.remove_output, d.forget) == ("fresh", True, "all")
+
+
+FAILS_AS_IT_LOADS = """
+from cellseg_batch.errors import UserError
+from cellseg_batch.predict import register
+from cellseg_batch.predict.labels_predictor import LabelsPredictor
+
+
+@register("fails_as_it_loads")  # its plan is the labels predictor's, under this name
+class FailsAsItLoads(LabelsPredictor):
+    def __init__(self, *args, **kwargs):
+        raise UserError("weights.pth cannot be loaded: a mistake found in the actor")
+"""
+
+
+def test_a_users_mistake_found_as_the_actors_start_is_one_line_and_the_corrected_run_is_not_refused(tmp_path):
+    """A UserError raised as an actor builds its predictor (a model file the driver cannot check: cut weights) came
+    out as Ray's traceback, and its unfinished output refused the corrected command. Actors beyond the local Ray's
+    CPUs never started: the run waited 600 s in silence; they are refused at once."""
+    import os
+
+    import tifffile
+
+    from conftest import cli
+
+    (tmp_path / "fails_mod.py").write_text(FAILS_AS_IT_LOADS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    tifffile.imwrite(tmp_path / "vol.tif", np.full((2, 64, 64), 90, np.uint8), photometric="minisblack")
+    labels = np.zeros((2, 64, 64), np.uint16)
+    labels[:, 8:30, 8:30] = 1
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    base = ["run", tmp_path / "vol.tif", "--labels", tmp_path / "lab.tif", "--classes", "cell", "--tile", 64,
+            "--num-cpus", 2, "--out", tmp_path / "o.zarr", "--no-progress"]  # fmt: skip
+    failed = cli(*base, "--predictor", "fails_mod:fails_as_it_loads", check=False, env=env)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 2 and last == "cellseg-batch: error: weights.pth cannot be loaded: a mistake found in the actor"
+    cli(*base, "--predictor", "labels", "--link-iou", 0.3, env=env)  # other settings: not refused
+    crowded = cli(*base, "--predictor", "labels", "--actors", 3, "--overwrite", check=False, env=env, timeout=120)
+    assert crowded.returncode == 2 and "need 3 CPUs, but the local Ray has 2" in crowded.stderr
+    assert "e.g. --actors 2" in crowded.stderr
+
+
 @pytest.mark.parametrize("made_with", [{"post_rules": POST_RULES - 1}, {}])  # older rules; a run.json before versions
 def test_an_unfinished_run_of_older_linking_rules_keeps_its_predictions_and_redoes_the_rest(made_with):
     prev = {"predict_fp": "P", "post_fp": "Q", **made_with}

@@ -63,12 +63,27 @@ def load_config(model: ModelDir, device: str = "cpu", score_threshold: float | N
     cfg.MODEL.DEVICE = device
     if score_threshold is not None:
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
-    if len(model.classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise UserError(
-            f"{model.path}: cellseg.json lists {len(model.classes)} classes but the config has "
-            f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
-        )
+    check_class_count(model, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     return cfg
+
+
+def check_class_count(model: ModelDir, num_classes: int | None) -> None:
+    """cellseg.json's classes against the config's MODEL.ROI_HEADS.NUM_CLASSES (None: not known yet)."""
+    if num_classes is not None and len(model.classes) != num_classes:
+        raise UserError(f"{model.path}: cellseg.json lists {len(model.classes)} classes but the config has "
+                        f"MODEL.ROI_HEADS.NUM_CLASSES={num_classes}; correct one of them")  # fmt: skip
+
+
+def written_class_count(model: ModelDir) -> int | None:
+    """MODEL.ROI_HEADS.NUM_CLASSES as the model's config.yaml writes it, read without detectron2 (the driver does
+    not import it), so that a mismatch is refused before the actors start; None where the file leaves it to a
+    _BASE_ or the defaults (the actors check the merged config)."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load(model.config_path.read_text())["MODEL"]["ROI_HEADS"]["NUM_CLASSES"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
 
 
 @register("detectron2")
@@ -104,12 +119,13 @@ class Detectron2Predictor(Predictor):
         if not options.model:
             raise UserError("--model DIR is required (a model directory written by `cellseg-batch train`)")
         model = ModelDir.load(options.model)
+        check_class_count(model, written_class_count(model))
         norm = model.normalization
         # --exclusive, else what `train` found in the annotations
         exclusive = exclusive_groups(options.exclusive, model.classes, str(model.path), model.exclusive)
         return Plan(
             spec=PredictorSpec(
-                "detectron2",
+                cls.name,  # a subclass registered under another name is built as itself in the actors
                 {"model_dir": str(model.path.resolve()), "device": options.device,
                  "score_threshold": options.score_threshold, "amp": options.amp,
                  "exclusive": exclusive},

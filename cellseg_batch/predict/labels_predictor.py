@@ -59,7 +59,7 @@ class LabelsPredictor(Predictor):
         classes = [n for layer in layers for n in layer.class_names]
         layer_of = _exclusive_layers(options.exclusive, layers, classes)
         return Plan(
-            spec=PredictorSpec("labels", {"layers": layers, **({"layer_of": layer_of} if layer_of else {})}),
+            spec=PredictorSpec(cls.name, {"layers": layers, **({"layer_of": layer_of} if layer_of else {})}),
             classes=classes,
             needs_image=False,
             tile=options.tile or DEFAULT_TILE,

@@ -91,8 +91,11 @@ def changed_settings(previous: dict | None, config: dict) -> str:
 
 
 def decide(output_status: str | None, output_exists: bool, previous: dict | None, predict_fp: str, post_fp: str,
-           overwrite: bool, out: str, changed: str = "") -> Decision:  # fmt: skip
-    """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours)."""
+           overwrite: bool, out: str, changed: str = "", predicted: bool = True) -> Decision:  # fmt: skip
+    """The resume rule. ``output_status`` is the output's cellseg status (None where absent or not ours);
+    ``predicted``: the work store holds predictions of some tile. An unfinished run that predicted nothing (it
+    stopped as it started: a model its actors could not load, a wrong --device) is started over with any settings:
+    nothing is lost, and refusing it made the corrected command ask for --overwrite."""
     resume = False
     keep_predictions = bool(previous) and previous.get("predict_fp") == predict_fp
     if output_exists:
@@ -103,7 +106,7 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
         unfinished = output_status == "incomplete" and bool(previous)
         same_settings = unfinished and previous.get("post_fp") == post_fp
         resume = same_settings and made_by(previous, "post_rules") == POST_RULES
-        if unfinished and not same_settings and not overwrite:
+        if unfinished and not same_settings and not overwrite and predicted:
             if made_by(previous, "tile_store") != TILE_STORE:
                 raise UserError(
                     f"{out} holds an unfinished run of another cellseg-batch version, whose tiles this one cannot "
@@ -121,6 +124,10 @@ def decide(output_status: str | None, output_exists: bool, previous: dict | None
     forget = None if resume or not previous else ("merge" if keep_predictions else "all")
     mode = "resume" if resume else ("reuse-predictions" if keep_predictions else "fresh")
     return Decision(mode, output_exists and not resume, forget)
+
+
+def _nm(size) -> str:
+    return ",".join(f"{v:g}" for v in size)
 
 
 def image_copy_bytes(shape: tuple[int, int, int], dtype) -> int:
@@ -211,6 +218,11 @@ class Run:
             size = tuple(v if v is not None else m for v, m in zip(recorded, model or (None, None, None)))
             if all(v is None for v in size):
                 return None
+            if model and recorded[2] is None:  # most plain TIFF stacks: the model's size is a guess, say so
+                self.warnings.append(f"{self.cfg.volume} records no pixel size: the output's metadata takes the "
+                                     f"model's ({_nm(model)} nm); if its pixels are another size, pass --pixel-size "
+                                     "Z,Y,X (and --rescale to resize them to the model's)")  # fmt: skip
+                log.warning(self.warnings[-1])
             if size[0] is None:
                 self.warnings.append(f"the volume does not record its z spacing: the output's metadata takes it equal "
                                      f"to its pixel size ({size[1]:g} nm), which EM sections rarely are; pass "
@@ -264,7 +276,7 @@ class Run:
         if self.plan.needs_image:
             if cfg.normalization:
                 low, high = parse_normalization(cfg.normalization)
-                self.normalization = Normalization(low, high, (float("nan"), float("nan")), invert=cfg.invert)
+                self.normalization = Normalization.fixed(low, high, invert=cfg.invert)
             else:
                 self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles, cfg.invert)
                 if self.normalization.blank:  # the wrong file or array, most likely: say so, the run goes on
@@ -298,7 +310,8 @@ class Run:
         out.remove_aside()
         self._check_work_store_belongs(previous)
         decision = decide(out.status if out.exists else None, out.exists, previous, predict_fp, post_fp,
-                          cfg.overwrite, cfg.out, changed_settings(previous, json.loads(json.dumps(asdict(cfg)))))  # fmt: skip
+                          cfg.overwrite, cfg.out, changed_settings(previous, json.loads(json.dumps(asdict(cfg)))),
+                          self.store.holds_predictions())  # fmt: skip
         if decision.remove_output:
             out.remove()
         if decision.forget:
@@ -532,7 +545,21 @@ class Run:
         return max(self.link_rule.gap, default=0) + 1
 
     def _actor_layout(self) -> tuple[int, float, float, int]:
-        """(actors, cpus each, gpus each, torch threads each)."""
+        """(actors, cpus each, gpus each, torch threads each), refused where the local Ray cannot hold them."""
+        count, cpus, gpus, threads = self._actors_asked()
+        res = self.resources
+        if not self.cfg.address and (count * cpus > res["cpus"] or count * gpus > res["gpus"]):
+            # a local Ray does not grow: the actors that do not fit would never start (a cluster's autoscaler may
+            # add nodes; there ActorStart's timeout says so)
+            kind, each, have = ("GPU", gpus, res["gpus"]) if count * gpus > res["gpus"] else ("CPU", cpus, res["cpus"])
+            fewer = f"--actors {int(have // each)}" if have >= each else f"--cpus-per-actor {have}"
+            raise UserError(f"{count} predictor actors of {each:g} {kind}(s) each need {count * each:g} {kind}s, but "
+                            f"the local Ray has {have} (the machine's, or --num-cpus / --num-gpus): ask for fewer, "
+                            f"e.g. {fewer}")  # fmt: skip
+        return count, cpus, gpus, threads
+
+    def _actors_asked(self) -> tuple[int, float, float, int]:
+        """(actors, cpus each, gpus each, torch threads each) as the options and the cluster's size give them."""
         res = self.resources
         if self.cfg.device.startswith("cuda") and not res["gpus"]:
             raise UserError(f"--device {self.cfg.device}: the Ray cluster has no GPU; use --device cpu or auto")

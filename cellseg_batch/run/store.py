@@ -332,6 +332,11 @@ class WorkStore:
         save_npy(self.fragments_path(z), table)
         self.fragments_log(z).unlink(missing_ok=True)
 
+    def holds_predictions(self) -> bool:
+        """Whether any tile's predictions are kept here (a slice's fragment log or table)."""
+        folder = self.root / "frag"
+        return folder.is_dir() and any(folder.iterdir())
+
     def slice_done(self, z: int) -> bool:
         return self.fragments_path(z).exists()
 
