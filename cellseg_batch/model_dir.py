@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -44,6 +44,8 @@ class ModelDir:
     def load(cls, path: str | Path) -> ModelDir:
         path = Path(path)
         manifest = path / MANIFEST
+        if path.is_file():  # model_final.pth given for its folder
+            raise UserError(f"--model {path} is a file; give the model directory that holds it ({path.parent})")
         if not path.is_dir():
             raise UserError(f"model directory {path} does not exist; train one with `cellseg-batch train` first")
         if not manifest.exists():
@@ -57,8 +59,14 @@ class ModelDir:
         data.pop("format")
         try:
             model = cls(path=path, **data)
-        except TypeError as e:
-            raise UserError(f"{manifest} is malformed ({e})") from e
+        except TypeError as e:  # a key missing or unknown: name the keys, not the constructor's arguments
+            known = [f.name for f in fields(cls) if f.name != "path"]
+            needed = [f.name for f in fields(cls) if f.name != "path" and f.default is MISSING
+                      and f.default_factory is MISSING]  # fmt: skip
+            missing, unknown = [k for k in needed if k not in data], [k for k in data if k not in known]
+            said = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                               f"unknown {', '.join(unknown)}" if unknown else "") if part)  # fmt: skip
+            raise UserError(f"{manifest} is malformed ({said or e}); it is written by `cellseg-batch train`") from e
         for f in (model.config_path, model.weights_path):
             if not f.exists():
                 raise UserError(f"{f} is missing from the model directory")

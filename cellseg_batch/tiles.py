@@ -73,9 +73,8 @@ class TileGrid:
         if self.tile < 16:
             raise UserError(f"--tile {self.tile} is too small; use at least 16 pixels (EM models: 256-1024)")
         if self.overlap < 0 or self.overlap % 2 or self.overlap >= self.tile // 2 + 1:
-            raise UserError(
-                f"--overlap {self.overlap} must be even and at most half of --tile {self.tile} (e.g. {self.tile // 8})"
-            )
+            raise UserError(f"--overlap {self.overlap} (given, or the model's) must be even and at most half of --tile "
+                            f"{self.tile}: e.g. --overlap {max(2, self.tile // 16 * 2)}")  # fmt: skip
 
     @property
     def stride(self) -> int:

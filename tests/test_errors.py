@@ -100,6 +100,25 @@ def test_missing_model_directory(tmp_path):
     _expect_error(tmp_path, "run", _volume(tmp_path), "--model", tmp_path / "no-model", match="does not exist")
 
 
+def test_a_model_given_by_its_weights_file_or_a_manifest_missing_keys_says_what_to_fix(tmp_path):
+    """--model model_final.pth said 'does not exist' of a file that does; a cellseg.json without its tile gave
+    the constructor's words ('__init__() missing 2 required positional arguments')."""
+    from cellseg_batch.errors import UserError
+    from cellseg_batch.model_dir import ModelDir
+    from cellseg_batch.tiles import TileGrid
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_final.pth").write_bytes(b"")
+    with pytest.raises(UserError, match=f"is a file; give the model directory that holds it \\({model}\\)"):
+        ModelDir.load(model / "model_final.pth")
+    (model / "cellseg.json").write_text(json.dumps({"format": 1, "classes": ["cell"], "colour": "red"}))
+    with pytest.raises(UserError, match=r"malformed \(missing tile, overlap; unknown colour\)"):
+        ModelDir.load(model)
+    with pytest.raises(UserError, match=r"--overlap 32 \(given, or the model's\) .* e\.g\. --overlap 4$"):
+        TileGrid(64, 64, 40, 32)
+
+
 def test_complete_output_is_not_overwritten_without_overwrite(tmp_path):
     volume, out = _volume(tmp_path), tmp_path / "out.zarr"
     cli("run", volume, *_labels_args(tmp_path), "--out", out, "--no-progress")

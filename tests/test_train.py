@@ -306,6 +306,13 @@ def test_exclusive_option_names_the_run_classes():
     with pytest.raises(UserError, match="--exclusive: vessel is not a class of m"):
         exclusive_groups(["mito,vessel"], classes, "m")
     assert exclusive_layers(classes, found) == (0, 1, 1)
+    # a group of one (a typo of a pair), and a class in two groups (their layers disagreed: a class in two layers'
+    # exclusions) were taken without a word; "none" beside groups was said to be no class
+    for option, said in ((["mito"], "a group needs two classes or more"), (["mito,mito"], "two classes or more"),
+                         (["cell,mito", "mito,granule"], "mito is in two groups.*--exclusive cell,mito,granule"),
+                         (["none", "cell,mito"], "--exclusive none stands alone")):  # fmt: skip
+        with pytest.raises(UserError, match=said):
+            exclusive_groups(option, classes, "m")
 
 
 def test_amp_training_forward_runs_in_bfloat16_and_returns_float32_losses():

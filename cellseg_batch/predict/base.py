@@ -166,12 +166,21 @@ def exclusive_groups(option: list[str] | None, classes: list[str], where: str,
     elif option == ["none"]:
         groups = []
     else:
+        if "none" in option:
+            raise UserError("--exclusive none stands alone: it turns every group off; leave out the other groups")
         groups = [[layer_name(c, "--exclusive") for c in item.split(",") if c.strip()] for item in option]
-    for group in groups:
+    seen: dict[str, int] = {}
+    for k, group in enumerate(groups):
         unknown = [c for c in group if c not in classes]
         if unknown:
             raise UserError(f"--exclusive: {', '.join(unknown)} is not a class of {where} ({', '.join(classes)})")
-    return [list(g) for g in groups if len(g) > 1]
+        if option is not None and len(set(group)) < 2:  # a group of one excludes nothing: a typo of a pair, most likely
+            raise UserError(f"--exclusive {','.join(group)}: a group needs two classes or more (A,B)")
+        for c in set(group):
+            if seen.setdefault(c, k) != k:  # two groups sharing a class are one group: their layers would disagree
+                raise UserError(f"--exclusive: {c} is in two groups; give classes that exclude one another as one "
+                                f"group: --exclusive {','.join(dict.fromkeys(groups[seen[c]] + group))}")  # fmt: skip
+    return [list(dict.fromkeys(g)) for g in groups if len(set(g)) > 1]
 
 
 def exclusive_layers(classes: list[str], groups: list[list[str]]) -> tuple[int, ...]:
