@@ -133,6 +133,9 @@ class LinkStats:
     # slices most of whose 2D instances pair with nothing in either neighbouring slice: a section moved beyond
     # SHIFT_REACH or rotated (its instances become one-slice objects, which --min-slices drops)
     unpaired_slices: list = field(default_factory=list)
+    # slices without any 2D instance between slices with many: a blank or lost section (black fill, NaN, a failed
+    # acquisition); gap edges bridge it where --link-gap allows, and a class with gap 0 is cut there
+    blank_slices: list = field(default_factory=list)
     objects: int = 0
     max_tiles_per_instance: int = 0
     instances_over_4_tiles: int = 0
@@ -517,6 +520,17 @@ def _note_unpaired(stats: LinkStats, za: int, a: _Slice, b: _Slice, a_unpaired_b
     return b_unpaired_below
 
 
+def _blank_slices(present: list[int]) -> list[int]:
+    """Slices with no 2D instance whose nearest non-empty slices on both sides hold ``UNPAIRED_MIN_INSTANCES`` or
+    more (a run of blank sections counts each of them; the volume's ends, where tissue may stop, do not)."""
+    counts = np.asarray(present)
+    full = np.flatnonzero(counts >= UNPAIRED_MIN_INSTANCES)
+    if len(full) < 2:
+        return []
+    empty = np.flatnonzero(counts == 0)
+    return [int(z) for z in empty[(empty > full[0]) & (empty < full[-1])]]
+
+
 def _adjacent_links(grid: TileGrid, rule: LinkRule, a: _Slice, b: _Slice, overlaps: np.ndarray):
     """Rules 1-2 between adjacent slices, from the overlaps the actors counted: edges and the branch/merge count."""
     ia, ib, inter = _instance_overlaps(grid, a, b, overlaps)
@@ -735,12 +749,14 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
     prev_edges = None
     pending = None  # the edges to the last slice: crossings of that slice may still cut them (``_settle``)
     unpaired_below = None  # the last slice's instances without an edge to the slice before it
+    present = []  # 2D instances per slice
     for z in range(n_slices):
         here, edges = _load_slice(store, grid, z, bases[-1])
         frag, inst, cls, area, n = here.frag, here.inst, here.cls, here.area, len(here.area)
         tiles_per = np.bincount(inst[frag["area"] > 0], minlength=n)
         stats.fragments += len(frag)
-        stats.instances_2d += int((area > 0).sum())
+        present.append(int((area > 0).sum()))
+        stats.instances_2d += present[-1]
         stats.stitch_matches += len(edges["pairs"])
         stats.max_tiles_per_instance = max(stats.max_tiles_per_instance, int(tiles_per.max(initial=0)))
         stats.instances_over_4_tiles += int((tiles_per > 4).sum())
@@ -780,6 +796,7 @@ def build_objects(store, grid: TileGrid, n_slices: int, n_classes: int, link: st
             progress.update(1)
     if pending is not None:
         _commit(link_edges, pending)
+    stats.blank_slices = _blank_slices(present)
     total = bases[-1]
     area_all = np.concatenate(areas) if areas else np.zeros(0, np.int64)
     edges_all = np.concatenate(link_edges) if link_edges else np.zeros((0, 2), np.int64)

@@ -618,6 +618,23 @@ def _missed_and_moved(tmp_path, truth: np.ndarray, missed, moved: dict, rng):
     return _run_detections(tmp_path / "missed_moved", det, classes), np.where(det > 0, truth, 0)
 
 
+def test_a_blank_section_is_named_and_bridged_where_the_gap_allows(tmp_path):
+    """A section that came out black (fill, NaN, a failed acquisition) holds no object: gap edges bridge it, but a
+    class linked with gap 0 is cut there, and nothing said so."""
+    rng = np.random.default_rng(3)
+    centres = [(cy, cx) for cy in range(28, 197, 32) for cx in range(28, 197, 32)]
+    truth = _discs(10, 224, centres, rng, (6.5, 9.5))
+    det = np.where(truth > 0, truth + np.arange(10)[:, None, None] * 1000, 0).astype(np.uint32)
+    det[4] = 0  # the blank section
+    classes = {str(i): "mitochondrion" for i in np.unique(det)[1:].tolist()}
+    for gap, objects in ((2, len(centres)), (0, 2 * len(centres))):
+        out = _run_detections(tmp_path / f"gap{gap}", det, classes, "--link-gap", gap, "--min-slices", 0)
+        report = json.loads((out / "cellseg" / "report.json").read_text())
+        assert report["counts"]["slices_blank"] == [4] and report["counts"]["objects"] == objects
+        said = [w for w in report["warnings"] if w.startswith("slice(s) 4 hold no object")]
+        assert len(said) == 1 and ("mitochondrion (gap 0) are cut there" in said[0]) == (gap == 0)
+
+
 def test_an_instance_missed_next_to_a_misaligned_section_is_bridged_with_the_section_moved_back(tmp_path):
     """A missed detection beside a section a registration error moved by 12-15 px (more than the discs' radius): the
     gap edge over it must count its overlaps with the two sections' translation undone (voted between them as for

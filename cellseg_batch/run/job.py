@@ -480,6 +480,7 @@ class Run:
         self.counts["gap_cores_read"] = gaps.cores_read + link.stats.gap_cores_read
         self._warn_dense(link.stats)
         self._warn_unpaired(link.stats)
+        self._warn_blank(link.stats)
         self.times["actor_start"] = predict.actor_start_s
         for stage in self.stages:
             self.times[stage.name] = stage.seconds
@@ -498,6 +499,17 @@ class Run:
                 f"slice(s) {listed}: most of their 2D instances continue into neither neighbouring slice, so they are "
                 f"objects of one slice (which --min-slices may drop): a section moved more than {SHIFT_REACH} px or "
                 f"rotated against its neighbours? Register the stack first, or check those sections")  # fmt: skip
+            log.warning(self.warnings[-1])
+
+    def _warn_blank(self, stats) -> None:
+        """Sections without any object between sections with many (``LinkStats.blank_slices``)."""
+        if self.cfg.link != "none" and (blank := [z + self.z0 for z in stats.blank_slices]):  # the input's numbering
+            listed = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+            cut = [name for name, gap in zip(self.classes, self.link_rule.gap) if gap == 0]
+            self.warnings.append(
+                f"slice(s) {listed} hold no object while the slices around them hold many: blank or lost sections? "
+                f"Objects are bridged over up to --link-gap missing slices"
+                + (f"; {', '.join(cut)} (gap 0) are cut there" if cut else ""))  # fmt: skip
             log.warning(self.warnings[-1])
 
     def _warn_dense(self, stats) -> None:
@@ -637,6 +649,7 @@ class Run:
                 "gap_tiles_read": stats.gap_tiles_read,
                 "z_pairs_realigned": stats.shifted_pairs, "gap_pairs_realigned": stats.gap_pairs_realigned,
                 "slices_unpaired": [z + self.z0 for z in stats.unpaired_slices],
+                "slices_blank": [z + self.z0 for z in stats.blank_slices],
                 "z_crossings_cut": stats.crossings,
                 "z_speck_bridges_cut": stats.speck_bridges,
                 "gap_seconds": round(stats.gap_seconds, 3),
