@@ -87,7 +87,8 @@ def test_a_model_whose_classes_disagree_with_its_config_is_refused_before_the_ac
 
 def test_a_run_with_a_given_normalization_writes_a_report_that_is_json(model_dir, tmp_path):
     """--normalization LOW,HIGH recorded its percentiles as NaN: report.json was not JSON to a strict reader (a
-    browser's JSON.parse, jq). And a volume without a pixel size is said to take the model's."""
+    browser's JSON.parse, jq). The report records the predictor's settings as its actors built it, and a volume
+    without a pixel size is said to take the model's."""
     import tifffile
 
     tifffile.imwrite(tmp_path / "v.tif", np.full((1, 64, 64), 90, np.uint8), photometric="minisblack")
@@ -99,6 +100,9 @@ def test_a_run_with_a_given_normalization_writes_a_report_that_is_json(model_dir
 
     report = json.loads((tmp_path / "o.zarr" / "cellseg" / "report.json").read_text(), parse_constant=refuse)
     assert report["plan"]["normalization"]["low"] == 10 and report["plan"]["normalization"]["percentiles"] is None
+    # what the run used where the options left it to the model and the machine (the report said null / auto)
+    assert report["plan"]["predictor_settings"] == {"device": "cpu", "score_threshold": 0.5, "amp": None,
+                                                    "exclusive": [], "detections_per_tile": 300}  # fmt: skip
     # a plain TIFF records no pixel size: the model's was taken without a word, and no --rescale advice could follow
     assert any("v.tif records no pixel size: the output's metadata takes the model's (40,10,10 nm)" in w
                for w in report["warnings"]), report["warnings"]

@@ -115,6 +115,11 @@ class Predictor(ABC):
     def set_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most predictors use one thread
         """How many CPU threads this predictor may use (its actor reserved that many cores)."""
 
+    def settings(self) -> dict:
+        """What this predictor uses as built in its actor, where the options left the choice to the model or the
+        machine (a device, a threshold from the model's config), for the run report. Optional."""
+        return {}
+
     def step_times(self) -> dict[str, float]:
         """Seconds spent in named steps of ``predict`` (e.g. forward, paint) since the last call, for the run
         report's time per tile. Optional: without it the report shows ``predict`` as one step."""

@@ -629,7 +629,9 @@ class Run:
             "config": asdict(cfg),
             "plan": {"predictor": cfg.predictor, "classes": self.classes, "tile": self.grid.tile,
                      "overlap": self.grid.overlap, "tiles_per_slice": len(self.grid), "zoom": list(self.plan.zoom),
-                     "normalization": self.normalization.to_dict() if self.normalization else None},
+                     "normalization": self.normalization.to_dict() if self.normalization else None,
+                     # as its actors built it (none started where a resumed run had every tile): device, threshold
+                     "predictor_settings": next((s.settings for s in self.stages if s.name == "predict"), {})},
             "cluster": self.resources,
             "stages": [{"name": s.name, "reads": list(s.reads), "writes": list(s.writes), "units": s.total,
                         "seconds": round(s.seconds, 3), "driver_cpu_s": round(s.driver_cpu_seconds, 3),

@@ -127,6 +127,7 @@ class PredictStage(Stage):
         self.stolen = 0
         self.lost: set[int] = set()  # actors given up on (unreachable: their node lost): their batches go to others
         self.actor_start_s = 0.0
+        self.settings: dict = {}  # the predictor's as built (``Predictor.settings``), once its actors started
         self.hold_every_core = False  # CPU actors holding all of the cluster's cores: no task runs beside them
         self.cpu_tasks: CpuTasks | None = None  # other stages' work the actors may run: kept while it needs them
         self.step_seconds: dict[str, float] = defaultdict(float)  # actors' time per step, summed over tiles
@@ -227,6 +228,7 @@ class PredictStage(Stage):
 
         self.actors = self.starter.ready()
         self.actor_start_s = self.starter.seconds
+        self.settings = ray.get(self.actors[0].settings.remote())  # for the report: what the model and machine chose
         self.hold_every_core = not self.layout[2] and ray.available_resources().get("CPU", 0) < 1
 
     def spare_actors(self) -> list:

@@ -62,6 +62,9 @@ class PredictorWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def settings(self) -> dict:
+        return self.predictor.settings()
+
     def predict(self, z: int, positions: list[tuple[int, int]], normalization=None) -> dict:
         """Fragment tables of the tiles, and the z-overlap blocks this call could count: ``((z_low, iy, ix), rows)``
         between slices z_low and z_low + 1 (possibly no rows: the pair was counted and shares nothing), and
