@@ -103,6 +103,12 @@ def test_a_run_with_a_given_normalization_writes_a_report_that_is_json(model_dir
     # what the run used where the options left it to the model and the machine (the report said null / auto)
     assert report["plan"]["predictor_settings"] == {"device": "cpu", "score_threshold": 0.5, "amp": None,
                                                     "exclusive": [], "detections_per_tile": 300}  # fmt: skip
+    # a range beyond the 8-bit volume's (0,65535 on uint8: 4 objects where the model found 40) is said; 10,250 is not
+    assert not any("reaches beyond" in w for w in report["warnings"])
+    cli("run", tmp_path / "v.tif", "--model", model_dir, "--normalization", "0,65535", "--num-cpus", 1, "--out",
+        tmp_path / "wide.zarr", "--no-progress")  # fmt: skip
+    wide = json.loads((tmp_path / "wide.zarr" / "cellseg" / "report.json").read_text())["warnings"]
+    assert any("--normalization 0,65535 reaches beyond the uint8 volume's range (0..255)" in w for w in wide), wide
     # a plain TIFF records no pixel size: the model's was taken without a word, and no --rescale advice could follow
     assert any("v.tif records no pixel size: the output's metadata takes the model's (40,10,10 nm)" in w
                for w in report["warnings"]), report["warnings"]

@@ -121,6 +121,9 @@ def test_a_refused_resume_names_the_options_that_changed_or_says_an_input_change
 
     before = {"config": {"tile": 64, "link_gap": "2", "num_cpus": 2, "volume": "v.tif"}}
     assert changed_settings(before, {"tile": 128, "link_gap": "2", "num_cpus": 4, "volume": "v.tif"}) == "--tile 64 -> 128"
+    # the output's path spelt otherwise is the same output, not a changed option
+    assert changed_settings({"config": {**before["config"], "out": "/abs/x.zarr"}},
+                            {**before["config"], "out": "x.zarr", "tile": 128}) == "--tile 64 -> 128"  # fmt: skip
     assert "an input file was rewritten" in changed_settings(before, {**before["config"], "num_cpus": 8})
     # every option that changed, as the user types it; a switched-off feature by its --no- option
     six = {"tile": 128, "link_gap": "1", "stitch_iou": 0.6, "min_voxels": "10", "link_iou": 0.3, "write_image": False,

@@ -84,7 +84,8 @@ def changed_settings(previous: dict | None, config: dict) -> str:
     """What differs between an earlier run's recorded configuration and this one's, as options (for the message of
     a refused resume); where no option differs, an input was rewritten since (its identity is in the fingerprint)."""
     before = (previous or {}).get("config") or {}
-    keys = [k for k in config if k in before and before[k] != config[k] and k not in RUN_MECHANICS]
+    # the output itself is the one being resumed, however its path was spelt ('/abs/x.zarr' -> 'x.zarr')
+    keys = [k for k in config if k in before and before[k] != config[k] and k not in RUN_MECHANICS | {"out"}]
     if not keys:
         return "the same options, but an input file was rewritten since"
     return ", ".join(option_change(k, before[k], config[k]) for k in keys)
@@ -277,6 +278,14 @@ class Run:
             if cfg.normalization:
                 low, high = parse_normalization(cfg.normalization)
                 self.normalization = Normalization.fixed(low, high, invert=cfg.invert)
+                kind = np.dtype(self.volume.dtype)
+                if kind.kind in "ui" and (low < np.iinfo(kind).min or high > np.iinfo(kind).max):
+                    # 0,65535 on 8-bit data: the model saw a near-black, flat image (4 objects where it found 40)
+                    self.warnings.append(f"--normalization {cfg.normalization} reaches beyond the {kind} volume's "
+                                         f"range ({np.iinfo(kind).min}..{np.iinfo(kind).max}): its pixels reach the "
+                                         "model squeezed into a part of 0..255; leave --normalization out to "
+                                         "stretch the volume's own percentiles")  # fmt: skip
+                    log.warning(self.warnings[-1])
             else:
                 self.normalization = self._timed("normalize", estimate, self.volume, self.plan.percentiles, cfg.invert)
                 if self.normalization.blank:  # the wrong file or array, most likely: say so, the run goes on
