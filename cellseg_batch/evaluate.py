@@ -163,8 +163,8 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
     scores = load_scores(table) if table.exists() and not pred_classes else None
     if gt_slices:
         pred_sets, gt_sets, z0 = _shared_slices(pred, pred_sets, gt, gt_sets, gt_slices)
-        zs = parse_slice_list(slices, None) if slices else None
         depth = next(iter(pred_sets.values())).shape[0]
+        zs = parse_slice_list(slices, z0 + depth) if slices else None  # an open START: ends where both end
         if zs is not None:  # given in the volume's slice numbers, as --gt-slices is
             if zs[0] < z0 or zs[-1] >= z0 + depth:
                 raise UserError(f"--slices {slices}: the prediction and the ground truth share slices {z0}:{z0 + depth} "
@@ -185,10 +185,11 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
 
 def _scored(pred_sets: dict, gt_sets: dict, scores, zs, mode: str, z0: int, warnings: list, errors_png,
             views: list) -> dict:  # fmt: skip
-    """``evaluate`` with the warnings found before it and after (``views``: the ``ClassView`` of each class, which
-    note the ids their class map lacks), the worst split drawn, and slices in the volume's numbers."""
+    """``evaluate`` with the warnings found before it and after (``views``: the ``ClassView`` of each class, whose
+    layers note the ids their class map lacks), the worst split drawn, and slices in the volume's numbers."""
     result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0)
-    result["warnings"] = warnings + result["warnings"] + [_unmapped_warning(v) for v in views if v.unmapped]
+    layers = list({id(v.layer): v.layer for v in views}.values())
+    result["warnings"] = warnings + result["warnings"] + [_unmapped_warning(layer) for layer in layers if layer.unmapped]
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),
                     key=lambda cs: cs[1]["parts"][1]["voxels"], default=None)  # fmt: skip
@@ -225,12 +226,12 @@ def written(path: str, option: str):
         raise UserError(f"cannot write {option} {path} ({e.strerror}); {way}") from e
 
 
-def _unmapped_warning(view) -> str:
+def _unmapped_warning(layer) -> str:
     """All the ids of a label stack that its class map lists no class for, found in the slices scored."""
-    missing = sorted(view.unmapped)
+    missing = sorted(layer.unmapped)
     listed = ", ".join(str(i) for i in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-    return (f"{view.layer.volume.path}: {len(missing)} ids in the slices scored have no class in its "
-            f"{view.layer.option} map ({listed}): they are not scored; add them to the map to score them")
+    return (f"{layer.volume.path}: {len(missing)} ids in the slices scored have no class in its "
+            f"{layer.option} map ({listed}): they are not scored; add them to the map to score them")
 
 
 def _shared_slices(pred: str, pred_sets: dict, gt: str, gt_sets: dict, gt_slices: str) -> tuple[dict, dict, int]:
@@ -238,8 +239,10 @@ def _shared_slices(pred: str, pred_sets: dict, gt: str, gt_sets: dict, gt_slices
     ``gt_slices`` (START:STOP) of the volume; a run's output those its run took (``run --slices``), else all."""
     from .config import parse_slices
 
-    g0, g1 = parse_slices(gt_slices, None, "--gt-slices")
     gt_depth, pred_depth = next(iter(gt_sets.values())).shape[0], next(iter(pred_sets.values())).shape[0]
+    g0, g1 = parse_slices(gt_slices, None, "--gt-slices")
+    if str(gt_slices).strip().endswith(":"):  # START: the truth's own depth from START
+        g1 = g0 + gt_depth
     if g1 - g0 != gt_depth:
         raise UserError(f"--gt-slices {gt_slices} names {g1 - g0} slices, but {gt} holds {gt_depth}; give the volume's "
                         f"slices it holds, e.g. --gt-slices {g0}:{g0 + gt_depth}")  # fmt: skip
@@ -774,7 +777,8 @@ class _MaskAP:
 
         out = {"ap": None, "ap50": None, "ap75": None}
         scores = np.concatenate([r["dtScores"] for r in self.records]) if self.records else np.zeros(0)
-        if len(scores) and scores.min() == scores.max():
+        unranked = len(scores) > 1 and scores.min() == scores.max()  # one detection: COCO's own curve is one point
+        if unranked:
             out.update(self._one_operating_point())
         elif self.records:
             e = COCOeval(iouType="segm")
@@ -793,7 +797,7 @@ class _MaskAP:
                 valid = rows[rows > -1]
                 out[key] = float(valid.mean()) if valid.size else None
         out.update(n_pred_masks=self.n_pred, n_gt_masks=self.n_gt, n_unscored=len(self.unscored))
-        out["ap_ranking"] = "one operating point" if len(scores) and scores.min() == scores.max() else "scores"
+        out["ap_ranking"] = "one operating point" if unranked else "scores"
         return out
 
     def _one_operating_point(self) -> dict:

@@ -521,8 +521,8 @@ def _note_unpaired(stats: LinkStats, za: int, a: _Slice, b: _Slice, a_unpaired_b
 
 
 def _blank_slices(present: list[int]) -> list[int]:
-    """Slices with no 2D instance whose nearest non-empty slices on both sides hold ``UNPAIRED_MIN_INSTANCES`` or
-    more (a run of blank sections counts each of them; the volume's ends, where tissue may stop, do not)."""
+    """Slices with no 2D instance between the first and the last slice that hold ``UNPAIRED_MIN_INSTANCES`` or more
+    (each of a run of blank sections counts; the volume's ends, where the tissue may stop, do not)."""
     counts = np.asarray(present)
     full = np.flatnonzero(counts >= UNPAIRED_MIN_INSTANCES)
     if len(full) < 2:
@@ -1006,8 +1006,8 @@ def _with_fills(frag: np.ndarray, per_row: np.ndarray, fills, grid: TileGrid) ->
 def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> np.ndarray:
     """The OBJECT table from the fragments (``object_id``: each component's provisional id 1..N, ``object_cls``
     their classes); writes each slice's lut. Final ids 1..N follow the objects' boxes: first slice, top, left (then
-    last slice, bottom, right, class, voxels), so the same objects get the same ids whatever the tile grid or the
-    order a model lists its detections in."""
+    last slice, bottom, right, class, voxels, centroid), so the same objects get the same ids whatever the tile grid
+    or the order a model lists its detections in."""
     n_obj = int(object_id.max(initial=0))
     t = np.zeros(n_obj + 1, dtype=OBJECT)
     big = np.iinfo(np.int64).max
@@ -1038,7 +1038,8 @@ def _object_table(store, grid, n_slices, bases, comp, object_id, object_cls) -> 
     v = np.maximum(t["voxels"], 1).astype(np.float64)
     t["score"] = weighted_score[1:] / v
     t["cz"], t["cy"], t["cx"] = sz[1:] / v, t["cy"] / v, t["cx"] / v
-    order = np.lexsort([t[k] for k in ("voxels", "cls", "x1", "y1", "z1", "x0", "y0", "z0")])  # the last key first
+    # the last key first; the centroid decides only between objects of one box, class and size
+    order = np.lexsort([t[k] for k in ("cx", "cy", "cz", "voxels", "cls", "x1", "y1", "z1", "x0", "y0", "z0")])
     t = t[order]
     t["id"] = np.arange(1, n_obj + 1, dtype=np.uint64)
     final = np.zeros(n_obj + 1, np.uint64)

@@ -78,12 +78,6 @@ class ByPixelType:
 
     by_type: dict[str, Normalization]
 
-    @classmethod
-    def fixed(cls, low: float, high: float, invert: bool = False) -> Normalization:
-        """LOW,HIGH as given (``--normalization``, or a run's report), not from percentiles: those are None (they
-        were NaN, which made the run's report.json invalid JSON)."""
-        return cls(float(low), float(high), None, invert=invert)
-
     def apply(self, image: np.ndarray) -> np.ndarray:
         normalization = self.by_type.get(image.dtype.name)
         if normalization is None:  # an image file replaced since the types were read

@@ -13,7 +13,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -1445,6 +1445,8 @@ class LabelLayer:
     volume: Volume
     classes: str | dict[int, str]
     option: str = "--classes"  # the option that gave the classes, for messages (eval: --gt-classes)
+    # ids read through its class views (``ClassView``) that the class map lists no class for
+    unmapped: set = field(default_factory=set, compare=False, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -1820,10 +1822,6 @@ class ClassView(Volume):
         self._ids = None if isinstance(layer.classes, str) else np.array(
             sorted(i for i, n in layer.classes.items() if n == name), dtype=np.int64
         )
-        # the ids read that the class map lists no class for, noted by one view of each layer (eval names them all
-        # once scored: the check when it starts reads a window of three slices)
-        self.unmapped: set[int] = set()
-        self._notes = self._ids is not None and name == layer.class_names[0]
         super().__init__(f"{layer.volume.path}[{name}]")
 
     def _inspect(self):
@@ -1837,8 +1835,9 @@ class ClassView(Volume):
         refuse_top_background(self.layer.volume.path, ids, z)
         if self._ids is None:
             return ids
-        if self._notes:
-            self.unmapped.update(unmapped_ids(self.layer, ids)[1].tolist())
+        # the ids the class map lacks, noted on the layer by whichever of its classes is read (eval names them all
+        # once scored: the check when it starts reads a window of three slices)
+        self.layer.unmapped.update(unmapped_ids(self.layer, ids)[1].tolist())
         return np.where(np.isin(ids, self._ids), ids, 0).astype(ids.dtype, copy=False)
 
 

@@ -493,4 +493,12 @@ def test_eval_says_which_ids_its_class_map_leaves_unscored(capsys, tmp_path):
     assert cli.main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
     assert "2 ids in the slices scored have no class in its --gt-classes map (9, 11)" in err
+    # also where the map's first class (by name) is not scored: the prediction holds only the other one
+    (tmp_path / "map2.json").write_text(json.dumps({"1": "axon", "3": "cell"}))
+    gt[gt == 1] = 3
+    tifffile.imwrite(tmp_path / "gt2.tif", gt, photometric="minisblack")
+    argv = ["eval", tmp_path / "gt2.tif", tmp_path / "gt2.tif", "--pred-classes", "cell", "--gt-classes",
+            tmp_path / "map2.json"]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0
+    assert "2 ids in the slices scored have no class in its --gt-classes map (9, 11)" in capsys.readouterr().err
     assert err.count("they are not scored") == 1

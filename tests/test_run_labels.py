@@ -421,6 +421,10 @@ def test_eval_scores_a_run_of_part_of_a_volume_against_the_whole_volumes_truth(t
             tmp_path / "e.json")  # fmt: skip
         result = json.loads((tmp_path / "e.json").read_text())
         assert result["slices"] == f"4:{4 + n_slices}" and result["classes"]["cell"]["f1@0.5"] == 1.0
+    # open-ended: --gt-slices 4: takes the truth's own depth, --slices 5: runs to the end of what both hold
+    cli("eval", tmp_path / "truth.tif", tmp_path / "truth_4_9.tif", "--gt-classes", "cell", "--pred-classes", "cell",
+        "--gt-slices", "4:", "--slices", "5:", "--json", tmp_path / "e.json")  # fmt: skip
+    assert json.loads((tmp_path / "e.json").read_text())["slices"] == "5:9"
     hint = cli("eval", tmp_path / "truth.tif", tmp_path / "truth_4_9.tif", "--gt-classes", "cell", "--pred-classes",
                "cell", check=False)  # fmt: skip
     assert hint.returncode == 2 and "--gt-slices 0:5" in hint.stderr and len(hint.stderr.strip().splitlines()) == 1

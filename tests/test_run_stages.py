@@ -139,6 +139,19 @@ def test_a_refused_resume_names_the_options_that_changed_or_says_an_input_change
                changed_settings(before, {**before["config"], "tile": 128}))
 
 
+def test_a_given_normalization_keeps_the_fingerprint_runs_before_its_report_fix_recorded():
+    """--normalization's percentiles became None (NaN had made report.json invalid JSON); the fingerprint keeps
+    the NaN of before, or every unfinished run of it was refused as 'other settings' after an upgrade."""
+    from dataclasses import asdict
+
+    from cellseg_batch.normalize import Normalization
+    from cellseg_batch.run.job import _fingerprinted
+
+    before = asdict(Normalization(10.0, 250.0, (float("nan"), float("nan")), invert=False))
+    assert json.dumps(_fingerprinted(Normalization.fixed(10, 250))) == json.dumps(before)
+    assert Normalization.fixed(10, 250).to_dict()["percentiles"] is None
+
+
 def test_an_unfinished_run_that_predicted_nothing_starts_over_with_other_settings():
     """A run that stopped as its actors started (a model they could not load) left an unfinished output: the
     corrected command was refused unless given --overwrite, though nothing would be lost."""

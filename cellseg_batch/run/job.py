@@ -66,8 +66,9 @@ class Decision:
 # where a change alters what its rows hold. TILE_STORE: the tiles' layout and content (an earlier run's predictions
 # cannot be used). POST_RULES: the stitching, gap and linking rules (an unfinished run keeps its predictions and
 # redoes the rest, instead of mixing rows of two rule sets). 2: gap edges realigned beside moved sections; 3: the
-# class vote weighs runner-up classes. Tile store 7: fragment rows hold each detection's runner-up class.
-TILE_STORE, POST_RULES = 7, 3
+# class vote weighs runner-up classes; 4: misaligned sections realigned per class (the gap stage frees instances by
+# it), object ids in the order of their boxes. Tile store 7: fragment rows hold each detection's runner-up class.
+TILE_STORE, POST_RULES = 7, 4
 VERSIONS_BEFORE_RECORDED = {"tile_store": 6, "post_rules": 1}  # what a run.json without them was made with
 
 
@@ -135,6 +136,17 @@ def image_copy_bytes(shape: tuple[int, int, int], dtype) -> int:
     """About what the output's image copy takes on disk: every level, each halving Y and X (4/3 of level 0), counted
     uncompressed (zstd-3 compressed the shared data's EM stacks 1.04-1.13x)."""
     return int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize * 4 / 3)
+
+
+def _fingerprinted(normalization: Normalization | None) -> dict | None:
+    """The normalization as the fingerprint holds it: a given LOW,HIGH with its percentiles as NaN, as runs before
+    ``Normalization.fixed`` recorded them, so that their unfinished runs still resume."""
+    if normalization is None:
+        return None
+    record = normalization.to_dict()
+    if record["percentiles"] is None:
+        record["percentiles"] = (float("nan"), float("nan"))
+    return record
 
 
 def _fingerprint(data) -> str:
@@ -305,7 +317,7 @@ class Run:
             "volume": self.inputs_read[0], "slices": [self.z0, self.z1], "predictor": self.cfg.predictor,
             "plan": self.plan.identity, "options": {k: v for k, v in self.plan.spec.options.items() if k != "layers"},
             "tile": self.grid.tile, "overlap": self.grid.overlap, "classes": self.classes,
-            "normalization": self.normalization.to_dict() if self.normalization else None, "store": TILE_STORE,
+            "normalization": _fingerprinted(self.normalization), "store": TILE_STORE,
         }  # fmt: skip
         predict_fp = _fingerprint(predict_key)
         post_fp = _fingerprint([predict_fp, cfg.stitch_iou, cfg.border_fill, cfg.link, asdict(self.link_rule),
