@@ -139,9 +139,21 @@ def test_a_foreign_directory_is_never_replaced(tmp_path):
 
 
 def test_actors_that_no_node_can_hold_fail_instead_of_waiting_forever(tmp_path, monkeypatch):
-    monkeypatch.setenv("CELLSEG_ACTOR_START_TIMEOUT", "10")
+    """A local Ray does not grow: actors bigger than it are refused before they start (the run waited 600 s in
+    silence). A cluster joined with --address may (an autoscaler): there the actors' start times out instead."""
+    from ray.cluster_utils import Cluster
+
     _expect_error(tmp_path, "run", _volume(tmp_path), *_labels_args(tmp_path), "--cpus-per-actor", "64",
-                  match="did not start within 10 s")  # fmt: skip
+                  "--num-cpus", "2", match="1 predictor actors of 64 CPU(s) each need 64 CPUs, but the local Ray has "
+                  "2 (the machine's, or --num-cpus / --num-gpus): ask for fewer, e.g. --cpus-per-actor 2")  # fmt: skip
+    monkeypatch.setenv("CELLSEG_ACTOR_START_TIMEOUT", "10")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        _expect_error(tmp_path, "run", _volume(tmp_path), *_labels_args(tmp_path), "--cpus-per-actor", "64",
+                      "--address", cluster.address, match="did not start within 10 s")  # fmt: skip
+    finally:
+        cluster.shutdown()
 
 
 def test_negative_ids_in_a_signed_label_stack_are_refused_and_nothing_is_left(tmp_path):

@@ -609,8 +609,8 @@ class Run:
             cpus = self.cfg.cpus_per_actor or 1
             count = self.cfg.actors or max(1, res["cpus"] // cpus)
             return count, cpus, 0, cpus
-        count = self.cfg.actors or max(1, res["cpus"])
-        return count, self.cfg.cpus_per_actor or 1, 0, 1
+        cpus = self.cfg.cpus_per_actor or 1
+        return self.cfg.actors or max(1, res["cpus"] // cpus), cpus, 0, 1
 
     def _inputs(self) -> list:
         """What tells the inputs (the volume, and the predictor's: label stacks, the model's weights and config) from
