@@ -149,12 +149,14 @@ def wait_started(actors: list, timeout: float) -> None:
     from ray.exceptions import GetTimeoutError, RayActorError
 
     try:
-        ray.get([a.pid.remote() for a in actors], timeout=timeout)
-    except RayActorError as e:  # a user's mistake found as the actor loaded its model: its one line, not Ray's
-        cause = getattr(e.args[0] if e.args else None, "cause", None)
-        if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
-        raise
+        try:  # without retries first: each retry of a call to an actor whose start raised printed its traceback
+            ray.get([a.pid.options(max_task_retries=0).remote() for a in actors], timeout=timeout)
+        except RayActorError as e:  # a user's mistake found as the actor loaded its model: its one line, not Ray's
+            cause = getattr(e.args[0] if e.args else None, "cause", None)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+            # a worker that died as it started (a crash, not a mistake) is restarted by Ray (ACTOR_RESTARTS)
+            ray.get([a.pid.remote() for a in actors], timeout=timeout)
     except GetTimeoutError:
         raise UserError(
             f"the predictor actors did not start within {timeout:.0f} s: no node offers the CPUs/GPUs each asks "

@@ -196,6 +196,7 @@ def test_a_users_mistake_found_as_the_actors_start_is_one_line_and_the_corrected
     failed = cli(*base, "--predictor", "fails_mod:fails_as_it_loads", check=False, env=env)
     last = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 2 and last == "cellseg-batch: error: weights.pth cannot be loaded: a mistake found in the actor"
+    assert "retries remaining" not in failed.stderr  # Ray's retries of the call each printed the traceback
     cli(*base, "--predictor", "labels", "--link-iou", 0.3, env=env)  # other settings: not refused
     crowded = cli(*base, "--predictor", "labels", "--actors", 3, "--overwrite", check=False, env=env, timeout=120)
     assert crowded.returncode == 2 and "need 3 CPUs, but the local Ray has 2" in crowded.stderr
