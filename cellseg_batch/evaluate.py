@@ -158,37 +158,31 @@ def evaluate_paths(pred: str, gt: str, gt_classes: str | None = None, slices: st
         if mode == "3d" and (pred_classes or layer in gt_layers):  # a run's own labels are 3D objects
             warnings += check_3d_ids(layer, "--mode 2d")
     pred_sets, gt_sets = class_volumes(pred_layers), class_volumes(gt_layers)
-    views = [*pred_sets.values(), *gt_sets.values()]
     table = Path(pred) / "cellseg" / "objects.parquet"
     scores = load_scores(table) if table.exists() and not pred_classes else None
-    if gt_slices:
+    pred_depth, gt_depth = next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0]
+    if gt_slices:  # truth of some of the volume's slices: both cut to the slices they share
         pred_sets, gt_sets, z0 = _shared_slices(pred, pred_sets, gt, gt_sets, gt_slices)
+        held, volume_depth = "the prediction and the ground truth share", z0 + next(iter(pred_sets.values())).shape[0]
+    else:  # a run of part of the volume (run --slices) against the whole volume's ground truth, or all of both
+        z0, held, volume_depth = _run_offset(pred, pred_depth, gt_depth), "the prediction holds", gt_depth
+        if z0 is not None:
+            gt_sets = {name: SliceRange(volume, z0, pred_depth) for name, volume in gt_sets.items()}
+    # --slices in the volume's numbering, as the run's --slices and --gt-slices are (an open STOP: where the data end)
+    zs = parse_slice_list(slices, volume_depth) if slices else None
+    if zs is not None and z0 is not None:
         depth = next(iter(pred_sets.values())).shape[0]
-        zs = parse_slice_list(slices, z0 + depth) if slices else None  # an open START: ends where both end
-        if zs is not None:  # given in the volume's slice numbers, as --gt-slices is
-            if zs[0] < z0 or zs[-1] >= z0 + depth:
-                raise UserError(f"--slices {slices}: the prediction and the ground truth share slices {z0}:{z0 + depth} "
-                                "of the volume only")  # fmt: skip
-            zs = [z - z0 for z in zs]
-        return _scored(pred_sets, gt_sets, scores, zs, mode, z0, warnings, errors_png, views)
-    zs = parse_slice_list(slices, next(iter(gt_sets.values())).shape[0]) if slices else None
-    z0 = _run_offset(pred, next(iter(pred_sets.values())).shape[0], next(iter(gt_sets.values())).shape[0])
-    if z0 is not None:  # a run of part of the volume (run --slices) against the whole volume's ground truth
-        depth = next(iter(pred_sets.values())).shape[0]
-        gt_sets = {name: SliceRange(volume, z0, depth) for name, volume in gt_sets.items()}
-        if zs is not None:  # given in the volume's slice numbers, as the run's --slices were
-            if zs[0] < z0 or zs[-1] >= z0 + depth:
-                raise UserError(f"--slices {slices}: the prediction holds slices {z0}:{z0 + depth} of the volume only")
-            zs = [z - z0 for z in zs]
-    return _scored(pred_sets, gt_sets, scores, zs, mode, z0 or 0, warnings, errors_png, views)
+        if zs[0] < z0 or zs[-1] >= z0 + depth:
+            raise UserError(f"--slices {slices}: {held} slices {z0}:{z0 + depth} of the volume only")
+        zs = [z - z0 for z in zs]
+    return _scored(pred_sets, gt_sets, scores, zs, mode, z0 or 0, warnings, errors_png, [*pred_layers, *gt_layers])
 
 
 def _scored(pred_sets: dict, gt_sets: dict, scores, zs, mode: str, z0: int, warnings: list, errors_png,
-            views: list) -> dict:  # fmt: skip
-    """``evaluate`` with the warnings found before it and after (``views``: the ``ClassView`` of each class, whose
-    layers note the ids their class map lacks), the worst split drawn, and slices in the volume's numbers."""
+            layers: list) -> dict:  # fmt: skip
+    """``evaluate`` with the warnings found before it and after (``layers`` note the ids their class map lacks as
+    their class views read them), the worst split drawn, and slices in the volume's numbers."""
     result = evaluate(pred_sets, gt_sets, scores=scores, slices=zs, mode=mode, z0=z0)
-    layers = list({id(v.layer): v.layer for v in views}.values())
     result["warnings"] = warnings + result["warnings"] + [_unmapped_warning(layer) for layer in layers if layer.unmapped]
     if errors_png:
         worst = max(((c, r["errors"]["splits"][0]) for c, r in result["classes"].items() if r.get("errors", {}).get("splits")),

@@ -1445,8 +1445,10 @@ class LabelLayer:
     volume: Volume
     classes: str | dict[int, str]
     option: str = "--classes"  # the option that gave the classes, for messages (eval: --gt-classes)
-    # ids read through its class views (``ClassView``) that the class map lists no class for
+    # ids read through its class views (``ClassView``) that the class map lists no class for, and the windows
+    # (z, y0, y1, x0, x1) they were looked for in: each class's view reads the same windows
     unmapped: set = field(default_factory=set, compare=False, repr=False)
+    unmapped_looked: set = field(default_factory=set, compare=False, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -1837,7 +1839,9 @@ class ClassView(Volume):
             return ids
         # the ids the class map lacks, noted on the layer by whichever of its classes is read (eval names them all
         # once scored: the check when it starts reads a window of three slices)
-        self.layer.unmapped.update(unmapped_ids(self.layer, ids)[1].tolist())
+        if (z, y0, y1, x0, x1) not in self.layer.unmapped_looked:
+            self.layer.unmapped_looked.add((z, y0, y1, x0, x1))
+            self.layer.unmapped.update(unmapped_ids(self.layer, ids)[1].tolist())
         return np.where(np.isin(ids, self._ids), ids, 0).astype(ids.dtype, copy=False)
 
 

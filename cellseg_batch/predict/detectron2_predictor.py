@@ -110,16 +110,15 @@ class Detectron2Predictor(Predictor):
         self.channels = fold_grey_input(self.model)
         self._torch = torch
         self.times = {"forward": 0.0, "paint": 0.0}
-        self.layer_of = np.array(exclusive_layers(self.classes, exclusive or []))
+        self.exclusive = [list(g) for g in exclusive or []]
+        self.layer_of = np.array(exclusive_layers(self.classes, self.exclusive))
         self.min_visible = min_visible
         self.zoom = tuple(zoom) if zoom and tuple(zoom) != (1.0, 1.0) else None
 
     def settings(self) -> dict:
-        exclusive = [[self.classes[i] for i in np.flatnonzero(self.layer_of == layer)]
-                     for layer in np.unique(self.layer_of) if (self.layer_of == layer).sum() > 1]  # fmt: skip
         return {"device": str(self.cfg.MODEL.DEVICE), "score_threshold": float(self.cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
                 "amp": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else None,
-                "exclusive": exclusive, "detections_per_tile": int(self.cfg.TEST.DETECTIONS_PER_IMAGE)}  # fmt: skip
+                "exclusive": self.exclusive, "detections_per_tile": int(self.cfg.TEST.DETECTIONS_PER_IMAGE)}  # fmt: skip
 
     @classmethod
     def plan(cls, options, volume) -> Plan:
